@@ -1,0 +1,334 @@
+//! The configuration: one immutable, validated value built from `config.yaml`.
+//!
+//! # Pipeline
+//!
+//! ```text
+//!  config.yaml bytes
+//!        │  yaml_serde::from_str            syntax errors, unknown keys and bad
+//!        ▼                                  leaf values keep line and column
+//!  RawConfig  (raw.rs, deny_unknown_fields)
+//!        │  figment: the same YAML merged   LB_LISTEN, LB_TIMEOUTS__CONNECT=2s …
+//!        ▼  with LB_* environment overrides errors name the variable
+//!  RawConfig
+//!        │  validate()                      semantic errors name the field:
+//!        ▼                                  backends[1].address, retry.attempts …
+//!  Config  (Durations, SocketAddr, NonZero, one BackendAddr per backend)
+//! ```
+//!
+//! The YAML is parsed by `yaml_serde` directly first because figment flattens
+//! its input into its own value tree and loses source positions; the second
+//! pass through figment exists only to apply the environment.
+//!
+//! A [`Config`] is never mutated: a reload builds a new one and swaps it in
+//! (see [`crate::runtime`]).
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Data, Env, Format};
+use figment::Figment;
+use hyper::http::uri::PathAndQuery;
+use sha2::{Digest, Sha256};
+
+pub use raw::RawConfig;
+
+/// A validated configuration. Cheap to share: it lives inside an `Arc`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// What the listener speaks.
+    pub mode: Mode,
+    /// How a backend is chosen for each request.
+    pub strategy: Strategy,
+    /// The pool, in file order (order matters for round robin).
+    pub backends: Vec<BackendConfig>,
+    pub timeouts: Timeouts,
+    /// Active probing; `None` means every backend is eligible unless passive
+    /// detection has ejected it.
+    pub health_check: Option<HealthCheck>,
+    pub outlier_detection: OutlierDetection,
+    pub retry: RetryPolicy,
+}
+
+/// Listener protocol. Only HTTP exists today; `tcp` will join it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    Http,
+}
+
+/// The load-balancing strategies; see [`crate::selection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Smooth weighted round robin (nginx). `weighted_round_robin` is an alias.
+    RoundRobin,
+    /// Fewest in-flight requests per unit of weight.
+    LeastConnections,
+    /// Weighted random.
+    Random,
+    /// Two weighted-random picks, the less loaded one wins.
+    PowerOfTwoChoices,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::Random => "random",
+            Strategy::PowerOfTwoChoices => "power_of_two_choices",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One pool member as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The backend's identity: runtime state is keyed by it.
+    pub address: BackendAddr,
+    /// Share of traffic; 0 drains the backend (no new requests).
+    pub weight: u32,
+}
+
+/// A backend's `host:port`, normalised (host lower-cased). It is the key of
+/// all runtime state, so a weight change never resets health or counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr(Arc<str>);
+
+impl BackendAddr {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// For tests and examples; real addresses come from `validate`.
+    pub fn from_static(s: &'static str) -> Self {
+        BackendAddr(Arc::from(s))
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect to a backend.
+    pub connect: Duration,
+    /// Whole budget for getting a response head, retries included.
+    pub request: Duration,
+    /// How long a client may take to send its request head (slowloris guard).
+    pub client_header: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path probed on each backend with GET.
+    pub path: PathAndQuery,
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// A probe slower than this fails.
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down backend up.
+    pub healthy_threshold: NonZeroU32,
+    /// Consecutive failures that take an up backend down.
+    pub unhealthy_threshold: NonZeroU32,
+}
+
+/// Passive health: ejection after consecutive failed requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Consecutive connect failures, resets, timeouts or 5xx that eject a
+    /// backend; `None` turns passive detection off.
+    pub consecutive_failures: Option<NonZeroU32>,
+    /// How long an ejected backend sits out before it is tried again.
+    pub ejection_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Total tries per request, the first included.
+    pub attempts: NonZeroU32,
+    /// Limit for one try; `None` means only the request timeout applies.
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+    /// Request bodies up to this size are buffered so a retry can replay them.
+    pub buffer_body_limit: u64,
+    pub budget: RetryBudgetConfig,
+}
+
+/// Which failures are retried (subject to method idempotency).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    /// Response statuses that are retried, sorted.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    pub fn status(&self, code: u16) -> bool {
+        self.statuses.binary_search(&code).is_ok()
+    }
+}
+
+/// Caps retries to a fraction of recent requests (Envoy / Linkerd style).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed per original request, on average (0.2 = 20 %).
+    pub ratio: f64,
+    /// Retries always allowed per second, so a quiet proxy can still retry.
+    pub min_retries_per_second: u32,
+}
+
+/// SHA-256 of the config file's bytes: equal files reload nothing, and the
+/// short form in logs matches `sha256sum config.yaml`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContentHash([u8; 32]);
+
+impl ContentHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        ContentHash(Sha256::digest(bytes).into())
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a config could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: file is empty")]
+    Empty { path: PathBuf },
+    /// YAML syntax, unknown key or bad value; the message carries line and column.
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// An `LB_*` environment override that does not fit.
+    #[error("{path}: environment override: {message}")]
+    Env { path: PathBuf, message: String },
+    /// A value that parses but makes no sense; `field` is its path in the file.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// `Format` plugging `yaml_serde` into figment (figment's own YAML support
+/// uses the deprecated serde_yaml).
+struct YamlSerde;
+
+impl Format for YamlSerde {
+    type Error = yaml_serde::Error;
+    const NAME: &'static str = "YAML";
+
+    fn from_str<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, Self::Error> {
+        yaml_serde::from_str(s)
+    }
+}
+
+/// `LB_*` variables that belong to the command line, not to the config.
+const CLI_ENV_KEYS: &[&str] = &["config", "log_format", "log_level"];
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, applying `LB_*`
+    /// environment overrides. Returns the config with the hash of the bytes read.
+    pub fn load(path: &Path) -> Result<(Config, ContentHash), ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let hash = ContentHash::of(&bytes);
+        Ok((Config::parse(&bytes, path)?, hash))
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: format!("not UTF-8 text: {e}"),
+        })?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let syntax = |message: String| ConfigError::Syntax {
+            path: path.to_owned(),
+            message,
+        };
+        // First pass keeps line/column for everything the file itself gets wrong.
+        let _: RawConfig = yaml_serde::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let raw: RawConfig = Figment::from(Data::<YamlSerde>::string(text))
+            .merge(Env::prefixed("LB_").split("__").ignore(CLI_ENV_KEYS))
+            .extract()
+            .map_err(|e| ConfigError::Env {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        validate::validate(raw).map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        })
+    }
+
+    /// Sum of all weights; > 0 in a valid config.
+    pub fn total_weight(&self) -> u64 {
+        self.backends.iter().map(|b| u64::from(b.weight)).sum()
+    }
+
+    /// One line for `lb --check` and the startup log.
+    pub fn summary(&self) -> String {
+        let health = match &self.health_check {
+            Some(h) => format!("health checks {} every {:?}", h.path, h.interval),
+            None => "health checks off".to_owned(),
+        };
+        format!(
+            "listen {}, strategy {}, {} backends (total weight {}), {}, retry {} attempts",
+            self.listen,
+            self.strategy,
+            self.backends.len(),
+            self.total_weight(),
+            health,
+            self.retry.attempts
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

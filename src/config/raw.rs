@@ -1,0 +1,250 @@
+//! The config file exactly as written: serde structs that mirror the YAML,
+//! with `deny_unknown_fields` everywhere so a typo like `stratgy:` is an
+//! error that names the key, and leaf types ([`HumanDuration`], [`ByteSize`])
+//! that parse while deserializing so a bad value keeps its line and column.
+//!
+//! Nothing here is checked beyond its syntax; [`super::validate`] turns a
+//! [`RawConfig`] into a [`super::Config`].
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// Top level of `config.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address the proxy accepts clients on.
+    pub listen: Option<String>,
+    /// Protocol the listener speaks; only `http` today, room for `tcp`.
+    pub mode: Option<RawMode>,
+    /// Load-balancing strategy name.
+    pub strategy: Option<RawStrategy>,
+    /// The pool. Required: a proxy with nowhere to send traffic is a mistake.
+    pub backends: Option<Vec<RawBackend>>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// Active health checks; absent means every backend is eligible.
+    pub health_check: Option<RawHealthCheck>,
+    /// Passive health (outlier detection); on with defaults when absent.
+    pub outlier_detection: Option<RawOutlierDetection>,
+    /// Retry policy; defaults when absent.
+    pub retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawMode {
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawStrategy {
+    #[serde(alias = "weighted_round_robin")]
+    RoundRobin,
+    LeastConnections,
+    Random,
+    PowerOfTwoChoices,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: String,
+    pub weight: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<HumanDuration>,
+    pub request: Option<HumanDuration>,
+    pub client_header: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<HumanDuration>,
+    pub timeout: Option<HumanDuration>,
+    pub healthy_threshold: Option<i64>,
+    pub unhealthy_threshold: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    pub consecutive_failures: Option<i64>,
+    pub ejection_time: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<HumanDuration>,
+    pub retry_on: Option<Vec<RawRetryOn>>,
+    pub buffer_body_limit: Option<ByteSize>,
+    pub budget: Option<RawRetryBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    pub ratio: Option<f64>,
+    pub min_retries_per_second: Option<i64>,
+}
+
+/// One entry of `retry_on`: a failure class name or an HTTP status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawRetryOn {
+    ConnectFailure,
+    Reset,
+    Timeout,
+    Status(u16),
+}
+
+impl<'de> Deserialize<'de> for RawRetryOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawRetryOn;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("connect_failure, reset, timeout or a 5xx status code")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawRetryOn, E> {
+                match u16::try_from(v) {
+                    Ok(code @ 500..=599) => Ok(RawRetryOn::Status(code)),
+                    _ => Err(E::custom(format_args!(
+                        "retry_on status {v} is not a 5xx code (only server errors are retried)"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawRetryOn, E> {
+                self.visit_u64(u64::try_from(v).unwrap_or(0))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawRetryOn, E> {
+                match v {
+                    "connect_failure" => Ok(RawRetryOn::ConnectFailure),
+                    "reset" => Ok(RawRetryOn::Reset),
+                    "timeout" => Ok(RawRetryOn::Timeout),
+                    // Environment overrides arrive as strings.
+                    other => match other.parse::<u64>() {
+                        Ok(n) => self.visit_u64(n),
+                        Err(_) => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                    },
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written the way people write them: `250ms`, `2s`, `1m 30s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit, like 250ms or 2s")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(v.trim())
+                    .map(HumanDuration)
+                    .map_err(|e| {
+                        E::custom(format_args!(
+                            "invalid duration {v:?}: {e} (write it like 250ms or 2s)"
+                        ))
+                    })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                // A bare 0 is unambiguous; any other bare number is a unit-less guess.
+                if v == 0 {
+                    Ok(HumanDuration(Duration::ZERO))
+                } else {
+                    Err(E::custom(format_args!(
+                        "duration {v} has no unit (write {v}s or {v}ms)"
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                self.visit_u64(u64::try_from(v).unwrap_or(u64::MAX))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<HumanDuration, E> {
+                Err(E::custom(format_args!(
+                    "duration {v} has no unit (write it like 250ms or 2s)"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A size in bytes: a plain integer, or with a unit (`64KiB`, `1MiB`, `512B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    fn parse(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size in bytes, like 65536 or 64KiB")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v)
+                    .map(ByteSize)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteSize;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("64KiB"), Some(65536));
+        assert_eq!(ByteSize::parse("1 MiB"), Some(1 << 20));
+        assert_eq!(ByteSize::parse("512"), Some(512));
+        assert_eq!(ByteSize::parse("12 parsecs"), None);
+        assert_eq!(ByteSize::parse("KiB"), None);
+    }
+}

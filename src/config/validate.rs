@@ -1,0 +1,284 @@
+//! `RawConfig` → `Config`: defaults, ranges and cross-field rules. Each error
+//! is `(field path, message)`; the caller adds the file name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::http::uri::{Authority, PathAndQuery};
+
+use super::raw::{
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawMode, RawOutlierDetection, RawRetry,
+    RawRetryOn, RawStrategy,
+};
+use super::{
+    BackendAddr, BackendConfig, Config, HealthCheck, Mode, OutlierDetection, RetryBudgetConfig,
+    RetryOn, RetryPolicy, Strategy, Timeouts,
+};
+
+type Invalid = (String, String);
+
+fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err((field.into(), message.into()))
+}
+
+/// HAProxy's range; it keeps the round-robin schedule small (see selection).
+pub const MAX_WEIGHT: i64 = 256;
+
+pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
+    let listen = match raw.listen.as_deref() {
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        Some(s) => s.trim().parse().or_else(|_| {
+            invalid(
+                "listen",
+                format!("{s:?} is not an IP:port address (like 127.0.0.1:8080 or [::]:80)"),
+            )
+        })?,
+    };
+    let strategy = match raw.strategy.unwrap_or(RawStrategy::RoundRobin) {
+        RawStrategy::RoundRobin => Strategy::RoundRobin,
+        RawStrategy::LeastConnections => Strategy::LeastConnections,
+        RawStrategy::Random => Strategy::Random,
+        RawStrategy::PowerOfTwoChoices => Strategy::PowerOfTwoChoices,
+    };
+    let mode = match raw.mode.unwrap_or(RawMode::Http) {
+        RawMode::Http => Mode::Http,
+    };
+    let backends = backends(raw.backends)?;
+    let timeouts = Timeouts {
+        connect: positive("timeouts.connect", raw.timeouts.connect, 1_000)?,
+        request: positive("timeouts.request", raw.timeouts.request, 30_000)?,
+        client_header: positive("timeouts.client_header", raw.timeouts.client_header, 10_000)?,
+    };
+    let health_check = raw.health_check.map(health_check).transpose()?;
+    let outlier_detection = outlier_detection(raw.outlier_detection)?;
+    let retry = retry(raw.retry)?;
+    Ok(Config {
+        listen,
+        mode,
+        strategy,
+        backends,
+        timeouts,
+        health_check,
+        outlier_detection,
+        retry,
+    })
+}
+
+/// A duration that must be > 0, with a default in milliseconds.
+fn positive(
+    field: &str,
+    value: Option<HumanDuration>,
+    default_ms: u64,
+) -> Result<Duration, Invalid> {
+    match value {
+        None => Ok(Duration::from_millis(default_ms)),
+        Some(HumanDuration(d)) if d.is_zero() => invalid(field, "must be greater than zero"),
+        Some(HumanDuration(d)) => Ok(d),
+    }
+}
+
+fn count(field: &str, value: Option<i64>, default: u32, max: u32) -> Result<NonZeroU32, Invalid> {
+    let v = value.unwrap_or(i64::from(default));
+    match u32::try_from(v).ok().and_then(NonZeroU32::new) {
+        Some(n) if n.get() <= max => Ok(n),
+        _ => invalid(field, format!("{v} is out of range (1 to {max})")),
+    }
+}
+
+fn backends(raw: Option<Vec<RawBackend>>) -> Result<Vec<BackendConfig>, Invalid> {
+    let Some(raw) = raw else {
+        return invalid("backends", "missing: list at least one backend address");
+    };
+    if raw.is_empty() {
+        return invalid("backends", "is empty: list at least one backend address");
+    }
+    let mut seen: HashMap<BackendAddr, usize> = HashMap::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, b) in raw.into_iter().enumerate() {
+        let address =
+            backend_addr(&b.address).map_err(|m| (format!("backends[{i}].address"), m))?;
+        if let Some(first) = seen.insert(address.clone(), i) {
+            return invalid(
+                format!("backends[{i}].address"),
+                format!("{address} is a duplicate of backends[{first}]"),
+            );
+        }
+        let weight = b.weight.unwrap_or(1);
+        if !(0..=MAX_WEIGHT).contains(&weight) {
+            return invalid(
+                format!("backends[{i}].weight"),
+                format!("{weight} is out of range (0 to {MAX_WEIGHT}; 0 drains the backend)"),
+            );
+        }
+        out.push(BackendConfig {
+            address,
+            weight: weight as u32,
+        });
+    }
+    if out.iter().all(|b| b.weight == 0) {
+        return invalid(
+            "backends",
+            "every weight is 0: no backend could receive traffic",
+        );
+    }
+    Ok(out)
+}
+
+/// `host:port` with an explicit port and nothing else (no scheme, path or user).
+fn backend_addr(s: &str) -> Result<BackendAddr, String> {
+    let bad =
+        || format!("{s:?} is not a host:port address (like 127.0.0.1:9001 or app.internal:80)");
+    let s = s.trim();
+    if s.contains('/') || s.contains('@') {
+        return Err(bad());
+    }
+    let authority: Authority = s.parse().map_err(|_| bad())?;
+    if authority.port_u16().is_none() || authority.host().is_empty() {
+        return Err(bad());
+    }
+    Ok(BackendAddr(Arc::from(
+        authority.as_str().to_ascii_lowercase(),
+    )))
+}
+
+fn health_check(raw: RawHealthCheck) -> Result<HealthCheck, Invalid> {
+    let path = raw.path.unwrap_or_else(|| "/health".to_owned());
+    if !path.starts_with('/') {
+        return invalid("health_check.path", format!("{path:?} must start with /"));
+    }
+    let path: PathAndQuery = path.parse().or_else(|_| {
+        invalid(
+            "health_check.path",
+            format!("{path:?} is not a valid URL path"),
+        )
+    })?;
+    let interval = positive("health_check.interval", raw.interval, 2_000)?;
+    let timeout = positive("health_check.timeout", raw.timeout, 1_000)?;
+    if timeout > interval {
+        return invalid(
+            "health_check.timeout",
+            format!("{timeout:?} must not exceed health_check.interval ({interval:?})"),
+        );
+    }
+    Ok(HealthCheck {
+        path,
+        interval,
+        timeout,
+        healthy_threshold: count(
+            "health_check.healthy_threshold",
+            raw.healthy_threshold,
+            2,
+            1000,
+        )?,
+        unhealthy_threshold: count(
+            "health_check.unhealthy_threshold",
+            raw.unhealthy_threshold,
+            2,
+            1000,
+        )?,
+    })
+}
+
+fn outlier_detection(raw: Option<RawOutlierDetection>) -> Result<OutlierDetection, Invalid> {
+    let (failures, ejection) = match raw {
+        Some(r) => (r.consecutive_failures, r.ejection_time),
+        None => (None, None),
+    };
+    let consecutive_failures = match failures.unwrap_or(5) {
+        0 => None,
+        n => Some(count(
+            "outlier_detection.consecutive_failures",
+            Some(n),
+            5,
+            10_000,
+        )?),
+    };
+    Ok(OutlierDetection {
+        consecutive_failures,
+        ejection_time: positive("outlier_detection.ejection_time", ejection, 10_000)?,
+    })
+}
+
+fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
+    let raw = raw.unwrap_or(RawRetry {
+        attempts: None,
+        per_try_timeout: None,
+        retry_on: None,
+        buffer_body_limit: None,
+        budget: None,
+    });
+    let attempts = count("retry.attempts", raw.attempts, 3, 100)?;
+    let per_try_timeout = match raw.per_try_timeout {
+        None => None,
+        Some(d) => Some(positive("retry.per_try_timeout", Some(d), 0)?),
+    };
+    let list = raw.retry_on.unwrap_or_else(|| {
+        vec![
+            RawRetryOn::ConnectFailure,
+            RawRetryOn::Reset,
+            RawRetryOn::Timeout,
+            RawRetryOn::Status(502),
+            RawRetryOn::Status(503),
+            RawRetryOn::Status(504),
+        ]
+    });
+    let mut statuses: Vec<u16> = list
+        .iter()
+        .filter_map(|r| match r {
+            RawRetryOn::Status(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    statuses.sort_unstable();
+    statuses.dedup();
+    let retry_on = RetryOn {
+        connect_failure: list.contains(&RawRetryOn::ConnectFailure),
+        reset: list.contains(&RawRetryOn::Reset),
+        timeout: list.contains(&RawRetryOn::Timeout),
+        statuses,
+    };
+    let buffer_body_limit = raw.buffer_body_limit.map_or(64 * 1024, |b| b.0);
+    if buffer_body_limit > 64 * 1024 * 1024 {
+        return invalid(
+            "retry.buffer_body_limit",
+            "must be at most 64MiB (bodies are held in memory while they may be replayed)",
+        );
+    }
+    let (ratio, min) = match raw.budget {
+        Some(b) => (b.ratio, b.min_retries_per_second),
+        None => (None, None),
+    };
+    let ratio = ratio.unwrap_or(0.2);
+    if !(0.0..=1000.0).contains(&ratio) {
+        return invalid(
+            "retry.budget.ratio",
+            format!("{ratio} is out of range (0 to 1000)"),
+        );
+    }
+    let min = min.unwrap_or(10);
+    let min_retries_per_second = u32::try_from(min)
+        .ok()
+        .filter(|m| *m <= 1_000_000)
+        .map_or_else(
+            || {
+                invalid(
+                    "retry.budget.min_retries_per_second",
+                    format!("{min} is out of range (0 to 1000000)"),
+                )
+            },
+            Ok,
+        )?;
+    Ok(RetryPolicy {
+        attempts,
+        per_try_timeout,
+        retry_on,
+        buffer_body_limit,
+        budget: RetryBudgetConfig {
+            ratio,
+            min_retries_per_second,
+        },
+    })
+}

@@ -1,0 +1,186 @@
+//! Active health checks.
+//!
+//! One probe task per backend address, over a client of its own. The
+//! supervisor starts a task for each address that appears in the config and
+//! stops the task of each address that leaves; tasks of addresses that stay
+//! keep running (and keep their pass/fail streaks) across reloads. Each task
+//! reads the current config on every tick, so a new interval, timeout or
+//! threshold applies from the next probe.
+//!
+//! At startup the first probes are spread over one interval (1,000 backends
+//! do not all fire at once); a backend added by a reload is probed at once.
+//! A backend starts eligible and is taken out after `unhealthy_threshold`
+//! failures in a row; it comes back after `healthy_threshold` passes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, HOST, USER_AGENT};
+use hyper::http::uri::{Authority, Scheme, Uri};
+use hyper::Request;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+use crate::config::{BackendAddr, HealthCheck};
+use crate::runtime::Runtime;
+use crate::state::BackendState;
+
+type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn probe_client() -> ProbeClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    // Probes keep one connection per backend alive (as Envoy does) rather
+    // than opening one per probe: far cheaper at 1,000 backends.
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Runs until the runtime is dropped: keeps one probe task per backend.
+pub async fn supervise(runtime: Arc<Runtime>) {
+    let mut changes = runtime.subscribe();
+    let client = probe_client();
+    let mut probes: HashMap<BackendAddr, JoinHandle<()>> = HashMap::new();
+    let mut startup = true;
+    loop {
+        let snap = runtime.snapshot();
+        match &snap.config.health_check {
+            None => {
+                for (_, task) in probes.drain() {
+                    task.abort();
+                }
+                for b in &snap.backends {
+                    if b.state.set_healthy(true) {
+                        tracing::info!("backend {} is up (health checks turned off)", b.addr);
+                    }
+                }
+            }
+            Some(hc) => {
+                probes.retain(|addr, task| {
+                    let keep = snap.backends.iter().any(|b| &b.addr == addr);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for (b, authority) in snap.backends.iter().zip(&snap.authorities) {
+                    if probes.contains_key(&b.addr) {
+                        continue;
+                    }
+                    let first_delay = if startup {
+                        hc.interval.mul_f64(fastrand::f64())
+                    } else {
+                        Duration::ZERO
+                    };
+                    let task = tokio::spawn(probe_loop(
+                        Arc::downgrade(&runtime),
+                        Arc::clone(&b.state),
+                        authority.clone(),
+                        client.clone(),
+                        first_delay,
+                    ));
+                    probes.insert(b.addr.clone(), task);
+                }
+            }
+        }
+        startup = false;
+        drop(snap);
+        if changes.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, task) in probes {
+        task.abort();
+    }
+}
+
+/// Probes one backend forever, applying the thresholds of the current config.
+async fn probe_loop(
+    runtime: std::sync::Weak<Runtime>,
+    state: Arc<BackendState>,
+    authority: Authority,
+    client: ProbeClient,
+    first_delay: Duration,
+) {
+    sleep(first_delay).await;
+    let (mut passes, mut failures) = (0u32, 0u32);
+    loop {
+        let started = Instant::now();
+        let Some(hc) = runtime
+            .upgrade()
+            .and_then(|rt| rt.snapshot().config.health_check.clone())
+        else {
+            return;
+        };
+        match probe(&client, &authority, &hc).await {
+            Ok(()) => {
+                passes += 1;
+                failures = 0;
+                if !state.is_healthy()
+                    && passes >= hc.healthy_threshold.get()
+                    && state.set_healthy(true)
+                {
+                    tracing::info!("backend {} is up", state.addr);
+                }
+            }
+            Err(reason) => {
+                failures += 1;
+                passes = 0;
+                if state.is_healthy()
+                    && failures >= hc.unhealthy_threshold.get()
+                    && state.set_healthy(false)
+                {
+                    tracing::warn!("backend {} is down ({reason})", state.addr);
+                }
+            }
+        }
+        sleep_until(started + hc.interval).await;
+    }
+}
+
+/// One GET of the health path: a 2xx or 3xx within the timeout passes.
+async fn probe(
+    client: &ProbeClient,
+    authority: &Authority,
+    hc: &HealthCheck,
+) -> Result<(), String> {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(hc.path.clone());
+    let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    let mut req = Request::new(Empty::new());
+    *req.uri_mut() = uri;
+    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+        req.headers_mut().insert(HOST, host);
+    }
+    req.headers_mut()
+        .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
+    let exchange = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("health check failed: {}", crate::upstream::root_cause(&e)))?;
+        let status = resp.status();
+        // Read the (small) body so the connection can be reused.
+        let _ = resp.into_body().collect().await;
+        if status.is_success() || status.is_redirection() {
+            Ok(())
+        } else {
+            Err(format!("health check answered {status}"))
+        }
+    };
+    match timeout(hc.timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("health check timed out after {:?}", hc.timeout)),
+    }
+}

@@ -1,0 +1,130 @@
+//! lb: a load-balancing HTTP reverse proxy whose whole behaviour comes from
+//! one `config.yaml` that can be edited while it runs.
+//!
+//! # Layout
+//!
+//! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
+//!   (raw serde structs → `validate()`, with env overrides).
+//! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
+//!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
+//!   in a new one.
+//! * [`state`]: per-backend runtime state (in-flight, counters, health)
+//!   keyed by address, so it survives reloads.
+//! * [`selection`]: the strategies, one type each behind [`selection::Selector`].
+//! * [`server`]: listening socket(s), accept loop, client connections.
+//! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
+//!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
+//!   the backend client and its error classes.
+//! * [`health`]: active health checks; passive detection lives in `state`.
+//! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
+//!
+//! [`Lb::start`] wires these together on a bound listener, so tests can bind
+//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
+//! calls [`Lb::start`].
+
+pub mod body;
+pub mod config;
+pub mod health;
+pub mod proxy;
+pub mod reload;
+pub mod retry;
+pub mod runtime;
+pub mod selection;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ContentHash};
+use crate::reload::{ReloadHandle, WatchSettings};
+use crate::runtime::Runtime;
+use crate::server::Listeners;
+
+/// How a running lb finds and follows its config file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file reloads re-read.
+    pub config_path: PathBuf,
+    pub watch: WatchSettings,
+}
+
+/// A running proxy: accept loop, health checker and reloader.
+#[derive(Debug)]
+pub struct Lb {
+    runtime: Arc<Runtime>,
+    listeners: Arc<Listeners>,
+    reload: ReloadHandle,
+    /// `true` asks every client connection to finish and close.
+    drain: watch::Sender<bool>,
+    /// Background tasks stopped on shutdown.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Lb {
+    /// Starts serving `listener` with `config` (loaded from
+    /// `settings.config_path`, whose content hash is `hash`).
+    pub fn start(
+        listener: TcpListener,
+        config: Config,
+        hash: ContentHash,
+        settings: Settings,
+    ) -> Lb {
+        let configured = config.listen;
+        tracing::info!(%hash, "config loaded: {}", config.summary());
+        let runtime = Runtime::new(config, hash);
+        let (drain, drain_rx) = watch::channel(false);
+        let listeners = Listeners::start(listener, configured, Arc::clone(&runtime), drain_rx);
+        let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
+        let (reload, reloader) = reload::spawn(
+            settings.config_path,
+            Arc::clone(&runtime),
+            Arc::clone(&listeners),
+            settings.watch,
+        );
+        Lb {
+            runtime,
+            listeners,
+            reload,
+            drain,
+            tasks: vec![health, reloader],
+        }
+    }
+
+    /// Where clients can connect now (changes when `listen` is reloaded).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listeners.local_addr()
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Re-reads the config file now, as SIGHUP does.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+
+    /// Stops accepting, lets open connections finish their requests for up
+    /// to `grace`, then stops everything.
+    pub async fn shutdown(self, grace: Duration) {
+        self.listeners.stop();
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = self.drain.send(true);
+        if tokio::time::timeout(grace, self.drain.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after {grace:?}; closing them");
+        }
+    }
+}

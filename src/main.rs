@@ -1,0 +1,149 @@
+//! `lb` binary: parse the command line, start logging, load the config,
+//! bind, and hand over to [`lb::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use lb::config::Config;
+use lb::reload::WatchSettings;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+/// A live-reconfigurable HTTP load balancer driven by one config.yaml.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The config file; edits to it are applied while lb runs.
+    #[arg(long, short, env = "LB_CONFIG", default_value = "config.yaml")]
+    config: PathBuf,
+    /// Validate the config, print a summary and exit (0 valid, 1 invalid).
+    #[arg(long)]
+    check: bool,
+    /// Do not watch or poll the config file; reload only on SIGHUP.
+    #[arg(long)]
+    no_watch: bool,
+    /// How often the file is re-hashed as a backstop to file events.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// How long open connections may finish their requests on SIGTERM/SIGINT.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (`info`, `lb=debug`, …); RUST_LOG is used when absent.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.check {
+        return match Config::load(&cli.config) {
+            Ok((config, hash)) => {
+                println!(
+                    "{}: ok (sha256 {hash}…): {}",
+                    cli.config.display(),
+                    config.summary()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lb: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(cli))
+}
+
+async fn serve(cli: Cli) -> ExitCode {
+    // First, before anything can take time: SIGHUP's default action kills the process.
+    let (mut hangup, terminate, interrupt) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            eprintln!("lb: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (config, hash) = match Config::load(&cli.config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = lb::Settings {
+        config_path: cli.config.clone(),
+        watch: WatchSettings {
+            watch: !cli.no_watch,
+            poll_interval: cli.poll_interval,
+        },
+    };
+    let lb = lb::Lb::start(listener, config, hash, settings);
+    let reload = lb.reload_handle();
+    let stop = stop_signal(terminate, interrupt);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", cli.config.display());
+                reload.reload();
+            }
+            () = &mut stop => break,
+        }
+    }
+    tracing::info!("shutting down");
+    lb.shutdown(cli.shutdown_grace).await;
+    ExitCode::SUCCESS
+}
+
+async fn stop_signal(mut terminate: Signal, mut interrupt: Signal) {
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

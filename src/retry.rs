@@ -1,0 +1,284 @@
+//! The one place a request is sent upstream: pick a backend, send, judge the
+//! outcome, and maybe try the next backend.
+//!
+//! Rules (see `RetryPolicy` for the knobs):
+//! * a connect failure is retried whatever the method: nothing was sent;
+//! * after the request was sent (reset, timeout, retryable status) only
+//!   idempotent methods whose body can be replayed are retried, so a POST
+//!   that reached a backend never reaches a second one;
+//! * a retry goes to an available backend this request has not tried, chosen
+//!   by the configured strategy;
+//! * every retry spends a token from the [`RetryBudget`], so a sick pool is
+//!   not hit by a retry storm;
+//! * when every attempt fails the client gets the last backend's own
+//!   retryable response, or 504 after a timeout, or 502.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use hyper::body::Incoming;
+use hyper::http::request::Parts;
+use hyper::http::uri::{Scheme, Uri};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::time::{timeout_at, Instant};
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::config::{RetryBudgetConfig, RetryPolicy};
+use crate::runtime::{Runtime, Snapshot};
+use crate::state::{Clock, Ejection, InFlight};
+use crate::upstream::{self, FailureKind};
+
+/// Token bucket capping retries to a share of recent traffic (Envoy and
+/// Linkerd call this a retry budget). Each request deposits `ratio` tokens,
+/// time deposits `min_retries_per_second`, a retry withdraws one. Lock-free.
+#[derive(Debug)]
+pub struct RetryBudget {
+    clock: Clock,
+    /// Balance in thousandths of a retry.
+    milli_tokens: AtomicI64,
+    /// Last time the per-second floor was credited.
+    refilled_at_ms: AtomicU64,
+}
+
+/// Seconds of traffic the balance may bank: bounds a burst after a quiet spell.
+const BUDGET_WINDOW_SECS: i64 = 10;
+
+impl RetryBudget {
+    pub fn new(clock: Clock) -> Self {
+        RetryBudget {
+            milli_tokens: AtomicI64::new(0),
+            refilled_at_ms: AtomicU64::new(clock.now_ms()),
+            clock,
+        }
+    }
+
+    fn cap(cfg: &RetryBudgetConfig) -> i64 {
+        1000 * BUDGET_WINDOW_SECS * i64::from(cfg.min_retries_per_second.max(10))
+    }
+
+    /// Credits one original request.
+    pub fn deposit(&self, cfg: &RetryBudgetConfig) {
+        let add = (cfg.ratio * 1000.0) as i64;
+        let cap = Self::cap(cfg);
+        let _ = self
+            .milli_tokens
+            .fetch_update(Relaxed, Relaxed, |t| (t < cap).then(|| (t + add).min(cap)));
+    }
+
+    /// Takes one retry token if there is one.
+    pub fn try_withdraw(&self, cfg: &RetryBudgetConfig) -> bool {
+        let now = self.clock.now_ms();
+        let last = self.refilled_at_ms.load(Relaxed);
+        if now > last
+            && self
+                .refilled_at_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            // min_retries_per_second tokens per 1000 ms = that many milli-tokens per ms.
+            let add = (now - last) as i64 * i64::from(cfg.min_retries_per_second);
+            let cap = Self::cap(cfg);
+            let _ = self
+                .milli_tokens
+                .fetch_update(Relaxed, Relaxed, |t| Some((t + add).min(cap).max(t)));
+        }
+        self.milli_tokens
+            .fetch_update(Relaxed, Relaxed, |t| (t >= 1000).then_some(t - 1000))
+            .is_ok()
+    }
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Why the previous attempt did not produce the answer.
+enum Failed {
+    /// A transport failure on `backend`.
+    Transport {
+        kind: FailureKind,
+        backend: usize,
+        detail: String,
+    },
+    /// A retryable status; kept to pass through if no retry succeeds.
+    Response(Response<ResponseBody>),
+}
+
+/// Sends the request (head already rewritten by the proxy) to the pool,
+/// retrying per the snapshot's policy.
+pub async fn forward(
+    rt: &Runtime,
+    snap: &Snapshot,
+    parts: Parts,
+    mut body: RequestBody,
+) -> Response<ResponseBody> {
+    let policy: &RetryPolicy = &snap.config.retry;
+    let started = Instant::now();
+    let deadline = started + snap.config.timeouts.request;
+    let idempotent = is_idempotent(&parts.method);
+    let outlier = &snap.config.outlier_detection;
+    rt.budget.deposit(&policy.budget);
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<Failed> = None;
+    for attempt in 0..policy.attempts.get() {
+        if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
+            tracing::debug!("retry budget exhausted");
+            break;
+        }
+        let now_ms = rt.clock.now_ms();
+        let eligible =
+            |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
+        let Some(index) = snap.select(&eligible) else {
+            if attempt == 0 {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "lb: no healthy backend available\n".to_owned(),
+                );
+            }
+            break;
+        };
+        tried.push(index);
+        let Some(attempt_body) = body.next_attempt() else {
+            break;
+        };
+        let backend = &snap.backends[index];
+        let mut req = Request::new(attempt_body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = upstream_uri(&parts.uri, &snap.authorities[index]);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = parts.headers.clone();
+
+        let in_flight = backend.state.start();
+        let try_deadline = policy
+            .per_try_timeout
+            .map_or(deadline, |t| deadline.min(Instant::now() + t));
+        let (kind, detail) = match timeout_at(try_deadline, snap.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                if status.is_server_error() {
+                    note_failure(rt, snap, index, outlier, &format!("answered {status}"));
+                } else {
+                    backend.state.record_success();
+                }
+                let resp = pass_through(resp, in_flight);
+                if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
+                    tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
+                    last = Some(Failed::Response(resp));
+                    continue;
+                }
+                return resp;
+            }
+            Ok(Err(err)) => upstream::classify(&err),
+            Err(_) => (
+                FailureKind::Timeout,
+                format!("no response within {:?}", Instant::now() - started),
+            ),
+        };
+        drop(in_flight);
+        note_failure(rt, snap, index, outlier, &detail);
+        tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
+        let retry_allowed = match kind {
+            FailureKind::Connect => policy.retry_on.connect_failure && body.can_resend(),
+            FailureKind::Reset => policy.retry_on.reset && idempotent && body.is_replayable(),
+            FailureKind::Timeout => policy.retry_on.timeout && idempotent && body.is_replayable(),
+        };
+        last = Some(Failed::Transport {
+            kind,
+            backend: index,
+            detail,
+        });
+        if !retry_allowed || Instant::now() >= deadline {
+            break;
+        }
+    }
+    match last {
+        Some(Failed::Response(resp)) => resp,
+        Some(Failed::Transport {
+            kind,
+            backend,
+            detail,
+        }) => {
+            let addr = &snap.backends[backend].addr;
+            let tries = tried.len();
+            let (status, what) = match kind {
+                FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
+                FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
+                FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+            };
+            tracing::warn!(backend = %addr, %detail, tries, "{} {} {}: {}", parts.method, parts.uri.path(), what, status);
+            text(
+                status,
+                format!("lb: backend {addr} {what}: {detail} ({tries} tried)\n"),
+            )
+        }
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lb: no healthy backend available\n".to_owned(),
+        ),
+    }
+}
+
+/// Passive health: counts the failure and logs an ejection once.
+fn note_failure(
+    rt: &Runtime,
+    snap: &Snapshot,
+    index: usize,
+    outlier: &crate::config::OutlierDetection,
+    why: &str,
+) {
+    let state = &snap.backends[index].state;
+    let ejected = state.record_failure(
+        rt.clock.now_ms(),
+        outlier.consecutive_failures,
+        outlier.ejection_time,
+    );
+    if ejected == Ejection::Ejected {
+        tracing::warn!(
+            "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
+            state.addr,
+            outlier.consecutive_failures.map_or(0, |n| n.get()),
+            outlier.ejection_time
+        );
+    }
+}
+
+fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all present and valid: this cannot fail.
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(
+        parts,
+        ResponseBody::Upstream {
+            body,
+            _in_flight: in_flight,
+        },
+    )
+}
+
+/// lb's own short answer.
+pub fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::text(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

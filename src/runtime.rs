@@ -1,0 +1,243 @@
+//! The live state of a running lb: the current [`Snapshot`] behind one
+//! `ArcSwap`, and everything that must outlive a snapshot.
+//!
+//! A snapshot is built once per config change — validated config, backend
+//! list joined with its runtime state, the strategy's selector, the upstream
+//! client and the server settings — and a request loads it once, so every
+//! decision of that request sees one consistent config. Swapping in the next
+//! snapshot is one atomic store; requests already running finish on the one
+//! they loaded.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper::http::uri::Authority;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+
+use crate::config::{Config, ContentHash};
+use crate::retry::RetryBudget;
+use crate::selection::{self, Backend, Selector};
+use crate::state::{Clock, StateTable};
+use crate::upstream::{self, UpstreamClient};
+
+/// Everything a request needs, built from one config.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    /// Hash of the file this config came from, for logs.
+    pub hash: ContentHash,
+    /// The pool in config order, each with its runtime state.
+    pub backends: Vec<Backend>,
+    /// The configured strategy, built over `backends`.
+    pub selector: Box<dyn Selector>,
+    /// Backend connection pool; carried over between snapshots when the
+    /// connect timeout is unchanged.
+    pub client: UpstreamClient,
+    /// Pre-parsed `host:port` of each backend, for building upstream URIs.
+    pub authorities: Vec<Authority>,
+    /// Settings for client connections accepted while this snapshot is current.
+    pub server: auto::Builder<TokioExecutor>,
+}
+
+impl Snapshot {
+    /// The backend picked for an attempt, skipping those `eligible` rejects.
+    pub fn select(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        self.selector.select(&self.backends, eligible)
+    }
+}
+
+/// Reload counters, for logs now and the metrics endpoint later.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Configs applied, the first one included.
+    pub applied: AtomicU64,
+    /// Reloads refused (bad file, failed bind); the old config kept serving.
+    pub rejected: AtomicU64,
+}
+
+/// State shared by the proxy, the health checker and the reloader.
+#[derive(Debug)]
+pub struct Runtime {
+    current: ArcSwap<Snapshot>,
+    /// Per-backend state by address; survives every reload.
+    states: StateTable,
+    /// Time base for ejections, on tokio's clock.
+    pub clock: Clock,
+    /// Retry tokens; the budget's parameters come from each request's snapshot.
+    pub budget: RetryBudget,
+    pub reloads: ReloadStats,
+    /// Bumped on every applied config; the health checker waits on it.
+    generation: watch::Sender<u64>,
+}
+
+impl Runtime {
+    pub fn new(config: Config, hash: ContentHash) -> Arc<Runtime> {
+        let states = StateTable::default();
+        let snapshot = build(config, hash, &states, None);
+        let clock = Clock::new();
+        let runtime = Runtime {
+            current: ArcSwap::from_pointee(snapshot),
+            states,
+            budget: RetryBudget::new(clock),
+            clock,
+            reloads: ReloadStats::default(),
+            generation: watch::channel(0).0,
+        };
+        runtime.reloads.applied.fetch_add(1, Relaxed);
+        Arc::new(runtime)
+    }
+
+    /// The current snapshot; hold it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Builds a snapshot of `config` and swaps it in. Backends whose address
+    /// stays keep their state; the summary says what changed.
+    pub fn apply(&self, config: Config, hash: ContentHash) -> ReloadSummary {
+        let old = self.current.load_full();
+        let next = build(config, hash, &self.states, Some(&old));
+        let summary = ReloadSummary::between(&old, &next);
+        self.current.store(Arc::new(next));
+        self.reloads.applied.fetch_add(1, Relaxed);
+        self.generation.send_modify(|g| *g += 1);
+        summary
+    }
+
+    /// A receiver that wakes on every applied config.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+fn build(
+    config: Config,
+    hash: ContentHash,
+    states: &StateTable,
+    old: Option<&Snapshot>,
+) -> Snapshot {
+    let backends: Vec<Backend> = config
+        .backends
+        .iter()
+        .zip(states.sync(&config))
+        .map(|(b, state)| Backend {
+            addr: b.address.clone(),
+            weight: b.weight,
+            state,
+        })
+        .collect();
+    let authorities = config
+        .backends
+        .iter()
+        .map(|b| {
+            // validate() already parsed every address as an Authority.
+            b.address
+                .as_str()
+                .parse::<Authority>()
+                .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"))
+        })
+        .collect();
+    let client = match old {
+        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.client.clone(),
+        _ => upstream::client(config.timeouts.connect),
+    };
+    Snapshot {
+        selector: selection::build(config.strategy, &backends),
+        server: crate::server::http_server(&config.timeouts),
+        backends,
+        authorities,
+        client,
+        hash,
+        config,
+    }
+}
+
+/// What a reload changed, as one log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// `address old→new`.
+    pub reweighted: Vec<String>,
+    pub strategy: Option<(String, String)>,
+    pub listen: Option<(String, String)>,
+    /// Anything else (timeouts, health checks, retry policy) differs.
+    pub other_settings: bool,
+    pub hash: String,
+}
+
+impl ReloadSummary {
+    fn between(old: &Snapshot, new: &Snapshot) -> Self {
+        let before: HashMap<_, _> = old.backends.iter().map(|b| (&b.addr, b.weight)).collect();
+        let after: HashMap<_, _> = new.backends.iter().map(|b| (&b.addr, b.weight)).collect();
+        let mut s = ReloadSummary {
+            hash: new.hash.to_string(),
+            ..Default::default()
+        };
+        for b in &new.backends {
+            match before.get(&b.addr) {
+                None => s.added.push(b.addr.to_string()),
+                Some(&w) if w != b.weight => {
+                    s.reweighted.push(format!("{} {}→{}", b.addr, w, b.weight))
+                }
+                Some(_) => {}
+            }
+        }
+        s.removed = old
+            .backends
+            .iter()
+            .filter(|b| !after.contains_key(&b.addr))
+            .map(|b| b.addr.to_string())
+            .collect();
+        let (o, n) = (&old.config, &new.config);
+        if o.strategy != n.strategy {
+            s.strategy = Some((o.strategy.to_string(), n.strategy.to_string()));
+        }
+        if o.listen != n.listen {
+            s.listen = Some((o.listen.to_string(), n.listen.to_string()));
+        }
+        s.other_settings = o.timeouts != n.timeouts
+            || o.health_check != n.health_check
+            || o.outlier_detection != n.outlier_detection
+            || o.retry != n.retry
+            || (s.added.is_empty()
+                && s.removed.is_empty()
+                && s.reweighted.is_empty()
+                && o.backends != n.backends);
+        s
+    }
+}
+
+impl fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        let list = |v: &[String]| v.join(", ");
+        if !self.added.is_empty() {
+            parts.push(format!("added {}", list(&self.added)));
+        }
+        if !self.removed.is_empty() {
+            parts.push(format!("removed {}", list(&self.removed)));
+        }
+        if !self.reweighted.is_empty() {
+            parts.push(format!("reweighted {}", list(&self.reweighted)));
+        }
+        if let Some((a, b)) = &self.strategy {
+            parts.push(format!("strategy {a}→{b}"));
+        }
+        if let Some((a, b)) = &self.listen {
+            parts.push(format!("listen {a}→{b}"));
+        }
+        if self.other_settings {
+            parts.push("settings changed".to_owned());
+        }
+        if parts.is_empty() {
+            parts.push("no effective change".to_owned());
+        }
+        write!(f, "{} (hash {})", parts.join("; "), self.hash)
+    }
+}

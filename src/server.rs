@@ -1,0 +1,176 @@
+//! Accepting clients: the listening socket, its accept loop, and one hyper
+//! connection task per client (HTTP/1.1 and h2c prior knowledge).
+//!
+//! The listening address is reloadable. [`Listeners::replace`] starts an
+//! accept loop on an already-bound new socket before it stops the old one,
+//! so there is no moment without a listener; connections accepted on the old
+//! socket carry on until their clients are done.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+use crate::config::Timeouts;
+use crate::proxy;
+use crate::runtime::Runtime;
+
+/// The hyper server settings for client connections; part of each snapshot
+/// because `timeouts.client_header` is reloadable.
+pub fn http_server(timeouts: &Timeouts) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.client_header)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+/// The socket currently accepting clients.
+#[derive(Debug)]
+struct Active {
+    /// The `listen` value it was bound for (may be port 0).
+    configured: SocketAddr,
+    /// What the OS actually bound.
+    local: SocketAddr,
+    /// Dropping or firing this stops its accept loop.
+    stop: Option<oneshot::Sender<()>>,
+}
+
+/// Owner of the accept loop; shared by `Lb` and the reloader.
+#[derive(Debug)]
+pub struct Listeners {
+    runtime: Arc<Runtime>,
+    /// Each connection holds a receiver: `true` asks it to finish its current
+    /// requests and close; the sender's `closed()` resolves when all have.
+    drain: watch::Receiver<bool>,
+    /// Touched only on reload and shutdown.
+    active: Mutex<Active>,
+}
+
+impl Listeners {
+    pub fn start(
+        listener: TcpListener,
+        configured: SocketAddr,
+        runtime: Arc<Runtime>,
+        drain: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let local = listener.local_addr().unwrap_or(configured);
+        let stop = spawn_accept_loop(listener, Arc::clone(&runtime), drain.clone());
+        Arc::new(Listeners {
+            runtime,
+            drain,
+            active: Mutex::new(Active {
+                configured,
+                local,
+                stop: Some(stop),
+            }),
+        })
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, Active> {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The configured `listen` currently served.
+    pub fn configured(&self) -> SocketAddr {
+        self.active().configured
+    }
+
+    /// The address clients can connect to now.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.active().local
+    }
+
+    /// Serves `listener` from now on and stops accepting on the previous one.
+    pub fn replace(&self, listener: TcpListener, configured: SocketAddr) {
+        let local = listener.local_addr().unwrap_or(configured);
+        let stop = spawn_accept_loop(listener, Arc::clone(&self.runtime), self.drain.clone());
+        let mut active = self.active();
+        if let Some(old) = active.stop.replace(stop) {
+            let _ = old.send(());
+        }
+        active.configured = configured;
+        active.local = local;
+    }
+
+    /// Stops accepting new connections (shutdown).
+    pub fn stop(&self) {
+        if let Some(stop) = self.active().stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn spawn_accept_loop(
+    listener: TcpListener,
+    runtime: Arc<Runtime>,
+    drain: watch::Receiver<bool>,
+) -> oneshot::Sender<()> {
+    let (tx, mut rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let addr = listener.local_addr().ok();
+        tracing::info!(address = ?addr, "listening");
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut rx => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => serve(stream, peer, &runtime, drain.clone()),
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, don't spin or die.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!(address = ?addr, "stopped accepting");
+    });
+    tx
+}
+
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    runtime: &Arc<Runtime>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let snap = runtime.snapshot();
+    let rt = Arc::clone(runtime);
+    let service = service_fn(move |req| proxy::handle(Arc::clone(&rt), peer.ip(), req));
+    let conn = snap
+        .server
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    tokio::spawn(async move {
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = draining(&mut drain) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+        drop(drain);
+    });
+}
+
+/// Resolves once shutdown has begun (or the sender is gone).
+async fn draining(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|draining| *draining).await;
+}
