@@ -1,6 +1,7 @@
 //! `lb` binary: parse the command line, start logging, load the config,
 //! bind, and hand over to [`lb::run`].
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -141,6 +142,7 @@ fn init_logging(cli: &Cli) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),

@@ -119,8 +119,10 @@ fn spawn_accept_loop(
 ) -> oneshot::Sender<()> {
     let (tx, mut rx) = oneshot::channel();
     tokio::spawn(async move {
-        let addr = listener.local_addr().ok();
-        tracing::info!(address = ?addr, "listening");
+        let addr = listener
+            .local_addr()
+            .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+        tracing::info!("listening on {addr}");
         loop {
             tokio::select! {
                 biased;
@@ -135,7 +137,7 @@ fn spawn_accept_loop(
                 },
             }
         }
-        tracing::info!(address = ?addr, "stopped accepting");
+        tracing::info!("stopped accepting on {addr}");
     });
     tx
 }
