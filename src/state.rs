@@ -82,7 +82,8 @@ pub enum Ejection {
 }
 
 impl BackendState {
-    fn new(addr: BackendAddr) -> Self {
+    /// Fresh state: healthy, nothing in flight, counters at zero.
+    pub fn new(addr: BackendAddr) -> Self {
         BackendState {
             addr,
             in_flight: AtomicU32::new(0),
@@ -92,11 +93,6 @@ impl BackendState {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }
-    }
-
-    #[cfg(test)]
-    pub fn new_for_tests(addr: BackendAddr) -> Self {
-        Self::new(addr)
     }
 
     pub fn in_flight(&self) -> u32 {

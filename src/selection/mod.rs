@@ -95,7 +95,7 @@ pub(crate) mod testing {
             .map(|(i, &weight)| {
                 let addr = BackendAddr::from_static(Box::leak(format!("b{i}:1").into_boxed_str()));
                 Backend {
-                    state: Arc::new(BackendState::new_for_tests(addr.clone())),
+                    state: Arc::new(BackendState::new(addr.clone())),
                     addr,
                     weight,
                 }
