@@ -261,6 +261,26 @@ impl Format for YamlSerde {
     }
 }
 
+/// yaml_serde's message, with a position added where it has none: an
+/// unknown top-level key is reported without one, so find the key's line.
+fn locate(err: &yaml_serde::Error, text: &str) -> String {
+    let message = err.to_string();
+    if message.contains(" at line ") {
+        return message;
+    }
+    let key = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let line = key.and_then(|key| {
+        text.lines()
+            .position(|l| l.starts_with(key) && l[key.len()..].trim_start().starts_with(':'))
+    });
+    match line {
+        Some(i) => format!("{message} at line {} column 1", i + 1),
+        None => message,
+    }
+}
+
 /// `LB_*` variables that belong to the command line, not to the config.
 const CLI_ENV_KEYS: &[&str] = &["config", "log_format", "log_level"];
 
@@ -292,7 +312,7 @@ impl Config {
             message,
         };
         // First pass keeps line/column for everything the file itself gets wrong.
-        let _: RawConfig = yaml_serde::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let _: RawConfig = yaml_serde::from_str(text).map_err(|e| syntax(locate(&e, text)))?;
         let raw: RawConfig = Figment::from(Data::<YamlSerde>::string(text))
             .merge(Env::prefixed("LB_").split("__").ignore(CLI_ENV_KEYS))
             .extract()

@@ -1,1 +1,171 @@
+//! Every config error a user can make, with the message they see.
 
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Config, ConfigError, Strategy};
+
+fn parse(yaml: &str) -> Result<Config, ConfigError> {
+    Config::parse(yaml.as_bytes(), Path::new("conf/lb.yaml"))
+}
+
+fn error(yaml: &str) -> String {
+    parse(yaml)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+const MINIMAL: &str = "backends:\n  - address: 127.0.0.1:9001\n";
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.strategy, Strategy::RoundRobin);
+    assert_eq!(c.backends[0].weight, 1);
+    assert_eq!(c.timeouts.connect, Duration::from_secs(1));
+    assert_eq!(c.timeouts.request, Duration::from_secs(30));
+    assert!(c.health_check.is_none());
+    assert_eq!(c.retry.attempts.get(), 3);
+    assert_eq!(c.retry.buffer_body_limit, 64 * 1024);
+    assert!(c.retry.retry_on.status(503) && c.retry.retry_on.connect_failure);
+    assert_eq!(
+        c.outlier_detection.consecutive_failures.map(|n| n.get()),
+        Some(5)
+    );
+}
+
+#[test]
+fn full_example_parses() {
+    let c = parse(
+        "listen: 0.0.0.0:80\nstrategy: weighted_round_robin\nbackends:\n  - address: App.Internal:9001\n    weight: 3\n  - address: 127.0.0.1:9002\n    weight: 0\ntimeouts:\n  connect: 250ms\n  request: 2s\nhealth_check:\n  path: /healthz\n  interval: 1s\n  timeout: 500ms\n  healthy_threshold: 3\n  unhealthy_threshold: 1\nretry:\n  attempts: 2\n  per_try_timeout: 1s\n  retry_on: [connect_failure, 503]\n  buffer_body_limit: 1MiB\n  budget:\n    ratio: 0.5\n    min_retries_per_second: 3\noutlier_detection:\n  consecutive_failures: 0\n  ejection_time: 30s\n",
+    )
+    .unwrap();
+    assert_eq!(c.strategy, Strategy::RoundRobin);
+    assert_eq!(c.backends[0].address.as_str(), "app.internal:9001");
+    assert_eq!(c.backends[1].weight, 0);
+    assert_eq!(c.timeouts.connect, Duration::from_millis(250));
+    let hc = c.health_check.unwrap();
+    assert_eq!(hc.path.as_str(), "/healthz");
+    assert_eq!(hc.unhealthy_threshold.get(), 1);
+    assert!(!c.retry.retry_on.reset && !c.retry.retry_on.status(502));
+    assert_eq!(c.retry.buffer_body_limit, 1 << 20);
+    assert_eq!(c.outlier_detection.consecutive_failures, None);
+}
+
+#[test]
+fn syntax_error_has_file_line_and_column() {
+    let e = error("backends:\n  - address: [127.0.0.1:9001\n");
+    assert!(e.starts_with("conf/lb.yaml: "), "{e}");
+    assert!(e.contains("line 3 column 1") || e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let e = error("stratgy: random\nbackends:\n  - address: 127.0.0.1:9001\n");
+    assert!(e.contains("unknown field `stratgy`"), "{e}");
+    assert!(e.contains("line 1 column 1"), "{e}");
+    let e = error("backends:\n  - address: 127.0.0.1:9001\n    wieght: 2\n");
+    assert!(
+        e.contains("unknown field `wieght`") && e.contains("line 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_strategy_lists_the_valid_ones() {
+    let e = error("strategy: fastest\nbackends:\n  - address: 127.0.0.1:9001\n");
+    assert!(
+        e.contains("fastest") && e.contains("round_robin") && e.contains("line 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_file() {
+    assert_eq!(error(""), "conf/lb.yaml: file is empty");
+    // A file of only comments parses as YAML null: not a config either.
+    assert!(error("# only a comment\n").starts_with("conf/lb.yaml: "));
+}
+
+#[test]
+fn backend_list_errors_name_the_field() {
+    assert_eq!(
+        error("backends: []\n"),
+        "conf/lb.yaml: backends: is empty: list at least one backend address"
+    );
+    assert!(error("listen: 127.0.0.1:8080\n").contains("backends: missing"));
+    let e = error("backends:\n  - address: 127.0.0.1:9001\n  - address: 127.0.0.1:9001\n");
+    assert!(
+        e.contains("backends[1].address") && e.contains("duplicate of backends[0]"),
+        "{e}"
+    );
+    for bad in [
+        "127.0.0.1",
+        "http://127.0.0.1:9001",
+        "127.0.0.1:99999",
+        ":80",
+        "a b:80",
+    ] {
+        let e = error(&format!("backends:\n  - address: \"{bad}\"\n"));
+        assert!(
+            e.contains("backends[0].address") && e.contains("not a host:port"),
+            "{bad}: {e}"
+        );
+    }
+    let e = error("backends:\n  - address: 127.0.0.1:9001\n    weight: 257\n");
+    assert!(
+        e.contains("backends[0].weight") && e.contains("out of range"),
+        "{e}"
+    );
+    let e = error("backends:\n  - address: 127.0.0.1:9001\n    weight: -1\n");
+    assert!(e.contains("backends[0].weight"), "{e}");
+    let e = error("backends:\n  - address: 127.0.0.1:9001\n    weight: 0\n  - address: 127.0.0.1:9002\n    weight: 0\n");
+    assert!(e.contains("every weight is 0"), "{e}");
+}
+
+#[test]
+fn duration_errors() {
+    let e = error(&format!("{MINIMAL}timeouts:\n  connect: 0s\n"));
+    assert_eq!(
+        e,
+        "conf/lb.yaml: timeouts.connect: must be greater than zero"
+    );
+    let e = error(&format!("{MINIMAL}timeouts:\n  request: 0\n"));
+    assert!(
+        e.contains("timeouts.request: must be greater than zero"),
+        "{e}"
+    );
+    let e = error(&format!("{MINIMAL}timeouts:\n  request: 5\n"));
+    assert!(e.contains("has no unit") && e.contains("line 4"), "{e}");
+    let e = error(&format!("{MINIMAL}timeouts:\n  request: soon\n"));
+    assert!(
+        e.contains("invalid duration") && e.contains("line 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn listen_and_section_errors() {
+    let e = error(&format!("listen: localhost\n{MINIMAL}"));
+    assert!(
+        e.contains("listen: ") && e.contains("not an IP:port"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{MINIMAL}health_check:\n  interval: 1s\n  timeout: 2s\n"
+    ));
+    assert!(e.contains("health_check.timeout"), "{e}");
+    let e = error(&format!("{MINIMAL}health_check:\n  path: health\n"));
+    assert!(e.contains("health_check.path"), "{e}");
+    let e = error(&format!("{MINIMAL}health_check:\n  healthy_threshold: 0\n"));
+    assert!(e.contains("health_check.healthy_threshold"), "{e}");
+    let e = error(&format!("{MINIMAL}retry:\n  attempts: 0\n"));
+    assert!(e.contains("retry.attempts: 0 is out of range"), "{e}");
+    let e = error(&format!("{MINIMAL}retry:\n  retry_on: [404]\n"));
+    assert!(e.contains("not a 5xx"), "{e}");
+    let e = error(&format!("{MINIMAL}retry:\n  retry_on: [sometimes]\n"));
+    assert!(e.contains("connect_failure, reset, timeout"), "{e}");
+    let e = error(&format!("{MINIMAL}retry:\n  budget:\n    ratio: -1\n"));
+    assert!(e.contains("retry.budget.ratio"), "{e}");
+}
