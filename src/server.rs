@@ -45,15 +45,16 @@ struct Active {
     local: SocketAddr,
     /// Dropping or firing this stops its accept loop.
     stop: Option<oneshot::Sender<()>>,
+    /// Handed to each connection: `true` asks it to finish its current
+    /// requests and close; the sender's `closed()` resolves when all have.
+    /// Taken on shutdown, so only live connections hold one.
+    drain: Option<watch::Receiver<bool>>,
 }
 
 /// Owner of the accept loop; shared by `Lb` and the reloader.
 #[derive(Debug)]
 pub struct Listeners {
     runtime: Arc<Runtime>,
-    /// Each connection holds a receiver: `true` asks it to finish its current
-    /// requests and close; the sender's `closed()` resolves when all have.
-    drain: watch::Receiver<bool>,
     /// Touched only on reload and shutdown.
     active: Mutex<Active>,
 }
@@ -69,11 +70,11 @@ impl Listeners {
         let stop = spawn_accept_loop(listener, Arc::clone(&runtime), drain.clone());
         Arc::new(Listeners {
             runtime,
-            drain,
             active: Mutex::new(Active {
                 configured,
                 local,
                 stop: Some(stop),
+                drain: Some(drain),
             }),
         })
     }
@@ -95,8 +96,11 @@ impl Listeners {
     /// Serves `listener` from now on and stops accepting on the previous one.
     pub fn replace(&self, listener: TcpListener, configured: SocketAddr) {
         let local = listener.local_addr().unwrap_or(configured);
-        let stop = spawn_accept_loop(listener, Arc::clone(&self.runtime), self.drain.clone());
         let mut active = self.active();
+        let Some(drain) = active.drain.clone() else {
+            return; // shutting down
+        };
+        let stop = spawn_accept_loop(listener, Arc::clone(&self.runtime), drain);
         if let Some(old) = active.stop.replace(stop) {
             let _ = old.send(());
         }
@@ -106,7 +110,9 @@ impl Listeners {
 
     /// Stops accepting new connections (shutdown).
     pub fn stop(&self) {
-        if let Some(stop) = self.active().stop.take() {
+        let mut active = self.active();
+        active.drain = None;
+        if let Some(stop) = active.stop.take() {
             let _ = stop.send(());
         }
     }
