@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck};
 use crate::runtime::Runtime;
@@ -111,16 +111,25 @@ async fn probe_loop(
     client: ProbeClient,
     first_delay: Duration,
 ) {
-    sleep(first_delay).await;
+    let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
+        return;
+    };
     let (mut passes, mut failures) = (0u32, 0u32);
+    let mut due = Instant::now() + first_delay;
     loop {
+        // Wait for the next probe; a reload that shortens the interval
+        // brings it forward.
+        loop {
+            tokio::select! {
+                () = sleep_until(due) => break,
+                changed = changes.changed() => {
+                    let Some(hc) = changed.ok().and_then(|()| current(&runtime)) else { return };
+                    due = due.min(Instant::now() + hc.interval);
+                }
+            }
+        }
         let started = Instant::now();
-        let Some(hc) = runtime
-            .upgrade()
-            .and_then(|rt| rt.snapshot().config.health_check.clone())
-        else {
-            return;
-        };
+        let Some(hc) = current(&runtime) else { return };
         match probe(&client, &authority, &hc).await {
             Ok(()) => {
                 passes += 1;
@@ -143,8 +152,13 @@ async fn probe_loop(
                 }
             }
         }
-        sleep_until(started + hc.interval).await;
+        due = started + hc.interval;
     }
+}
+
+/// The health-check settings of the current config, if lb still runs and checks.
+fn current(runtime: &std::sync::Weak<Runtime>) -> Option<HealthCheck> {
+    runtime.upgrade()?.snapshot().config.health_check.clone()
 }
 
 /// One GET of the health path: a 2xx or 3xx within the timeout passes.

@@ -307,3 +307,44 @@ async fn passive_detection_ejects_a_crashed_backend_between_checks() {
         "ejected after 3 consecutive failures"
     );
 }
+
+#[tokio::test]
+async fn reloaded_interval_applies_without_waiting_out_the_old_one() {
+    let b = Backend::start("b").await;
+    let lb = TestLb::start(&format!(
+        "health_check:\n  interval: 1h\n  timeout: 1s\n{}",
+        backends_yaml(&[&b])
+    ))
+    .await;
+    lb.rewrite(&format!(
+        "health_check:\n  interval: 100ms\n  timeout: 50ms\n{}",
+        backends_yaml(&[&b])
+    ));
+    eventually!(3, b.probes() >= 3, "probes: {}", b.probes());
+}
+
+#[tokio::test]
+async fn health_state_survives_a_reload() {
+    let bs = Backend::start_many(2).await;
+    let lb = TestLb::start(&format!(
+        "{FAST_CHECKS}{}",
+        backends_yaml(&[&bs[0], &bs[1]])
+    ))
+    .await;
+    bs[0].set_health(503);
+    let before = state(&lb, 0);
+    eventually!(5, !before.is_healthy());
+    // Reweight and switch strategy: b0 must stay down, with the same state.
+    lb.rewrite(&format!(
+        "{FAST_CHECKS}strategy: random\nbackends:\n  - address: {}\n    weight: 5\n  - address: {}\n",
+        bs[0].addr, bs[1].addr
+    ));
+    eventually!(5, lb.applied() == 2);
+    let after = state(&lb, 0);
+    assert!(Arc::ptr_eq(&before, &after));
+    assert!(!after.is_healthy());
+    let c = client();
+    for _ in 0..10 {
+        assert_eq!(get(&c, &lb.url("/")).await.text(), "b1");
+    }
+}
