@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# lb vs nginx vs HAProxy on loopback: same 3 backends, same load, one run,
+# reported side by side and as ratios. See bench/README.md.
+#
+#   bash bench/compare.sh                 # 10 s per target (~1 min in all)
+#   DURATION=30s CONNECTIONS=128 bash bench/compare.sh
+#
+# Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
+# CONNECTIONS (wrk -c, default 64), THREADS (wrk -t, default 2),
+# PROXY_THREADS (nginx workers, haproxy nbthread; default: the number of
+# CPUs, which is what lb's tokio runtime uses), KEEP_TMP=1 keeps the
+# generated configs, BACKEND=/path/to/server uses another upstream binary
+# (same CLI as examples/backend: the ports to serve) instead of building it.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+NCPU=$(nproc)
+PROXY_THREADS=${PROXY_THREADS:-$NCPU}
+BACKEND_PORTS=(19001 19002 19003)
+LB_PORT=18080
+NGINX_PORT=18081
+HAPROXY_PORT=18082
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TMP=$(mktemp -d /tmp/lb-compare.XXXXXX)
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        echo "configs and logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "== $*" >&2; }
+die() {
+    echo "compare.sh: $*" >&2
+    exit 1
+}
+
+# --- tools -----------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    # policy-rc.d keeps the packages from starting system services.
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+# --- helpers ---------------------------------------------------------------
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port pid what
+    local i
+    for ((i = 0; i < 100; i++)); do
+        port_open "$1" && return 0
+        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on $1 (see $TMP)"
+        sleep 0.1
+    done
+    die "$3 is not listening on 127.0.0.1:$1 after 10 s"
+}
+
+# Share of all CPUs busy over one second (other work skews the figures).
+busy_pct() {
+    local a b
+    a=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        t = y[1] - x[1]; printf "%.0f", t > 0 ? 100 * (1 - (y[2] - x[2]) / t) : 0 }'
+}
+
+# wrk's 64 connections, the proxies' upstream connections and listeners.
+if (($(ulimit -n) < 4096)); then ulimit -n 4096 2>/dev/null || true; fi
+
+# Direct children of a process (no /proc/PID/task/*/children on every kernel).
+children() {
+    local stat
+    for stat in /proc/[0-9]*/stat; do
+        awk -v p="$1" '{ sub(/^.*\) /, ""); if ($2 == p) { split(FILENAME, f, "/"); print f[3] } }' \
+            "$stat" 2>/dev/null || true
+    done
+}
+
+# The process and its children (nginx: master + workers).
+family() { echo "$1"; children "$1"; }
+
+# utime+stime in clock ticks, summed over the given pids.
+cpu_ticks() {
+    local pid total=0 t
+    for pid in "$@"; do
+        t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
+}
+
+# Peak RSS (VmHWM) in KiB, summed over the given pids.
+peak_rss_kib() {
+    local pid total=0 k
+    for pid in "$@"; do
+        k=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${k:-0}))
+    done
+    echo "$total"
+}
+
+# wrk latency like "1.23ms", "850.00us", "1.02s" → milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.3f", v * 60000 }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        else printf "nan" }'
+}
+
+secs() { # "10s" / "2m" / "500ms" → seconds (for the CPU %)
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /ms$/) { sub(/ms$/, "", v); print v / 1000 }
+        else if (v ~ /m$/) { sub(/m$/, "", v); print v * 60 }
+        else if (v ~ /h$/) { sub(/h$/, "", v); print v * 3600 }
+        else { sub(/s$/, "", v); print v } }'
+}
+
+for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
+    port_open "$port" && die "127.0.0.1:$port is already in use"
+done
+
+# --- build -----------------------------------------------------------------
+if [[ -n ${BACKEND:-} ]]; then
+    log "building lb (release); backends: $BACKEND"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb) || die "cargo build failed"
+else
+    log "building lb and the example backend (release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend) ||
+        die "cargo build failed"
+    BACKEND="$ROOT/target/release/examples/backend"
+fi
+LB="$ROOT/target/release/lb"
+
+# --- backends --------------------------------------------------------------
+"$BACKEND" "${BACKEND_PORTS[@]}" </dev/null >"$TMP/backend.log" 2>&1 &
+BACKEND_PID=$!
+PIDS+=("$BACKEND_PID")
+for port in "${BACKEND_PORTS[@]}"; do
+    wait_port "$port" "$BACKEND_PID" backend
+done
+curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend does not answer 200"
+
+# --- configs ---------------------------------------------------------------
+{
+    echo "listen: 127.0.0.1:$LB_PORT"
+    echo "strategy: round_robin"
+    echo "backends:"
+    for port in "${BACKEND_PORTS[@]}"; do echo "  - address: 127.0.0.1:$port"; done
+    echo "health_check: {path: /health, interval: 2s, timeout: 1s}"
+} >"$TMP/lb.yaml"
+
+{
+    echo "worker_processes $PROXY_THREADS;"
+    echo "pid $TMP/nginx.pid;"
+    echo "error_log $TMP/nginx-error.log warn;"
+    echo "events { worker_connections 4096; }"
+    echo "http {"
+    echo "  access_log off;"
+    for d in client_body proxy fastcgi uwsgi scgi; do echo "  ${d}_temp_path $TMP/nginx-$d;"; done
+    echo "  upstream backends {"
+    for port in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$port;"; done
+    echo "    keepalive 64;"
+    echo "  }"
+    echo "  server {"
+    echo "    listen 127.0.0.1:$NGINX_PORT;"
+    echo "    location / {"
+    echo "      proxy_pass http://backends;"
+    echo "      proxy_http_version 1.1;"
+    echo "      proxy_set_header Connection \"\";"
+    echo "    }"
+    echo "  }"
+    echo "}"
+} >"$TMP/nginx.conf"
+
+{
+    echo "global"
+    echo "  nbthread $PROXY_THREADS"
+    echo "  maxconn 4096"
+    echo "defaults"
+    echo "  mode http"
+    echo "  timeout connect 1s"
+    echo "  timeout client 30s"
+    echo "  timeout server 30s"
+    echo "frontend fe"
+    echo "  bind 127.0.0.1:$HAPROXY_PORT"
+    echo "  default_backend be"
+    echo "backend be"
+    echo "  balance roundrobin"
+    echo "  http-reuse always"
+    echo "  option httpchk GET /health"
+    i=0
+    for port in "${BACKEND_PORTS[@]}"; do
+        i=$((i + 1))
+        echo "  server b$i 127.0.0.1:$port check inter 2s"
+    done
+} >"$TMP/haproxy.cfg"
+
+"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
+nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
+haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
+
+# --- runs ------------------------------------------------------------------
+RESULTS="$TMP/results"
+: >"$RESULTS"
+
+# bench NAME PORT [PID]: warm up, measure, record one line of results.
+bench() {
+    local name=$1 port=$2 pid=${3:-} pids=() out rps p50 p99 errors rss cpu0 cpu1 cpu
+    local url="http://127.0.0.1:$port/"
+    curl -fsS -o /dev/null "$url" || die "$name: $url does not answer 200"
+    log "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
+    cpu0=$(cpu_ticks "${pids[@]}")
+    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    cpu1=$(cpu_ticks "${pids[@]}")
+    echo "$out" >"$TMP/wrk-$name.txt"
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+    errors=$(awk '/Non-2xx or 3xx responses:/ { n += $NF }
+        /Socket errors:/ { for (i = 3; i <= NF; i++) { v = $i; gsub(/,/, "", v); if (v ~ /^[0-9]+$/) n += v } }
+        END { print n + 0 }' <<<"$out")
+    if [[ -n $pid ]]; then
+        rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
+        cpu=$(awk -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" -v d="$(secs "$DURATION")" \
+            'BEGIN { printf "%.0f", 100 * t / hz / d }')
+    else
+        rss=-
+        cpu=-
+    fi
+    echo "$name $rps $p50 $p99 $errors $rss $cpu ${#pids[@]}" >>"$RESULTS"
+}
+
+stop() { # pid
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+BUSY_BEFORE=$(busy_pct)
+if ((BUSY_BEFORE > 10)); then
+    log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
+fi
+
+# Reference: the first backend alone, no proxy (what the load generator and
+# backend reach without a hop; one backend port, not three).
+bench direct "${BACKEND_PORTS[0]}"
+
+RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+LB_PID=$!
+PIDS+=("$LB_PID")
+wait_port "$LB_PORT" "$LB_PID" lb
+bench lb "$LB_PORT" "$LB_PID"
+stop "$LB_PID"
+
+nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+bench nginx "$NGINX_PORT" "$NGINX_PID"
+stop "$NGINX_PID"
+
+haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+bench haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+stop "$HAPROXY_PID"
+
+# --- report ----------------------------------------------------------------
+echo
+echo "lb vs nginx vs HAProxy, loopback, HTTP/1.1 keep-alive, GET /, round robin over 3 backends"
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), each target in turn"
+echo "$NCPU CPUs: wrk, the backends and the proxy share them, so req/s measures the whole box,"
+echo "not the proxy alone; proxy CPU% (of one core, over the measured run) says what the proxy took."
+echo "Proxies: lb (tokio, $NCPU worker threads, health checks every 2s),"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64),"
+echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
+echo "CPUs busy with other work just before the runs: ${BUSY_BEFORE}% (anything above a few % skews every row)."
+echo "Peak RSS is VmHWM summed over the proxy's processes (nginx: master + workers)."
+echo
+printf "| %-8s | %10s | %8s | %8s | %6s | %13s | %10s |\n" \
+    target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB" "proxy CPU%"
+printf "|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- --------------- ------------
+while read -r name rps p50 p99 errors rss cpu _; do
+    printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %13s | %10s |\n" \
+        "$name" "$rps" "$p50" "$p99" "$errors" "$rss" "$cpu"
+done <"$RESULTS"
+
+echo
+printf "| %-12s | %8s | %8s | %8s | %8s | %8s |\n" ratio "req/s" "p50" "p99" "RSS" "CPU"
+printf "|%s|%s|%s|%s|%s|%s|\n" -------------- ---------- ---------- ---------- ---------- ----------
+for other in nginx haproxy; do
+    awk -v o="$other" '
+        $1 == "lb" { for (i = 2; i <= 7; i++) lb[i] = $i }
+        $1 == o    { for (i = 2; i <= 7; i++) ot[i] = $i }
+        function r(i) { return ot[i] > 0 ? sprintf("%.2f", lb[i] / ot[i]) : "-" }
+        END { printf "| %-12s | %8s | %8s | %8s | %8s | %8s |\n", "lb/" o, r(2), r(3), r(4), r(6), r(7) }
+    ' "$RESULTS"
+done
+echo
+echo "req/s above 1 favours lb; latency, RSS and CPU below 1 favour lb."

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# lb's idle cost of active health checks: 1,000 backends probed every 1 s,
+# no client traffic. Prints lb's CPU use (% of one core) over a window after
+# a warm-up, its memory, and the probe connections it keeps open.
+# See bench/README.md.
+#
+#   bash bench/health_cpu.sh               # 10 s warm-up + 10 s window
+#   BACKENDS=2000 WINDOW=30 bash bench/health_cpu.sh
+#
+# Environment: BACKENDS (default 1000), INTERVAL (default 1s), TIMEOUT
+# (default 500ms), WARMUP and WINDOW in seconds (default 10 each),
+# BACKEND=/path/to/server uses another upstream binary (same CLI as
+# examples/backend: the ports to serve) instead of building it,
+# KEEP_TMP=1 keeps the generated config and logs.
+set -euo pipefail
+
+BACKENDS=${BACKENDS:-1000}
+INTERVAL=${INTERVAL:-1s}
+TIMEOUT=${TIMEOUT:-500ms}
+WARMUP=${WARMUP:-10}
+WINDOW=${WINDOW:-10}
+FIRST_PORT=20000
+LB_PORT=18090
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TMP=$(mktemp -d /tmp/lb-health-cpu.XXXXXX)
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        echo "config and logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "== $*" >&2; }
+die() {
+    echo "health_cpu.sh: $*" >&2
+    exit 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port pid what
+    local i
+    for ((i = 0; i < 100; i++)); do
+        port_open "$1" && return 0
+        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on $1 (see $TMP)"
+        sleep 0.1
+    done
+    die "$3 is not listening on 127.0.0.1:$1 after 10 s"
+}
+
+secs() { # "1s" / "500ms" / "2m" → seconds
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /ms$/) { sub(/ms$/, "", v); print v / 1000 }
+        else if (v ~ /m$/) { sub(/m$/, "", v); print v * 60 }
+        else { sub(/s$/, "", v); print v } }'
+}
+
+ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+status() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+# One listening socket per backend plus one accepted probe connection each.
+need=$((2 * BACKENDS + 256))
+if (($(ulimit -n) < need)); then
+    ulimit -n "$need" 2>/dev/null || die "ulimit -n is $(ulimit -n); $need file descriptors are needed"
+fi
+
+LAST_PORT=$((FIRST_PORT + BACKENDS - 1))
+port_open "$LB_PORT" && die "127.0.0.1:$LB_PORT is already in use"
+for port in $FIRST_PORT $((FIRST_PORT + BACKENDS / 2)) $LAST_PORT; do
+    port_open "$port" && die "127.0.0.1:$port is already in use"
+done
+
+if [[ -n ${BACKEND:-} ]]; then
+    log "building lb (release); backends: $BACKEND"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb) || die "cargo build failed"
+else
+    log "building lb and the example backend (release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend) ||
+        die "cargo build failed"
+    BACKEND="$ROOT/target/release/examples/backend"
+fi
+LB="$ROOT/target/release/lb"
+
+log "starting $BACKENDS backends on 127.0.0.1:$FIRST_PORT-$LAST_PORT"
+"$BACKEND" $(seq "$FIRST_PORT" "$LAST_PORT") </dev/null >"$TMP/backend.log" 2>&1 &
+BACKEND_PID=$!
+PIDS+=("$BACKEND_PID")
+wait_port "$LAST_PORT" "$BACKEND_PID" backend
+curl -fsS -o /dev/null "http://127.0.0.1:$FIRST_PORT/health" || die "backend does not answer /health with 2xx"
+
+{
+    echo "listen: 127.0.0.1:$LB_PORT"
+    echo "strategy: round_robin"
+    echo "health_check: {path: /health, interval: $INTERVAL, timeout: $TIMEOUT}"
+    echo "backends:"
+    for ((port = FIRST_PORT; port <= LAST_PORT; port++)); do
+        echo "  - address: 127.0.0.1:$port"
+    done
+} >"$TMP/lb.yaml"
+"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
+
+log "starting lb; warm-up ${WARMUP}s, then measuring for ${WINDOW}s"
+"$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+LB_PID=$!
+PIDS+=("$LB_PID")
+wait_port "$LB_PORT" "$LB_PID" lb
+sleep "$WARMUP"
+
+hz=$(getconf CLK_TCK)
+lb0=$(ticks "$LB_PID")
+be0=$(ticks "$BACKEND_PID")
+t0=$(date +%s.%N)
+sleep "$WINDOW"
+lb1=$(ticks "$LB_PID")
+be1=$(ticks "$BACKEND_PID")
+t1=$(date +%s.%N)
+
+kill -0 "$LB_PID" 2>/dev/null || die "lb exited (see $TMP/lb.log)"
+rss=$(status "$LB_PID" VmRSS)
+hwm=$(status "$LB_PID" VmHWM)
+threads=$(status "$LB_PID" Threads)
+fds=$(find "/proc/$LB_PID/fd" -mindepth 1 -maxdepth 1 | wc -l)
+probe_conns=$(ss -Htn state established "( dport >= :$FIRST_PORT and dport <= :$LAST_PORT )" |
+    wc -l)
+down=$(grep -c "is down" "$TMP/lb.log" || true)
+# Traffic through lb still works with every backend probed.
+through=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$LB_PORT/" || echo none)
+
+awk -v lt=$((lb1 - lb0)) -v bt=$((be1 - be0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" \
+    -v n="$BACKENDS" -v iv="$INTERVAL" -v ivs="$(secs "$INTERVAL")" -v to="$TIMEOUT" -v w="$WARMUP" \
+    -v rss="$rss" -v hwm="$hwm" -v th="$threads" -v fds="$fds" -v pc="$probe_conns" \
+    -v down="$down" -v through="$through" 'BEGIN {
+    d = t1 - t0
+    printf "\nlb health-check cost: %d backends, GET /health every %s (timeout %s), no client traffic\n", n, iv, to
+    printf "measured over %.1f s after a %d s warm-up on %d CPUs\n\n", d, w, '"$(nproc)"'
+    printf "| %-36s | %14s |\n", "metric", "value"
+    printf "|%s|%s|\n", "--------------------------------------", "----------------"
+    printf "| %-36s | %13.1f%% |\n", "lb CPU (utime+stime, % of one core)", 100 * lt / hz / d
+    printf "| %-36s | %14.1f |\n", "lb CPU ms per second", 1000 * lt / hz / d
+    printf "| %-36s | %14.1f |\n", "lb CPU us per probe (approx.)", 1e6 * lt / hz / d / (n / ivs)
+    printf "| %-36s | %13.1f%% |\n", "backend process CPU (serving probes)", 100 * bt / hz / d
+    printf "| %-36s | %14.1f |\n", "lb RSS MiB", rss / 1024
+    printf "| %-36s | %14.1f |\n", "lb peak RSS (VmHWM) MiB", hwm / 1024
+    printf "| %-36s | %14d |\n", "lb threads", th
+    printf "| %-36s | %14d |\n", "lb open file descriptors", fds
+    printf "| %-36s | %14d |\n", "established conns to backends", pc
+    printf "| %-36s | %14d |\n", "\"backend ... is down\" log lines", down
+    printf "| %-36s | %14s |\n", "GET / through lb", through
+}'
