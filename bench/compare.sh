@@ -6,6 +6,8 @@
 #   DURATION=30s CONNECTIONS=128 bash bench/compare.sh
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
+# ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
+# the median is reported; on a noisy machine try ROUNDS=3 DURATION=5s),
 # CONNECTIONS (wrk -c, default 64), THREADS (wrk -t, default 2),
 # PROXY_THREADS (nginx workers, haproxy nbthread; default: the number of
 # CPUs, which is what lb's tokio runtime uses), KEEP_TMP=1 keeps the
@@ -14,6 +16,7 @@
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
@@ -77,14 +80,21 @@ wait_port() { # port pid what
     die "$3 is not listening on 127.0.0.1:$1 after 10 s"
 }
 
+# Machine-wide CPU counters: "total idle" ticks (idle includes iowait).
+cpu_stat() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+
+# Share of all CPUs busy between two cpu_stat readings, in %.
+busy_between() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        t = y[1] - x[1]; printf "%.0f", (t > 0 ? 100 * (1 - (y[2] - x[2]) / t) : 0) }'
+}
+
 # Share of all CPUs busy over one second (other work skews the figures).
 busy_pct() {
-    local a b
-    a=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
+    local a
+    a=$(cpu_stat)
     sleep 1
-    b=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
-    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        t = y[1] - x[1]; printf "%.0f", t > 0 ? 100 * (1 - (y[2] - x[2]) / t) : 0 }'
+    busy_between "$a" "$(cpu_stat)"
 }
 
 # wrk's 64 connections, the proxies' upstream connections and listeners.
@@ -225,91 +235,109 @@ nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "ngi
 haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
 
 # --- runs ------------------------------------------------------------------
-RESULTS="$TMP/results"
-: >"$RESULTS"
+RUNS="$TMP/runs"
+: >"$RUNS"
+HZ=$(getconf CLK_TCK)
 
-# bench NAME PORT [PID]: warm up, measure, record one line of results.
-bench() {
-    local name=$1 port=$2 pid=${3:-} pids=() out rps p50 p99 errors rss cpu0 cpu1 cpu
+# measure NAME PORT [PID]: warm up, measure, append one line to $RUNS:
+# name req/s p50_ms p99_ms errors proxy_cpu_ticks box_busy_%
+measure() {
+    local name=$1 port=$2 pid=${3:-} pids=() out rps p50 p99 errors cpu0 cpu1 box0 box
     local url="http://127.0.0.1:$port/"
-    curl -fsS -o /dev/null "$url" || die "$name: $url does not answer 200"
-    log "$name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
+    log "round $ROUND/$ROUNDS, $name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
     if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
     cpu0=$(cpu_ticks "${pids[@]}")
+    box0=$(cpu_stat)
     out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    box=$(busy_between "$box0" "$(cpu_stat)")
     cpu1=$(cpu_ticks "${pids[@]}")
-    echo "$out" >"$TMP/wrk-$name.txt"
+    echo "$out" >"$TMP/wrk-$name-$ROUND.txt"
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
     errors=$(awk '/Non-2xx or 3xx responses:/ { n += $NF }
         /Socket errors:/ { for (i = 3; i <= NF; i++) { v = $i; gsub(/,/, "", v); if (v ~ /^[0-9]+$/) n += v } }
         END { print n + 0 }' <<<"$out")
-    if [[ -n $pid ]]; then
-        rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
-        cpu=$(awk -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" -v d="$(secs "$DURATION")" \
-            'BEGIN { printf "%.0f", 100 * t / hz / d }')
-    else
-        rss=-
-        cpu=-
-    fi
-    echo "$name $rps $p50 $p99 $errors $rss $cpu ${#pids[@]}" >>"$RESULTS"
+    echo "$name $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box" >>"$RUNS"
 }
 
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
+# All three proxies run for the whole benchmark (idle ones cost nothing
+# measurable) so that rounds can interleave them.
+RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+LB_PID=$!
+PIDS+=("$LB_PID")
+nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+wait_port "$LB_PORT" "$LB_PID" lb
+wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+for port in "${BACKEND_PORTS[0]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
+done
 
 BUSY_BEFORE=$(busy_pct)
 if ((BUSY_BEFORE > 10)); then
     log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
 fi
 
-# Reference: the first backend alone, no proxy (what the load generator and
-# backend reach without a hop; one backend port, not three).
-bench direct "${BACKEND_PORTS[0]}"
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    # Reference: the first backend alone, no proxy (one backend port, not three).
+    measure direct "${BACKEND_PORTS[0]}"
+    measure lb "$LB_PORT" "$LB_PID"
+    measure nginx "$NGINX_PORT" "$NGINX_PID"
+    measure haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+done
 
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
-LB_PID=$!
-PIDS+=("$LB_PID")
-wait_port "$LB_PORT" "$LB_PID" lb
-bench lb "$LB_PORT" "$LB_PID"
-stop "$LB_PID"
-
-nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-bench nginx "$NGINX_PORT" "$NGINX_PID"
-stop "$NGINX_PID"
-
-haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
-wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
-bench haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-stop "$HAPROXY_PID"
+# Per target: median req/s and latencies over the rounds, errors summed,
+# proxy CPU over all measured time, peak RSS at the end.
+RESULTS="$TMP/results"
+: >"$RESULTS"
+duration_s=$(secs "$DURATION")
+for target in direct:"" lb:$LB_PID nginx:$NGINX_PID haproxy:$HAPROXY_PID; do
+    name=${target%%:*}
+    pid=${target#*:}
+    rss=-
+    if [[ -n $pid ]]; then
+        mapfile -t pids < <(family "$pid")
+        rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
+    fi
+    awk -v n="$name" -v rss="$rss" -v hz="$HZ" -v d="$duration_s" -v proxy="$pid" '
+        function median(a, k,   i, j, t) {
+            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }
+        $1 == n { k++; r[k] = $2; p50[k] = $3; p99[k] = $4; err += $5; ticks += $6; box[k] = $7 }
+        END {
+            cpu = proxy == "" ? "-" : sprintf("%.0f", 100 * ticks / hz / (d * k))
+            print n, median(r, k), median(p50, k), median(p99, k), err, rss, cpu, median(box, k)
+        }' "$RUNS" >>"$RESULTS"
+done
 
 # --- report ----------------------------------------------------------------
 echo
 echo "lb vs nginx vs HAProxy, loopback, HTTP/1.1 keep-alive, GET /, round robin over 3 backends"
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), each target in turn"
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), each target in turn,"
+echo "$ROUNDS round(s); with more than one, each figure is the median over the rounds."
 echo "$NCPU CPUs: wrk, the backends and the proxy share them, so req/s measures the whole box,"
 echo "not the proxy alone; proxy CPU% (of one core, over the measured run) says what the proxy took."
 echo "Proxies: lb (tokio, $NCPU worker threads, health checks every 2s),"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
+echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited)."
 echo "CPUs busy with other work just before the runs: ${BUSY_BEFORE}% (anything above a few % skews every row)."
 echo "Peak RSS is VmHWM summed over the proxy's processes (nginx: master + workers)."
 echo
-printf "| %-8s | %10s | %8s | %8s | %6s | %13s | %10s |\n" \
-    target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB" "proxy CPU%"
-printf "|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- --------------- ------------
-while read -r name rps p50 p99 errors rss cpu _; do
-    printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %13s | %10s |\n" \
-        "$name" "$rps" "$p50" "$p99" "$errors" "$rss" "$cpu"
+printf "| %-8s | %10s | %8s | %8s | %6s | %13s | %10s | %9s |\n" \
+    target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB" "proxy CPU%" "box busy"
+printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- --------------- ------------ -----------
+while read -r name rps p50 p99 errors rss cpu box; do
+    printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %13s | %10s | %8s%% |\n" \
+        "$name" "$rps" "$p50" "$p99" "$errors" "$rss" "$cpu" "$box"
 done <"$RESULTS"
 
 echo
