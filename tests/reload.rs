@@ -1,0 +1,800 @@
+//! Hot reload of `config.yaml` (issue 3): every way a file gets replaced
+//! applies the new config, bad edits keep the old one, runtime state and
+//! in-flight requests survive, `listen` can move, and reloads under load
+//! lose no request.
+//!
+//! Trigger tests run lb with a one-hour poll interval so that only file
+//! events can have applied the change; the others use [`TestLb`] (200 ms
+//! polling backstop) or the real binary. Each test sends a request through
+//! lb before its first edit, which (on the current-thread runtime) also
+//! guarantees the reloader task has run and installed its watch.
+//!
+//! Tests marked `#[ignore = "bug: …"]` reproduce defects in `src/reload.rs`
+//! and fail today; they are ignored only to keep the suite green.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use lb::config::{ContentHash, Strategy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// Long enough that the polling backstop never fires during a test.
+const NO_POLL: Duration = Duration::from_secs(3600);
+
+/// Starts lb in-process on the config at `path` (which must say
+/// `listen: 127.0.0.1:0`), watching it with the given poll interval.
+async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
+    let (config, hash) = lb::config::Config::load(path).unwrap();
+    let listener = TcpListener::bind(config.listen).await.unwrap();
+    let settings = lb::Settings {
+        config_path: path.to_owned(),
+        watch: lb::reload::WatchSettings {
+            watch: true,
+            poll_interval,
+        },
+    };
+    lb::Lb::start(listener, config, hash, settings)
+}
+
+/// A complete config file serving `backends` on an ephemeral port.
+fn yaml(backends: &[&Backend]) -> String {
+    format!("listen: 127.0.0.1:0\n{}", backends_yaml(backends))
+}
+
+/// Replaces `path` atomically: write a temp file in the same dir, rename over.
+fn replace(path: &Path, content: &str) {
+    let tmp = path.with_file_name(".reload-test.tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}/")
+}
+
+fn applied(lb: &lb::Lb) -> u64 {
+    lb.runtime().reloads.applied.load(SeqCst)
+}
+
+fn rejected(lb: &lb::Lb) -> u64 {
+    lb.runtime().reloads.rejected.load(SeqCst)
+}
+
+/// Waits until requests to `url` are answered by `want`, then checks that
+/// the next few are too (the pool is one backend, so none may stray).
+async fn switches_to(c: &TestClient, url: &str, want: &str) {
+    eventually!(
+        5,
+        get(c, url).await.text() == want,
+        "requests to {url} never reached backend {want}"
+    );
+    for _ in 0..5 {
+        let a = get(c, url).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.text(), want, "a request strayed after the switch");
+    }
+}
+
+/// Every answer for `for_at_least` comes from `want` (used only where the
+/// thing under test is that nothing happens).
+async fn stays_on(c: &TestClient, url: &str, want: &str, for_at_least: Duration) {
+    let until = Instant::now() + for_at_least;
+    while Instant::now() < until {
+        assert_eq!(
+            get(c, url).await.text(),
+            want,
+            "config changed unexpectedly"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Triggers
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn in_place_write_applies() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let lb = start_at(&path, NO_POLL).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    // std::fs::write: open with O_TRUNC, write, close.
+    std::fs::write(&path, yaml(&[&b])).unwrap();
+    switches_to(&c, &u, "b").await;
+    // And once more, so the watch survived the first reload.
+    std::fs::write(&path, yaml(&[&a])).unwrap();
+    switches_to(&c, &u, "a").await;
+    assert_eq!(applied(&lb), 3);
+    assert_eq!(rejected(&lb), 0);
+}
+
+/// A save that truncates, pauses, then writes is read once, whole: the
+/// debounce must not let lb see the empty intermediate file. Runs with the
+/// 200 ms polling backstop on, as lb normally does.
+#[tokio::test]
+async fn two_step_write_is_read_whole() {
+    use std::io::Write;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = TestLb::start(&backends_yaml(&[&a])).await;
+    let c = client();
+    let u = lb.url("/");
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&lb.path)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    f.write_all(yaml(&[&b]).as_bytes()).unwrap();
+    drop(f);
+
+    switches_to(&c, &u, "b").await;
+    assert_eq!(lb.applied(), 2);
+    assert_eq!(
+        lb.rejected(),
+        0,
+        "the half-written (empty) file was read and rejected"
+    );
+}
+
+#[tokio::test]
+async fn rename_over_applies() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let lb = start_at(&path, NO_POLL).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    replace(&path, &yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+    // The file is a new inode now; the next rename must be seen too.
+    replace(&path, &yaml(&[&a]));
+    switches_to(&c, &u, "a").await;
+    assert_eq!(applied(&lb), 3);
+    assert_eq!(rejected(&lb), 0);
+}
+
+/// One ConfigMap volume update, as the kubelet's atomic writer does it.
+fn configmap_update(dir: &Path, new_ts: &str, old_ts: &str, content: &str) {
+    let new_dir = dir.join(new_ts);
+    std::fs::create_dir(&new_dir).unwrap();
+    std::fs::write(new_dir.join("config.yaml"), content).unwrap();
+    std::os::unix::fs::symlink(new_ts, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(old_ts)).unwrap();
+}
+
+#[tokio::test]
+async fn kubernetes_configmap_update_applies() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ts1 = "..2026_11_21_10_00_00.000000001";
+    let ts2 = "..2026_11_21_10_05_00.000000002";
+    let ts3 = "..2026_11_21_10_10_00.000000003";
+    std::fs::create_dir(dir.join(ts1)).unwrap();
+    std::fs::write(dir.join(ts1).join("config.yaml"), yaml(&[&a])).unwrap();
+    std::os::unix::fs::symlink(ts1, dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.yaml", dir.join("config.yaml")).unwrap();
+    let path: PathBuf = dir.join("config.yaml");
+
+    let lb = start_at(&path, NO_POLL).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    configmap_update(dir, ts2, ts1, &yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+    // The directory lb resolved the file to is gone; the second update must
+    // still be seen.
+    configmap_update(dir, ts3, ts2, &yaml(&[&c3]));
+    switches_to(&c, &u, "c").await;
+    assert_eq!(applied(&lb), 3);
+    assert_eq!(rejected(&lb), 0);
+}
+
+#[tokio::test]
+async fn delete_and_recreate_applies() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let lb = start_at(&path, NO_POLL).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    std::fs::remove_file(&path).unwrap();
+    // Long enough for lb to notice the file missing (debounce is 20 ms);
+    // it must keep serving meanwhile.
+    stays_on(&c, &u, "a", Duration::from_millis(60)).await;
+    std::fs::write(&path, yaml(&[&b])).unwrap();
+    switches_to(&c, &u, "b").await;
+
+    // Again, now that the original file's watch is gone.
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    std::fs::write(&path, yaml(&[&a])).unwrap();
+    switches_to(&c, &u, "a").await;
+    assert_eq!(applied(&lb), 3);
+    assert_eq!(rejected(&lb), 0, "a missing file is not a rejected config");
+}
+
+#[tokio::test]
+async fn sighup_reloads_with_no_watch() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let mut p = LbProcess::spawn(
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--no-watch",
+            "--log-level",
+            "info",
+        ],
+        &[],
+    );
+    let addr = p.wait_listening().await;
+    let c = client();
+    let u = url(addr);
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    std::fs::write(&path, yaml(&[&b])).unwrap();
+    // --no-watch: the edit alone changes nothing.
+    stays_on(&c, &u, "a", Duration::from_millis(300)).await;
+
+    p.signal("HUP");
+    switches_to(&c, &u, "b").await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "lb exited after SIGHUP: {}",
+        p.log_text()
+    );
+    let log = p.log_text();
+    assert!(log.contains("config reloaded"), "{log}");
+}
+
+/// Rewriting the same bytes (in place, by rename, by touch) and changing
+/// other files in the directory reloads nothing; a real change afterwards
+/// counts exactly once.
+#[tokio::test]
+async fn unchanged_content_does_not_reload() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = TestLb::start(&backends_yaml(&[&a])).await;
+    let c = client();
+    let u = lb.url("/");
+    assert_eq!(get(&c, &u).await.text(), "a");
+    let before = lb.applied();
+    let same = std::fs::read(&lb.path).unwrap();
+    let other = lb.dir.path().join("notes.txt");
+
+    std::fs::write(&lb.path, &same).unwrap();
+    std::fs::write(&other, "one").unwrap();
+    replace(&lb.path, std::str::from_utf8(&same).unwrap());
+    std::fs::write(&other, "two").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&lb.path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    std::fs::remove_file(&other).unwrap();
+    // SIGHUP's forced re-read of an unchanged file applies nothing either.
+    lb.lb.reload_handle().reload();
+    // Nothing may happen: give the events (20 ms debounce) and at least one
+    // 200 ms poll time to be processed.
+    stays_on(&c, &u, "a", Duration::from_millis(400)).await;
+    assert_eq!(lb.applied(), before);
+
+    lb.rewrite(&backends_yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+    assert_eq!(
+        lb.applied(),
+        before + 1,
+        "the no-op writes were applied as reloads"
+    );
+    assert_eq!(lb.rejected(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Bad edits
+// ---------------------------------------------------------------------------
+
+/// Bad configs, each with what its error line must contain besides the path.
+fn bad_configs(a: &Backend) -> Vec<(&'static str, String, Vec<&'static str>)> {
+    vec![
+        (
+            "syntax error",
+            format!(
+                "listen: 127.0.0.1:0\nbackends:\n  - address: {}\n weight: 2\n",
+                a.addr
+            ),
+            vec!["line 4"],
+        ),
+        (
+            "unknown key",
+            format!(
+                "listen: 127.0.0.1:0\nstratgy: random\nbackends:\n  - address: {}\n",
+                a.addr
+            ),
+            vec!["stratgy", "line 2"],
+        ),
+        ("empty file", String::new(), vec!["empty"]),
+        (
+            "bad value",
+            format!(
+                "listen: 127.0.0.1:0\nbackends:\n  - address: {}\n    weight: -3\n",
+                a.addr
+            ),
+            vec!["backends[0].weight"],
+        ),
+        (
+            "duration without unit",
+            format!(
+                "listen: 127.0.0.1:0\ntimeouts:\n  connect: 5\nbackends:\n  - address: {}\n",
+                a.addr
+            ),
+            vec!["timeouts.connect", "line 3"],
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn bad_edits_keep_old_config_and_log_where() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let path_str = path.to_str().unwrap();
+    let mut p = LbProcess::spawn(&["--config", path_str, "--log-level", "info"], &[]);
+    let addr = p.wait_listening().await;
+    let c = client();
+    let u = url(addr);
+    assert_eq!(get(&c, &u).await.text(), "a");
+
+    for (what, content, needles) in bad_configs(&a) {
+        let from = p.log.lock().unwrap().len();
+        replace(&path, &content);
+        let error_line = || {
+            p.log.lock().unwrap()[from..]
+                .iter()
+                .find(|l| l.contains("ERROR"))
+                .cloned()
+        };
+        eventually!(
+            5,
+            error_line().is_some(),
+            "no error logged for the {what}: {}",
+            p.log_text()
+        );
+        let line = error_line().unwrap();
+        assert!(line.contains(path_str), "{what}: path missing in {line:?}");
+        for needle in needles {
+            assert!(
+                line.contains(needle),
+                "{what}: {needle:?} missing in {line:?}"
+            );
+        }
+        for _ in 0..3 {
+            let ans = get(&c, &u).await;
+            assert_eq!(
+                (ans.status.as_u16(), ans.text()),
+                (200, "a".into()),
+                "{what}"
+            );
+        }
+    }
+
+    replace(&path, &yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+    assert!(p.child.try_wait().unwrap().is_none(), "lb exited");
+}
+
+#[tokio::test]
+async fn bad_edits_count_as_rejected() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let lb = TestLb::start(&backends_yaml(&[&a])).await;
+    let c = client();
+    let u = lb.url("/");
+    let bad = bad_configs(&a);
+    for (i, (what, content, _)) in bad.iter().enumerate() {
+        replace(&lb.path, content);
+        eventually!(5, lb.rejected() == i as u64 + 1, "{what} was not rejected");
+        assert_eq!(get(&c, &u).await.text(), "a", "{what}");
+    }
+    assert_eq!(lb.applied(), 1);
+    lb.rewrite(&backends_yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+    assert_eq!(lb.applied(), 2);
+    assert_eq!(lb.rejected(), bad.len() as u64);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Runtime state survives a reload
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn backend_state_survives_reload() {
+    let (a, n) = (Backend::start("a").await, Backend::start("new").await);
+    let lb = TestLb::start(&format!("strategy: round_robin\n{}", backends_yaml(&[&a]))).await;
+    let c = client();
+    let u = lb.url("/");
+    for _ in 0..5 {
+        assert_eq!(get(&c, &u).await.text(), "a");
+    }
+    let a_state = Arc::clone(&lb.lb.runtime().snapshot().backends[0].state);
+    assert_eq!(a_state.requests(), 5);
+
+    // New backend first, so a's index changes as well as its weight.
+    lb.rewrite(&format!(
+        "strategy: least_connections\nbackends:\n  - address: {}\n    weight: 1\n  - address: {}\n    weight: 3\n",
+        n.addr, a.addr
+    ));
+    eventually!(5, lb.lb.runtime().snapshot().backends.len() == 2);
+    let snap = lb.lb.runtime().snapshot();
+    assert_eq!(snap.config.strategy, Strategy::LeastConnections);
+    let find = |addr: SocketAddr| {
+        snap.backends
+            .iter()
+            .find(|b| b.addr.as_str() == addr.to_string())
+            .unwrap()
+    };
+    let (a_now, n_now) = (find(a.addr), find(n.addr));
+    assert_eq!(a_now.weight, 3);
+    assert!(
+        Arc::ptr_eq(&a_now.state, &a_state),
+        "a's state was replaced"
+    );
+    assert_eq!(a_now.state.requests(), 5, "a's counters were reset");
+    assert_eq!(n_now.state.requests(), 0);
+
+    for _ in 0..8 {
+        assert_eq!(get(&c, &u).await.status, 200);
+    }
+    assert_eq!(a_state.requests() + n_now.state.requests(), 13);
+    assert_eq!(a.hits() + n.hits(), 13);
+}
+
+// ---------------------------------------------------------------------------
+// 4. A removed backend's in-flight request completes
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_backend_finishes_in_flight_request() {
+    let (slow, fast) = (Backend::start("slow").await, Backend::start("fast").await);
+    slow.set_delay(Duration::from_secs(1));
+    let lb = TestLb::start(&backends_yaml(&[&slow])).await;
+    let u = lb.url("/");
+    let in_flight = tokio::spawn({
+        let u = u.clone();
+        async move { get(&client(), &u).await }
+    });
+    eventually!(5, slow.hits() == 1);
+
+    lb.rewrite(&backends_yaml(&[&fast]));
+    let slow_addr = slow.addr.to_string();
+    eventually!(
+        5,
+        lb.lb
+            .runtime()
+            .snapshot()
+            .backends
+            .iter()
+            .all(|b| b.addr.as_str() != slow_addr)
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the request finished before the reload: test proves nothing"
+    );
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(get(&c, &u).await.text(), "fast");
+    }
+
+    let ans = in_flight.await.unwrap();
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.text(), "slow");
+    assert_eq!(slow.hits(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Reloading `listen`
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_change_moves_listener_and_keeps_open_connections() {
+    let a = Backend::start("a").await;
+    let lb = TestLb::start(&backends_yaml(&[&a])).await;
+    let old = lb.lb.local_addr();
+    let keep_alive = client();
+    assert_eq!(get(&keep_alive, &url(old)).await.text(), "a");
+
+    let new: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    lb.rewrite(&format!("listen: {new}\n{}", backends_yaml(&[&a])));
+    eventually!(5, lb.lb.local_addr() == new);
+    assert_eq!(get(&client(), &url(new)).await.text(), "a");
+    eventually!(
+        5,
+        TcpStream::connect(old).await.is_err(),
+        "old listener {old} still accepts"
+    );
+    // The connection opened before the change still serves (a new one to
+    // `old` would be refused, so success means it was reused).
+    assert_eq!(get(&keep_alive, &url(old)).await.text(), "a");
+    assert_eq!(lb.applied(), 2);
+
+    // Moving to an address someone else holds is rejected as a whole.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap();
+    let b = Backend::start("b").await;
+    lb.rewrite(&format!("listen: {taken}\n{}", backends_yaml(&[&b])));
+    eventually!(5, lb.rejected() == 1);
+    assert_eq!(lb.lb.local_addr(), new);
+    assert_eq!(get(&client(), &url(new)).await.text(), "a");
+    assert_eq!(lb.applied(), 2);
+
+    // Once the address is free, SIGHUP's forced re-read applies the same file.
+    drop(squatter);
+    lb.lb.reload_handle().reload();
+    eventually!(5, lb.lb.local_addr() == taken);
+    assert_eq!(get(&client(), &url(taken)).await.text(), "b");
+    assert_eq!(lb.applied(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Reloads under load
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_lose_no_request() {
+    let backends = Backend::start_many(4).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let lb = TestLb::start(&backends_yaml(&all)).await;
+    let u: hyper::Uri = lb.url("/").parse().unwrap();
+    // Lets the reloader install its watch before the first rewrite.
+    assert_eq!(get(&client(), &lb.url("/")).await.status, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, errors, u) = (stop.clone(), ok.clone(), errors.clone(), u.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(SeqCst) {
+                let r = tokio::time::timeout(Duration::from_secs(10), async {
+                    let resp = c.get(u.clone()).await.map_err(|e| format!("{e:?}"))?;
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await;
+                    body.map_err(|e| format!("body: {e:?}"))?;
+                    if status.is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("status {status}"))
+                    }
+                })
+                .await;
+                match r {
+                    Ok(Ok(())) => {
+                        ok.fetch_add(1, SeqCst);
+                    }
+                    Ok(Err(e)) => errors.lock().unwrap().push(e),
+                    Err(_) => errors.lock().unwrap().push("timed out".into()),
+                }
+            }
+        }));
+    }
+
+    let strategies = [
+        "round_robin",
+        "least_connections",
+        "random",
+        "power_of_two_choices",
+    ];
+    let before = lb.applied();
+    let mut last = String::new();
+    for i in 0..40usize {
+        // 1 to 4 backends, rotating, reweighted, never none.
+        let count = 1 + i % 4;
+        let mut pool = format!("strategy: {}\nbackends:\n", strategies[i % 4]);
+        for j in 0..count {
+            let b = &backends[(i + j) % 4];
+            pool.push_str(&format!(
+                "  - address: {}\n    weight: {}\n",
+                b.addr,
+                1 + (i + j) % 3
+            ));
+        }
+        lb.rewrite(&pool);
+        last = format!("listen: 127.0.0.1:0\n{pool}");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    let last_hash = ContentHash::of(last.as_bytes());
+    eventually!(5, lb.lb.runtime().snapshot().hash == last_hash);
+    // A little traffic on the final config too.
+    let settled = ok.load(SeqCst);
+    eventually!(5, ok.load(SeqCst) > settled + 20);
+    stop.store(true, SeqCst);
+    for t in clients {
+        t.await.unwrap();
+    }
+
+    let errors = errors.lock().unwrap();
+    let served = ok.load(SeqCst);
+    let reloads = lb.applied() - before;
+    eprintln!(
+        "under load: {served} requests ok, {} failed, {reloads} reloads applied",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        errors.len(),
+        served + errors.len() as u64,
+        &errors[..errors.len().min(5)]
+    );
+    assert!(served > 200, "too little load to prove anything: {served}");
+    assert!(reloads >= 20, "only {reloads} of 40 rewrites applied");
+    assert_eq!(lb.rejected(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Reload latency (manual)
+// ---------------------------------------------------------------------------
+
+/// Time from `rename()` of a config that switches backends to the first
+/// request answered by the new backend, 50 times. Run with
+/// `cargo test --release --test reload reload_latency_report -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn reload_latency_report() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    // The binary's default poll interval, so events do the work.
+    let lb = start_at(&path, Duration::from_secs(2)).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+    // Warm-up switch, not timed: an edit made before the reloader has
+    // installed its watch waits for the poll (see
+    // `edit_right_after_start_is_seen`).
+    replace(&path, &yaml(&[&b]));
+    switches_to(&c, &u, "b").await;
+
+    let tmp = dir.path().join(".config.yaml.tmp");
+    let mut times = Vec::new();
+    for i in 0..50 {
+        let (next, name) = if i % 2 == 0 { (&a, "a") } else { (&b, "b") };
+        std::fs::write(&tmp, yaml(&[next])).unwrap();
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, &path).unwrap();
+        let mut polls = 0u32;
+        while get(&c, &u).await.text() != name {
+            polls += 1;
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "reload {i} never applied"
+            );
+        }
+        times.push((t0.elapsed(), polls));
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "reload latency over {} renames: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, worst {:.1} ms (requests polled per reload, median: {})",
+        times.len(),
+        ms(times[0].0),
+        ms(times[times.len() / 2].0),
+        ms(times[times.len() * 9 / 10].0),
+        ms(times[times.len() - 1].0),
+        times[times.len() / 2].1,
+    );
+    assert_eq!(applied(&lb), 52);
+}
+
+/// BUG (src/reload.rs, `Reloader::run`, the `poll.tick()` branch): the
+/// polling backstop reads the file without the debounce, so an in-place save
+/// caught between its truncate and its write is read as an empty file and
+/// rejected (an error logged, `rejected` bumped) although the save is fine.
+/// Each round here truncates the file exactly when a 200 ms poll tick is
+/// due; it fails in round 1 about 19 runs out of 20, and never with the
+/// poll out of the way. Remove the `ignore` once fixed.
+#[tokio::test]
+#[ignore = "bug: the poll backstop is not debounced (see comment)"]
+async fn poll_does_not_read_half_written_file() {
+    use std::io::Write;
+    let backends = Backend::start_many(2).await;
+    let lb = TestLb::start(&backends_yaml(&[&backends[0]])).await;
+    // Let the reloader start its poll interval now, then stay in phase with it.
+    tokio::task::yield_now().await;
+    let phase = Instant::now();
+    for round in 1..=10u32 {
+        tokio::time::sleep_until(phase + Duration::from_millis(200) * round).await;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&lb.path)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        f.write_all(yaml(&[&backends[round as usize % 2]]).as_bytes())
+            .unwrap();
+        drop(f);
+        eventually!(5, lb.applied() == u64::from(round) + 1);
+        assert_eq!(
+            lb.rejected(),
+            0,
+            "round {round}: the poll read the truncated file"
+        );
+    }
+}
+
+/// BUG (src/reload.rs, `Reloader::run`): the inotify watch is installed
+/// only when the reloader task first runs, and nothing re-reads the file
+/// then. An edit landing between `Config::load` and that moment (lb just
+/// started, a ConfigMap update during boot) raises no event and waits for
+/// the next poll: 2 s by default, never with this test's one-hour poll. In
+/// this current-thread runtime the reloader has not run yet when the file
+/// is replaced, so the test fails every time. Remove the `ignore` once fixed.
+#[tokio::test]
+#[ignore = "bug: an edit before the watch is installed is missed (see comment)"]
+async fn edit_right_after_start_is_seen() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[&a]));
+    let lb = start_at(&path, NO_POLL).await;
+    // No await between start and the edit.
+    replace(&path, &yaml(&[&b]));
+    switches_to(&client(), &url(lb.local_addr()), "b").await;
+}
+
+/// LIMITATION (src/reload.rs, `Reloader::reload`: `TcpListener::bind(config.listen)`
+/// before the old listener stops): a `listen` change that keeps the port
+/// but changes the IP (127.0.0.1:P → 0.0.0.0:P) overlaps the socket lb
+/// itself holds, so the bind fails with EADDRINUSE and the reload is
+/// rejected with "cannot listen on 0.0.0.0:P: Address in use", which
+/// blames someone else. Remove the `ignore` once supported.
+#[tokio::test]
+#[ignore = "limitation: listen change to an overlapping address (see comment)"]
+async fn listen_change_keeping_the_port() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let lb = TestLb::start(&format!(
+        "listen: 127.0.0.1:{port}\n{}",
+        backends_yaml(&[&a])
+    ))
+    .await;
+    let wildcard: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    lb.rewrite(&format!("listen: {wildcard}\n{}", backends_yaml(&[&a])));
+    eventually!(5, lb.applied() + lb.rejected() > 1);
+    assert_eq!(lb.rejected(), 0, "the move to {wildcard} was rejected");
+    assert_eq!(lb.lb.local_addr(), wildcard);
+}
