@@ -68,6 +68,17 @@ secs() { # "1s" / "500ms" / "2m" → seconds
         else { sub(/s$/, "", v); print v } }'
 }
 
+# Health checks answered so far, over all ports (empty if the backend
+# does not print examples/backend's `status` lines).
+probes_answered() {
+    local from
+    from=$(($(stat -c %s "$TMP/backend.log") + 1))
+    echo status >&4
+    sleep 0.5
+    tail -c "+$from" "$TMP/backend.log" |
+        awk '/ health checks$/ { n += $(NF - 2); seen = 1 } END { if (seen) print n }'
+}
+
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 status() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
@@ -95,9 +106,13 @@ fi
 LB="$ROOT/target/release/lb"
 
 log "starting $BACKENDS backends on 127.0.0.1:$FIRST_PORT-$LAST_PORT"
-"$BACKEND" $(seq "$FIRST_PORT" "$LAST_PORT") </dev/null >"$TMP/backend.log" 2>&1 &
+# Its stdin is a FIFO held open here, so that `status` can be asked for:
+# examples/backend counts the health checks each port has answered.
+mkfifo "$TMP/backend.in"
+"$BACKEND" $(seq "$FIRST_PORT" "$LAST_PORT") <"$TMP/backend.in" >"$TMP/backend.log" 2>&1 &
 BACKEND_PID=$!
 PIDS+=("$BACKEND_PID")
+exec 4>"$TMP/backend.in"
 wait_port "$LAST_PORT" "$BACKEND_PID" backend
 curl -fsS -o /dev/null "http://127.0.0.1:$FIRST_PORT/health" || die "backend does not answer /health with 2xx"
 
@@ -120,6 +135,7 @@ wait_port "$LB_PORT" "$LB_PID" lb
 sleep "$WARMUP"
 
 hz=$(getconf CLK_TCK)
+probes0=$(probes_answered)
 lb0=$(ticks "$LB_PID")
 be0=$(ticks "$BACKEND_PID")
 t0=$(date +%s.%N)
@@ -127,6 +143,7 @@ sleep "$WINDOW"
 lb1=$(ticks "$LB_PID")
 be1=$(ticks "$BACKEND_PID")
 t1=$(date +%s.%N)
+probes1=$(probes_answered)
 
 kill -0 "$LB_PID" 2>/dev/null || die "lb exited (see $TMP/lb.log)"
 rss=$(status "$LB_PID" VmRSS)
@@ -142,7 +159,7 @@ through=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$LB_PORT/" ||
 awk -v lt=$((lb1 - lb0)) -v bt=$((be1 - be0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" \
     -v n="$BACKENDS" -v iv="$INTERVAL" -v ivs="$(secs "$INTERVAL")" -v to="$TIMEOUT" -v w="$WARMUP" \
     -v rss="$rss" -v hwm="$hwm" -v th="$threads" -v fds="$fds" -v pc="$probe_conns" \
-    -v down="$down" -v through="$through" 'BEGIN {
+    -v down="$down" -v through="$through" -v p0="$probes0" -v p1="$probes1" 'BEGIN {
     d = t1 - t0
     printf "\nlb health-check cost: %d backends, GET /health every %s (timeout %s), no client traffic\n", n, iv, to
     printf "measured over %.1f s after a %d s warm-up on %d CPUs\n\n", d, w, '"$(nproc)"'
@@ -150,7 +167,17 @@ awk -v lt=$((lb1 - lb0)) -v bt=$((be1 - be0)) -v hz="$hz" -v t0="$t0" -v t1="$t1
     printf "|%s|%s|\n", "--------------------------------------", "----------------"
     printf "| %-36s | %13.1f%% |\n", "lb CPU (utime+stime, % of one core)", 100 * lt / hz / d
     printf "| %-36s | %14.1f |\n", "lb CPU ms per second", 1000 * lt / hz / d
-    printf "| %-36s | %14.1f |\n", "lb CPU us per probe (approx.)", 1e6 * lt / hz / d / (n / ivs)
+    # Probes counted by the backend over the window (status asked 0.5 s
+    # outside it on each side, so the rate is over d + 0.5 s), else the
+    # configured rate.
+    if (p0 != "" && p1 != "") {
+        rate = (p1 - p0) / (d + 0.5)
+        printf "| %-36s | %14.0f |\n", "probes/s answered by the backends", rate
+    } else {
+        rate = n / ivs
+        printf "| %-36s | %14s |\n", "probes/s answered by the backends", "n/a"
+    }
+    printf "| %-36s | %14.1f |\n", "lb CPU us per probe", (rate > 0 ? 1e6 * lt / hz / d / rate : 0)
     printf "| %-36s | %13.1f%% |\n", "backend process CPU (serving probes)", 100 * bt / hz / d
     printf "| %-36s | %14.1f |\n", "lb RSS MiB", rss / 1024
     printf "| %-36s | %14.1f |\n", "lb peak RSS (VmHWM) MiB", hwm / 1024
