@@ -64,6 +64,13 @@ pub fn spawn(
     settings: WatchSettings,
 ) -> (ReloadHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(4);
+    // Watch before returning, so no edit after `Lb::start` can go unseen.
+    let events = Arc::new(Notify::new());
+    let fs_watch = if settings.watch {
+        FsWatch::start(&path, Arc::clone(&events))
+    } else {
+        None
+    };
     let reloader = Reloader {
         last_seen: runtime.snapshot().hash,
         path,
@@ -71,7 +78,7 @@ pub fn spawn(
         listeners,
         missing: false,
     };
-    let task = tokio::spawn(reloader.run(rx, settings));
+    let task = tokio::spawn(reloader.run(rx, settings, events, fs_watch));
     (ReloadHandle(tx), task)
 }
 
@@ -87,38 +94,42 @@ struct Reloader {
 }
 
 impl Reloader {
-    async fn run(mut self, mut requests: mpsc::Receiver<()>, settings: WatchSettings) {
-        let events = Arc::new(Notify::new());
-        let mut fs_watch = if settings.watch {
-            FsWatch::start(&self.path, Arc::clone(&events))
-        } else {
-            None
-        };
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<()>,
+        settings: WatchSettings,
+        events: Arc<Notify>,
+        mut fs_watch: Option<FsWatch>,
+    ) {
+        if settings.watch {
+            // The file may have changed between its first read and the watch.
+            self.reload("changed during startup", Trigger::Event).await;
+        }
         let mut poll = tokio::time::interval(settings.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         poll.reset();
         loop {
             tokio::select! {
                 request = requests.recv() => match request {
-                    Some(()) => self.reload("reload requested", true).await,
+                    Some(()) => self.reload("reload requested", Trigger::Request).await,
                     None => return,
                 },
                 () = events.notified(), if settings.watch => {
                     debounce(&events).await;
-                    self.reload("file changed", false).await;
+                    self.reload("file changed", Trigger::Event).await;
                     if let Some(w) = fs_watch.as_mut() {
                         w.rewatch(&self.path);
                     }
                 }
-                _ = poll.tick(), if settings.watch => self.reload("poll", false).await,
+                _ = poll.tick(), if settings.watch => self.reload("poll", Trigger::Poll).await,
             }
         }
     }
 
-    /// Reads the file and applies it if it changed. `force` re-tries content
-    /// already seen (SIGHUP after a failed bind, say).
-    async fn reload(&mut self, why: &str, force: bool) {
-        let bytes = match tokio::fs::read(&self.path).await {
+    /// Reads the file and applies it if it changed.
+    async fn reload(&mut self, why: &str, trigger: Trigger) {
+        let force = trigger == Trigger::Request;
+        let mut bytes = match tokio::fs::read(&self.path).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == ErrorKind::NotFound && !force => {
                 // Editors and ConfigMap updates remove the file for a moment.
@@ -134,9 +145,25 @@ impl Reloader {
             }
         };
         self.missing = false;
-        let hash = ContentHash::of(&bytes);
+        let mut hash = ContentHash::of(&bytes);
         if hash == self.last_seen && !force {
             return;
+        }
+        if trigger == Trigger::Poll {
+            // No event debounced this read: it may have caught a save half
+            // way. Use the content only once two reads `QUIET` apart agree.
+            let give_up = Instant::now() + MAX_DEBOUNCE;
+            loop {
+                tokio::time::sleep(QUIET).await;
+                let Ok(again) = tokio::fs::read(&self.path).await else {
+                    return;
+                };
+                let again_hash = ContentHash::of(&again);
+                if again_hash == hash || Instant::now() >= give_up {
+                    break;
+                }
+                (bytes, hash) = (again, again_hash);
+            }
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
@@ -154,7 +181,20 @@ impl Reloader {
             match TcpListener::bind(config.listen).await {
                 Ok(listener) => Some(listener),
                 Err(e) => {
-                    self.reject(format_args!("cannot listen on {}: {e}", config.listen));
+                    let own = self.listeners.local_addr();
+                    let hint =
+                        if e.kind() == ErrorKind::AddrInUse && own.port() == config.listen.port() {
+                            format!(
+                            " (lb itself holds {own}; moving to another IP on the same port needs \
+                             a restart, or a reload via another port first)"
+                        )
+                        } else {
+                            String::new()
+                        };
+                    self.reject(format_args!(
+                        "cannot listen on {}: {e}{hint}",
+                        config.listen
+                    ));
                     return;
                 }
             }
@@ -173,6 +213,17 @@ impl Reloader {
         self.runtime.reloads.rejected.fetch_add(1, Relaxed);
         tracing::error!("config reload rejected, keeping the last good config: {error}");
     }
+}
+
+/// What woke the reloader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// File-system events, already debounced.
+    Event,
+    /// The backstop poll: reads are not debounced by events.
+    Poll,
+    /// SIGHUP or `ReloadHandle::reload`: re-try even content seen before.
+    Request,
 }
 
 /// Waits until events stop arriving for `QUIET`, at most `MAX_DEBOUNCE`.
