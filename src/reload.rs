@@ -103,7 +103,7 @@ impl Reloader {
     ) {
         if settings.watch {
             // The file may have changed between its first read and the watch.
-            self.reload("changed during startup", Trigger::Event).await;
+            self.reload("changed during startup", Trigger::Poll).await;
         }
         let mut poll = tokio::time::interval(settings.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -220,7 +220,8 @@ impl Reloader {
 enum Trigger {
     /// File-system events, already debounced.
     Event,
-    /// The backstop poll: reads are not debounced by events.
+    /// The backstop poll, or the check at startup: no event debounced the
+    /// read, so it must settle.
     Poll,
     /// SIGHUP or `ReloadHandle::reload`: re-try even content seen before.
     Request,
