@@ -8,8 +8,6 @@
 //! compare [`SAMPLES`] weighted-random candidates instead, as Envoy's
 //! LEAST_REQUEST does, which keeps selection O(log n) at 10,000 backends.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use super::random::WeightedRandom;
 use super::{less_loaded, Backend, Fallback, Selector};
 
@@ -20,8 +18,6 @@ const SAMPLES: usize = 8;
 
 #[derive(Debug)]
 pub struct LeastConnections {
-    /// Rotates the scan start so ties are shared.
-    next_start: AtomicUsize,
     /// Candidate source for large pools.
     sampler: Option<WeightedRandom>,
     fallback: Fallback,
@@ -30,7 +26,6 @@ pub struct LeastConnections {
 impl LeastConnections {
     pub fn build(backends: &[Backend]) -> Self {
         LeastConnections {
-            next_start: AtomicUsize::new(0),
             sampler: (backends.len() > EXACT_LIMIT).then(|| WeightedRandom::build(backends)),
             fallback: Fallback::default(),
         }
@@ -49,14 +44,9 @@ impl Selector for LeastConnections {
                 .fold(None, better);
             return best.or_else(|| self.fallback.scan(backends, eligible));
         }
-        let n = backends.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next_start.fetch_add(1, Relaxed) % n;
-        (start..n)
-            .chain(0..start)
-            .filter(|&i| backends[i].weight > 0 && eligible(i))
+        // Exact: the least loaded of all, ties to the first in rotation.
+        self.fallback
+            .candidates(backends, eligible)
             .fold(None, better)
     }
 }

@@ -65,15 +65,28 @@ struct Fallback {
 }
 
 impl Fallback {
+    /// All indexes `0..n`, starting one further along at each call.
+    fn rotation(&self, n: usize) -> impl Iterator<Item = usize> {
+        let start = self
+            .next_start
+            .fetch_add(1, Relaxed)
+            .checked_rem(n)
+            .unwrap_or(0);
+        (start..n).chain(0..start)
+    }
+
+    /// Eligible, weighted candidates in rotation order.
+    fn candidates<'a>(
+        &self,
+        backends: &'a [Backend],
+        eligible: &'a dyn Fn(usize) -> bool,
+    ) -> impl Iterator<Item = usize> + 'a {
+        self.rotation(backends.len())
+            .filter(move |&i| backends[i].weight > 0 && eligible(i))
+    }
+
     fn scan(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let n = backends.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next_start.fetch_add(1, Relaxed) % n;
-        (start..n)
-            .chain(0..start)
-            .find(|&i| backends[i].weight > 0 && eligible(i))
+        self.candidates(backends, eligible).next()
     }
 }
 
