@@ -79,6 +79,9 @@ probes_answered() {
         awk '/ health checks$/ { n += $(NF - 2); seen = 1 } END { if (seen) print n }'
 }
 
+# Machine-wide "total idle" CPU ticks, for how busy the box was meanwhile.
+cpu_stat() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+
 ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 status() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
@@ -138,10 +141,12 @@ hz=$(getconf CLK_TCK)
 probes0=$(probes_answered)
 lb0=$(ticks "$LB_PID")
 be0=$(ticks "$BACKEND_PID")
+box0=$(cpu_stat)
 t0=$(date +%s.%N)
 sleep "$WINDOW"
 lb1=$(ticks "$LB_PID")
 be1=$(ticks "$BACKEND_PID")
+box1=$(cpu_stat)
 t1=$(date +%s.%N)
 probes1=$(probes_answered)
 
@@ -159,10 +164,14 @@ through=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$LB_PORT/" ||
 awk -v lt=$((lb1 - lb0)) -v bt=$((be1 - be0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" \
     -v n="$BACKENDS" -v iv="$INTERVAL" -v ivs="$(secs "$INTERVAL")" -v to="$TIMEOUT" -v w="$WARMUP" \
     -v rss="$rss" -v hwm="$hwm" -v th="$threads" -v fds="$fds" -v pc="$probe_conns" \
-    -v down="$down" -v through="$through" -v p0="$probes0" -v p1="$probes1" 'BEGIN {
+    -v down="$down" -v through="$through" -v p0="$probes0" -v p1="$probes1" \
+    -v box0="$box0" -v box1="$box1" -v ncpu="$(nproc)" 'BEGIN {
     d = t1 - t0
     printf "\nlb health-check cost: %d backends, GET /health every %s (timeout %s), no client traffic\n", n, iv, to
-    printf "measured over %.1f s after a %d s warm-up on %d CPUs\n\n", d, w, '"$(nproc)"'
+    split(box0, a, " "); split(box1, b, " ")
+    busy = b[1] > a[1] ? 100 * (1 - (b[2] - a[2]) / (b[1] - a[1])) : 0
+    printf "measured over %.1f s after a %d s warm-up on %d CPUs, %.0f%% busy meanwhile\n", d, w, ncpu, busy
+    printf "(lb, the backends and any other work: above a few %% other work can inflate lb%s figure)\n\n", "\047s"
     printf "| %-36s | %14s |\n", "metric", "value"
     printf "|%s|%s|\n", "--------------------------------------", "----------------"
     printf "| %-36s | %13.1f%% |\n", "lb CPU (utime+stime, % of one core)", 100 * lt / hz / d
