@@ -44,6 +44,11 @@ enum LogFormat {
     Json,
 }
 
+/// mimalloc: a proxy allocates and frees small buffers and header maps on
+/// every request, across threads; glibc's malloc was ~5 % of lb's profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.check {
