@@ -27,32 +27,9 @@ LB_PORT=18080
 NGINX_PORT=18081
 HAPROXY_PORT=18082
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TMP=$(mktemp -d /tmp/lb-compare.XXXXXX)
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then
-        echo "configs and logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-log() { echo "== $*" >&2; }
-die() {
-    echo "compare.sh: $*" >&2
-    exit 1
-}
+NAME=compare
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 # --- tools -----------------------------------------------------------------
 missing=()
@@ -67,21 +44,7 @@ if ((${#missing[@]})); then
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
-# --- helpers ---------------------------------------------------------------
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-wait_port() { # port pid what
-    local i
-    for ((i = 0; i < 100; i++)); do
-        port_open "$1" && return 0
-        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on $1 (see $TMP)"
-        sleep 0.1
-    done
-    die "$3 is not listening on 127.0.0.1:$1 after 10 s"
-}
-
-# Machine-wide CPU counters: "total idle" ticks (idle includes iowait).
-cpu_stat() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+# --- helpers (more in lib.sh) ----------------------------------------------
 
 # Share of all CPUs busy between two cpu_stat readings, in %.
 busy_between() {
@@ -142,13 +105,6 @@ to_ms() {
         else printf "nan" }'
 }
 
-secs() { # "10s" / "2m" / "500ms" → seconds (for the CPU %)
-    awk -v v="$1" 'BEGIN {
-        if (v ~ /ms$/) { sub(/ms$/, "", v); print v / 1000 }
-        else if (v ~ /m$/) { sub(/m$/, "", v); print v * 60 }
-        else if (v ~ /h$/) { sub(/h$/, "", v); print v * 3600 }
-        else { sub(/s$/, "", v); print v } }'
-}
 
 for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
