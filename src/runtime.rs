@@ -28,6 +28,7 @@ use crate::upstream::{self, UpstreamClient};
 /// Everything a request needs, built from one config.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The validated config this snapshot was built from.
     pub config: Config,
     /// Hash of the file this config came from, for logs.
     pub hash: ContentHash,

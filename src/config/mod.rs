@@ -50,11 +50,14 @@ pub struct Config {
     pub strategy: Strategy,
     /// The pool, in file order (order matters for round robin).
     pub backends: Vec<BackendConfig>,
+    /// Connect, request and client-header limits.
     pub timeouts: Timeouts,
     /// Active probing; `None` means every backend is eligible unless passive
     /// detection has ejected it.
     pub health_check: Option<HealthCheck>,
+    /// Passive health: ejection after consecutive failed requests.
     pub outlier_detection: OutlierDetection,
+    /// When and how a failed request is tried on another backend.
     pub retry: RetryPolicy,
 }
 
@@ -166,17 +169,22 @@ pub struct RetryPolicy {
     pub attempts: NonZeroU32,
     /// Limit for one try; `None` means only the request timeout applies.
     pub per_try_timeout: Option<Duration>,
+    /// Failure classes and statuses worth another try.
     pub retry_on: RetryOn,
     /// Request bodies up to this size are buffered so a retry can replay them.
     pub buffer_body_limit: u64,
+    /// Limits retries to a share of traffic.
     pub budget: RetryBudgetConfig,
 }
 
 /// Which failures are retried (subject to method idempotency).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryOn {
+    /// No connection could be made (nothing was sent).
     pub connect_failure: bool,
+    /// The connection broke after the request was sent.
     pub reset: bool,
+    /// No response head in time.
     pub timeout: bool,
     /// Response statuses that are retried, sorted.
     pub statuses: Vec<u16>,

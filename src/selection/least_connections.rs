@@ -20,6 +20,7 @@ const SAMPLES: usize = 8;
 pub struct LeastConnections {
     /// Candidate source for large pools.
     sampler: Option<WeightedRandom>,
+    /// Slow path once the fast path keeps landing on ineligible backends.
     fallback: Fallback,
 }
 

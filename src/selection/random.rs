@@ -37,7 +37,9 @@ impl WeightedDraw {
 
 #[derive(Debug)]
 pub struct WeightedRandom {
+    /// Candidate source, proportional to weight.
     draw: WeightedDraw,
+    /// Slow path once the fast path keeps landing on ineligible backends.
     fallback: Fallback,
 }
 
@@ -66,7 +68,9 @@ impl Selector for WeightedRandom {
 /// unit of weight wins (Mitzenmacher's "power of two choices").
 #[derive(Debug)]
 pub struct PowerOfTwoChoices {
+    /// Candidate source, proportional to weight.
     draw: WeightedDraw,
+    /// Slow path once the fast path keeps landing on ineligible backends.
     fallback: Fallback,
 }
 

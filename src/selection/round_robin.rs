@@ -27,6 +27,7 @@ pub struct SmoothRoundRobin {
     schedule: Box<[u32]>,
     /// Next slot of `schedule` (mod its length), shared by all requests.
     cursor: AtomicUsize,
+    /// Slow path once the fast path keeps landing on ineligible backends.
     fallback: Fallback,
 }
 
