@@ -12,46 +12,64 @@ fn lb() -> Command {
     c
 }
 
-#[test]
-fn check_accepts_a_good_file_and_summarises_it() {
+/// What `lb --check` said about `yaml`, with `envs` set.
+struct Checked {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    path: std::path::PathBuf,
+}
+
+fn check(yaml: &str, envs: &[(&str, &str)]) -> Checked {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        "backends:\n  - address: 127.0.0.1:9001\n    weight: 2\n",
-    );
+    let path = write_config(dir.path(), yaml);
     let out = lb()
         .arg("--config")
         .arg(&path)
         .arg("--check")
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    Checked {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        path,
+    }
+}
+
+const ONE_BACKEND: &str = "backends:\n  - address: 127.0.0.1:9001\n";
+
+#[test]
+fn check_accepts_a_good_file_and_summarises_it() {
+    let c = check(
+        "backends:\n  - address: 127.0.0.1:9001\n    weight: 2\n",
+        &[],
+    );
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
     assert!(
-        stdout.contains("ok") && stdout.contains("1 backends (total weight 2)"),
-        "{stdout}"
+        c.stdout.contains("ok") && c.stdout.contains("1 backends (total weight 2)"),
+        "{}",
+        c.stdout
     );
 }
 
 #[test]
 fn check_rejects_a_bad_file_with_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
+    let c = check(
         "listen: 127.0.0.1:8080\nstratgy: random\nbackends: []\n",
+        &[],
     );
-    let out = lb()
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert_eq!(c.code, Some(1));
     assert!(
-        stderr.contains("unknown field `stratgy`") && stderr.contains("line 2"),
-        "{stderr}"
+        c.stderr.contains(&c.path.display().to_string()),
+        "{}",
+        c.stderr
+    );
+    assert!(
+        c.stderr.contains("unknown field `stratgy`") && c.stderr.contains("line 2"),
+        "{}",
+        c.stderr
     );
 }
 
@@ -68,7 +86,7 @@ fn check_reports_a_missing_file() {
 #[test]
 fn config_path_from_lb_config_env() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "backends:\n  - address: 127.0.0.1:9001\n");
+    let path = write_config(dir.path(), ONE_BACKEND);
     let out = lb()
         .arg("--check")
         .env("LB_CONFIG", &path)
@@ -83,38 +101,26 @@ fn config_path_from_lb_config_env() {
 
 #[test]
 fn environment_overrides_nested_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "backends:\n  - address: 127.0.0.1:9001\n");
-    let out = lb()
-        .arg("--check")
-        .env("LB_CONFIG", &path)
-        .env("LB_LISTEN", "127.0.0.1:18999")
-        .env("LB_STRATEGY", "random")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("listen 127.0.0.1:18999") && stdout.contains("strategy random"),
-        "{stdout}"
+    let c = check(
+        ONE_BACKEND,
+        &[("LB_LISTEN", "127.0.0.1:18999"), ("LB_STRATEGY", "random")],
     );
-    let out = lb()
-        .arg("--check")
-        .env("LB_CONFIG", &path)
-        .env("LB_TIMEOUTS__CONNECT", "0s")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("timeouts.connect: must be greater than zero"));
-    let out = lb()
-        .arg("--check")
-        .env("LB_CONFIG", &path)
-        .env("LB_STRATGY", "random")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("stratgy"), "{stderr}");
+    assert!(
+        c.stdout.contains("listen 127.0.0.1:18999") && c.stdout.contains("strategy random"),
+        "{}",
+        c.stdout
+    );
+    let c = check(ONE_BACKEND, &[("LB_TIMEOUTS__CONNECT", "0s")]);
+    assert_eq!(c.code, Some(1));
+    assert!(
+        c.stderr
+            .contains("timeouts.connect: must be greater than zero"),
+        "{}",
+        c.stderr
+    );
+    let c = check(ONE_BACKEND, &[("LB_STRATGY", "random")]);
+    assert_eq!(c.code, Some(1), "{}", c.stderr);
+    assert!(c.stderr.contains("stratgy"), "{}", c.stderr);
 }
 
 #[tokio::test]

@@ -56,6 +56,32 @@ fn replace(path: &Path, content: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// lb started on a fresh config listing only `a`, already answering "a".
+struct ServingA {
+    /// Keeps the config's directory alive for the test.
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    lb: lb::Lb,
+    c: TestClient,
+    u: String,
+}
+
+async fn serving_a(a: &Backend, poll_interval: Duration) -> ServingA {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml(&[a]));
+    let lb = start_at(&path, poll_interval).await;
+    let c = client();
+    let u = url(lb.local_addr());
+    assert_eq!(get(&c, &u).await.text(), "a");
+    ServingA {
+        dir,
+        path,
+        lb,
+        c,
+        u,
+    }
+}
+
 fn url(addr: SocketAddr) -> String {
     format!("http://{addr}/")
 }
@@ -112,12 +138,13 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn in_place_write_applies() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &yaml(&[&a]));
-    let lb = start_at(&path, NO_POLL).await;
-    let c = client();
-    let u = url(lb.local_addr());
-    assert_eq!(get(&c, &u).await.text(), "a");
+    let ServingA {
+        dir: _dir,
+        path,
+        lb,
+        c,
+        u,
+    } = serving_a(&a, NO_POLL).await;
 
     // std::fs::write: open with O_TRUNC, write, close.
     std::fs::write(&path, yaml(&[&b])).unwrap();
@@ -162,12 +189,13 @@ async fn two_step_write_is_read_whole() {
 #[tokio::test]
 async fn rename_over_applies() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &yaml(&[&a]));
-    let lb = start_at(&path, NO_POLL).await;
-    let c = client();
-    let u = url(lb.local_addr());
-    assert_eq!(get(&c, &u).await.text(), "a");
+    let ServingA {
+        dir: _dir,
+        path,
+        lb,
+        c,
+        u,
+    } = serving_a(&a, NO_POLL).await;
 
     replace(&path, &yaml(&[&b]));
     switches_to(&c, &u, "b").await;
@@ -224,12 +252,13 @@ async fn kubernetes_configmap_update_applies() {
 #[tokio::test]
 async fn delete_and_recreate_applies() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &yaml(&[&a]));
-    let lb = start_at(&path, NO_POLL).await;
-    let c = client();
-    let u = url(lb.local_addr());
-    assert_eq!(get(&c, &u).await.text(), "a");
+    let ServingA {
+        dir: _dir,
+        path,
+        lb,
+        c,
+        u,
+    } = serving_a(&a, NO_POLL).await;
 
     std::fs::remove_file(&path).unwrap();
     // Long enough for lb to notice the file missing (debounce is 20 ms);

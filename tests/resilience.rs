@@ -15,6 +15,11 @@ use tokio::time::Instant;
 
 const FAST_CHECKS: &str = "health_check:\n  path: /health\n  interval: 200ms\n  timeout: 100ms\n  healthy_threshold: 2\n  unhealthy_threshold: 2\n";
 
+/// lb over `backends` with fast active health checks.
+async fn with_fast_checks(backends: &[&Backend]) -> TestLb {
+    TestLb::start(&format!("{FAST_CHECKS}{}", backends_yaml(backends))).await
+}
+
 fn state(lb: &TestLb, i: usize) -> Arc<lb::state::BackendState> {
     lb.lb.runtime().snapshot().backends[i].state.clone()
 }
@@ -87,7 +92,7 @@ impl Load {
 async fn stopped_backend_costs_clients_nothing_and_comes_back() {
     let mut bs = Backend::start_many(3).await;
     let refs: Vec<&Backend> = bs.iter().collect();
-    let lb = TestLb::start(&format!("{FAST_CHECKS}{}", backends_yaml(&refs))).await;
+    let lb = with_fast_checks(&refs).await;
     let load = Load::start(lb.url("/"), 2);
     eventually!(5, load.ok() > 50);
     bs[1].stop().await;
@@ -114,11 +119,7 @@ async fn stopped_backend_costs_clients_nothing_and_comes_back() {
 #[tokio::test]
 async fn failing_health_endpoint_takes_backend_out() {
     let bs = Backend::start_many(2).await;
-    let lb = TestLb::start(&format!(
-        "{FAST_CHECKS}{}",
-        backends_yaml(&[&bs[0], &bs[1]])
-    ))
-    .await;
+    let lb = with_fast_checks(&[&bs[0], &bs[1]]).await;
     bs[0].set_health(503);
     let b0 = state(&lb, 0);
     eventually!(5, !b0.is_healthy());
@@ -140,11 +141,7 @@ async fn failing_health_endpoint_takes_backend_out() {
 #[tokio::test]
 async fn all_backends_unhealthy_is_503_at_once() {
     let bs = Backend::start_many(2).await;
-    let lb = TestLb::start(&format!(
-        "{FAST_CHECKS}{}",
-        backends_yaml(&[&bs[0], &bs[1]])
-    ))
-    .await;
+    let lb = with_fast_checks(&[&bs[0], &bs[1]]).await;
     for b in &bs {
         b.set_health(500);
     }
@@ -326,11 +323,7 @@ async fn reloaded_interval_applies_without_waiting_out_the_old_one() {
 #[tokio::test]
 async fn health_state_survives_a_reload() {
     let bs = Backend::start_many(2).await;
-    let lb = TestLb::start(&format!(
-        "{FAST_CHECKS}{}",
-        backends_yaml(&[&bs[0], &bs[1]])
-    ))
-    .await;
+    let lb = with_fast_checks(&[&bs[0], &bs[1]]).await;
     bs[0].set_health(503);
     let before = state(&lb, 0);
     eventually!(5, !before.is_healthy());
