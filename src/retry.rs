@@ -114,7 +114,7 @@ enum Failed {
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
-    parts: Parts,
+    mut parts: Parts,
     mut body: RequestBody,
 ) -> Response<ResponseBody> {
     let policy: &RetryPolicy = &snap.config.retry;
@@ -152,7 +152,12 @@ pub async fn forward(
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = upstream_uri(&parts.uri, &snap.authorities[index]);
         *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = parts.headers.clone();
+        // Only a later attempt needs the headers again: the last one takes them.
+        *req.headers_mut() = if attempt + 1 == policy.attempts.get() {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
 
         let in_flight = backend.state.start();
         let try_deadline = policy
