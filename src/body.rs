@@ -236,14 +236,15 @@ impl RequestBody {
         let watch = Arc::clone(body.watch());
         match body.size_hint().exact() {
             Some(len) if replay && len <= limit => {
-                let collected = Limited::new(body, limit as usize)
-                    .collect()
-                    .await
-                    .map_err(|e| BufferError {
-                        // The length was checked: only the client's side can fail here.
-                        fault: watch.fault().unwrap_or(ClientFault::Malformed),
-                        message: e.to_string(),
-                    })?;
+                let collected =
+                    Limited::new(body, limit as usize)
+                        .collect()
+                        .await
+                        .map_err(|e| BufferError {
+                            // The length was checked: only the client's side can fail here.
+                            fault: watch.fault().unwrap_or(ClientFault::Malformed),
+                            message: e.to_string(),
+                        })?;
                 Ok(RequestBody::Buffered(collected.to_bytes()))
             }
             _ => Ok(RequestBody::Streaming {

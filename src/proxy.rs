@@ -45,8 +45,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
     let (mut parts, body) = req.into_parts();
-    if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip))
-    {
+    if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
         return Ok(refusal.response());
     }

@@ -175,7 +175,10 @@ pub async fn forward(
         let (kind, detail) = match outcome {
             Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 // lb never forwards `Upgrade`, so this switch was not asked for.
-                (FailureKind::Protocol, "answered 101 to a request without Upgrade".to_owned())
+                (
+                    FailureKind::Protocol,
+                    "answered 101 to a request without Upgrade".to_owned(),
+                )
             }
             Ok(Ok(resp)) => {
                 let status = resp.status();

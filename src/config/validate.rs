@@ -10,12 +10,12 @@ use std::time::Duration;
 use hyper::http::uri::{Authority, PathAndQuery};
 
 use super::raw::{
-    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection, RawRetry,
-    RawRetryOn, RawStrategy,
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
+    RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, RetryBudgetConfig,
-    RetryOn, RetryPolicy, Strategy, Timeouts,
+    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection,
+    RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
 type Invalid = (String, String);
