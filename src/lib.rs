@@ -33,20 +33,22 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ContentHash};
 use crate::reload::{ReloadHandle, WatchSettings};
 use crate::runtime::Runtime;
-use crate::server::Listeners;
+use crate::server::{Http1, Listeners};
+use crate::workers::Workers;
 
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
@@ -54,6 +56,23 @@ pub struct Settings {
     /// The file reloads re-read.
     pub config_path: PathBuf,
     pub watch: WatchSettings,
+    /// Worker threads serving clients (`--workers`; default one per core).
+    pub workers: NonZeroUsize,
+    /// Which code serves HTTP/1 (`--http1`).
+    pub http1: Http1,
+}
+
+impl Settings {
+    /// Defaults for everything but the file: one worker per core, the fast
+    /// HTTP/1 path.
+    pub fn new(config_path: PathBuf, watch: WatchSettings) -> Self {
+        Settings {
+            config_path,
+            watch,
+            workers: workers::default_count(),
+            http1: Http1::default(),
+        }
+    }
 }
 
 /// A running proxy: accept loop, health checker and reloader.
@@ -62,6 +81,8 @@ pub struct Lb {
     runtime: Arc<Runtime>,
     listeners: Arc<Listeners>,
     reload: ReloadHandle,
+    /// The worker threads; dropping the last reference stops them.
+    workers: Arc<Workers>,
     /// `true` asks every client connection to finish and close.
     drain: watch::Sender<bool>,
     /// Background tasks stopped on shutdown.
@@ -69,19 +90,29 @@ pub struct Lb {
 }
 
 impl Lb {
-    /// Starts serving `listener` with `config` (loaded from
-    /// `settings.config_path`, whose content hash is `hash`).
+    /// Starts serving `listener` (bound by [`server::bind`]) with `config`
+    /// (loaded from `settings.config_path`, whose content hash is `hash`) on
+    /// `settings.workers` worker threads. Health checks and the reloader run
+    /// on the calling tokio runtime.
     pub fn start(
-        listener: TcpListener,
+        listener: std::net::TcpListener,
         config: Config,
         hash: ContentHash,
         settings: Settings,
-    ) -> Lb {
+    ) -> std::io::Result<Lb> {
         let configured = config.listen;
         tracing::info!(%hash, "config loaded: {}", config.summary());
-        let runtime = Runtime::new(config, hash);
+        let workers = Arc::new(Workers::start(settings.workers)?);
+        let runtime = Runtime::new(config, hash, workers.len());
         let (drain, drain_rx) = watch::channel(false);
-        let listeners = Listeners::start(listener, configured, Arc::clone(&runtime), drain_rx);
+        let listeners = Listeners::start(
+            listener,
+            configured,
+            Arc::clone(&runtime),
+            Arc::clone(&workers),
+            settings.http1,
+            drain_rx,
+        );
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
         let (reload, reloader) = reload::spawn(
             settings.config_path,
@@ -89,13 +120,14 @@ impl Lb {
             Arc::clone(&listeners),
             settings.watch,
         );
-        Lb {
+        Ok(Lb {
             runtime,
             listeners,
             reload,
+            workers,
             drain,
             tasks: vec![health, reloader],
-        }
+        })
     }
 
     /// Where clients can connect now (changes when `listen` is reloaded).
@@ -126,5 +158,6 @@ impl Lb {
         {
             tracing::warn!("connections still open after {grace:?}; closing them");
         }
+        drop(self.workers);
     }
 }

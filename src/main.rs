@@ -2,6 +2,7 @@
 //! bind, and hand over to [`lb::run`].
 
 use std::io::IsTerminal;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,11 +32,25 @@ struct Cli {
     /// How long open connections may finish their requests on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Worker threads serving clients, each with its own listening socket
+    /// and upstream pools [default: one per core].
+    #[arg(long)]
+    workers: Option<NonZeroUsize>,
+    /// Which code serves HTTP/1: `fast` (lb's own, hyper for the rest) or
+    /// `hyper` (everything through hyper, for comparison and debugging).
+    #[arg(long, value_enum, default_value_t = Http1Arg::Fast)]
+    http1: Http1Arg,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter (`info`, `lb=debug`, …); RUST_LOG is used when absent.
     #[arg(long)]
     log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Http1Arg {
+    Fast,
+    Hyper,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -68,7 +83,9 @@ fn main() -> ExitCode {
         };
     }
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Clients are served on the worker threads; this runtime only runs
+    // signals, health checks and the reloader.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -108,14 +125,27 @@ async fn serve(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let settings = lb::Settings {
-        config_path: cli.config.clone(),
-        watch: WatchSettings {
+    let mut settings = lb::Settings::new(
+        cli.config.clone(),
+        WatchSettings {
             watch: !cli.no_watch,
             poll_interval: cli.poll_interval,
         },
+    );
+    if let Some(n) = cli.workers {
+        settings.workers = n;
+    }
+    settings.http1 = match cli.http1 {
+        Http1Arg::Fast => lb::server::Http1::Fast,
+        Http1Arg::Hyper => lb::server::Http1::Hyper,
     };
-    let lb = lb::Lb::start(listener, config, hash, settings);
+    let lb = match lb::Lb::start(listener, config, hash, settings) {
+        Ok(lb) => lb,
+        Err(e) => {
+            tracing::error!("cannot start the worker threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let reload = lb.reload_handle();
     let stop = stop_signal(terminate, interrupt);
     tokio::pin!(stop);

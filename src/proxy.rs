@@ -40,6 +40,7 @@ static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, heade
 /// Serves one client request.
 pub async fn handle(
     rt: Arc<Runtime>,
+    worker: usize,
     client_ip: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -59,7 +60,7 @@ pub async fn handle(
             return Ok(retry::client_fault(e.fault));
         }
     };
-    Ok(retry::forward(&rt, &snap, parts, body).await)
+    Ok(retry::forward(&rt, &snap, worker, parts, body).await)
 }
 
 /// A request lb answers itself, with why.

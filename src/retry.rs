@@ -97,8 +97,55 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// One protocol's way of carrying attempts to backends: the hyper path
+/// ([`HyperAttempts`]) and the HTTP/1 fast path implement it, and [`run`]
+/// makes every decision for both (selection, budget, timeouts, passive
+/// health, what is retried, what the client is told).
+pub(crate) trait Attempts {
+    /// A backend's response head (and whatever carries its body).
+    type Response;
+
+    /// Readies the request body for one more attempt; false when a
+    /// streaming body has already been sent and cannot go again.
+    fn next_attempt(&mut self) -> bool;
+
+    /// Sends the attempt readied by `next_attempt` to backend `index` of
+    /// `snap` and waits for its response head. `last` is true when no other
+    /// attempt can follow (the request's parts may be moved, not cloned).
+    fn send(
+        &mut self,
+        snap: &Snapshot,
+        index: usize,
+        last: bool,
+    ) -> impl std::future::Future<Output = Result<Self::Response, (FailureKind, String)>> + Send;
+
+    fn status(response: &Self::Response) -> StatusCode;
+
+    /// True when every attempt can send the whole body again.
+    fn is_replayable(&self) -> bool;
+
+    /// True when the last attempt's body came back unsent (or never left).
+    fn can_resend(&mut self) -> bool;
+
+    /// How the client's side of the body failed, if it did; `timed_out`
+    /// says the attempt ran out of time (a stall on the client's side then
+    /// is the client's fault).
+    fn client_fault(&self, timed_out: bool) -> Option<ClientFault>;
+}
+
+/// What [`run`] concluded: the client gets one of these.
+pub(crate) enum Outcome<R> {
+    /// A backend's response, relayed; the guard keeps the backend counted
+    /// in flight until the body is done.
+    Relay(R, InFlight),
+    /// lb's own short answer (no backend, 502, 504).
+    Own(StatusCode, String),
+    /// The client's body failed: answered without blaming a backend.
+    ClientFault(ClientFault),
+}
+
 /// Why the previous attempt did not produce the answer.
-enum Failed {
+enum Failed<R> {
     /// A transport failure on `backend`.
     Transport {
         kind: FailureKind,
@@ -106,26 +153,78 @@ enum Failed {
         detail: String,
     },
     /// A retryable status; kept to pass through if no retry succeeds.
-    Response(Response<ResponseBody>),
+    Response(R, InFlight),
 }
+
+/// Whether a failed attempt may be tried again (the policy, nothing else).
+fn may_retry(
+    kind: FailureKind,
+    retry_on: &crate::config::RetryOn,
+    idempotent: bool,
+    replayable: bool,
+    can_resend: impl FnOnce() -> bool,
+) -> bool {
+    match kind {
+        FailureKind::Connect => retry_on.connect_failure && can_resend(),
+        FailureKind::Reset => retry_on.reset && idempotent && replayable,
+        FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
+        FailureKind::Protocol => false,
+    }
+}
+
+/// What the client is told when the last attempt failed in transit.
+fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
+    match kind {
+        FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
+        FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
+        FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+        FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
+    }
+}
+
+const NO_BACKEND: &str = "lb: no healthy backend available\n";
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
 /// retrying per the snapshot's policy.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
-    mut parts: Parts,
-    mut body: RequestBody,
+    worker: usize,
+    parts: Parts,
+    body: RequestBody,
 ) -> Response<ResponseBody> {
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let mut attempts = HyperAttempts {
+        worker,
+        parts,
+        body,
+        pending: None,
+    };
+    match run(rt, snap, &method, &path, &mut attempts).await {
+        Outcome::Relay(resp, in_flight) => pass_through(resp, in_flight),
+        Outcome::Own(status, body) => text(status, body),
+        Outcome::ClientFault(fault) => client_fault(fault),
+    }
+}
+
+/// The decisions of the retry loop, over either protocol's [`Attempts`].
+pub(crate) async fn run<A: Attempts>(
+    rt: &Runtime,
+    snap: &Snapshot,
+    method: &Method,
+    path: &str,
+    attempts: &mut A,
+) -> Outcome<A::Response> {
     let policy: &RetryPolicy = &snap.config.retry;
     let started = Instant::now();
     let deadline = started + snap.config.timeouts.request;
-    let idempotent = is_idempotent(&parts.method);
+    let idempotent = is_idempotent(method);
     let outlier = &snap.config.outlier_detection;
     rt.budget.deposit(&policy.budget);
 
     let mut tried: Vec<usize> = Vec::new();
-    let mut last: Option<Failed> = None;
+    let mut last: Option<Failed<A::Response>> = None;
     for attempt in 0..policy.attempts.get() {
         if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
             tracing::debug!("retry budget exhausted");
@@ -136,44 +235,28 @@ pub async fn forward(
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
         let Some(index) = snap.select(&eligible) else {
             if attempt == 0 {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "lb: no healthy backend available\n".to_owned(),
-                );
+                return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
             }
             break;
         };
         tried.push(index);
-        let Some(attempt_body) = body.next_attempt() else {
+        if !attempts.next_attempt() {
             break;
-        };
+        }
         let backend = &snap.backends[index];
-        let mut req = Request::new(attempt_body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = upstream_uri(&parts.uri, &snap.authorities[index]);
-        *req.version_mut() = Version::HTTP_11;
-        // Only a later attempt needs the headers again: the last one takes them.
-        *req.headers_mut() = if attempt + 1 == policy.attempts.get() {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-
         let in_flight = backend.state.start();
         let try_deadline = policy
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
-        let outcome = timeout_at(try_deadline, snap.client.request(req)).await;
+        let last_try = attempt + 1 == policy.attempts.get();
+        let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
         // The client's side failed (bad framing, stall, gone): not the backend's doing.
-        let fault = body.client_fault().or_else(|| {
-            (outcome.is_err() && body.waiting_on_client()).then_some(ClientFault::Stalled)
-        });
-        if let Some(fault) = fault {
+        if let Some(fault) = attempts.client_fault(outcome.is_err()) {
             tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
-            return client_fault(fault);
+            return Outcome::ClientFault(fault);
         }
         let (kind, detail) = match outcome {
-            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Ok(Ok(resp)) if A::status(&resp) == StatusCode::SWITCHING_PROTOCOLS => {
                 // lb never forwards `Upgrade`, so this switch was not asked for.
                 (
                     FailureKind::Protocol,
@@ -181,21 +264,21 @@ pub async fn forward(
                 )
             }
             Ok(Ok(resp)) => {
-                let status = resp.status();
+                let status = A::status(&resp);
                 if status.is_server_error() {
                     note_failure(rt, snap, index, outlier, &format!("answered {status}"));
                 } else {
                     backend.state.record_success();
                 }
-                let resp = pass_through(resp, in_flight);
-                if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
+                if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
+                {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
-                    last = Some(Failed::Response(resp));
+                    last = Some(Failed::Response(resp, in_flight));
                     continue;
                 }
-                return resp;
+                return Outcome::Relay(resp, in_flight);
             }
-            Ok(Err(err)) => upstream::classify(&err),
+            Ok(Err(failure)) => failure,
             Err(_) => (
                 FailureKind::Timeout,
                 format!("no response within {:?}", Instant::now() - started),
@@ -204,12 +287,13 @@ pub async fn forward(
         drop(in_flight);
         note_failure(rt, snap, index, outlier, &detail);
         tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
-        let retry_allowed = match kind {
-            FailureKind::Connect => policy.retry_on.connect_failure && body.can_resend(),
-            FailureKind::Reset => policy.retry_on.reset && idempotent && body.is_replayable(),
-            FailureKind::Timeout => policy.retry_on.timeout && idempotent && body.is_replayable(),
-            FailureKind::Protocol => false,
-        };
+        let retry_allowed = may_retry(
+            kind,
+            &policy.retry_on,
+            idempotent,
+            attempts.is_replayable(),
+            || attempts.can_resend(),
+        );
         last = Some(Failed::Transport {
             kind,
             backend: index,
@@ -220,7 +304,7 @@ pub async fn forward(
         }
     }
     match last {
-        Some(Failed::Response(resp)) => resp,
+        Some(Failed::Response(resp, in_flight)) => Outcome::Relay(resp, in_flight),
         Some(Failed::Transport {
             kind,
             backend,
@@ -228,21 +312,75 @@ pub async fn forward(
         }) => {
             let addr = &snap.backends[backend].addr;
             let tries = tried.len();
-            let (status, what) = match kind {
-                FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
-                FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
-                FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
-                FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
-            };
-            tracing::warn!(backend = %addr, %detail, tries, "{} {} {}: {}", parts.method, parts.uri.path(), what, status);
+            let (status, what) = final_status(kind);
+            tracing::warn!(backend = %addr, %detail, tries, "{method} {path} {what}: {status}");
             // The client learns the status; addresses and errors stay in the log.
             let reason = status.canonical_reason().unwrap_or("");
-            text(status, format!("lb: {} {reason}\n", status.as_u16()))
+            Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
         }
-        None => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "lb: no healthy backend available\n".to_owned(),
-        ),
+        None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned()),
+    }
+}
+
+/// The hyper path's attempts: hyper's pooled client of this worker.
+struct HyperAttempts {
+    worker: usize,
+    /// The rewritten request head; the last attempt takes its headers.
+    parts: Parts,
+    body: RequestBody,
+    /// The body readied by `next_attempt`.
+    pending: Option<crate::body::UpstreamBody>,
+}
+
+impl Attempts for HyperAttempts {
+    type Response = Response<Incoming>;
+
+    fn next_attempt(&mut self) -> bool {
+        self.pending = self.body.next_attempt();
+        self.pending.is_some()
+    }
+
+    async fn send(
+        &mut self,
+        snap: &Snapshot,
+        index: usize,
+        last: bool,
+    ) -> Result<Response<Incoming>, (FailureKind, String)> {
+        let Some(body) = self.pending.take() else {
+            return Err((FailureKind::Connect, "no body to send".to_owned()));
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &snap.authorities[index]);
+        *req.version_mut() = Version::HTTP_11;
+        // Only a later attempt needs the headers again: the last one takes them.
+        *req.headers_mut() = if last {
+            std::mem::take(&mut self.parts.headers)
+        } else {
+            self.parts.headers.clone()
+        };
+        snap.client(self.worker)
+            .request(req)
+            .await
+            .map_err(|e| upstream::classify(&e))
+    }
+
+    fn status(response: &Response<Incoming>) -> StatusCode {
+        response.status()
+    }
+
+    fn is_replayable(&self) -> bool {
+        self.body.is_replayable()
+    }
+
+    fn can_resend(&mut self) -> bool {
+        self.body.can_resend()
+    }
+
+    fn client_fault(&self, timed_out: bool) -> Option<ClientFault> {
+        self.body.client_fault().or_else(|| {
+            (timed_out && self.body.waiting_on_client()).then_some(ClientFault::Stalled)
+        })
     }
 }
 

@@ -37,9 +37,10 @@ pub struct Snapshot {
     pub backends: Vec<Backend>,
     /// The configured strategy, built over `backends`.
     pub selector: Box<dyn Selector>,
-    /// Backend connection pool; carried over between snapshots when the
-    /// connect timeout is unchanged.
-    pub client: UpstreamClient,
+    /// Backend connection pools, one per worker (a worker never shares its
+    /// pool, so no lock or cross-thread wake-up); carried over between
+    /// snapshots when the connect timeout is unchanged.
+    pub clients: Vec<UpstreamClient>,
     /// Pre-parsed `host:port` of each backend, for building upstream URIs.
     pub authorities: Vec<Authority>,
     /// Settings for client connections accepted while this snapshot is current.
@@ -50,6 +51,11 @@ impl Snapshot {
     /// The backend picked for an attempt, skipping those `eligible` rejects.
     pub fn select(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
         self.selector.select(&self.backends, eligible)
+    }
+
+    /// The upstream pool of `worker`.
+    pub fn client(&self, worker: usize) -> &UpstreamClient {
+        &self.clients[worker % self.clients.len()]
     }
 }
 
@@ -77,12 +83,16 @@ pub struct Runtime {
     pub connections: Arc<ConnectionCount>,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
+    /// Worker threads serving clients: one upstream pool is built for each.
+    workers: usize,
 }
 
 impl Runtime {
-    pub fn new(config: Config, hash: ContentHash) -> Arc<Runtime> {
+    /// The runtime of an lb serving with `workers` worker threads.
+    pub fn new(config: Config, hash: ContentHash, workers: usize) -> Arc<Runtime> {
+        let workers = workers.max(1);
         let states = StateTable::default();
-        let snapshot = build(config, hash, &states, None);
+        let snapshot = build(config, hash, &states, None, workers);
         let clock = Clock::new();
         let runtime = Runtime {
             current: ArcSwap::from_pointee(snapshot),
@@ -92,6 +102,7 @@ impl Runtime {
             reloads: ReloadStats::default(),
             connections: Arc::default(),
             generation: watch::channel(0).0,
+            workers,
         };
         runtime.reloads.applied.fetch_add(1, Relaxed);
         Arc::new(runtime)
@@ -106,7 +117,7 @@ impl Runtime {
     /// stays keep their state; the summary says what changed.
     pub fn apply(&self, config: Config, hash: ContentHash) -> ReloadSummary {
         let old = self.current.load_full();
-        let next = build(config, hash, &self.states, Some(&old));
+        let next = build(config, hash, &self.states, Some(&old), self.workers);
         let summary = ReloadSummary::between(&old, &next);
         self.current.store(Arc::new(next));
         self.reloads.applied.fetch_add(1, Relaxed);
@@ -125,6 +136,7 @@ fn build(
     hash: ContentHash,
     states: &StateTable,
     old: Option<&Snapshot>,
+    workers: usize,
 ) -> Snapshot {
     let backends: Vec<Backend> = config
         .backends
@@ -147,16 +159,18 @@ fn build(
                 .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"))
         })
         .collect();
-    let client = match old {
-        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.client.clone(),
-        _ => upstream::client(config.timeouts.connect),
+    let clients = match old {
+        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.clients.clone(),
+        _ => (0..workers)
+            .map(|_| upstream::client(config.timeouts.connect))
+            .collect(),
     };
     Snapshot {
         selector: selection::build(config.strategy, &backends),
         server: crate::server::http_server(&config),
         backends,
         authorities,
-        client,
+        clients,
         hash,
         config,
     }

@@ -36,6 +36,7 @@ use crate::config::{Config, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 use crate::state::Clock;
+use crate::workers::Workers;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
 /// thousands of connects must not wait on SYN retransmits (nginx uses 511,
@@ -43,15 +44,40 @@ use crate::state::Clock;
 const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a listening socket the way lb wants it: `SO_REUSEADDR` (a restart
-/// does not wait out TIME_WAIT) and a deep accept queue.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// does not wait out TIME_WAIT), `SO_REUSEPORT` (every worker binds its own
+/// socket on the same address, and a reload may move to another IP on the
+/// same port) and a deep accept queue. Non-blocking, ready for any runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// One listening socket per worker on the address `first` is bound to:
+/// `first` itself for worker 0, a new `SO_REUSEPORT` socket for each other
+/// one. When `first` was bound without `SO_REUSEPORT` the others share it.
+fn per_worker(first: std::net::TcpListener, workers: usize) -> Vec<std::net::TcpListener> {
+    let local = first.local_addr();
+    let mut sockets = Vec::with_capacity(workers);
+    for _ in 1..workers {
+        let own = local
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()));
+        match own
+            .and_then(|addr| bind(*addr))
+            .or_else(|_| first.try_clone())
+        {
+            Ok(s) => sockets.push(s),
+            Err(e) => tracing::warn!("a worker shares no listener: {e}"),
+        }
+    }
+    sockets.insert(0, first);
+    sockets
 }
 
 /// The hyper server settings for client connections; part of each snapshot
@@ -102,6 +128,16 @@ impl ConnectionCount {
         ConnectionGuard(Arc::clone(self))
     }
 
+    /// Counts a new connection if fewer than `cap` are open: workers accept
+    /// concurrently, so the check and the count are one atomic step.
+    fn try_admit(self: &Arc<Self>, cap: usize) -> Option<ConnectionGuard> {
+        self.open
+            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
+            .ok()?;
+        self.total.fetch_add(1, Relaxed);
+        Some(ConnectionGuard(Arc::clone(self)))
+    }
+
     /// Returns once fewer than `cap` connections are open. Re-checks every
     /// second too, so a reload that raises the cap is seen.
     async fn below(&self, cap: &(dyn Fn() -> usize + Sync)) {
@@ -126,47 +162,58 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The socket currently accepting clients.
+/// The sockets currently accepting clients, one per worker.
 #[derive(Debug)]
 struct Active {
-    /// The `listen` value it was bound for (may be port 0).
+    /// The `listen` value they were bound for (may be port 0).
     configured: SocketAddr,
     /// What the OS actually bound.
     local: SocketAddr,
-    /// Dropping or firing this stops its accept loop.
-    stop: Option<oneshot::Sender<()>>,
+    /// Dropping or firing these stops the accept loops (each drains its
+    /// socket's queue before closing it).
+    stop: Vec<oneshot::Sender<()>>,
     /// Handed to each connection: `true` asks it to finish its current
     /// requests and close; the sender's `closed()` resolves when all have.
     /// Taken on shutdown, so only live connections hold one.
     drain: Option<watch::Receiver<bool>>,
 }
 
-/// Owner of the accept loop; shared by `Lb` and the reloader.
+/// Owner of the accept loops; shared by `Lb` and the reloader.
 #[derive(Debug)]
 pub struct Listeners {
     runtime: Arc<Runtime>,
+    /// Where accept loops and their connections run.
+    workers: Arc<Workers>,
+    /// Which code serves HTTP/1 connections (`--http1`).
+    http1: Http1,
     /// Touched only on reload and shutdown.
     active: Mutex<Active>,
 }
 
 impl Listeners {
     pub fn start(
-        listener: TcpListener,
+        listener: std::net::TcpListener,
         configured: SocketAddr,
         runtime: Arc<Runtime>,
+        workers: Arc<Workers>,
+        http1: Http1,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let local = listener.local_addr().unwrap_or(configured);
-        let stop = spawn_accept_loop(listener, Arc::clone(&runtime), drain.clone());
-        Arc::new(Listeners {
+        let listeners = Arc::new(Listeners {
             runtime,
+            workers,
+            http1,
             active: Mutex::new(Active {
                 configured,
                 local,
-                stop: Some(stop),
-                drain: Some(drain),
+                stop: Vec::new(),
+                drain: Some(drain.clone()),
             }),
-        })
+        });
+        let stop = listeners.spawn_accept_loops(listener, &drain);
+        listeners.active().stop = stop;
+        listeners
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, Active> {
@@ -183,15 +230,17 @@ impl Listeners {
         self.active().local
     }
 
-    /// Serves `listener` from now on and stops accepting on the previous one.
-    pub fn replace(&self, listener: TcpListener, configured: SocketAddr) {
+    /// Serves `listener` (and a sibling socket per other worker) from now
+    /// on, then stops accepting on the previous sockets, draining their
+    /// accept queues first.
+    pub fn replace(&self, listener: std::net::TcpListener, configured: SocketAddr) {
         let local = listener.local_addr().unwrap_or(configured);
         let mut active = self.active();
         let Some(drain) = active.drain.clone() else {
             return; // shutting down
         };
-        let stop = spawn_accept_loop(listener, Arc::clone(&self.runtime), drain);
-        if let Some(old) = active.stop.replace(stop) {
+        let stop = self.spawn_accept_loops(listener, &drain);
+        for old in std::mem::replace(&mut active.stop, stop) {
             let _ = old.send(());
         }
         active.configured = configured;
@@ -202,75 +251,159 @@ impl Listeners {
     pub fn stop(&self) {
         let mut active = self.active();
         active.drain = None;
-        if let Some(stop) = active.stop.take() {
+        for stop in active.stop.drain(..) {
             let _ = stop.send(());
         }
     }
+
+    fn spawn_accept_loops(
+        &self,
+        listener: std::net::TcpListener,
+        drain: &watch::Receiver<bool>,
+    ) -> Vec<oneshot::Sender<()>> {
+        let sockets = per_worker(listener, self.workers.len());
+        let mut stops = Vec::with_capacity(sockets.len());
+        for (worker, (socket, handle)) in
+            sockets.into_iter().zip(self.workers.handles()).enumerate()
+        {
+            let (tx, rx) = oneshot::channel();
+            let ctx = ConnContext {
+                runtime: Arc::clone(&self.runtime),
+                worker,
+                http1: self.http1,
+            };
+            handle.spawn(accept_loop(socket, ctx, drain.clone(), rx));
+            stops.push(tx);
+        }
+        stops
+    }
+}
+
+/// Which code serves an HTTP/1 connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1 {
+    /// lb's own HTTP/1 path (`httparse`, one buffer per message); anything
+    /// it does not handle (h2c, `Upgrade`, …) goes to hyper.
+    #[default]
+    Fast,
+    /// hyper for every connection, for comparison and debugging.
+    Hyper,
+}
+
+/// What every connection of one worker needs.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnContext {
+    pub runtime: Arc<Runtime>,
+    /// Index of the worker running this connection: picks its upstream pool.
+    pub worker: usize,
+    pub http1: Http1,
 }
 
 /// How often a persistent accept error is logged, at most.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
-fn spawn_accept_loop(
-    listener: TcpListener,
-    runtime: Arc<Runtime>,
+async fn accept_loop(
+    socket: std::net::TcpListener,
+    ctx: ConnContext,
     drain: watch::Receiver<bool>,
-) -> oneshot::Sender<()> {
-    let (tx, mut rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let addr = listener
-            .local_addr()
-            .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+    mut rx: oneshot::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("worker {} cannot listen: {e}", ctx.worker);
+            return;
+        }
+    };
+    let runtime = &ctx.runtime;
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+    if ctx.worker == 0 {
         tracing::info!("listening on {addr}");
-        let cap = || runtime.snapshot().config.limits.max_connections;
-        // Accept errors since the last one logged, and when that was.
-        let mut unlogged_errors = 0u64;
-        let mut last_error_log: Option<Instant> = None;
-        loop {
-            if runtime.connections.open() >= cap() {
-                tracing::warn!(
-                    "{} client connections open (limits.max_connections): pausing accept on {addr}",
-                    runtime.connections.open()
-                );
-                tokio::select! {
-                    biased;
-                    _ = &mut rx => break,
-                    () = runtime.connections.below(&cap) => {}
-                }
-                tracing::info!("accepting again on {addr}");
-            }
+    }
+    let cap = || runtime.snapshot().config.limits.max_connections;
+    // Accept errors since the last one logged, and when that was.
+    let mut unlogged_errors = 0u64;
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        if runtime.connections.open() >= cap() {
+            tracing::warn!(
+                "{} client connections open (limits.max_connections): pausing accept on {addr}",
+                runtime.connections.open()
+            );
             tokio::select! {
                 biased;
                 _ = &mut rx => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => serve(stream, peer, &runtime, drain.clone()),
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, don't
-                        // spin or die, and say so once in a while, not per try.
-                        unlogged_errors += 1;
-                        if last_error_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
-                            tracing::warn!(error = %e, "accept failed ({unlogged_errors} times since the last report)");
-                            unlogged_errors = 0;
-                            last_error_log = Some(Instant::now());
+                () = runtime.connections.below(&cap) => {}
+            }
+            tracing::info!("accepting again on {addr}");
+        }
+        tokio::select! {
+            biased;
+            _ = &mut rx => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Another worker may have taken the last slot since the
+                    // check above: hold this one until there is room.
+                    let guard = loop {
+                        if let Some(guard) = runtime.connections.try_admit(cap()) {
+                            break Some(guard);
                         }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::select! {
+                            biased;
+                            _ = &mut rx => break None,
+                            () = runtime.connections.below(&cap) => {}
+                        }
+                    };
+                    match guard {
+                        Some(guard) => serve(stream, peer, guard, &ctx, drain.clone()),
+                        None => break,
                     }
-                },
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't
+                    // spin or die, and say so once in a while, not per try.
+                    unlogged_errors += 1;
+                    if last_error_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                        tracing::warn!(error = %e, "accept failed ({unlogged_errors} times since the last report)");
+                        unlogged_errors = 0;
+                        last_error_log = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    // Closing a socket resets the connections still in its accept queue:
+    // take them first (their clients connected before the stop).
+    if let Ok(std) = listener.into_std() {
+        while let Ok((stream, peer)) = std.accept() {
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream));
+            if let Ok(stream) = stream {
+                // Already connected: past the cap rather than reset.
+                let guard = ctx.runtime.connections.admit();
+                serve(stream, peer, guard, &ctx, drain.clone());
             }
         }
+    }
+    if ctx.worker == 0 {
         tracing::info!("stopped accepting on {addr}");
-    });
-    tx
+    }
 }
 
 fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    runtime: &Arc<Runtime>,
+    guard: ConnectionGuard,
+    ctx: &ConnContext,
     mut drain: watch::Receiver<bool>,
 ) {
+    let runtime = &ctx.runtime;
+    let worker = ctx.worker;
     let _ = stream.set_nodelay(true);
-    let guard = runtime.connections.admit();
     let snap = runtime.snapshot();
     let clock = runtime.clock;
     let activity = Arc::new(Activity::new(clock.now_ms()));
@@ -278,7 +411,7 @@ fn serve(
     let for_service = Arc::clone(&activity);
     let service = service_fn(move |req| {
         let request = RequestGuard::start(&for_service, clock);
-        let response = proxy::handle(Arc::clone(&rt), peer.ip(), req);
+        let response = proxy::handle(Arc::clone(&rt), worker, peer.ip(), req);
         async move {
             let resp = response.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {

@@ -33,15 +33,15 @@ const NO_POLL: Duration = Duration::from_secs(3600);
 /// `listen: 127.0.0.1:0`), watching it with the given poll interval.
 async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
     let (config, hash) = lb::config::Config::load(path).unwrap();
-    let listener = TcpListener::bind(config.listen).await.unwrap();
-    let settings = lb::Settings {
-        config_path: path.to_owned(),
-        watch: lb::reload::WatchSettings {
+    let listener = lb::server::bind(config.listen).unwrap();
+    let settings = settings(
+        path,
+        lb::reload::WatchSettings {
             watch: true,
             poll_interval,
         },
-    };
-    lb::Lb::start(listener, config, hash, settings)
+    );
+    lb::Lb::start(listener, config, hash, settings).unwrap()
 }
 
 /// A complete config file serving `backends` on an ephemeral port.
@@ -798,9 +798,9 @@ async fn edit_right_after_start_is_seen() {
 }
 
 /// A `listen` change that keeps the port but changes the IP
-/// (127.0.0.1:P → 0.0.0.0:P) overlaps the socket lb itself holds, so the new
-/// bind fails. Documented limitation: the reload is rejected (with a hint,
-/// in the log) and the old listener keeps serving.
+/// (127.0.0.1:P → 0.0.0.0:P) overlaps the socket lb itself holds; with
+/// `SO_REUSEPORT` on every listening socket the new bind succeeds, and the
+/// old socket is drained and closed.
 #[tokio::test]
 async fn listen_change_keeping_the_port() {
     let a = Backend::start("a").await;
@@ -813,8 +813,8 @@ async fn listen_change_keeping_the_port() {
     let wildcard: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
     lb.rewrite(&format!("listen: {wildcard}\n{}", backends_yaml(&[&a])));
     eventually!(5, lb.applied() + lb.rejected() > 1);
-    assert_eq!((lb.applied(), lb.rejected()), (1, 1));
-    assert_eq!(lb.lb.local_addr().port(), port);
+    assert_eq!((lb.applied(), lb.rejected()), (2, 0));
+    assert_eq!(lb.lb.local_addr(), wildcard);
     let answer = get(&client(), &format!("http://127.0.0.1:{port}/")).await;
     assert_eq!(answer.text(), "a");
 }

@@ -366,15 +366,15 @@ impl TestLb {
         let yaml = with_listen(yaml);
         std::fs::write(&path, &yaml).unwrap();
         let (config, hash) = lb::config::Config::load(&path).unwrap();
-        let listener = TcpListener::bind(config.listen).await.unwrap();
-        let settings = lb::Settings {
-            config_path: path.clone(),
-            watch: lb::reload::WatchSettings {
+        let listener = lb::server::bind(config.listen).unwrap();
+        let settings = settings(
+            &path,
+            lb::reload::WatchSettings {
                 watch,
                 poll_interval: Duration::from_millis(200),
             },
-        };
-        let lb = lb::Lb::start(listener, config, hash, settings);
+        );
+        let lb = lb::Lb::start(listener, config, hash, settings).unwrap();
         TestLb { lb, dir, path }
     }
 
@@ -396,6 +396,25 @@ impl TestLb {
 
     pub fn rejected(&self) -> u64 {
         self.lb.runtime().reloads.rejected.load(SeqCst)
+    }
+}
+
+/// Settings for an in-process lb: two workers (so state shared between
+/// workers is exercised), and the HTTP/1 path named by `LB_TEST_HTTP1`
+/// (`fast`, the default, or `hyper`): CI runs the suite once with each.
+pub fn settings(path: &Path, watch: lb::reload::WatchSettings) -> lb::Settings {
+    let mut s = lb::Settings::new(path.to_owned(), watch);
+    s.workers = std::num::NonZeroUsize::new(2).unwrap();
+    s.http1 = http1_under_test();
+    s
+}
+
+/// The HTTP/1 path this run of the suite tests (`LB_TEST_HTTP1`).
+pub fn http1_under_test() -> lb::server::Http1 {
+    match std::env::var("LB_TEST_HTTP1").as_deref() {
+        Ok("hyper") => lb::server::Http1::Hyper,
+        Ok("fast") | Err(_) => lb::server::Http1::Fast,
+        Ok(other) => panic!("LB_TEST_HTTP1={other}: want fast or hyper"),
     }
 }
 
