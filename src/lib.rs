@@ -24,6 +24,7 @@
 
 pub mod body;
 pub mod config;
+pub mod fast;
 pub mod health;
 pub mod proxy;
 pub mod reload;

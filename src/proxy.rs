@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::http::uri::Authority;
+use hyper::http::uri::{Authority, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::body::{RequestBody, ResponseBody};
@@ -71,7 +71,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, reason: &'static str) -> Self {
+    pub(crate) fn new(status: StatusCode, reason: &'static str) -> Self {
         Refusal { status, reason }
     }
 
@@ -90,25 +90,51 @@ impl Refusal {
     }
 }
 
+/// A request head as either HTTP/1 path holds it: hyper's [`Parts`] or the
+/// fast path's raw head. The checks below read heads only through this.
+pub(crate) trait HeadView {
+    fn method(&self) -> &Method;
+    fn uri(&self) -> &Uri;
+    fn version(&self) -> Version;
+    /// Every value of header `name` (given in lower case), in order.
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl HeadView for Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn version(&self) -> Version {
+        self.version
+    }
+
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+}
+
 /// The checks RFC 9110/9112 ask of a proxy before anything is forwarded
 /// (hyper has already refused broken framing: CL+TE, bad Content-Length,
-/// obs-fold, bare CR).
-fn check_request(parts: &Parts) -> Result<(), Refusal> {
+/// obs-fold, bare CR; the fast path hands those to hyper).
+pub(crate) fn check_request(head: &impl HeadView) -> Result<(), Refusal> {
     let bad = |reason| Err(Refusal::new(StatusCode::BAD_REQUEST, reason));
     // CONNECT would make lb an open tunnel; TRACE reflects credentials (XST).
-    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+    if *head.method() == Method::CONNECT || *head.method() == Method::TRACE {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
         ));
     }
     // A coding lb would silently drop on the way to the backend (RFC 9112 §6.1).
-    let mut codings = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
+    let mut codings = head.values("transfer-encoding");
     if let Some(first) = codings.next() {
         let only_chunked = codings.next().is_none()
-            && first
-                .to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            && std::str::from_utf8(first).is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
         if !only_chunked {
             return Err(Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
@@ -117,13 +143,13 @@ fn check_request(parts: &Parts) -> Result<(), Refusal> {
         }
     }
     // The target must be origin-form (`/path`), absolute-form or `*`.
-    let uri = &parts.uri;
+    let uri = head.uri();
     if uri.scheme().is_none()
         && (uri.authority().is_some() || !(uri.path().starts_with('/') || uri.path() == "*"))
     {
         return bad("invalid request target");
     }
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let mut hosts = head.values("host");
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return bad("more than one Host header"),
         (Some(host), None) => {
@@ -131,7 +157,7 @@ fn check_request(parts: &Parts) -> Result<(), Refusal> {
                 return bad("invalid Host header");
             }
         }
-        (None, _) if parts.version == Version::HTTP_11 => {
+        (None, _) if head.version() == Version::HTTP_11 => {
             return bad("HTTP/1.1 request without a Host header")
         }
         (None, _) => {}
@@ -140,14 +166,34 @@ fn check_request(parts: &Parts) -> Result<(), Refusal> {
 }
 
 /// `host[:port]` as RFC 9110 §7.2 allows: no user info, path or spaces.
-fn valid_host(value: &HeaderValue) -> bool {
-    let Ok(s) = value.to_str() else {
+fn valid_host(value: &[u8]) -> bool {
+    let Ok(s) = std::str::from_utf8(value) else {
         return false;
     };
     !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_graphic())
         && !s.contains('@')
         && s.parse::<Authority>()
             .is_ok_and(|a| a.as_str().len() == s.len() && !a.host().is_empty())
+}
+
+/// The `X-Forwarded-For` lb sends: the client's `prior` value (its first
+/// one) with `client_ip` appended.
+pub(crate) fn forwarded_for(
+    prior: Option<&[u8]>,
+    client_ip: IpAddr,
+) -> Result<HeaderValue, Refusal> {
+    let invalid_xff = || Refusal::new(StatusCode::BAD_REQUEST, "invalid X-Forwarded-For header");
+    let xff = match prior.map(|p| {
+        HeaderValue::from_bytes(p)
+            .map_err(|_| ())
+            .and_then(|v| v.to_str().map(str::to_owned).map_err(|_| ()))
+    }) {
+        Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
+        Some(Err(())) => return Err(invalid_xff()),
+        _ => client_ip.to_string(),
+    };
+    HeaderValue::from_str(&xff).map_err(|_| invalid_xff())
 }
 
 /// Prepares the client's head for the backend: `Host` from an absolute-form
@@ -168,32 +214,40 @@ fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    let invalid_xff = || Refusal::new(StatusCode::BAD_REQUEST, "invalid X-Forwarded-For header");
-    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
-        Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        Some(Err(_)) => return Err(invalid_xff()),
-        _ => client_ip.to_string(),
-    };
-    let xff = HeaderValue::from_str(&xff).map_err(|_| invalid_xff())?;
+    let xff = forwarded_for(
+        headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes),
+        client_ip,
+    )?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     Ok(())
+}
+
+/// Whether `name` (lower case) describes the connection, not the message.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_str() == name)
+}
+
+/// The headers `Connection` values name (lower case), except those that
+/// define the message itself: `Connection: host` must not unmake it.
+pub(crate) fn connection_named<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<HeaderName> {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
+        .collect()
 }
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
+        let named = connection_named(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
         for name in named {
-            // `Connection: host` (or a framing header) must not unmake the message.
-            if PROTECTED.contains(&name) {
-                continue;
-            }
             headers.remove(name);
         }
     }

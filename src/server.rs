@@ -153,7 +153,7 @@ impl ConnectionCount {
 
 /// One open client connection, counted until dropped.
 #[derive(Debug)]
-struct ConnectionGuard(Arc<ConnectionCount>);
+pub(crate) struct ConnectionGuard(Arc<ConnectionCount>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -399,11 +399,29 @@ fn serve(
     peer: SocketAddr,
     guard: ConnectionGuard,
     ctx: &ConnContext,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    match ctx.http1 {
+        Http1::Fast => {
+            tokio::spawn(crate::fast::serve(stream, peer, ctx.clone(), drain, guard));
+        }
+        Http1::Hyper => serve_hyper(stream, Bytes::new(), peer, guard, ctx, drain),
+    }
+}
+
+/// Serves a connection with hyper (HTTP/1.1 or h2c), `prefix` being bytes
+/// already read from it (by the fast path, which handed it over).
+pub(crate) fn serve_hyper(
+    stream: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    guard: ConnectionGuard,
+    ctx: &ConnContext,
     mut drain: watch::Receiver<bool>,
 ) {
     let runtime = &ctx.runtime;
     let worker = ctx.worker;
-    let _ = stream.set_nodelay(true);
     let snap = runtime.snapshot();
     let clock = runtime.clock;
     let activity = Arc::new(Activity::new(clock.now_ms()));
@@ -421,6 +439,7 @@ fn serve(
         }
     });
     let io = TokioIo::new(Watched {
+        prefix,
         stream,
         activity: Arc::clone(&activity),
         clock,
@@ -585,6 +604,8 @@ impl Body for Tracked {
 /// The client socket, noting reads in the connection's [`Activity`].
 #[derive(Debug)]
 struct Watched {
+    /// Bytes read before hyper took the connection over; read first.
+    prefix: Bytes,
     stream: TcpStream,
     activity: Arc<Activity>,
     clock: Clock,
@@ -597,6 +618,13 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            let taken = this.prefix.split_to(n);
+            this.activity.on_read(&taken, this.clock);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -637,6 +665,6 @@ impl AsyncWrite for Watched {
 }
 
 /// Resolves once shutdown has begun (or the sender is gone).
-async fn draining(drain: &mut watch::Receiver<bool>) {
+pub(crate) async fn draining(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|draining| *draining).await;
 }

@@ -1,0 +1,1041 @@
+//! The HTTP/1 fast path: lb's own HTTP/1.1 serving for the common case,
+//! without hyper's per-request machinery.
+//!
+//! A request head is parsed with `httparse` straight from the connection's
+//! read buffer, checked by the same code as the hyper path
+//! ([`proxy::check_request`] over [`HeadView`]), rewritten into one buffer
+//! (hop-by-hop headers out, `X-Forwarded-*` in) and sent with one write on a
+//! connection from this worker's own pool. The response head is parsed the
+//! same way, rewritten the way hyper would write it, and the body streamed
+//! to the client with backpressure (re-chunked when the backend chunks).
+//! Attempts, retries, budgets, passive health and timeouts are decided by
+//! [`retry::run`], the loop the hyper path uses.
+//!
+//! The fast path takes only what it can answer exactly as hyper would:
+//! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
+//! most `retry.buffer_body_limit` (read whole before it is sent), no
+//! `Upgrade` or `Expect`. Anything else — an h2c preface, HTTP/1.0, chunked
+//! or large uploads, every malformed or refused head (the request-smuggling
+//! matrix included), a head over `limits.max_header_bytes` — is handed to
+//! hyper with the bytes read so far, and hyper serves the rest of that
+//! connection: the answer is hyper's by construction.
+//!
+//! Memory: a connection waiting for its next request holds no buffer; one
+//! is allocated when bytes arrive and dropped when the exchange is done.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use hyper::http::uri::Uri;
+use hyper::{Method, StatusCode, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::body::{ClientFault, ResponseBody};
+use crate::config::BackendAddr;
+use crate::proxy::{self, HeadView};
+use crate::retry::{self, Attempts, Outcome};
+use crate::runtime::Snapshot;
+use crate::server::{ConnContext, ConnectionGuard};
+use crate::upstream::FailureKind;
+
+/// httparse's header slots; hyper's default cap too (more is hyper's 431).
+const MAX_HEADERS: usize = 100;
+/// hyper refuses longer targets with 414; such heads go to hyper.
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// First allocation for a message's buffer; grown as needed.
+const READ_CHUNK: usize = 8 * 1024;
+/// Largest backend response head lb reads (hyper's client buffer bound).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+/// Idle upstream connections are closed after this long (as the hyper
+/// path's pool does).
+const POOL_IDLE: Duration = Duration::from_secs(3);
+/// Idle upstream connections kept per backend and worker.
+const POOL_MAX_IDLE: usize = 256;
+
+/// A growable byte buffer (hyper's own).
+type Buf = bytes::BytesMut;
+
+/// Serves one client connection on the fast path, handing it to hyper
+/// when a message needs hyper.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: ConnContext,
+    mut drain: watch::Receiver<bool>,
+    guard: ConnectionGuard,
+) {
+    let rt = Arc::clone(&ctx.runtime);
+    // Empty (no allocation) while the connection is idle.
+    let mut buf = Buf::new();
+    let mut served = false;
+    loop {
+        let snap = rt.snapshot();
+        let timeouts = &snap.config.timeouts;
+        if buf.is_empty() {
+            let wait = if served {
+                timeouts.client_idle
+            } else {
+                timeouts.client_header
+            };
+            tokio::select! {
+                biased;
+                () = crate::server::draining(&mut drain) => return,
+                ready = timeout(wait, stream.readable()) => match ready {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                },
+            }
+        }
+        let head_deadline = Instant::now() + timeouts.client_header;
+        let max_head = snap.config.limits.max_header_bytes;
+        let body_limit = snap.config.retry.buffer_body_limit;
+        let head = loop {
+            match parse_request(&mut buf, max_head, body_limit) {
+                Parsed::Partial if buf.len() < max_head => {
+                    if buf.capacity() - buf.len() < 1024 {
+                        buf.reserve(READ_CHUNK.max(buf.len()));
+                    }
+                    match timeout_at(head_deadline, stream.read_buf(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => continue,
+                        _ => return,
+                    }
+                }
+                // Too large, refused, or not ours: hyper answers from here on.
+                Parsed::Partial | Parsed::Hyper => {
+                    drop(snap);
+                    return crate::server::serve_hyper(
+                        stream,
+                        buf.freeze(),
+                        peer,
+                        guard,
+                        &ctx,
+                        drain,
+                    );
+                }
+                Parsed::Fast(head) => break head,
+            }
+        };
+        let request = match head.rewrite(peer.ip(), &snap) {
+            Some(r) => r,
+            None => {
+                // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
+                let mut all = Buf::from(&head.bytes[..]);
+                all.extend_from_slice(&buf);
+                drop(snap);
+                return crate::server::serve_hyper(stream, all.freeze(), peer, guard, &ctx, drain);
+            }
+        };
+        served = true;
+        // The body, whole, before anything is sent (it is at most
+        // `buffer_body_limit`): every attempt can replay it.
+        let request = match read_body(
+            &mut stream,
+            &mut buf,
+            request,
+            head.body_len,
+            timeouts.client_body,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(fault) => {
+                let mut out = Vec::new();
+                let resp = retry::client_fault(fault);
+                encode_own(&mut out, &resp, false, false);
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        };
+        let mut attempts = FastAttempts {
+            request,
+            method_head: head.method == Method::HEAD,
+        };
+        let outcome = retry::run(&rt, &snap, &head.method, head.uri.path(), &mut attempts).await;
+        let keep_alive = head.keep_alive && !*drain.borrow();
+        let kept = match outcome {
+            Outcome::Relay(resp, in_flight) => {
+                let kept = relay(&mut stream, resp, &head, keep_alive).await;
+                drop(in_flight);
+                kept
+            }
+            Outcome::Own(status, text) => {
+                let mut out = Vec::with_capacity(256);
+                encode_own(&mut out, &retry::text(status, text), keep_alive, false);
+                stream.write_all(&out).await.is_ok() && keep_alive
+            }
+            Outcome::ClientFault(fault) => {
+                let mut out = Vec::with_capacity(256);
+                encode_own(&mut out, &retry::client_fault(fault), false, false);
+                let _ = stream.write_all(&out).await;
+                false
+            }
+        };
+        if !kept {
+            return;
+        }
+        if buf.is_empty() {
+            // Idle from here: give the buffer back.
+            buf = Buf::new();
+        }
+    }
+}
+
+/// What parsing the bytes so far gave.
+enum Parsed {
+    /// The head is not complete yet.
+    Partial,
+    /// A complete head the fast path serves; its bytes left the buffer.
+    Fast(Head),
+    /// hyper must see this message (and the rest of the connection).
+    Hyper,
+}
+
+/// A parsed request head, pointing into its bytes.
+struct Head {
+    /// The head exactly as received.
+    bytes: Bytes,
+    method: Method,
+    uri: Uri,
+    /// `(name, value)` ranges into `bytes`, in order.
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    /// `Content-Length`, 0 when absent.
+    body_len: u64,
+    /// Neither `Connection: close` nor anything else ends the connection.
+    keep_alive: bool,
+}
+
+impl HeadView for Head {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn version(&self) -> Version {
+        Version::HTTP_11
+    }
+
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.iter().filter_map(move |(n, v)| {
+            self.bytes[n.clone()]
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| &self.bytes[v.clone()])
+        })
+    }
+}
+
+/// Digits only, as hyper reads a `Content-Length` (no sign, no spaces).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+    })
+}
+
+/// Whether a comma-separated header value has `token`.
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> Parsed {
+    if buf.starts_with(b"PRI ") {
+        return Parsed::Hyper;
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Hyper,
+    };
+    if len > max_head || req.version != Some(1) {
+        return Parsed::Hyper;
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Parsed::Hyper;
+    };
+    if !path.starts_with('/') || path.len() > MAX_URI_LEN {
+        return Parsed::Hyper;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper;
+    };
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let mut body_len: Option<u64> = None;
+    let mut keep_alive = true;
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match (content_length(h.value), body_len) {
+                (Some(n), None) => body_len = Some(n),
+                // hyper keeps one of equal values.
+                (Some(n), Some(prev)) if n == prev => continue,
+                _ => return Parsed::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, "close") {
+            keep_alive = false;
+        }
+        headers.push((range(name), range(h.value)));
+    }
+    let path = range(path.as_bytes());
+    let body_len = body_len.unwrap_or(0);
+    if body_len > body_limit {
+        return Parsed::Hyper;
+    }
+    let bytes = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(bytes.slice(path)) else {
+        return unread(buf, &bytes);
+    };
+    let head = Head {
+        bytes,
+        method,
+        uri,
+        headers,
+        body_len,
+        keep_alive,
+    };
+    if proxy::check_request(&head).is_err() {
+        return unread(buf, &head.bytes);
+    }
+    Parsed::Fast(head)
+}
+
+/// Puts a head taken from `buf` back in front of it, for hyper.
+fn unread(buf: &mut Buf, head: &[u8]) -> Parsed {
+    let mut all = Buf::with_capacity(head.len() + buf.len());
+    all.extend_from_slice(head);
+    all.extend_from_slice(buf);
+    *buf = all;
+    Parsed::Hyper
+}
+
+impl Head {
+    /// The head lb sends upstream, as the hyper path's rewrite and hyper's
+    /// client would write it; `None` when the hyper path would refuse it.
+    fn rewrite(&self, client_ip: std::net::IpAddr, snap: &Snapshot) -> Option<Vec<u8>> {
+        let _ = snap;
+        let xff = proxy::forwarded_for(self.values("x-forwarded-for").next(), client_ip).ok()?;
+        let named = proxy::connection_named(self.values("connection"));
+        let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::with_capacity(self.bytes.len() + 128 + self.body_len as usize);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(pq.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut host: Option<Range<usize>> = None;
+        let mut lower = [0u8; 64];
+        for (n, v) in &self.headers {
+            let raw = &self.bytes[n.clone()];
+            let name: &[u8] = if raw.len() <= lower.len() {
+                let l = &mut lower[..raw.len()];
+                l.copy_from_slice(raw);
+                l.make_ascii_lowercase();
+                l
+            } else {
+                // Longer than any header lb must recognise: written as is, lower-cased.
+                out.extend(raw.iter().map(u8::to_ascii_lowercase));
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&self.bytes[v.clone()]);
+                out.extend_from_slice(b"\r\n");
+                continue;
+            };
+            let name_str = std::str::from_utf8(name).unwrap_or("");
+            if proxy::is_hop_by_hop(name_str)
+                || named.iter().any(|h| h.as_str() == name_str)
+                || matches!(
+                    name_str,
+                    "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+                )
+            {
+                continue;
+            }
+            if name_str == "host" {
+                host = Some(v.clone());
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&self.bytes[v.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(host) = host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(&self.bytes[host]);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-proto: http\r\nx-forwarded-for: ");
+        out.extend_from_slice(xff.as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        Some(out)
+    }
+}
+
+/// Appends the request body (`len` bytes: what `buf` holds, then reads)
+/// to `request`. Each wait for the client is bounded by `stall`.
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut Buf,
+    mut request: Vec<u8>,
+    len: u64,
+    stall: Duration,
+) -> Result<Bytes, ClientFault> {
+    let mut left = len as usize;
+    let take = left.min(buf.len());
+    request.extend_from_slice(&buf.split_to(take));
+    left -= take;
+    while left > 0 {
+        let before = request.len();
+        request.reserve(left);
+        let mut limited = (&mut *stream).take(left as u64);
+        match timeout(stall, limited.read_buf(&mut request)).await {
+            Err(_) => return Err(ClientFault::Stalled),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ClientFault::Aborted),
+            Ok(Ok(_)) => left -= request.len() - before,
+        }
+    }
+    Ok(Bytes::from(request))
+}
+
+/// How a backend's response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes.
+    Close,
+}
+
+/// A backend's response head, parsed (ranges into the read buffer).
+struct ResponseHead {
+    head_len: usize,
+    status: StatusCode,
+    /// HTTP/1.1 (else 1.0).
+    http11: bool,
+    /// The reason phrase as sent.
+    reason: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    framing: Framing,
+    /// The backend may keep the connection open after this response.
+    reusable: bool,
+}
+
+/// A backend's response head, with the connection its body comes on.
+struct UpstreamResponse {
+    conn: TcpStream,
+    backend: BackendAddr,
+    /// The head and any body bytes read with it.
+    buf: Buf,
+    head: ResponseHead,
+}
+
+/// The fast path's attempts: the whole request in one buffer, sent on a
+/// connection from this worker's pool.
+struct FastAttempts {
+    /// Rewritten head and body.
+    request: Bytes,
+    /// The request is a HEAD: its response has no body.
+    method_head: bool,
+}
+
+impl Attempts for FastAttempts {
+    type Response = UpstreamResponse;
+
+    fn next_attempt(&mut self) -> bool {
+        true
+    }
+
+    async fn send(
+        &mut self,
+        snap: &Snapshot,
+        index: usize,
+        _last: bool,
+    ) -> Result<UpstreamResponse, (FailureKind, String)> {
+        let backend = &snap.backends[index].addr;
+        // A pooled connection the backend closed meanwhile fails before any
+        // byte of an answer: then the request goes once more on a new one
+        // (hyper's pool does the same).
+        if let Some(conn) = pool_take(backend) {
+            match exchange(conn, backend, &self.request, self.method_head).await {
+                Ok(resp) => return Ok(resp),
+                Err(Exchange::Failed(kind, detail)) => return Err((kind, detail)),
+                Err(Exchange::Stale) => {}
+            }
+        }
+        let conn = connect(backend, snap.config.timeouts.connect).await?;
+        match exchange(conn, backend, &self.request, self.method_head).await {
+            Ok(resp) => Ok(resp),
+            Err(Exchange::Failed(kind, detail)) => Err((kind, detail)),
+            Err(Exchange::Stale) => Err((
+                FailureKind::Reset,
+                "connection closed before message completed".to_owned(),
+            )),
+        }
+    }
+
+    fn status(response: &UpstreamResponse) -> StatusCode {
+        response.head.status
+    }
+
+    fn is_replayable(&self) -> bool {
+        true
+    }
+
+    fn can_resend(&mut self) -> bool {
+        true
+    }
+
+    fn client_fault(&self, _timed_out: bool) -> Option<ClientFault> {
+        None
+    }
+}
+
+async fn connect(
+    backend: &BackendAddr,
+    limit: Duration,
+) -> Result<TcpStream, (FailureKind, String)> {
+    match timeout(limit, TcpStream::connect(backend.as_str())).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.set_nodelay(true);
+            Ok(conn)
+        }
+        Ok(Err(e)) => Err((FailureKind::Connect, e.to_string())),
+        Err(_) => Err((FailureKind::Connect, "connect timed out".to_owned())),
+    }
+}
+
+/// How one exchange on one connection failed.
+enum Exchange {
+    /// Closed before any byte of an answer: on a reused connection, retry.
+    Stale,
+    Failed(FailureKind, String),
+}
+
+/// Writes the request and reads the response head (skipping 1xx).
+async fn exchange(
+    mut conn: TcpStream,
+    backend: &BackendAddr,
+    request: &[u8],
+    method_head: bool,
+) -> Result<UpstreamResponse, Exchange> {
+    if conn.write_all(request).await.is_err() {
+        return Err(Exchange::Stale);
+    }
+    let mut buf = Buf::with_capacity(READ_CHUNK);
+    let mut answered = false;
+    loop {
+        match parse_response(&buf, method_head) {
+            Ok(Some(head)) => {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let _ = buf.split_to(head.head_len);
+                    answered = true;
+                    continue;
+                }
+                return Ok(UpstreamResponse {
+                    conn,
+                    backend: backend.clone(),
+                    buf,
+                    head,
+                });
+            }
+            Ok(None) if buf.len() < MAX_RESPONSE_HEAD => {}
+            Ok(None) => {
+                return Err(Exchange::Failed(
+                    FailureKind::Reset,
+                    "response head too large".to_owned(),
+                ))
+            }
+            Err(why) => return Err(Exchange::Failed(FailureKind::Reset, why.to_owned())),
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match conn.read_buf(&mut buf).await {
+            Ok(0) | Err(_) if buf.is_empty() && !answered => return Err(Exchange::Stale),
+            Ok(0) => {
+                return Err(Exchange::Failed(
+                    FailureKind::Reset,
+                    "connection closed before message completed".to_owned(),
+                ))
+            }
+            Err(e) => return Err(Exchange::Failed(FailureKind::Reset, e.to_string())),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Parses a response head as hyper's client would (RFC 9112 §6.3 framing).
+fn parse_response(buf: &[u8], method_head: bool) -> Result<Option<ResponseHead>, &'static str> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let head_len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("invalid response head"),
+    };
+    let status = res
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("invalid status")?;
+    let http11 = res.version == Some(1);
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    let reason = range(res.reason.unwrap_or("").as_bytes());
+    let (mut te, mut chunked, mut close) = (false, false, !http11);
+    let mut length: Option<u64> = None;
+    let mut bad_length = false;
+    let mut headers = Vec::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for v in h.value.split(|&b| b == b',') {
+                match (content_length(v.trim_ascii()), length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(prev)) if n == prev => {}
+                    _ => bad_length = true,
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if has_token(h.value, "close") {
+                close = true;
+            } else if !http11 && has_token(h.value, "keep-alive") {
+                close = false;
+            }
+        }
+        headers.push((range(name), range(h.value)));
+    }
+    let framing = if matches!(status.as_u16(), 101..=199 | 204 | 304) || method_head {
+        Framing::Empty
+    } else if te {
+        if !http11 {
+            return Err("HTTP/1.0 response with Transfer-Encoding");
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else if bad_length {
+        return Err("invalid Content-Length");
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    Ok(Some(ResponseHead {
+        head_len,
+        status,
+        http11,
+        reason,
+        headers,
+        reusable: !close && framing != Framing::Close,
+        framing,
+    }))
+}
+
+/// The response head lb writes to the client, the way hyper's server
+/// writes a relayed response (lower-case names, framing, `date`).
+fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool, keep_alive: bool) {
+    let head = &resp.head;
+    let b = &resp.buf[..];
+    let reason = &b[head.reason.clone()];
+    out.extend_from_slice(if head.http11 {
+        b"HTTP/1.1 "
+    } else {
+        b"HTTP/1.0 "
+    });
+    out.extend_from_slice(head.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+    let named = proxy::connection_named(
+        head.headers
+            .iter()
+            .filter(|(n, _)| b[n.clone()].eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| &b[v.clone()]),
+    );
+    let no_body_status = matches!(head.status.as_u16(), 204 | 304);
+    let mut wrote_len = false;
+    let mut wrote_date = false;
+    for (n, v) in &head.headers {
+        let name = b[n.clone()].to_ascii_lowercase();
+        let name_str = std::str::from_utf8(&name).unwrap_or("");
+        if proxy::is_hop_by_hop(name_str) || named.iter().any(|h| h.as_str() == name_str) {
+            continue;
+        }
+        if name_str == "content-length" {
+            // A chunked or close-delimited body has none; 204/304 never; a
+            // repeated value once; an empty body gets hyper's implicit one.
+            let relayed = match head.framing {
+                Framing::Length(n) => n > 0 && !no_body_status,
+                Framing::Empty => method_head && !no_body_status,
+                _ => false,
+            };
+            if !relayed || wrote_len {
+                continue;
+            }
+            wrote_len = true;
+        }
+        if name_str == "date" {
+            wrote_date = true;
+        }
+        out.extend_from_slice(&name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&b[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_len {
+        match head.framing {
+            Framing::Chunked | Framing::Close if head.http11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
+            Framing::Length(0) | Framing::Empty if !method_head && !no_body_status => {
+                out.extend_from_slice(b"content-length: 0\r\n")
+            }
+            _ => {}
+        }
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the response to the client and streams its body; true when the
+/// client connection can serve another request.
+async fn relay(
+    client: &mut TcpStream,
+    mut resp: UpstreamResponse,
+    head: &Head,
+    keep_alive: bool,
+) -> bool {
+    let method_head = head.method == Method::HEAD;
+    // hyper's server ends a response whose length only the close tells
+    // (HTTP/1.0 backend) by closing.
+    let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
+    let keep_alive = keep_alive && !close_delimited;
+    let mut out = Vec::with_capacity(resp.head.head_len + 128);
+    encode_relayed(&mut out, &resp, method_head, keep_alive);
+    let _ = resp.buf.split_to(resp.head.head_len);
+    let rechunk = resp.head.http11;
+    let done = match resp.head.framing {
+        Framing::Empty => client.write_all(&out).await.is_ok(),
+        Framing::Length(n) => copy_length(client, &mut resp, out, n).await,
+        Framing::Chunked => copy_chunked(client, &mut resp, out).await,
+        Framing::Close => copy_to_close(client, &mut resp, out, rechunk).await,
+    };
+    if done && resp.head.reusable && resp.buf.is_empty() {
+        pool_put(resp.backend, resp.conn);
+    }
+    done && keep_alive
+}
+
+/// `n` body bytes, the first with the head in one write.
+async fn copy_length(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+    n: u64,
+) -> bool {
+    let mut left = n;
+    let take = (left as usize).min(resp.buf.len());
+    out.extend_from_slice(&resp.buf.split_to(take));
+    left -= take as u64;
+    if client.write_all(&out).await.is_err() {
+        return false;
+    }
+    drop(out);
+    let mut chunk = Buf::with_capacity(READ_CHUNK.min(left as usize).max(1));
+    while left > 0 {
+        chunk.clear();
+        let mut limited = (&mut resp.conn).take(left.min(READ_CHUNK as u64 * 8));
+        match limited.read_buf(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(got) => left -= got as u64,
+        }
+        if client.write_all(&chunk).await.is_err() {
+            return false;
+        }
+        if chunk.capacity() < READ_CHUNK * 8 && left > chunk.capacity() as u64 {
+            chunk.reserve(READ_CHUNK * 8);
+        }
+    }
+    true
+}
+
+/// Until the backend closes, re-chunked for an HTTP/1.1 response.
+async fn copy_to_close(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+    rechunk: bool,
+) -> bool {
+    let mut pending = std::mem::take(&mut resp.buf);
+    loop {
+        if !pending.is_empty() {
+            if rechunk {
+                write_chunk(&mut out, &pending);
+            } else {
+                out.extend_from_slice(&pending);
+            }
+            pending.clear();
+        }
+        if !out.is_empty() && client.write_all(&out).await.is_err() {
+            return false;
+        }
+        out.clear();
+        if pending.capacity() < READ_CHUNK {
+            pending.reserve(READ_CHUNK * 8);
+        }
+        match resp.conn.read_buf(&mut pending).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    resp.head.reusable = false;
+    if rechunk {
+        client.write_all(b"0\r\n\r\n").await.is_ok()
+    } else {
+        false
+    }
+}
+
+fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let _ = write!(out, "{:X}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunked body, decoded and re-chunked (extensions and trailers dropped,
+/// as hyper does).
+async fn copy_chunked(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+) -> bool {
+    loop {
+        // The size line.
+        let line_end = loop {
+            if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if resp.buf.len() > 4096 || !fill(resp).await {
+                return false;
+            }
+        };
+        let line = &resp.buf[..line_end];
+        let digits = line
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or(b"")
+            .trim_ascii();
+        let Some(size) = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && d.len() <= 16)
+            .and_then(|d| u64::from_str_radix(d, 16).ok())
+        else {
+            return false;
+        };
+        let _ = resp.buf.split_to(line_end + 2);
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
+                    let _ = resp.buf.split_to(i + 2);
+                    if i == 0 {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        return client.write_all(&out).await.is_ok();
+                    }
+                    continue;
+                }
+                if resp.buf.len() > 64 * 1024 || !fill(resp).await {
+                    return false;
+                }
+            }
+        }
+        let mut left = size;
+        while left > 0 {
+            if resp.buf.is_empty() {
+                if !out.is_empty() {
+                    if client.write_all(&out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                if !fill(resp).await {
+                    return false;
+                }
+            }
+            let take = (left as usize).min(resp.buf.len());
+            write_chunk(&mut out, &resp.buf.split_to(take));
+            left -= take as u64;
+        }
+        while resp.buf.len() < 2 {
+            if !fill(resp).await {
+                return false;
+            }
+        }
+        if &resp.buf[..2] != b"\r\n" {
+            return false;
+        }
+        let _ = resp.buf.split_to(2);
+        if out.len() >= READ_CHUNK * 8 {
+            if client.write_all(&out).await.is_err() {
+                return false;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// Reads more of the backend's body; false on EOF or error.
+async fn fill(resp: &mut UpstreamResponse) -> bool {
+    if resp.buf.capacity() - resp.buf.len() < 1024 {
+        resp.buf.reserve(READ_CHUNK * 8);
+    }
+    matches!(resp.conn.read_buf(&mut resp.buf).await, Ok(n) if n > 0)
+}
+
+/// One of lb's own responses (built by the same functions as on the hyper
+/// path), written the way hyper's server writes it.
+fn encode_own(
+    out: &mut Vec<u8>,
+    resp: &hyper::Response<ResponseBody>,
+    keep_alive: bool,
+    method_head: bool,
+) {
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut close = false;
+    for (name, value) in resp.headers() {
+        if name == hyper::header::CONNECTION {
+            close = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive && !close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let body = match resp.body() {
+        ResponseBody::Text(Some(t)) => t.clone(),
+        _ => Bytes::new(),
+    };
+    let _ = write!(out, "content-length: {}\r\n", body.len());
+    out.extend_from_slice(b"date: ");
+    date::extend(out);
+    out.extend_from_slice(b"\r\n\r\n");
+    if !method_head {
+        out.extend_from_slice(&body);
+    }
+}
+
+thread_local! {
+    /// This worker's idle upstream connections by backend. Worker-local by
+    /// construction (each worker is one thread), so no lock and no
+    /// cross-thread wake-up; keyed by address, so it survives reloads.
+    static POOL: RefCell<HashMap<BackendAddr, Vec<(TcpStream, Instant)>>> = RefCell::new(HashMap::new());
+}
+
+/// An idle connection to `backend` that is still open, if any.
+fn pool_take(backend: &BackendAddr) -> Option<TcpStream> {
+    POOL.with_borrow_mut(|pool| {
+        let idle = pool.get_mut(backend)?;
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() > POOL_IDLE {
+                continue;
+            }
+            // Readable while idle means closed (or garbage): not reusable.
+            let mut probe = [0u8; 1];
+            match conn.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
+                _ => continue,
+            }
+        }
+        None
+    })
+}
+
+fn pool_put(backend: BackendAddr, conn: TcpStream) {
+    POOL.with_borrow_mut(|pool| {
+        let idle = pool.entry(backend).or_default();
+        let now = Instant::now();
+        idle.retain(|(_, since)| now.duration_since(*since) <= POOL_IDLE);
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push((conn, now));
+        }
+    });
+}
+
+/// The `date` header value, formatted once per second per worker.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        /// (unix second, IMF-fixdate) of the last format.
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second || text.is_empty() {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
