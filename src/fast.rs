@@ -706,7 +706,8 @@ fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool,
             // repeated value once; an empty body gets hyper's implicit one.
             let relayed = match head.framing {
                 Framing::Length(n) => n > 0 && !no_body_status,
-                Framing::Empty => method_head && !no_body_status,
+                // hyper's server relays a HEAD's length whatever the status.
+                Framing::Empty => method_head,
                 _ => false,
             };
             if !relayed || wrote_len {

@@ -400,7 +400,7 @@ impl TestLb {
 }
 
 /// Settings for an in-process lb: two workers (so state shared between
-/// workers is exercised), and the HTTP/1 path named by `LB_TEST_HTTP1`
+/// workers is exercised), and the HTTP/1 path named by `TEST_LB_HTTP1`
 /// (`fast`, the default, or `hyper`): CI runs the suite once with each.
 pub fn settings(path: &Path, watch: lb::reload::WatchSettings) -> lb::Settings {
     let mut s = lb::Settings::new(path.to_owned(), watch);
@@ -409,12 +409,12 @@ pub fn settings(path: &Path, watch: lb::reload::WatchSettings) -> lb::Settings {
     s
 }
 
-/// The HTTP/1 path this run of the suite tests (`LB_TEST_HTTP1`).
+/// The HTTP/1 path this run of the suite tests (`TEST_LB_HTTP1`).
 pub fn http1_under_test() -> lb::server::Http1 {
-    match std::env::var("LB_TEST_HTTP1").as_deref() {
+    match std::env::var("TEST_LB_HTTP1").as_deref() {
         Ok("hyper") => lb::server::Http1::Hyper,
         Ok("fast") | Err(_) => lb::server::Http1::Fast,
-        Ok(other) => panic!("LB_TEST_HTTP1={other}: want fast or hyper"),
+        Ok(other) => panic!("TEST_LB_HTTP1={other}: want fast or hyper"),
     }
 }
 
