@@ -1,0 +1,343 @@
+//! HTTP/1 behaviour both paths must share (the suite runs once per path,
+//! see `TEST_LB_HTTP1`): pipelining, large bodies streamed with flat memory
+//! and a slow reader, either side closing mid-body, HEAD, 204, 304 with a
+//! Content-Length, 100-continue.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Everything until EOF or a 10 s silence.
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A backend answering `GET /big/N` with N bytes (written as the socket
+/// takes them), `POST /count` with the number of body bytes it read, and
+/// `GET /cut` with half of a declared body before it closes.
+async fn streaming_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let end = loop {
+                        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let h = text(&head[..end]).to_ascii_lowercase();
+                    let mut rest = head.split_off(end);
+                    head.clear();
+                    let path = h.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    if let Some(n) = path.strip_prefix("/big/") {
+                        let n: u64 = n.parse().unwrap();
+                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let piece = vec![b'x'; 64 * 1024];
+                        let mut left = n;
+                        while left > 0 {
+                            let k = left.min(piece.len() as u64) as usize;
+                            if s.write_all(&piece[..k]).await.is_err() {
+                                return;
+                            }
+                            left -= k as u64;
+                        }
+                    } else if path == "/count" {
+                        let len: u64 = h
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        let mut got = rest.len() as u64;
+                        rest.clear();
+                        while got < len {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got += n as u64,
+                            }
+                        }
+                        let body = got.to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    } else if path == "/cut" {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly half")
+                            .await;
+                        return;
+                    } else if let Some(code) = path.strip_prefix("/status/") {
+                        let resp = match code {
+                            "204" => "HTTP/1.1 204 No Content\r\nX-S: 1\r\n\r\n".to_owned(),
+                            "304" => "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n".to_owned(),
+                            _ => "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ncontent".to_owned(),
+                        };
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    } else {
+                        let body = format!("{path}\n");
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    head = rest;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn lb_for(backend: SocketAddr) -> TestLb {
+    TestLb::start(&format!("backends:\n  - address: {backend}\n")).await
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let lb = lb_for(streaming_backend().await).await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    let mut all = Vec::new();
+    for i in 0..20 {
+        all.extend_from_slice(format!("GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    }
+    all.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(&all).await.unwrap();
+    let out = text(&read_to_close(&mut s).await);
+    let mut at = 0;
+    for i in 0..20 {
+        let want = format!("\r\n\r\n/p{i}\n");
+        let found = out[at..]
+            .find(&want)
+            .unwrap_or_else(|| panic!("/p{i} missing: {out}"));
+        at += found + want.len();
+    }
+    assert!(out[at..].contains("/last\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 21);
+}
+
+/// Streams `mib` MiB down (slow reader) and up through lb; lb's memory
+/// must not grow with the body.
+async fn big_bodies_both_ways(mib: u64) {
+    let lb = lb_for(streaming_backend().await).await;
+    let addr = lb.lb.local_addr();
+    let n = mib * 1024 * 1024;
+    let before = rss_kib();
+    // Down, read slowly.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /big/{n} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    let mut head_done = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut peak = 0;
+    let mut pending = Vec::new();
+    while got < n {
+        let k = s.read(&mut buf).await.unwrap();
+        assert!(k > 0, "closed after {got} bytes");
+        if head_done {
+            got += k as u64;
+        } else {
+            pending.extend_from_slice(&buf[..k]);
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(pending.starts_with(b"HTTP/1.1 200"), "{}", text(&pending));
+                got += (pending.len() - i - 4) as u64;
+                head_done = true;
+            }
+        }
+        if got % (8 * 1024 * 1024) < k as u64 {
+            // The slow reader: a pause every 8 MiB is what is tested.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            peak = peak.max(rss_kib());
+        }
+    }
+    assert_eq!(got, n);
+    // Up: lb hands large uploads to hyper, which streams them.
+    s.write_all(
+        format!("POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let piece = vec![b'y'; 64 * 1024];
+    let mut sent = 0;
+    while sent < n {
+        s.write_all(&piece).await.unwrap();
+        sent += piece.len() as u64;
+        if sent % (8 * 1024 * 1024) == 0 {
+            peak = peak.max(rss_kib());
+        }
+    }
+    let mut resp = Vec::new();
+    while !text(&resp).ends_with(&n.to_string()) {
+        let k = s.read(&mut buf).await.unwrap();
+        assert!(k > 0, "{}", text(&resp));
+        resp.extend_from_slice(&buf[..k]);
+    }
+    let grew = peak.saturating_sub(before);
+    // The whole test process (lb, backend, client) may grow by buffers, not by the body.
+    assert!(
+        grew < 48 * 1024,
+        "RSS grew by {grew} KiB for {mib} MiB each way"
+    );
+    eprintln!("{mib} MiB each way: RSS {before} KiB → peak {peak} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_in_flat_memory() {
+    big_bodies_both_ways(64).await;
+}
+
+/// The issue's figure; slow in debug builds: `cargo test --release --test
+/// http1 -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn one_gib_streams_both_ways_in_flat_memory() {
+    big_bodies_both_ways(1024).await;
+}
+
+#[tokio::test]
+async fn backend_closing_mid_body_closes_the_client_connection() {
+    let lb = lb_for(streaming_backend().await).await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = text(&read_to_close(&mut s).await);
+    // The head went out before the cut: the client sees a short body and a close.
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("only half"), "{out}");
+}
+
+#[tokio::test]
+async fn client_closing_mid_body_leaves_lb_serving() {
+    let lb = lb_for(streaming_backend().await).await;
+    let addr = lb.lb.local_addr();
+    for _ in 0..10 {
+        // Mid-download.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /big/50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        drop(s);
+        // Mid-upload.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PUT /count HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+            .await
+            .unwrap();
+        drop(s);
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(text(&read_to_close(&mut s).await).ends_with("/after\n"));
+    let idle = || lb.lb.runtime().snapshot().backends[0].state.in_flight() == 0;
+    eventually!(10, idle());
+    assert_eq!(lb.lb.runtime().snapshot().backends[0].state.failures(), 0);
+}
+
+#[tokio::test]
+async fn head_204_and_304_have_no_body() {
+    let lb = lb_for(streaming_backend().await).await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(
+        b"HEAD /status/200 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /status/204 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /status/304 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /end HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let out = text(&read_to_close(&mut s).await);
+    let parts: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(parts.len(), 4, "{out}");
+    // HEAD keeps the length of the body it does not get.
+    assert!(parts[0].starts_with("200"), "{out}");
+    assert!(
+        parts[0].to_ascii_lowercase().contains("content-length: 7"),
+        "{out}"
+    );
+    assert!(parts[0].ends_with("\r\n\r\n"), "{out}");
+    assert!(
+        parts[1].starts_with("204") && parts[1].ends_with("\r\n\r\n"),
+        "{out}"
+    );
+    // 304: no body; hyper drops its Content-Length and so does the fast path.
+    assert!(
+        parts[2].starts_with("304") && parts[2].ends_with("\r\n\r\n"),
+        "{out}"
+    );
+    assert!(parts[3].ends_with("/end\n"), "{out}");
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_interim_answer() {
+    let lb = lb_for(streaming_backend().await).await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(
+        b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        text(&buf[..n]).starts_with("HTTP/1.1 100 Continue"),
+        "{}",
+        text(&buf[..n])
+    );
+    s.write_all(b"hello").await.unwrap();
+    let out = text(&read_to_close(&mut s).await);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\n5"),
+        "{out}"
+    );
+}
