@@ -195,8 +195,9 @@ fn log_filter(s: &str) -> Result<String, String> {
 fn init_logging(cli: &Cli) {
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
+        }
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

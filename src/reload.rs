@@ -200,7 +200,8 @@ impl Reloader {
             if last == Change::Complete {
                 // Duplicates (directory and file watches) and a following
                 // write, if any, arrive within the quiet time.
-                self.debounce(&mut last, Instant::now() + MAX_DEBOUNCE).await;
+                self.debounce(&mut last, Instant::now() + MAX_DEBOUNCE)
+                    .await;
                 if last == Change::Complete {
                     return Trigger::Event;
                 }
@@ -552,7 +553,13 @@ mod tests {
         std::os::unix::fs::symlink("real/v2.yaml", dir.path().join("current.yaml")).unwrap();
         std::os::unix::fs::symlink("current.yaml", dir.path().join("config.yaml")).unwrap();
         let names = watched_names(&dir.path().join("config.yaml"));
-        for want in ["config.yaml", "current.yaml", "v2.yaml", "..data", "..data_tmp"] {
+        for want in [
+            "config.yaml",
+            "current.yaml",
+            "v2.yaml",
+            "..data",
+            "..data_tmp",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
         assert!(!names.iter().any(|n| n == "lb.log"));

@@ -475,7 +475,11 @@ async fn bad_edits_count_as_rejected() {
     let bad = bad_configs(&a);
     for (i, (what, content, _)) in bad.iter().enumerate() {
         replace(&lb.path, content);
-        eventually!(WAIT, lb.rejected() == i as u64 + 1, "{what} was not rejected");
+        eventually!(
+            WAIT,
+            lb.rejected() == i as u64 + 1,
+            "{what} was not rejected"
+        );
         assert_eq!(get(&c, &u).await.text(), "a", "{what}");
     }
     assert_eq!(lb.applied(), 1);
@@ -686,7 +690,11 @@ async fn reloads_under_load_lose_no_request() {
         let hash = ContentHash::of(format!("listen: 127.0.0.1:0\n{pool}").as_bytes());
         eventually!(WAIT, lb.lb.runtime().snapshot().hash == hash, "rewrite {i}");
         let served = ok.load(SeqCst);
-        eventually!(WAIT, ok.load(SeqCst) >= served + 5, "no traffic after rewrite {i}");
+        eventually!(
+            WAIT,
+            ok.load(SeqCst) >= served + 5,
+            "no traffic after rewrite {i}"
+        );
     }
     stop.store(true, SeqCst);
     for t in clients {
@@ -930,14 +938,19 @@ async fn writes_to_other_files_in_the_directory_cost_no_reads() {
     switches_to(&c, &u, "b").await;
 
     let before = reads(&lb);
-    let mut log = std::fs::File::create(dir.path().join("lb.log")).unwrap();
     for i in 0..20 {
+        // Appended and closed each time (`echo … >> lb.log`): every line is
+        // a whole write, closed, as the config's would be.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("lb.log"))
+            .unwrap();
         writeln!(log, "DEBUG line {i}").unwrap();
-        log.flush().unwrap();
+        drop(log);
         // A logger's pace: each line a separate burst of events.
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    drop(log);
     // Changes are handled in order: once this one is applied, every event of
     // the log writes has been seen.
     replace(&path, &yaml(&[&a]));
@@ -1003,12 +1016,7 @@ async fn fifo_swapped_in_is_refused_and_reloads_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &yaml(&[&a]));
     let mut p = LbProcess::spawn(
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "--shutdown-grace",
-            "1s",
-        ],
+        &["--config", path.to_str().unwrap(), "--shutdown-grace", "1s"],
         &[],
     );
     let addr = p.wait_listening().await;

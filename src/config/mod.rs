@@ -481,12 +481,7 @@ fn is_service_link(name: &str, value: &str) -> bool {
     if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") {
         return true;
     }
-    if name.ends_with("_PORT") {
-        return ["tcp://", "udp://", "sctp://"]
-            .iter()
-            .any(|scheme| value.starts_with(scheme));
-    }
-    name.rsplit_once("_PORT_").is_some_and(|(_, rest)| {
+    let port_link = name.split_once("_PORT_").is_some_and(|(_, rest)| {
         let mut parts = rest.split('_');
         let number = parts.next().unwrap_or_default();
         let proto = parts.next().unwrap_or_default();
@@ -496,7 +491,12 @@ fn is_service_link(name: &str, value: &str) -> bool {
             && matches!(proto, "TCP" | "UDP" | "SCTP")
             && matches!(suffix, None | Some("PROTO" | "PORT" | "ADDR"))
             && parts.next().is_none()
-    })
+    });
+    port_link
+        || (name.ends_with("_PORT")
+            && ["tcp://", "udp://", "sctp://"]
+                .iter()
+                .any(|scheme| value.starts_with(scheme)))
 }
 
 /// One warning per `LB_*` environment variable that is neither a config
@@ -523,7 +523,10 @@ pub fn env_warnings() -> Vec<String> {
         warnings.push(format!(
             "environment variable {name} is ignored: `{}` is not a config key (overrides are \
              LB_<KEY> or LB_<KEY>__<SUBKEY> with KEY one of {})",
-            key.split("__").next().unwrap_or_default().to_ascii_lowercase(),
+            key.split("__")
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
             top_level_keys().join(", ")
         ));
     }
@@ -557,8 +560,8 @@ impl Config {
                 MAX_FILE_BYTES >> 20
             )));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| syntax(format!("not UTF-8 text: {e}")))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| syntax(format!("not UTF-8 text: {e}")))?;
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_owned(),
