@@ -867,13 +867,13 @@ async fn in_place_save_paused_half_way_is_never_applied() {
 
     let full = yaml(&[&a, &b]);
     let half = full.find(&format!("  - address: {}", b.addr)).unwrap();
-    assert!(lb::config::Config::parse(full[..half].as_bytes(), &lb.path).is_ok());
+    assert!(lb::config::Config::parse(&full.as_bytes()[..half], &lb.path).is_ok());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(&lb.path)
         .unwrap();
-    f.write_all(full[..half].as_bytes()).unwrap();
+    f.write_all(&full.as_bytes()[..half]).unwrap();
     // The writer's pause (its pace, not synchronisation); requests meanwhile
     // must all stay on the old pool.
     let resume = Instant::now() + Duration::from_millis(400);
@@ -882,7 +882,7 @@ async fn in_place_save_paused_half_way_is_never_applied() {
         during.push(get(&c, &u).await.text());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    f.write_all(full[half..].as_bytes()).unwrap();
+    f.write_all(&full.as_bytes()[half..]).unwrap();
     drop(f);
 
     let whole = ContentHash::of(full.as_bytes());
