@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Deadline in seconds for anything a test waits on: generous, because a
-/// loaded machine may take seconds for what takes milliseconds at rest.
-const WAIT: u64 = 20;
-
 fn lb() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lb"));
     c.env_remove("RUST_LOG");
@@ -241,11 +237,6 @@ fn log_level_must_name_levels() {
         let c = check_path(&path, &["--log-level", good], &[]);
         assert_eq!(c.code, Some(0), "{good}: {}", c.stderr);
     }
-}
-
-fn mkfifo(path: &Path) {
-    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
-    assert!(ok, "mkfifo {}", path.display());
 }
 
 /// A FIFO as the config used to block `--check` and startup for ever.

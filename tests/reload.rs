@@ -31,10 +31,6 @@ use tokio::time::Instant;
 /// Long enough that the polling backstop never fires during a test.
 const NO_POLL: Duration = Duration::from_secs(3600);
 
-/// Deadline in seconds for anything a test waits on: generous, because a
-/// loaded machine may take seconds for what takes milliseconds at rest.
-const WAIT: u64 = 20;
-
 /// Starts lb in-process on the config at `path` (which must say
 /// `listen: 127.0.0.1:0`), watching it with the given poll interval.
 async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
@@ -997,15 +993,6 @@ async fn deep_nesting_is_rejected_at_once_and_lb_keeps_serving() {
     assert_eq!(get(&c, &u).await.text(), "a");
     lb.rewrite(&backends_yaml(&[&b]));
     switches_to(&c, &u, "b").await;
-}
-
-fn mkfifo(path: &Path) {
-    let ok = std::process::Command::new("mkfifo")
-        .arg(path)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mkfifo {}", path.display());
 }
 
 /// A FIFO swapped in for the config used to block the reloader in `read`
