@@ -3,7 +3,13 @@
 //! # Pipeline
 //!
 //! ```text
-//!  config.yaml bytes
+//!  config.yaml
+//!        │  read_file                       regular files only, ≤ 16 MiB;
+//!        ▼                                  a FIFO or device never blocks it
+//!  bytes
+//!        │  check_nesting                   ≤ 64 levels of `[`/`{`, checked
+//!        ▼                                  before the parser sees them
+//!  text
 //!        │  yaml_serde::from_str            syntax errors, unknown keys and bad
 //!        ▼                                  leaf values keep line and column
 //!  RawConfig  (raw.rs, deny_unknown_fields)
@@ -14,6 +20,11 @@
 //!        ▼                                  backends[1].address, retry.attempts …
 //!  Config  (Durations, SocketAddr, NonZero, one BackendAddr per backend)
 //! ```
+//!
+//! Only `LB_*` variables whose first `__` segment is a top-level key are
+//! overrides: Kubernetes injects `LB_PORT=tcp://…` and friends for a Service
+//! named `lb`, and those must not crash-loop the pod ([`env_warnings`] names
+//! the rest once at startup).
 //!
 //! The YAML is parsed by `yaml_serde` directly first because figment flattens
 //! its input into its own value tree and loses source positions; the second
