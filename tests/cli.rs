@@ -52,6 +52,13 @@ fn check(yaml: &str, envs: &[(&str, &str)]) -> Checked {
     check_path(&path, &[], envs)
 }
 
+/// `lb --check ARGS…` on a valid one-backend file.
+fn check_flags(args: &[&str]) -> Checked {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), ONE_BACKEND);
+    check_path(&path, args, &[])
+}
+
 /// `lb --config PATH --check ARGS…` with `envs` set.
 fn check_path(path: &Path, args: &[&str], envs: &[(&str, &str)]) -> Checked {
     let out = output_within(
@@ -204,9 +211,7 @@ fn unknown_lb_variable_is_a_warning_naming_it() {
 
 #[test]
 fn zero_poll_interval_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), ONE_BACKEND);
-    let c = check_path(&path, &["--poll-interval", "0s"], &[]);
+    let c = check_flags(&["--poll-interval", "0s"]);
     assert_eq!(c.code, Some(2), "{}", c.stderr);
     assert!(
         c.stderr.contains("--poll-interval") && c.stderr.contains("greater than zero"),
@@ -217,10 +222,8 @@ fn zero_poll_interval_is_refused() {
 
 #[test]
 fn log_level_must_name_levels() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), ONE_BACKEND);
     for bad in ["verbose", "info,lb=loud", "lb"] {
-        let c = check_path(&path, &["--log-level", bad], &[]);
+        let c = check_flags(&["--log-level", bad]);
         assert_eq!(c.code, Some(2), "{bad}: {}", c.stderr);
         assert!(
             c.stderr.contains("--log-level") && c.stderr.contains("names no level"),
@@ -234,7 +237,7 @@ fn log_level_must_name_levels() {
         "lb=debug,notify=warn",
         "warn,lb::reload=trace",
     ] {
-        let c = check_path(&path, &["--log-level", good], &[]);
+        let c = check_flags(&["--log-level", good]);
         assert_eq!(c.code, Some(0), "{good}: {}", c.stderr);
     }
 }
