@@ -151,10 +151,10 @@ async fn all_backends_unhealthy_is_503_at_once() {
     assert_eq!(a.status, 503, "{}", a.text());
     assert!(a.text().contains("no healthy backend"));
     // "At once": no backend was tried, so no connect or request timeout was
-    // waited out (1 s and 30 s here); the bound only guards against that.
+    // waited out (30 s here); the bound only guards against that.
     assert_eq!(bs[0].hits() + bs[1].hits(), 0);
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
