@@ -2,13 +2,17 @@
 # lb vs nginx vs HAProxy on loopback: same 3 backends, same load, one run,
 # reported side by side and as ratios. See bench/README.md.
 #
-#   bash bench/compare.sh                 # 10 s per target (~1 min in all)
-#   DURATION=30s CONNECTIONS=128 bash bench/compare.sh
+#   bash bench/compare.sh                 # 10 s per target and concurrency (~3 min)
+#   DURATION=30s CONNECTIONS="64 256" IDLE="2000 10000" bash bench/compare.sh
+#   LB_BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
 # the median is reported; on a noisy machine try ROUNDS=3 DURATION=5s),
-# CONNECTIONS (wrk -c, default 64), THREADS (wrk -t, default 2),
+# CONNECTIONS (wrk -c values, default "64 256"), THREADS (wrk -t, default 2),
+# IDLE (idle keep-alive connections held to measure RSS per connection,
+# default "2000 10000"; empty skips it), LB_BASELINE (another lb binary,
+# reported as lb-base: e.g. main's, for a before/after table in one run),
 # PROXY_THREADS (nginx workers, haproxy nbthread; default: the number of
 # CPUs, which is what lb's tokio runtime uses), KEEP_TMP=1 keeps the
 # generated configs, BACKEND=/path/to/server uses another upstream binary
@@ -18,7 +22,9 @@ set -euo pipefail
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
-CONNECTIONS=${CONNECTIONS:-64}
+CONNECTIONS=${CONNECTIONS:-64 256}
+IDLE=${IDLE-2000 10000}
+LB_BASELINE=${LB_BASELINE:-}
 THREADS=${THREADS:-2}
 NCPU=$(nproc)
 PROXY_THREADS=${PROXY_THREADS:-$NCPU}
@@ -26,6 +32,8 @@ BACKEND_PORTS=(19001 19002 19003)
 LB_PORT=18080
 NGINX_PORT=18081
 HAPROXY_PORT=18082
+LB_HYPER_PORT=18083
+LB_BASE_PORT=18084
 
 NAME=compare
 # shellcheck source=bench/lib.sh
@@ -60,8 +68,9 @@ busy_pct() {
     busy_between "$a" "$(cpu_stat)"
 }
 
-# wrk's 64 connections, the proxies' upstream connections and listeners.
-if (($(ulimit -n) < 4096)); then ulimit -n 4096 2>/dev/null || true; fi
+# wrk's connections, the idle connections, the proxies' upstream
+# connections and listeners.
+if (($(ulimit -n) < 20000)); then ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true; fi
 
 # Direct children of a process (no /proc/PID/task/*/children on every kernel).
 children() {
@@ -81,6 +90,16 @@ cpu_ticks() {
     for pid in "$@"; do
         t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
         total=$((total + t))
+    done
+    echo "$total"
+}
+
+# Current RSS (VmRSS) in KiB, summed over the given pids.
+rss_kib() {
+    local pid total=0 k
+    for pid in "$@"; do
+        k=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${k:-0}))
     done
     echo "$total"
 }
@@ -106,21 +125,22 @@ to_ms() {
 }
 
 
-for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
+for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
 # --- build -----------------------------------------------------------------
 if [[ -n ${BACKEND:-} ]]; then
     log "building lb (release); backends: $BACKEND"
-    (cd "$ROOT" && cargo build --release --quiet --bin lb) || die "cargo build failed"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example idle_clients) || die "cargo build failed"
 else
     log "building lb and the example backend (release)"
-    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend) ||
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend --example idle_clients) ||
         die "cargo build failed"
     BACKEND="$ROOT/target/release/examples/backend"
 fi
 LB="$ROOT/target/release/lb"
+IDLE_CLIENTS="$ROOT/target/release/examples/idle_clients"
 
 # --- backends --------------------------------------------------------------
 "$BACKEND" "${BACKEND_PORTS[@]}" </dev/null >"$TMP/backend.log" 2>&1 &
@@ -138,13 +158,18 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
     echo "backends:"
     for port in "${BACKEND_PORTS[@]}"; do echo "  - address: 127.0.0.1:$port"; done
     echo "health_check: {path: /health, interval: 2s, timeout: 1s}"
+    echo "limits: {max_connections: 30000}"
 } >"$TMP/lb.yaml"
+sed "s/^listen: .*/listen: 127.0.0.1:$LB_HYPER_PORT/" "$TMP/lb.yaml" >"$TMP/lb-hyper.yaml"
+# An older lb may not know newer keys: its config has only the common ones.
+grep -v '^limits:' "$TMP/lb.yaml" | sed "s/^listen: .*/listen: 127.0.0.1:$LB_BASE_PORT/" >"$TMP/lb-base.yaml"
 
 {
     echo "worker_processes $PROXY_THREADS;"
     echo "pid $TMP/nginx.pid;"
     echo "error_log $TMP/nginx-error.log warn;"
-    echo "events { worker_connections 4096; }"
+    echo "worker_rlimit_nofile 20000;"
+    echo "events { worker_connections 20000; }"
     echo "http {"
     echo "  access_log off;"
     for d in client_body proxy fastcgi uwsgi scgi; do echo "  ${d}_temp_path $TMP/nginx-$d;"; done
@@ -166,7 +191,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
 {
     echo "global"
     echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 4096"
+    echo "  maxconn 30000"
     echo "defaults"
     echo "  mode http"
     echo "  timeout connect 1s"
@@ -195,117 +220,208 @@ RUNS="$TMP/runs"
 : >"$RUNS"
 HZ=$(getconf CLK_TCK)
 
-# measure NAME PORT [PID]: warm up, measure, append one line to $RUNS:
-# name req/s p50_ms p99_ms errors proxy_cpu_ticks box_busy_%
+# measure NAME PORT CONNS [PID]: warm up, measure, append one line to $RUNS:
+# name conns req/s p50_ms p99_ms errors proxy_cpu_ticks box_busy_% requests
 measure() {
-    local name=$1 port=$2 pid=${3:-} pids=() out rps p50 p99 errors cpu0 cpu1 box0 box
+    local name=$1 port=$2 conns=$3 pid=${4:-} pids=() out rps p50 p99 errors cpu0 cpu1 box0 box requests
     local url="http://127.0.0.1:$port/"
-    log "round $ROUND/$ROUNDS, $name: warm-up $WARMUP, then wrk -t$THREADS -c$CONNECTIONS -d$DURATION"
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then wrk -t$THREADS -c$conns -d$DURATION"
+    wrk -t"$THREADS" -c"$conns" -d"$WARMUP" "$url" >/dev/null
     if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
     cpu0=$(cpu_ticks "${pids[@]}")
     box0=$(cpu_stat)
-    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    out=$(wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url")
     box=$(busy_between "$box0" "$(cpu_stat)")
     cpu1=$(cpu_ticks "${pids[@]}")
-    echo "$out" >"$TMP/wrk-$name-$ROUND.txt"
+    echo "$out" >"$TMP/wrk-$name-$conns-$ROUND.txt"
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
     errors=$(awk '/Non-2xx or 3xx responses:/ { n += $NF }
         /Socket errors:/ { for (i = 3; i <= NF; i++) { v = $i; gsub(/,/, "", v); if (v ~ /^[0-9]+$/) n += v } }
         END { print n + 0 }' <<<"$out")
-    echo "$name $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box" >>"$RUNS"
+    echo "$name $conns $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box $requests" >>"$RUNS"
 }
 
-# All three proxies run for the whole benchmark (idle ones cost nothing
+# idle_rss NAME PORT PID N: RSS added by N idle keep-alive connections
+# (each served one request first), in KiB per connection.
+idle_rss() {
+    local name=$1 port=$2 pid=$3 n=$4 pids=() before after helper i
+    mapfile -t pids < <(family "$pid")
+    before=$(rss_kib "${pids[@]}")
+    "$IDLE_CLIENTS" "127.0.0.1:$port" "$n" >"$TMP/idle-$name-$n.out" 2>&1 &
+    helper=$!
+    for ((i = 0; i < 600; i++)); do
+        grep -q '^ready' "$TMP/idle-$name-$n.out" 2>/dev/null && break
+        kill -0 "$helper" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! grep -q '^ready' "$TMP/idle-$name-$n.out"; then
+        log "$name: $n idle connections failed: $(tail -1 "$TMP/idle-$name-$n.out")"
+        kill "$helper" 2>/dev/null || true
+        wait "$helper" 2>/dev/null || true
+        echo "-"
+        return
+    fi
+    sleep 1 # let the proxy settle into idleness
+    mapfile -t pids < <(family "$pid")
+    after=$(rss_kib "${pids[@]}")
+    kill "$helper" 2>/dev/null || true
+    wait "$helper" 2>/dev/null || true
+    sleep 2 # the proxy closes them
+    awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) / n }'
+}
+
+# All proxies run for the whole benchmark (idle ones cost nothing
 # measurable) so that rounds can interleave them.
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --workers "$PROXY_THREADS" --log-level warn >"$TMP/lb.log" 2>&1 &
 LB_PID=$!
 PIDS+=("$LB_PID")
+RUST_LOG=warn "$LB" --config "$TMP/lb-hyper.yaml" --workers "$PROXY_THREADS" --http1 hyper \
+    --log-level warn >"$TMP/lb-hyper.log" 2>&1 &
+LB_HYPER_PID=$!
+PIDS+=("$LB_HYPER_PID")
+TARGETS=("lb:$LB_PORT:$LB_PID" "lb-hyper:$LB_HYPER_PORT:$LB_HYPER_PID")
+if [[ -n $LB_BASELINE ]]; then
+    RUST_LOG=warn "$LB_BASELINE" --config "$TMP/lb-base.yaml" --log-level warn >"$TMP/lb-base.log" 2>&1 &
+    LB_BASE_PID=$!
+    PIDS+=("$LB_BASE_PID")
+    TARGETS+=("lb-base:$LB_BASE_PORT:$LB_BASE_PID")
+fi
 nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
 NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
 PIDS+=("$HAPROXY_PID")
-wait_port "$LB_PORT" "$LB_PID" lb
-wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
-for port in "${BACKEND_PORTS[0]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
+TARGETS+=("nginx:$NGINX_PORT:$NGINX_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID")
+for t in "${TARGETS[@]}"; do
+    IFS=: read -r name port pid <<<"$t"
+    wait_port "$port" "$pid" "$name"
+done
+for port in "${BACKEND_PORTS[0]}" $LB_PORT $LB_HYPER_PORT ${LB_BASE_PID:+$LB_BASE_PORT} $NGINX_PORT $HAPROXY_PORT; do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
 done
 
 BUSY_BEFORE=$(busy_pct)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 if ((BUSY_BEFORE > 10)); then
     log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
 fi
 
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    # Reference: the first backend alone, no proxy (one backend port, not three).
-    measure direct "${BACKEND_PORTS[0]}"
-    measure lb "$LB_PORT" "$LB_PID"
-    measure nginx "$NGINX_PORT" "$NGINX_PID"
-    measure haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+# Memory first, on proxies that have not yet served a load test.
+IDLE_RESULTS="$TMP/idle"
+: >"$IDLE_RESULTS"
+for n in $IDLE; do
+    for t in "${TARGETS[@]}"; do
+        IFS=: read -r name port pid <<<"$t"
+        log "$name: RSS with $n idle keep-alive connections"
+        echo "$name $n $(idle_rss "$name" "$port" "$pid" "$n")" >>"$IDLE_RESULTS"
+    done
 done
 
-# Per target: median req/s and latencies over the rounds, errors summed,
-# proxy CPU over all measured time, peak RSS at the end.
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    for conns in $CONNECTIONS; do
+        # Reference: the first backend alone, no proxy (one backend port, not three).
+        measure direct "${BACKEND_PORTS[0]}" "$conns"
+        for t in "${TARGETS[@]}"; do
+            IFS=: read -r name port pid <<<"$t"
+            measure "$name" "$port" "$conns" "$pid"
+        done
+    done
+done
+
+# Per target and concurrency: medians over the rounds, errors summed,
+# CPU µs per request over all measured requests.
 RESULTS="$TMP/results"
 : >"$RESULTS"
-duration_s=$(secs "$DURATION")
-for target in direct:"" lb:$LB_PID nginx:$NGINX_PID haproxy:$HAPROXY_PID; do
-    name=${target%%:*}
-    pid=${target#*:}
-    rss=-
-    if [[ -n $pid ]]; then
-        mapfile -t pids < <(family "$pid")
-        rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
-    fi
-    awk -v n="$name" -v rss="$rss" -v hz="$HZ" -v d="$duration_s" -v proxy="$pid" '
-        function median(a, k,   i, j, t) {
-            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-        }
-        $1 == n { k++; r[k] = $2; p50[k] = $3; p99[k] = $4; err += $5; ticks += $6; box[k] = $7 }
-        END {
-            cpu = proxy == "" ? "-" : sprintf("%.0f", 100 * ticks / hz / (d * k))
-            print n, median(r, k), median(p50, k), median(p99, k), err, rss, cpu, median(box, k)
-        }' "$RUNS" >>"$RESULTS"
+for conns in $CONNECTIONS; do
+    for name in direct $(for t in "${TARGETS[@]}"; do echo "${t%%:*}"; done); do
+        awk -v n="$name" -v c="$conns" -v hz="$HZ" '
+            function median(a, k,   i, j, t) {
+                for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+                return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+            }
+            $1 == n && $2 == c { k++; r[k] = $3; p50[k] = $4; p99[k] = $5; err += $6; ticks += $7; box[k] = $8; reqs += $9 }
+            END {
+                us = (n == "direct" || reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)
+                print n, c, median(r, k), median(p50, k), median(p99, k), err, us, median(box, k)
+            }' "$RUNS" >>"$RESULTS"
+    done
 done
 
 # --- report ----------------------------------------------------------------
 echo
 echo "lb vs nginx vs HAProxy, loopback, HTTP/1.1 keep-alive, GET /, round robin over 3 backends"
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after a $WARMUP warm-up), each target in turn,"
+echo "wrk -t$THREADS -c{$CONNECTIONS} -d$DURATION --latency (after a $WARMUP warm-up), each target in turn,"
 echo "$ROUNDS round(s); with more than one, each figure is the median over the rounds."
 echo "$NCPU CPUs: wrk, the backends and the proxy share them, so req/s measures the whole box,"
-echo "not the proxy alone; proxy CPU% (of one core, over the measured run) says what the proxy took."
-echo "Proxies: lb (tokio, $NCPU worker threads, health checks every 2s),"
+echo "not the proxy alone; CPU µs/req is the proxy's own CPU time (user+sys) per request."
+echo "Proxies: lb (--workers $PROXY_THREADS, HTTP/1 fast path), lb-hyper (same binary, --http1 hyper),"
+[[ -n $LB_BASELINE ]] && echo "lb-base ($LB_BASELINE, its defaults),"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
 echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited)."
-echo "CPUs busy with other work just before the runs: ${BUSY_BEFORE}% (anything above a few % skews every row)."
-echo "Peak RSS is VmHWM summed over the proxy's processes (nginx: master + workers)."
-echo
-printf "| %-8s | %10s | %8s | %8s | %6s | %13s | %10s | %9s |\n" \
-    target "req/s" "p50 ms" "p99 ms" errors "peak RSS MiB" "proxy CPU%" "box busy"
-printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- --------------- ------------ -----------
-while read -r name rps p50 p99 errors rss cpu box; do
-    printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %13s | %10s | %8s%% |\n" \
-        "$name" "$rps" "$p50" "$p99" "$errors" "$rss" "$cpu" "$box"
-done <"$RESULTS"
+echo "Before the runs: CPUs ${BUSY_BEFORE}% busy with other work, load average $LOAD_BEFORE."
+for conns in $CONNECTIONS; do
+    echo
+    echo "c=$conns"
+    echo
+    printf "| %-8s | %10s | %8s | %8s | %6s | %10s | %9s |\n" \
+        target "req/s" "p50 ms" "p99 ms" errors "CPU µs/req" "box busy"
+    printf "|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- ------------ -----------
+    awk -v c="$conns" '$2 == c' "$RESULTS" | while read -r name _ rps p50 p99 errors us box; do
+        printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %10s | %8s%% |\n" \
+            "$name" "$rps" "$p50" "$p99" "$errors" "$us" "$box"
+    done
+done
+
+if [[ -n $IDLE ]]; then
+    echo
+    echo "RSS added per idle keep-alive connection (KiB; VmRSS summed over the proxy's processes,"
+    echo "measured before the load runs, each connection having served one request)"
+    echo
+    printf "| %-8s |" target
+    for n in $IDLE; do printf " %10s |" "$n conns"; done
+    echo
+    printf "|%s|" ----------
+    for n in $IDLE; do printf "%s|" ------------; done
+    echo
+    for t in "${TARGETS[@]}"; do
+        name=${t%%:*}
+        printf "| %-8s |" "$name"
+        for n in $IDLE; do printf " %10s |" "$(awk -v t="$name" -v n="$n" '$1 == t && $2 == n { print $3 }' "$IDLE_RESULTS")"; done
+        echo
+    done
+fi
 
 echo
-printf "| %-12s | %8s | %8s | %8s | %8s | %8s |\n" ratio "req/s" "p50" "p99" "RSS" "CPU"
-printf "|%s|%s|%s|%s|%s|%s|\n" -------------- ---------- ---------- ---------- ---------- ----------
-for other in nginx haproxy; do
-    awk -v o="$other" '
-        $1 == "lb" { for (i = 2; i <= 7; i++) lb[i] = $i }
-        $1 == o    { for (i = 2; i <= 7; i++) ot[i] = $i }
-        function r(i) { return ot[i] > 0 ? sprintf("%.2f", lb[i] / ot[i]) : "-" }
-        END { printf "| %-12s | %8s | %8s | %8s | %8s | %8s |\n", "lb/" o, r(2), r(3), r(4), r(6), r(7) }
-    ' "$RESULTS"
-done
+echo "Ratios to nginx (same run): req/s above 1 favours the target; p99, CPU and RSS below 1 do."
 echo
-echo "req/s above 1 favours lb; latency, RSS and CPU below 1 favour lb."
+printf "| %-8s |" target
+for conns in $CONNECTIONS; do printf " %9s | %9s | %9s |" "req/s c=$conns" "p99 c=$conns" "CPU c=$conns"; done
+for n in $IDLE; do printf " %9s |" "RSS/conn $n"; done
+echo
+printf "|%s|" ----------
+for conns in $CONNECTIONS; do printf "%s|%s|%s|" ----------- ----------- -----------; done
+for n in $IDLE; do printf "%s|" -----------; done
+echo
+for t in "${TARGETS[@]}"; do
+    name=${t%%:*}
+    [[ $name == nginx ]] && continue
+    printf "| %-8s |" "$name"
+    for conns in $CONNECTIONS; do
+        awk -v t="$name" -v c="$conns" '
+            $2 == c && $1 == t { r = $3; p = $5; u = $7 }
+            $2 == c && $1 == "nginx" { nr = $3; np = $5; nu = $7 }
+            function q(a, b) { return (b > 0 && a != "-") ? sprintf("%.2f", a / b) : "-" }
+            END { printf " %9s | %9s | %9s |", q(r, nr), q(p, np), q(u, nu) }' "$RESULTS"
+    done
+    for n in $IDLE; do
+        awk -v t="$name" -v n="$n" '
+            $2 == n && $1 == t { a = $3 } $2 == n && $1 == "nginx" { b = $3 }
+            END { printf " %9s |", (b > 0 && a != "-") ? sprintf("%.2f", a / b) : "-" }' "$IDLE_RESULTS"
+    done
+    echo
+done

@@ -124,7 +124,7 @@ pub(crate) async fn serve(
                 Parsed::Fast(head) => break head,
             }
         };
-        let request = match head.rewrite(peer.ip(), &snap) {
+        let request = match head.rewrite(peer.ip()) {
             Some(r) => r,
             None => {
                 // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
@@ -158,6 +158,7 @@ pub(crate) async fn serve(
         let mut attempts = FastAttempts {
             request,
             method_head: head.method == Method::HEAD,
+            idempotent: retry::is_idempotent(&head.method),
         };
         let outcome = retry::run(&rt, &snap, &head.method, head.uri.path(), &mut attempts).await;
         let keep_alive = head.keep_alive && !*drain.borrow();
@@ -339,8 +340,7 @@ fn unread(buf: &mut Buf, head: &[u8]) -> Parsed {
 impl Head {
     /// The head lb sends upstream, as the hyper path's rewrite and hyper's
     /// client would write it; `None` when the hyper path would refuse it.
-    fn rewrite(&self, client_ip: std::net::IpAddr, snap: &Snapshot) -> Option<Vec<u8>> {
-        let _ = snap;
+    fn rewrite(&self, client_ip: std::net::IpAddr) -> Option<Vec<u8>> {
         let xff = proxy::forwarded_for(self.values("x-forwarded-for").next(), client_ip).ok()?;
         let named = proxy::connection_named(self.values("connection"));
         let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -463,6 +463,8 @@ struct FastAttempts {
     request: Bytes,
     /// The request is a HEAD: its response has no body.
     method_head: bool,
+    /// The method may be sent twice (a stale pooled connection is retried).
+    idempotent: bool,
 }
 
 impl Attempts for FastAttempts {
@@ -485,19 +487,15 @@ impl Attempts for FastAttempts {
         if let Some(conn) = pool_take(backend) {
             match exchange(conn, backend, &self.request, self.method_head).await {
                 Ok(resp) => return Ok(resp),
-                Err(Exchange::Failed(kind, detail)) => return Err((kind, detail)),
-                Err(Exchange::Stale) => {}
+                Err(Exchange::Unsent) => {}
+                Err(Exchange::Stale) if self.idempotent => {}
+                Err(e) => return Err(e.failure()),
             }
         }
         let conn = connect(backend, snap.config.timeouts.connect).await?;
-        match exchange(conn, backend, &self.request, self.method_head).await {
-            Ok(resp) => Ok(resp),
-            Err(Exchange::Failed(kind, detail)) => Err((kind, detail)),
-            Err(Exchange::Stale) => Err((
-                FailureKind::Reset,
-                "connection closed before message completed".to_owned(),
-            )),
-        }
+        exchange(conn, backend, &self.request, self.method_head)
+            .await
+            .map_err(Exchange::failure)
     }
 
     fn status(response: &UpstreamResponse) -> StatusCode {
@@ -533,9 +531,26 @@ async fn connect(
 
 /// How one exchange on one connection failed.
 enum Exchange {
-    /// Closed before any byte of an answer: on a reused connection, retry.
+    /// The request could not be written: on a reused connection, nothing
+    /// reached the backend; send it again on a new one.
+    Unsent,
+    /// Closed after the request was written, before any byte of an answer:
+    /// on a reused connection most likely closed while idle, but the backend
+    /// may have seen the request, so only an idempotent one goes again.
     Stale,
     Failed(FailureKind, String),
+}
+
+impl Exchange {
+    fn failure(self) -> (FailureKind, String) {
+        match self {
+            Exchange::Unsent | Exchange::Stale => (
+                FailureKind::Reset,
+                "connection closed before message completed".to_owned(),
+            ),
+            Exchange::Failed(kind, detail) => (kind, detail),
+        }
+    }
 }
 
 /// Writes the request and reads the response head (skipping 1xx).
@@ -546,7 +561,7 @@ async fn exchange(
     method_head: bool,
 ) -> Result<UpstreamResponse, Exchange> {
     if conn.write_all(request).await.is_err() {
-        return Err(Exchange::Stale);
+        return Err(Exchange::Unsent);
     }
     let mut buf = Buf::with_capacity(READ_CHUNK);
     let mut answered = false;
