@@ -78,13 +78,15 @@ pub(crate) async fn serve(
     let mut buf = Buf::new();
     let mut served = false;
     loop {
-        let snap = rt.snapshot();
-        let timeouts = &snap.config.timeouts;
         if buf.is_empty() {
-            let wait = if served {
-                timeouts.client_idle
-            } else {
-                timeouts.client_header
+            // Read per wait (reloadable), not held: an idle connection pins no config.
+            let wait = {
+                let timeouts = &rt.snapshot().config.timeouts;
+                if served {
+                    timeouts.client_idle
+                } else {
+                    timeouts.client_header
+                }
             };
             tokio::select! {
                 biased;
@@ -95,98 +97,108 @@ pub(crate) async fn serve(
                 },
             }
         }
-        let head_deadline = Instant::now() + timeouts.client_header;
-        let max_head = snap.config.limits.max_header_bytes;
-        let body_limit = snap.config.retry.buffer_body_limit;
-        let head = loop {
-            match parse_request(&mut buf, max_head, body_limit) {
-                Parsed::Partial if buf.len() < max_head => {
-                    if buf.capacity() - buf.len() < 1024 {
-                        buf.reserve(READ_CHUNK.max(buf.len()));
-                    }
-                    match timeout_at(head_deadline, stream.read_buf(&mut buf)).await {
-                        Ok(Ok(n)) if n > 0 => continue,
-                        _ => return,
-                    }
-                }
-                // Too large, refused, or not ours: hyper answers from here on.
-                Parsed::Partial | Parsed::Hyper => {
-                    drop(snap);
-                    return crate::server::serve_hyper(
-                        stream,
-                        buf.freeze(),
-                        peer,
-                        guard,
-                        &ctx,
-                        drain,
-                    );
-                }
-                Parsed::Fast(head) => break head,
+        let snap = rt.snapshot();
+        // Boxed: an idle connection's task then holds only the state above.
+        let step = Box::pin(serve_one(&mut stream, &mut buf, peer, &rt, &snap, &drain)).await;
+        drop(snap);
+        match step {
+            Step::Next => served = true,
+            Step::Close => return,
+            Step::Hyper(prefix) => {
+                return crate::server::serve_hyper(stream, prefix, peer, guard, &ctx, drain)
             }
-        };
-        let request = match head.rewrite(peer.ip()) {
-            Some(r) => r,
-            None => {
-                // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
-                let mut all = Buf::from(&head.bytes[..]);
-                all.extend_from_slice(&buf);
-                drop(snap);
-                return crate::server::serve_hyper(stream, all.freeze(), peer, guard, &ctx, drain);
-            }
-        };
-        served = true;
-        // The body, whole, before anything is sent (it is at most
-        // `buffer_body_limit`): every attempt can replay it.
-        let request = match read_body(
-            &mut stream,
-            &mut buf,
-            request,
-            head.body_len,
-            timeouts.client_body,
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(fault) => {
-                let mut out = Vec::new();
-                let resp = retry::client_fault(fault);
-                encode_own(&mut out, &resp, false, false);
-                let _ = stream.write_all(&out).await;
-                return;
-            }
-        };
-        let mut attempts = FastAttempts {
-            request,
-            method_head: head.method == Method::HEAD,
-            idempotent: retry::is_idempotent(&head.method),
-        };
-        let outcome = retry::run(&rt, &snap, &head.method, head.uri.path(), &mut attempts).await;
-        let keep_alive = head.keep_alive && !*drain.borrow();
-        let kept = match outcome {
-            Outcome::Relay(resp, in_flight) => {
-                let kept = relay(&mut stream, resp, &head, keep_alive).await;
-                drop(in_flight);
-                kept
-            }
-            Outcome::Own(status, text) => {
-                let mut out = Vec::with_capacity(256);
-                encode_own(&mut out, &retry::text(status, text), keep_alive, false);
-                stream.write_all(&out).await.is_ok() && keep_alive
-            }
-            Outcome::ClientFault(fault) => {
-                let mut out = Vec::with_capacity(256);
-                encode_own(&mut out, &retry::client_fault(fault), false, false);
-                let _ = stream.write_all(&out).await;
-                false
-            }
-        };
-        if !kept {
-            return;
         }
         if buf.is_empty() {
             // Idle from here: give the buffer back.
             buf = Buf::new();
         }
+    }
+}
+
+/// How one exchange on a fast-path connection ended.
+enum Step {
+    /// Served; the connection waits for the next request.
+    Next,
+    Close,
+    /// hyper serves the rest of the connection, starting with these bytes.
+    Hyper(Bytes),
+}
+
+/// Reads one request head (and body) and answers it.
+async fn serve_one(
+    stream: &mut TcpStream,
+    buf: &mut Buf,
+    peer: SocketAddr,
+    rt: &crate::runtime::Runtime,
+    snap: &Snapshot,
+    drain: &watch::Receiver<bool>,
+) -> Step {
+    let timeouts = &snap.config.timeouts;
+    let head_deadline = Instant::now() + timeouts.client_header;
+    let max_head = snap.config.limits.max_header_bytes;
+    let body_limit = snap.config.retry.buffer_body_limit;
+    let head = loop {
+        match parse_request(buf, max_head, body_limit) {
+            Parsed::Partial if buf.len() < max_head => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK.max(buf.len()));
+                }
+                match timeout_at(head_deadline, stream.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => return Step::Close,
+                }
+            }
+            // Too large, refused, or not ours: hyper answers from here on.
+            Parsed::Partial | Parsed::Hyper => return Step::Hyper(std::mem::take(buf).freeze()),
+            Parsed::Fast(head) => break head,
+        }
+    };
+    let Some(request) = head.rewrite(peer.ip()) else {
+        // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
+        let mut all = Buf::from(&head.bytes[..]);
+        all.extend_from_slice(buf);
+        return Step::Hyper(all.freeze());
+    };
+    // The body, whole, before anything is sent (it is at most
+    // `buffer_body_limit`): every attempt can replay it.
+    let request = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
+        Ok(r) => r,
+        Err(fault) => {
+            let mut out = Vec::new();
+            encode_own(&mut out, &retry::client_fault(fault), false, false);
+            let _ = stream.write_all(&out).await;
+            return Step::Close;
+        }
+    };
+    let mut attempts = FastAttempts {
+        request,
+        method_head: head.method == Method::HEAD,
+        idempotent: retry::is_idempotent(&head.method),
+    };
+    let outcome = retry::run(rt, snap, &head.method, head.uri.path(), &mut attempts).await;
+    let keep_alive = head.keep_alive && !*drain.borrow();
+    let kept = match outcome {
+        Outcome::Relay(resp, in_flight) => {
+            let kept = relay(stream, resp, &head, keep_alive).await;
+            drop(in_flight);
+            kept
+        }
+        Outcome::Own(status, text) => {
+            let mut out = Vec::with_capacity(256);
+            encode_own(&mut out, &retry::text(status, text), keep_alive, false);
+            stream.write_all(&out).await.is_ok() && keep_alive
+        }
+        Outcome::ClientFault(fault) => {
+            let mut out = Vec::with_capacity(256);
+            encode_own(&mut out, &retry::client_fault(fault), false, false);
+            let _ = stream.write_all(&out).await;
+            false
+        }
+    };
+    if kept {
+        Step::Next
+    } else {
+        Step::Close
     }
 }
 

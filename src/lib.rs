@@ -11,7 +11,12 @@
 //! * [`state`]: per-backend runtime state (in-flight, counters, health)
 //!   keyed by address, so it survives reloads.
 //! * [`selection`]: the strategies, one type each behind [`selection::Selector`].
-//! * [`server`]: listening socket(s), accept loop, client connections.
+//! * [`workers`]: `--workers N` threads, each a `current_thread` runtime with
+//!   its own listening socket and upstream pools.
+//! * [`server`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
+//!   loops, the connection cap, hyper client connections.
+//! * [`fast`]: the HTTP/1 fast path (`httparse`), which hands anything it does
+//!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
 //!   the backend client and its error classes.
