@@ -4,14 +4,14 @@
 #
 #   bash bench/compare.sh                 # 10 s per target and concurrency (~3 min)
 #   DURATION=30s CONNECTIONS="64 256" IDLE="2000 10000" bash bench/compare.sh
-#   LB_BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
+#   BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
 # the median is reported; on a noisy machine try ROUNDS=3 DURATION=5s),
 # CONNECTIONS (wrk -c values, default "64 256"), THREADS (wrk -t, default 2),
 # IDLE (idle keep-alive connections held to measure RSS per connection,
-# default "2000 10000"; empty skips it), LB_BASELINE (another lb binary,
+# default "2000 10000"; empty skips it), BASELINE (another lb binary,
 # reported as lb-base: e.g. main's, for a before/after table in one run),
 # PROXY_THREADS (nginx workers, haproxy nbthread; default: the number of
 # CPUs, which is what lb's tokio runtime uses), KEEP_TMP=1 keeps the
@@ -24,7 +24,7 @@ ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64 256}
 IDLE=${IDLE-2000 10000}
-LB_BASELINE=${LB_BASELINE:-}
+BASELINE=${BASELINE:-}
 THREADS=${THREADS:-2}
 NCPU=$(nproc)
 PROXY_THREADS=${PROXY_THREADS:-$NCPU}
@@ -191,7 +191,7 @@ grep -v '^limits:' "$TMP/lb.yaml" | sed "s/^listen: .*/listen: 127.0.0.1:$LB_BAS
 {
     echo "global"
     echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 30000"
+    echo "  maxconn 9980" # the most this box's fd limit (20000) allows it
     echo "defaults"
     echo "  mode http"
     echo "  timeout connect 1s"
@@ -283,8 +283,8 @@ RUST_LOG=warn "$LB" --config "$TMP/lb-hyper.yaml" --workers "$PROXY_THREADS" --h
 LB_HYPER_PID=$!
 PIDS+=("$LB_HYPER_PID")
 TARGETS=("lb:$LB_PORT:$LB_PID" "lb-hyper:$LB_HYPER_PORT:$LB_HYPER_PID")
-if [[ -n $LB_BASELINE ]]; then
-    RUST_LOG=warn "$LB_BASELINE" --config "$TMP/lb-base.yaml" --log-level warn >"$TMP/lb-base.log" 2>&1 &
+if [[ -n $BASELINE ]]; then
+    RUST_LOG=warn "$BASELINE" --config "$TMP/lb-base.yaml" --log-level warn >"$TMP/lb-base.log" 2>&1 &
     LB_BASE_PID=$!
     PIDS+=("$LB_BASE_PID")
     TARGETS+=("lb-base:$LB_BASE_PORT:$LB_BASE_PID")
@@ -316,6 +316,10 @@ IDLE_RESULTS="$TMP/idle"
 for n in $IDLE; do
     for t in "${TARGETS[@]}"; do
         IFS=: read -r name port pid <<<"$t"
+        if [[ $name == haproxy ]] && ((n > 9980)); then
+            echo "$name $n -" >>"$IDLE_RESULTS" # beyond its maxconn (fd limit)
+            continue
+        fi
         log "$name: RSS with $n idle keep-alive connections"
         echo "$name $n $(idle_rss "$name" "$port" "$pid" "$n")" >>"$IDLE_RESULTS"
     done
@@ -359,7 +363,7 @@ echo "$ROUNDS round(s); with more than one, each figure is the median over the r
 echo "$NCPU CPUs: wrk, the backends and the proxy share them, so req/s measures the whole box,"
 echo "not the proxy alone; CPU µs/req is the proxy's own CPU time (user+sys) per request."
 echo "Proxies: lb (--workers $PROXY_THREADS, HTTP/1 fast path), lb-hyper (same binary, --http1 hyper),"
-[[ -n $LB_BASELINE ]] && echo "lb-base ($LB_BASELINE, its defaults),"
+[[ -n $BASELINE ]] && echo "lb-base ($BASELINE, its defaults),"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
 echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited)."

@@ -496,7 +496,7 @@ impl Attempts for FastAttempts {
         // A pooled connection the backend closed meanwhile fails before any
         // byte of an answer: then the request goes once more on a new one
         // (hyper's pool does the same).
-        if let Some(conn) = pool_take(backend) {
+        if let Some(conn) = pool_take(backend, !self.idempotent) {
             match exchange(conn, backend, &self.request, self.method_head).await {
                 Ok(resp) => return Ok(resp),
                 Err(Exchange::Unsent) => {}
@@ -722,9 +722,20 @@ fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool,
     let no_body_status = matches!(head.status.as_u16(), 204 | 304);
     let mut wrote_len = false;
     let mut wrote_date = false;
+    let mut lower = [0u8; 64];
     for (n, v) in &head.headers {
-        let name = b[n.clone()].to_ascii_lowercase();
-        let name_str = std::str::from_utf8(&name).unwrap_or("");
+        let raw = &b[n.clone()];
+        let long;
+        let name: &[u8] = if raw.len() <= lower.len() {
+            let l = &mut lower[..raw.len()];
+            l.copy_from_slice(raw);
+            l.make_ascii_lowercase();
+            l
+        } else {
+            long = raw.to_ascii_lowercase();
+            &long
+        };
+        let name_str = std::str::from_utf8(name).unwrap_or("");
         if proxy::is_hop_by_hop(name_str) || named.iter().any(|h| h.as_str() == name_str) {
             continue;
         }
@@ -745,7 +756,7 @@ fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool,
         if name_str == "date" {
             wrote_date = true;
         }
-        out.extend_from_slice(&name);
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(&b[v.clone()]);
         out.extend_from_slice(b"\r\n");
@@ -1015,17 +1026,23 @@ thread_local! {
     static POOL: RefCell<HashMap<BackendAddr, Vec<(TcpStream, Instant)>>> = RefCell::new(HashMap::new());
 }
 
-/// An idle connection to `backend` that is still open, if any.
-fn pool_take(backend: &BackendAddr) -> Option<TcpStream> {
+/// An idle connection to `backend`, if any. With `probe`, one the backend
+/// closed meanwhile is skipped (a read that does not block means closed):
+/// a request that must not be sent twice cannot count on the resend after
+/// a stale connection.
+fn pool_take(backend: &BackendAddr, probe: bool) -> Option<TcpStream> {
     POOL.with_borrow_mut(|pool| {
         let idle = pool.get_mut(backend)?;
         while let Some((conn, since)) = idle.pop() {
             if since.elapsed() > POOL_IDLE {
                 continue;
             }
+            if !probe {
+                return Some(conn);
+            }
             // Readable while idle means closed (or garbage): not reusable.
-            let mut probe = [0u8; 1];
-            match conn.try_read(&mut probe) {
+            let mut byte = [0u8; 1];
+            match conn.try_read(&mut byte) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
                 _ => continue,
             }
