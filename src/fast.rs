@@ -240,11 +240,10 @@ impl HeadView for Head {
     }
 
     fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers.iter().filter_map(move |(n, v)| {
-            self.bytes[n.clone()]
-                .eq_ignore_ascii_case(name.as_bytes())
-                .then(|| &self.bytes[v.clone()])
-        })
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.bytes[v.clone()])
     }
 }
 
