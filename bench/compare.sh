@@ -94,21 +94,13 @@ cpu_ticks() {
     echo "$total"
 }
 
-# Current RSS (VmRSS) in KiB, summed over the given pids.
-rss_kib() {
-    local pid total=0 k
+# A /proc/PID/status field in KiB (VmRSS: current RSS, VmHWM: peak RSS),
+# summed over the given pids.
+status_kib() {
+    local field=$1 pid total=0 k
+    shift
     for pid in "$@"; do
-        k=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
-        total=$((total + ${k:-0}))
-    done
-    echo "$total"
-}
-
-# Peak RSS (VmHWM) in KiB, summed over the given pids.
-peak_rss_kib() {
-    local pid total=0 k
-    for pid in "$@"; do
-        k=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+        k=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
         total=$((total + ${k:-0}))
     done
     echo "$total"
@@ -249,7 +241,7 @@ measure() {
 idle_rss() {
     local name=$1 port=$2 pid=$3 n=$4 pids=() before after helper i
     mapfile -t pids < <(family "$pid")
-    before=$(rss_kib "${pids[@]}")
+    before=$(status_kib VmRSS "${pids[@]}")
     "$IDLE_CLIENTS" "127.0.0.1:$port" "$n" >"$TMP/idle-$name-$n.out" 2>&1 &
     helper=$!
     for ((i = 0; i < 600; i++)); do
@@ -266,7 +258,7 @@ idle_rss() {
     fi
     sleep 1 # let the proxy settle into idleness
     mapfile -t pids < <(family "$pid")
-    after=$(rss_kib "${pids[@]}")
+    after=$(status_kib VmRSS "${pids[@]}")
     kill "$helper" 2>/dev/null || true
     wait "$helper" 2>/dev/null || true
     sleep 2 # the proxy closes them

@@ -289,11 +289,7 @@ fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Hyper;
     };
-    let base = buf.as_ptr() as usize;
-    let range = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        start..start + s.len()
-    };
+    let range = |s: &[u8]| range_in(buf, s);
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
     let mut headers = Vec::with_capacity(req.headers.len());
@@ -339,6 +335,32 @@ fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> Parsed {
     Parsed::Fast(head)
 }
 
+/// Where `part` (a slice of `whole`, as httparse returns) lies in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// `raw` in lower case, in `scratch` when it fits (header names lb must
+/// recognise all do), else in `long`.
+fn lower<'a>(raw: &[u8], scratch: &'a mut [u8; 64], long: &'a mut Vec<u8>) -> &'a [u8] {
+    if raw.len() <= scratch.len() {
+        let l = &mut scratch[..raw.len()];
+        l.copy_from_slice(raw);
+        l.make_ascii_lowercase();
+        l
+    } else {
+        *long = raw.to_ascii_lowercase();
+        long
+    }
+}
+
+/// A header that does not travel to the other side: hop-by-hop, or named
+/// by the message's `Connection`.
+fn dropped_hop(name: &str, named: &[hyper::header::HeaderName]) -> bool {
+    proxy::is_hop_by_hop(name) || named.iter().any(|h| h.as_str() == name)
+}
+
 /// Puts a head taken from `buf` back in front of it, for hyper.
 fn unread(buf: &mut Buf, head: &[u8]) -> Parsed {
     let mut all = Buf::with_capacity(head.len() + buf.len());
@@ -361,25 +383,11 @@ impl Head {
         out.extend_from_slice(pq.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let mut host: Option<Range<usize>> = None;
-        let mut lower = [0u8; 64];
+        let (mut scratch, mut long) = ([0u8; 64], Vec::new());
         for (n, v) in &self.headers {
-            let raw = &self.bytes[n.clone()];
-            let name: &[u8] = if raw.len() <= lower.len() {
-                let l = &mut lower[..raw.len()];
-                l.copy_from_slice(raw);
-                l.make_ascii_lowercase();
-                l
-            } else {
-                // Longer than any header lb must recognise: written as is, lower-cased.
-                out.extend(raw.iter().map(u8::to_ascii_lowercase));
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(&self.bytes[v.clone()]);
-                out.extend_from_slice(b"\r\n");
-                continue;
-            };
+            let name = lower(&self.bytes[n.clone()], &mut scratch, &mut long);
             let name_str = std::str::from_utf8(name).unwrap_or("");
-            if proxy::is_hop_by_hop(name_str)
-                || named.iter().any(|h| h.as_str() == name_str)
+            if dropped_hop(name_str, &named)
                 || matches!(
                     name_str,
                     "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
@@ -632,11 +640,7 @@ fn parse_response(buf: &[u8], method_head: bool) -> Result<Option<ResponseHead>,
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or("invalid status")?;
     let http11 = res.version == Some(1);
-    let base = buf.as_ptr() as usize;
-    let range = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        start..start + s.len()
-    };
+    let range = |s: &[u8]| range_in(buf, s);
     let reason = range(res.reason.unwrap_or("").as_bytes());
     let (mut te, mut chunked, mut close) = (false, false, !http11);
     let mut length: Option<u64> = None;
@@ -721,21 +725,11 @@ fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool,
     let no_body_status = matches!(head.status.as_u16(), 204 | 304);
     let mut wrote_len = false;
     let mut wrote_date = false;
-    let mut lower = [0u8; 64];
+    let (mut scratch, mut long) = ([0u8; 64], Vec::new());
     for (n, v) in &head.headers {
-        let raw = &b[n.clone()];
-        let long;
-        let name: &[u8] = if raw.len() <= lower.len() {
-            let l = &mut lower[..raw.len()];
-            l.copy_from_slice(raw);
-            l.make_ascii_lowercase();
-            l
-        } else {
-            long = raw.to_ascii_lowercase();
-            &long
-        };
+        let name = lower(&b[n.clone()], &mut scratch, &mut long);
         let name_str = std::str::from_utf8(name).unwrap_or("");
-        if proxy::is_hop_by_hop(name_str) || named.iter().any(|h| h.as_str() == name_str) {
+        if dropped_hop(name_str, &named) {
             continue;
         }
         if name_str == "content-length" {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use lb::server::Http1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// What a recording backend saw, by the request's `x-id`.
 type Records = Arc<Mutex<BTreeMap<String, String>>>;
@@ -151,44 +151,40 @@ fn canned(variant: usize) -> &'static [u8] {
 
 /// A backend that records every request it gets and answers per its path.
 async fn recording_backend() -> (SocketAddr, Records) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let records: Records = Arc::default();
     let r = Arc::clone(&records);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            let r = Arc::clone(&r);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some((head, body, framing)) = read_message(&mut s, &mut buf, None).await {
-                    let id = head
-                        .to_ascii_lowercase()
-                        .lines()
-                        .find_map(|l| l.strip_prefix("x-id:").map(|v| v.trim().to_owned()))
-                        .unwrap_or_default();
-                    let variant: usize = head
-                        .split_once("/r/")
-                        .and_then(|(_, rest)| rest.get(..1)?.parse().ok())
-                        .unwrap_or(0);
-                    let seen = format!(
-                        "{}\n[{framing}] {:?}",
-                        normalise(&head),
-                        String::from_utf8_lossy(&body)
-                    );
-                    // hyper's client names the backend in a Host it adds.
-                    let seen = seen.replace(&addr.to_string(), "<backend>");
-                    r.lock().unwrap().insert(id, seen);
-                    let resp = canned(variant);
-                    if s.write_all(resp).await.is_err() || resp.windows(5).any(|w| w == b"close") {
-                        return;
-                    }
+    let addr = raw_server(move |mut s| {
+        let r = Arc::clone(&r);
+        async move {
+            let mut buf = Vec::new();
+            while let Some((head, body, framing)) = read_message(&mut s, &mut buf, None).await {
+                let id = head
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-id:").map(|v| v.trim().to_owned()))
+                    .unwrap_or_default();
+                let variant: usize = head
+                    .split_once("/r/")
+                    .and_then(|(_, rest)| rest.get(..1)?.parse().ok())
+                    .unwrap_or(0);
+                let seen = format!(
+                    "{}\n[{framing}] {:?}",
+                    normalise(&head),
+                    String::from_utf8_lossy(&body)
+                );
+                // hyper's client names the backend in a Host it adds.
+                let own = s.local_addr().unwrap().to_string();
+                r.lock()
+                    .unwrap()
+                    .insert(id, seen.replace(&own, "<backend>"));
+                let resp = canned(variant);
+                if s.write_all(resp).await.is_err() || resp.windows(5).any(|w| w == b"close") {
+                    return;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, records)
 }
 

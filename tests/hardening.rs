@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Sends `request` and reads until lb closes the connection (or 10 s pass).
 async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
@@ -61,28 +61,19 @@ fn nobody_blamed(lb: &TestLb) {
 
 /// A backend that answers every connection with `response`, verbatim, then closes.
 async fn raw_backend(response: &'static [u8]) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(response).await;
-                let _ = s.shutdown().await;
-            });
+    raw_server(move |mut s| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    addr
+        let _ = s.write_all(response).await;
+        let _ = s.shutdown().await;
+    })
+    .await
 }
 
 // ---- 1. Client errors are the client's ----

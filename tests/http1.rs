@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Everything until EOF or a 10 s silence.
 async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
@@ -32,97 +32,91 @@ fn text(b: &[u8]) -> String {
 /// takes them), `POST /count` with the number of body bytes it read, and
 /// `GET /cut` with half of a declared body before it closes.
 async fn streaming_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
+    raw_server(|mut s| async move {
+        let mut head = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let end = loop {
-                        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    };
-                    let h = text(&head[..end]).to_ascii_lowercase();
-                    let mut rest = head.split_off(end);
-                    head.clear();
-                    let path = h.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    if let Some(n) = path.strip_prefix("/big/") {
-                        let n: u64 = n.parse().unwrap();
-                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        let piece = vec![b'x'; 64 * 1024];
-                        let mut left = n;
-                        while left > 0 {
-                            let k = left.min(piece.len() as u64) as usize;
-                            if s.write_all(&piece[..k]).await.is_err() {
-                                return;
-                            }
-                            left -= k as u64;
-                        }
-                    } else if path == "/count" {
-                        let len: u64 = h
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        let mut got = rest.len() as u64;
-                        rest.clear();
-                        while got < len {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => got += n as u64,
-                            }
-                        }
-                        let body = got.to_string();
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    } else if path == "/cut" {
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly half")
-                            .await;
-                        return;
-                    } else if let Some(code) = path.strip_prefix("/status/") {
-                        let resp = match code {
-                            "204" => "HTTP/1.1 204 No Content\r\nX-S: 1\r\n\r\n".to_owned(),
-                            "304" => "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n".to_owned(),
-                            _ => "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ncontent".to_owned(),
-                        };
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    } else {
-                        let body = format!("{path}\n");
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    head = rest;
+            let end = loop {
+                if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
                 }
-            });
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            };
+            let h = text(&head[..end]).to_ascii_lowercase();
+            let mut rest = head.split_off(end);
+            head.clear();
+            let path = h.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            if let Some(n) = path.strip_prefix("/big/") {
+                let n: u64 = n.parse().unwrap();
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = vec![b'x'; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(piece.len() as u64) as usize;
+                    if s.write_all(&piece[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+            } else if path == "/count" {
+                let len: u64 = h
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut got = rest.len() as u64;
+                rest.clear();
+                while got < len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n as u64,
+                    }
+                }
+                let body = got.to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            } else if path == "/cut" {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly half")
+                    .await;
+                return;
+            } else if let Some(code) = path.strip_prefix("/status/") {
+                let resp = match code {
+                    "204" => "HTTP/1.1 204 No Content\r\nX-S: 1\r\n\r\n".to_owned(),
+                    "304" => {
+                        "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"e\"\r\n\r\n"
+                            .to_owned()
+                    }
+                    _ => "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ncontent".to_owned(),
+                };
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            } else {
+                let body = format!("{path}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            head = rest;
         }
-    });
-    addr
+    })
+    .await
 }
 
 async fn lb_for(backend: SocketAddr) -> TestLb {

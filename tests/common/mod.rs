@@ -510,6 +510,25 @@ pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
     path
 }
 
+/// A raw TCP server on an ephemeral 127.0.0.1 port: `handle` gets every
+/// accepted connection, each on its own task.
+pub async fn raw_server<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((s, _)) = l.accept().await {
+                tokio::spawn(handle(s));
+            }
+        }
+    });
+    addr
+}
+
 /// Infallible helper for services in tests.
 pub fn ok<T>(t: T) -> Result<T, Infallible> {
     Ok(t)
