@@ -221,6 +221,20 @@ fn zero_poll_interval_is_refused() {
 }
 
 #[test]
+fn workers_and_http1_flags_are_checked() {
+    for (args, code) in [
+        (&["--workers", "1"][..], 0),
+        (&["--workers", "4", "--http1", "hyper"], 0),
+        (&["--http1", "fast"], 0),
+        (&["--workers", "0"], 2),
+        (&["--http1", "h3"], 2),
+    ] {
+        let c = check_flags(args);
+        assert_eq!(c.code, Some(code), "{args:?}: {}", c.stderr);
+    }
+}
+
+#[test]
 fn log_level_must_name_levels() {
     for bad in ["verbose", "info,lb=loud", "lb"] {
         let c = check_flags(&["--log-level", bad]);
