@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use crate::affinity;
 use crate::body::{RequestBody, ResponseBody};
 use crate::retry::{self, is_idempotent};
 use crate::runtime::Runtime;
@@ -40,6 +41,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
     let (mut parts, body) = req.into_parts();
+    let steer = affinity::steer(&snap, &mut parts, client_ip);
     if let Err(message) = rewrite_head(&mut parts, client_ip) {
         return Ok(retry::text(
             StatusCode::BAD_REQUEST,
@@ -55,7 +57,9 @@ pub async fn handle(
             return Ok(retry::text(StatusCode::BAD_REQUEST, format!("lb: {e}\n")));
         }
     };
-    Ok(retry::forward(&rt, &snap, parts, body).await)
+    let mut resp = retry::forward(&rt, &snap, &steer, parts, body).await;
+    affinity::on_response(&snap, &steer, &mut resp);
+    Ok(resp)
 }
 
 /// Prepares the client's head for the backend: keeps `Host` (taken from the

@@ -24,6 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
 use crate::runtime::{Runtime, Snapshot};
+use crate::selection::Steer;
 use crate::state::{Clock, Ejection, InFlight};
 use crate::upstream::{self, FailureKind};
 
@@ -110,10 +111,12 @@ enum Failed {
 }
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy.
+/// retrying per the snapshot's policy; `steer` carries its hash key and
+/// affinity cookie.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
+    steer: &Steer,
     mut parts: Parts,
     mut body: RequestBody,
 ) -> Response<ResponseBody> {
@@ -134,7 +137,7 @@ pub async fn forward(
         let now_ms = rt.clock.now_ms();
         let eligible =
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select(&eligible) else {
+        let Some(index) = snap.select_for(steer, &eligible) else {
             if attempt == 0 {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -163,7 +166,14 @@ pub async fn forward(
         let try_deadline = policy
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
-        let (kind, detail) = match timeout_at(try_deadline, snap.client.request(req)).await {
+        let sent = Instant::now();
+        let outcome = timeout_at(try_deadline, snap.client.request(req)).await;
+        // peak_ewma's sample: time to the response head (a refused connect says nothing).
+        if !matches!(&outcome, Ok(Err(e)) if e.is_connect()) {
+            let decay = snap.config.steering.peak_ewma_decay;
+            backend.state.record_latency(sent.elapsed(), decay);
+        }
+        let (kind, detail) = match outcome {
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 if status.is_server_error() {
@@ -171,7 +181,7 @@ pub async fn forward(
                 } else {
                     backend.state.record_success();
                 }
-                let resp = pass_through(resp, in_flight);
+                let resp = pass_through(resp, in_flight, index);
                 if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
                     last = Some(Failed::Response(resp));
@@ -267,9 +277,14 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
     Uri::from_parts(parts).unwrap_or_default()
 }
 
-fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
+fn pass_through(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    index: usize,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(crate::affinity::ServedBy(index));
     Response::from_parts(
         parts,
         ResponseBody::Upstream {
