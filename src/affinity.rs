@@ -65,7 +65,11 @@ impl AffinityCookies {
                 HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
             })
             .collect();
-        let by_token = tokens.into_iter().enumerate().map(|(i, t)| (t, i)).collect();
+        let by_token = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i))
+            .collect();
         AffinityCookies {
             name: cfg.cookie.clone(),
             set_cookie,
@@ -129,7 +133,10 @@ pub fn steer(snap: &Snapshot, parts: &mut Parts, client_ip: IpAddr) -> Steer {
         Strategy::ConsistentHash => request_key(&snap.config.steering.hash_key, parts, client_ip),
         _ => None,
     };
-    let pinned = snap.affinity.as_ref().and_then(|c| c.take(&mut parts.headers));
+    let pinned = snap
+        .affinity
+        .as_ref()
+        .and_then(|c| c.take(&mut parts.headers));
     Steer { key, pinned }
 }
 
@@ -226,10 +233,17 @@ mod tests {
         let c = cookies();
         let t1 = token(&BackendAddr::from_static("b1:1"));
         let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_str(&format!("a=1; lb={t1}; b=2")).unwrap());
+        h.append(
+            COOKIE,
+            HeaderValue::from_str(&format!("a=1; lb={t1}; b=2")).unwrap(),
+        );
         h.append(COOKIE, HeaderValue::from_static("c=3"));
         assert_eq!(c.take(&mut h), Some(1));
-        let left: Vec<_> = h.get_all(COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+        let left: Vec<_> = h
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
         assert_eq!(left, ["a=1; b=2", "c=3"]);
         // Only ours: the header goes.
         let mut h = HeaderMap::new();
@@ -266,7 +280,10 @@ mod tests {
         let p = parts("/a/b?user=7&x", &[("x-user", "42"), ("cookie", "s=9; t=1")]);
         let key = |k: HashKey| request_key(&k, &p, ip);
         assert_eq!(key(HashKey::Path), Some(hash::stable(b"/a/b", 0)));
-        assert_eq!(key(HashKey::Query("user".into())), Some(hash::stable(b"7", 0)));
+        assert_eq!(
+            key(HashKey::Query("user".into())),
+            Some(hash::stable(b"7", 0))
+        );
         assert_eq!(key(HashKey::Query("x".into())), None);
         assert_eq!(key(HashKey::Query("nope".into())), None);
         assert_eq!(
@@ -274,7 +291,10 @@ mod tests {
             Some(hash::stable(b"42", 0))
         );
         assert_eq!(key(HashKey::Header("x-none".parse().unwrap())), None);
-        assert_eq!(key(HashKey::Cookie("t".into())), Some(hash::stable(b"1", 0)));
+        assert_eq!(
+            key(HashKey::Cookie("t".into())),
+            Some(hash::stable(b"1", 0))
+        );
         assert_eq!(key(HashKey::Cookie("u".into())), None);
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         assert_eq!(

@@ -173,12 +173,7 @@ fn build(
         {
             Arc::clone(&old.selector)
         }
-        _ => selection::build(
-            config.strategy,
-            &config.steering,
-            &backends,
-            states.clock(),
-        ),
+        _ => selection::build(config.strategy, &config.steering, &backends, states.clock()),
     };
     let affinity = config
         .steering

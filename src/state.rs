@@ -61,13 +61,14 @@ pub struct BackendState {
     consecutive_failures: AtomicU32,
     /// `Clock` ms until which passive detection keeps the backend out.
     ejected_until_ms: AtomicU64,
-    /// Time base of `up_since_ms` and the latency estimate (the table's, so
+    /// Time base of `ramp_from_ms` and the latency estimate (the table's, so
     /// every backend's times compare).
     clock: Clock,
-    /// `Clock` ms when the backend joined (by a reload) or came back up (by
-    /// the health checker); 0 when it has served since lb started. Slow start
-    /// ramps its share from this moment.
-    up_since_ms: AtomicU64,
+    /// `Clock` ms from which slow start ramps the backend's share up: when it
+    /// joined by a reload, came back up by the health checker, or when its
+    /// passive ejection ends. 0 when it has served since lb started or its
+    /// ramp is over, so a pick need not read the clock.
+    ramp_from_ms: AtomicU64,
     /// Peak-EWMA response-time estimate in ns, as `f64` bits; 0 = no sample yet.
     latency_ns: AtomicU64,
     /// `Clock` ms of the last latency sample: the estimate decays from here.
@@ -99,11 +100,11 @@ impl BackendState {
         Self::joining(addr, Clock::new(), 0)
     }
 
-    /// Fresh state on `clock`, up since `up_since_ms` (0 = since startup).
-    fn joining(addr: BackendAddr, clock: Clock, up_since_ms: u64) -> Self {
+    /// Fresh state on `clock`, ramping from `ramp_from_ms` (0 = no ramp).
+    fn joining(addr: BackendAddr, clock: Clock, ramp_from_ms: u64) -> Self {
         BackendState {
             clock,
-            up_since_ms: AtomicU64::new(up_since_ms),
+            ramp_from_ms: AtomicU64::new(ramp_from_ms),
             latency_ns: AtomicU64::new(0f64.to_bits()),
             latency_at_ms: AtomicU64::new(0),
             addr,
@@ -151,17 +152,22 @@ impl BackendState {
             // A backend the checker just saw recover gets a clean slate.
             self.consecutive_failures.store(0, Relaxed);
             self.ejected_until_ms.store(0, Relaxed);
-            self.up_since_ms.store(self.clock.now_ms(), Relaxed);
+            self.ramp_from_ms.store(self.clock.now_ms(), Relaxed);
         }
         changed
     }
 
-    /// `Clock` ms from which slow start ramps this backend up: when it joined,
-    /// came back up, or its passive ejection ended (0 = no ramp).
+    /// `Clock` ms from which slow start ramps this backend up (0 = no ramp).
     pub fn ramp_start_ms(&self) -> u64 {
-        self.up_since_ms
-            .load(Relaxed)
-            .max(self.ejected_until_ms.load(Relaxed))
+        self.ramp_from_ms.load(Relaxed)
+    }
+
+    /// Forgets the ramp that started at `start` once slow start saw it end,
+    /// unless a newer one began meanwhile.
+    pub fn ramp_over(&self, start: u64) {
+        let _ = self
+            .ramp_from_ms
+            .compare_exchange(start, 0, Relaxed, Relaxed);
     }
 
     /// Folds one response time into the peak-EWMA estimate: a sample above
@@ -174,28 +180,35 @@ impl BackendState {
         let last = self.latency_at_ms.swap(now, Relaxed);
         let w = weight_of_past(now.saturating_sub(last), decay);
         let sample = sample.as_nanos() as f64;
-        let _ = self
-            .latency_ns
-            .fetch_update(Relaxed, Relaxed, |bits| {
-                let old = f64::from_bits(bits);
-                let next = if sample > old {
-                    sample
-                } else {
-                    old * w + sample * (1.0 - w)
-                };
-                Some(next.to_bits())
-            });
+        let _ = self.latency_ns.fetch_update(Relaxed, Relaxed, |bits| {
+            let old = f64::from_bits(bits);
+            let next = if sample > old {
+                sample
+            } else {
+                old * w + sample * (1.0 - w)
+            };
+            Some(next.to_bits())
+        });
     }
 
     /// The latency estimate in ns at `now_ms`: the last one, decayed toward
     /// zero since its sample, so a backend nobody picks is tried again.
     pub fn latency_estimate_ns(&self, now_ms: u64, decay: Duration) -> f64 {
-        let est = f64::from_bits(self.latency_ns.load(Relaxed));
+        let (est, at) = self.latency_sample();
         if est == 0.0 {
             return 0.0;
         }
-        let since = now_ms.saturating_sub(self.latency_at_ms.load(Relaxed));
-        est * weight_of_past(since, decay)
+        est * weight_of_past(now_ms.saturating_sub(at), decay)
+    }
+
+    /// The estimate in ns as of its last sample (0 = none yet) and that
+    /// sample's `Clock` ms. Two backends' decayed estimates compare without
+    /// reading the clock: see `selection::PeakEwma`.
+    pub fn latency_sample(&self) -> (f64, u64) {
+        (
+            f64::from_bits(self.latency_ns.load(Relaxed)),
+            self.latency_at_ms.load(Relaxed),
+        )
     }
 
     pub fn record_success(&self) {
@@ -219,6 +232,8 @@ impl BackendState {
                 self.consecutive_failures.store(0, Relaxed);
                 let until = now_ms + ejection.as_millis() as u64;
                 let before = self.ejected_until_ms.swap(until, Relaxed);
+                // Back in traffic when the ejection ends, through slow start.
+                self.ramp_from_ms.store(until, Relaxed);
                 if before <= now_ms {
                     Ejection::Ejected
                 } else {
@@ -278,17 +293,13 @@ impl StateTable {
             .backends
             .iter()
             .map(|b| {
-                Arc::clone(
-                    states
-                        .entry(b.address.clone())
-                        .or_insert_with(|| {
-                            Arc::new(BackendState::joining(
-                                b.address.clone(),
-                                self.clock,
-                                joined_at,
-                            ))
-                        }),
-                )
+                Arc::clone(states.entry(b.address.clone()).or_insert_with(|| {
+                    Arc::new(BackendState::joining(
+                        b.address.clone(),
+                        self.clock,
+                        joined_at,
+                    ))
+                }))
             })
             .collect();
         states.retain(|addr, _| config.backends.iter().any(|b| &b.address == addr));
@@ -313,6 +324,8 @@ mod tests {
         assert!(s.is_available(100));
         assert_eq!(s.record_failure(100, t, ej), Ejection::Ejected);
         assert!(!s.is_available(100));
+        // Slow start takes it back from the end of its ejection.
+        assert_eq!(s.ramp_start_ms(), 10_100);
         assert!(s.is_available(10_100));
         assert_eq!(s.failures(), 4);
     }

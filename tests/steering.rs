@@ -39,7 +39,10 @@ async fn get_with(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> (Strin
 
 /// The backend each `x-user` key reaches, sending `keys` over 8 connections.
 async fn route_keys(url: &str, keys: &[String]) -> HashMap<String, String> {
-    let chunks: Vec<Vec<String>> = keys.chunks(keys.len().div_ceil(8)).map(<[_]>::to_vec).collect();
+    let chunks: Vec<Vec<String>> = keys
+        .chunks(keys.len().div_ceil(8))
+        .map(<[_]>::to_vec)
+        .collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
         let url = url.to_owned();
@@ -140,7 +143,11 @@ async fn keys_of_a_down_backend_move_and_come_back() {
     bs[1].set_health(200);
     eventually!(5, b1.is_healthy(), "b1 never came back");
     for (p, h) in paths.iter().zip(&home) {
-        assert_eq!(&get_with(&c, &lb.url(p), &[]).await.0, h, "{p} did not return");
+        assert_eq!(
+            &get_with(&c, &lb.url(p), &[]).await.0,
+            h,
+            "{p} did not return"
+        );
     }
 }
 
@@ -156,7 +163,11 @@ async fn requests_without_a_key_are_round_robin() {
     }
     assert_eq!(seen, ["b0", "b1", "b2", "b0", "b1", "b2"]);
     // The default key is the client address: one client, one backend.
-    let lb = TestLb::start(&format!("strategy: consistent_hash\n{}", backends_yaml(&refs))).await;
+    let lb = TestLb::start(&format!(
+        "strategy: consistent_hash\n{}",
+        backends_yaml(&refs)
+    ))
+    .await;
     let first = get_with(&c, &lb.url("/"), &[]).await.0;
     for _ in 0..10 {
         assert_eq!(get_with(&c, &lb.url("/"), &[]).await.0, first);
@@ -178,7 +189,13 @@ async fn requests_without_a_key_are_round_robin() {
             }
         }
     }
-    assert!(by_user.values().collect::<std::collections::HashSet<_>>().len() > 1);
+    assert!(
+        by_user
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1
+    );
 }
 
 const STICKY: &str = "session_affinity:\n  cookie: lb_sticky\n  ttl: 1h\n";
@@ -211,7 +228,10 @@ async fn affinity_cookie_is_issued_reused_and_not_forwarded() {
         assert!(issued(&a).is_none(), "cookie re-issued for its own backend");
         let text = a.text();
         assert!(text.contains("cookie: theme=dark; session=abc\n"), "{text}");
-        assert!(!text.contains("lb_sticky"), "lb's cookie reached the backend: {text}");
+        assert!(
+            !text.contains("lb_sticky"),
+            "lb's cookie reached the backend: {text}"
+        );
     }
     // A token no backend has is ignored, stripped and replaced.
     let (who, a) = get_with(&c, &lb.url("/headers"), &[("cookie", "lb_sticky=0000")]).await;
@@ -233,7 +253,10 @@ async fn affinity_cookie_is_reissued_when_its_backend_is_down() {
     let lb = TestLb::start(&format!("{STICKY}{FAST_CHECKS}{}", backends_yaml(&refs))).await;
     let c = client();
     let pinned = cookie_for(&lb, "b0");
-    assert_eq!(get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await.0, "b0");
+    assert_eq!(
+        get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await.0,
+        "b0"
+    );
     bs[0].set_health(500);
     let b0 = lb.lb.runtime().snapshot().backends[0].state.clone();
     eventually!(5, !b0.is_healthy());
@@ -245,8 +268,14 @@ async fn affinity_cookie_is_reissued_when_its_backend_is_down() {
     eventually!(5, b0.is_healthy());
     // The session now lives on its new backend; the old cookie finds b0 again.
     for _ in 0..5 {
-        assert_eq!(get_with(&c, &lb.url("/"), &[("cookie", &fresh)]).await.0, moved);
-        assert_eq!(get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await.0, "b0");
+        assert_eq!(
+            get_with(&c, &lb.url("/"), &[("cookie", &fresh)]).await.0,
+            moved
+        );
+        assert_eq!(
+            get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await.0,
+            "b0"
+        );
     }
 }
 
@@ -263,7 +292,11 @@ async fn affinity_works_with_every_strategy() {
         "consistent_hash",
         "peak_ewma",
     ] {
-        let lb = TestLb::start(&format!("strategy: {strategy}\n{STICKY}{}", backends_yaml(&refs))).await;
+        let lb = TestLb::start(&format!(
+            "strategy: {strategy}\n{STICKY}{}",
+            backends_yaml(&refs)
+        ))
+        .await;
         for name in ["b0", "b1", "b2"] {
             let cookie = cookie_for(&lb, name);
             for _ in 0..5 {
@@ -279,7 +312,10 @@ async fn affinity_works_with_every_strategy() {
 async fn two_replicas_route_keys_and_cookies_identically() {
     let bs = Backend::start_many(5).await;
     let refs: Vec<&Backend> = bs.iter().collect();
-    let yaml = format!("listen: 127.0.0.1:0\n{HASH_BY_USER}{STICKY}{}", backends_yaml(&refs));
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{HASH_BY_USER}{STICKY}{}",
+        backends_yaml(&refs)
+    );
     // One replica in this process, the other a separate `lb` process.
     let a = TestLb::start(&yaml).await;
     let dir = tempfile::tempdir().unwrap();
@@ -296,7 +332,8 @@ async fn two_replicas_route_keys_and_cookies_identically() {
         let (first, ans) = get_with(&c, &a.url("/"), &[("x-user", &format!("s{i}"))]).await;
         let cookie = issued(&ans).expect("replica A set no cookie");
         let other_key = format!("other-{i}");
-        let (then, ans) = get_with(&c, &b_url, &[("cookie", &cookie), ("x-user", &other_key)]).await;
+        let (then, ans) =
+            get_with(&c, &b_url, &[("cookie", &cookie), ("x-user", &other_key)]).await;
         assert_eq!(then, first, "replica B sent session {i} elsewhere");
         assert!(issued(&ans).is_none());
     }
@@ -309,7 +346,10 @@ async fn sequential(url: &str, secs: u64, mut until: impl FnMut() -> bool) -> us
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut sent = 0;
     while !until() {
-        assert!(Instant::now() < deadline, "condition not met within {secs}s ({sent} requests)");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {secs}s ({sent} requests)"
+        );
         get_with(&c, url, &[]).await;
         sent += 1;
     }
@@ -325,7 +365,11 @@ async fn peak_ewma_avoids_a_slow_backend() {
     let total = || bs.iter().map(Backend::hits).sum::<usize>();
     sequential(&lb.url("/"), 60, || total() >= 300).await;
     let slow = bs[0].hits();
-    assert!(slow * 10 < total(), "the slow backend got {slow} of {}", total());
+    assert!(
+        slow * 10 < total(),
+        "the slow backend got {slow} of {}",
+        total()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +389,10 @@ async fn peak_ewma_tries_a_recovered_backend_again() {
     let recovered = Instant::now();
     let before = bs[0].hits();
     sequential(&lb.url("/"), 20, || bs[0].hits() >= before + 20).await;
-    eprintln!("recovered backend back in traffic after {:?}", recovered.elapsed());
+    eprintln!(
+        "recovered backend back in traffic after {:?}",
+        recovered.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +430,11 @@ async fn slow_start_ramps_a_backend_added_by_reload() {
             .filter(|(t, _)| (from..to).contains(&t.as_secs_f64()))
             .map(|&(_, new)| new)
             .collect();
-        assert!(window.len() >= 20, "only {} requests in {from}..{to}s", window.len());
+        assert!(
+            window.len() >= 20,
+            "only {} requests in {from}..{to}s",
+            window.len()
+        );
         window.iter().filter(|&&new| new).count() as f64 / window.len() as f64
     };
     // Full share is 1/3; in its first second the new backend's weight is
@@ -393,4 +444,29 @@ async fn slow_start_ramps_a_backend_added_by_reload() {
     assert!(early < 0.22, "early share {early}");
     assert!(late > 0.25, "late share {late}");
     assert!(early < late);
+}
+
+#[tokio::test]
+async fn selector_is_rebuilt_only_when_the_pool_changes() {
+    let bs = Backend::start_many(3).await;
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let lb = TestLb::start(&format!("{HASH_BY_USER}{}", backends_yaml(&refs))).await;
+    let first = lb.lb.runtime().snapshot().selector.clone();
+    lb.rewrite(&format!(
+        "{HASH_BY_USER}timeouts:\n  connect: 2s\n{}",
+        backends_yaml(&refs)
+    ));
+    eventually!(10, lb.applied() == 2);
+    let same = lb.lb.runtime().snapshot().selector.clone();
+    assert!(
+        Arc::ptr_eq(&first, &same),
+        "a timeout change rebuilt the table"
+    );
+    lb.rewrite(&format!("{HASH_BY_USER}{}", weighted(&refs, &[1, 1, 2])));
+    eventually!(10, lb.applied() == 3);
+    let rebuilt = lb.lb.runtime().snapshot().selector.clone();
+    assert!(
+        !Arc::ptr_eq(&first, &rebuilt),
+        "a weight change kept the old table"
+    );
 }

@@ -93,9 +93,8 @@ pub struct SessionAffinity {
 /// RFC 6265 cookie-name (an RFC 7230 token).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 pub fn validate(raw: RawSteering, strategy: Strategy) -> Result<Steering, Invalid> {
@@ -173,9 +172,7 @@ pub fn validate(raw: RawSteering, strategy: Strategy) -> Result<Steering, Invali
 fn hash_key(s: &str) -> Result<HashKey, String> {
     let s = s.trim();
     let bad = || {
-        format!(
-            "{s:?} is not a hash key (client_ip, path, header:NAME, cookie:NAME or query:NAME)"
-        )
+        format!("{s:?} is not a hash key (client_ip, path, header:NAME, cookie:NAME or query:NAME)")
     };
     match s.split_once(':') {
         None => match s {

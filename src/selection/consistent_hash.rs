@@ -209,7 +209,11 @@ mod tests {
     fn removing_one_moves_only_its_keys() {
         let b = pool(&[1; 10]);
         let before = Maglev::build(&b);
-        let fewer: Vec<Backend> = b.iter().filter(|x| x.addr.as_str() != "b3:1").cloned().collect();
+        let fewer: Vec<Backend> = b
+            .iter()
+            .filter(|x| x.addr.as_str() != "b3:1")
+            .cloned()
+            .collect();
         let after = Maglev::build(&fewer);
         let (mut stayed, mut others) = (0, 0);
         for k in 0..20_000 {

@@ -98,11 +98,7 @@ pub fn build(
         Strategy::Random => Box::new(WeightedRandom::build(backends)),
         Strategy::PowerOfTwoChoices => Box::new(PowerOfTwoChoices::build(backends)),
         Strategy::ConsistentHash => Box::new(Maglev::build(backends)),
-        Strategy::PeakEwma => Box::new(PeakEwma::build(
-            backends,
-            steering.peak_ewma_decay,
-            clock,
-        )),
+        Strategy::PeakEwma => Box::new(PeakEwma::build(backends, steering.peak_ewma_decay, clock)),
     };
     match steering.slow_start {
         Some(window) => Arc::new(SlowStart::wrap(inner, window, clock)),

@@ -10,12 +10,16 @@
 //! 1 ms takes ln 150 ≈ 5 periods).
 //!
 //! Two distinct weighted-random candidates are drawn; the lower cost per
-//! unit of weight wins. One nanosecond is added to the estimate so that
-//! backends without samples yet still compare by in-flight requests.
+//! unit of weight wins. A backend without samples yet wins (it is explored
+//! once); two such compare by in-flight requests.
+//!
+//! Both estimates decay by the same factor from a common "now", so they
+//! compare without reading the clock: a·e^(−(now−tₐ)/τ) < b·e^(−(now−t_b)/τ)
+//! ⟺ a < b·e^((t_b−tₐ)/τ). One `exp` per pick, no clock read.
 
 use std::time::Duration;
 
-use super::{Backend, Fallback, Pick, Selector, WeightedDraw, FAST_TRIES};
+use super::{less_loaded, Backend, Fallback, Pick, Selector, WeightedDraw, FAST_TRIES};
 use crate::state::Clock;
 
 #[derive(Debug)]
@@ -24,7 +28,7 @@ pub struct PeakEwma {
     draw: WeightedDraw,
     /// Time constant of the estimate (`peak_ewma.decay`).
     decay: Duration,
-    /// The state table's clock, read once per pick.
+    /// The state table's clock, read only on the slow path.
     clock: Clock,
     /// Slow path once the fast path keeps landing on ineligible backends.
     fallback: Fallback,
@@ -43,7 +47,22 @@ impl PeakEwma {
     /// Expected wait per unit of weight if `b` got the next request.
     fn cost(&self, b: &Backend, now_ms: u64) -> f64 {
         let latency = b.state.latency_estimate_ns(now_ms, self.decay) + 1.0;
-        latency * f64::from(b.state.in_flight() + 1) / f64::from(b.weight.max(1))
+        latency * load(b)
+    }
+
+    /// Whether `b` costs less than `a` now.
+    fn cheaper(&self, b: &Backend, a: &Backend) -> bool {
+        let ((ea, ta), (eb, tb)) = (a.state.latency_sample(), b.state.latency_sample());
+        match (ea == 0.0, eb == 0.0) {
+            (true, true) => less_loaded(b, a),
+            (true, false) => false,
+            (false, true) => true,
+            (false, false) => {
+                let tau_ms = self.decay.as_secs_f64() * 1000.0;
+                let a_now = ea * ((ta as f64 - tb as f64) / tau_ms).exp();
+                eb * load(b) < a_now * load(a)
+            }
+        }
     }
 
     /// A second candidate other than `a` (when the pool has one): another
@@ -60,6 +79,11 @@ impl PeakEwma {
     }
 }
 
+/// (in flight + 1) per unit of weight.
+fn load(b: &Backend) -> f64 {
+    f64::from(b.state.in_flight() + 1) / f64::from(b.weight.max(1))
+}
+
 impl Selector for PeakEwma {
     fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
         let eligible = pick.eligible;
@@ -68,8 +92,7 @@ impl Selector for PeakEwma {
             let b = self.other_than(a, backends).unwrap_or(a);
             match (eligible(a), b != a && eligible(b)) {
                 (true, true) => {
-                    let now = self.clock.now_ms();
-                    let pick_b = self.cost(&backends[b], now) < self.cost(&backends[a], now);
+                    let pick_b = self.cheaper(&backends[b], &backends[a]);
                     return Some(if pick_b { b } else { a });
                 }
                 (true, false) => return Some(a),
@@ -80,7 +103,10 @@ impl Selector for PeakEwma {
         let now = self.clock.now_ms();
         self.fallback
             .candidates(backends, eligible)
-            .min_by(|&x, &y| self.cost(&backends[x], now).total_cmp(&self.cost(&backends[y], now)))
+            .min_by(|&x, &y| {
+                self.cost(&backends[x], now)
+                    .total_cmp(&self.cost(&backends[y], now))
+            })
     }
 }
 
@@ -98,17 +124,13 @@ mod tests {
         b[0].state.record_latency(ms(150), decay);
         b[1].state.record_latency(ms(1), decay);
         b[2].state.record_latency(ms(1), decay);
-        let slow = (0..1000)
-            .filter(|_| p.select(&b, &ANY) == Some(0))
-            .count();
+        let slow = (0..1000).filter(|_| p.select(&b, &ANY) == Some(0)).count();
         assert_eq!(slow, 0);
         // Nobody picks it; after ln(150) ≈ 5 periods it costs less than 1 ms.
         tokio::time::advance(decay * 6).await;
         b[1].state.record_latency(ms(1), decay);
         b[2].state.record_latency(ms(1), decay);
-        let slow = (0..1000)
-            .filter(|_| p.select(&b, &ANY) == Some(0))
-            .count();
+        let slow = (0..1000).filter(|_| p.select(&b, &ANY) == Some(0)).count();
         assert!(slow > 400, "{slow}");
     }
 

@@ -12,9 +12,11 @@
 //! not a random draw, so a key that has moved to the warming backend stays
 //! there while the ramp grows. Backends of the startup config do not ramp.
 //!
-//! Cost when nobody is warming: one clock read per pick and two atomic loads
-//! per candidate.
+//! Cost when nobody is warming: one atomic load per candidate; the clock is
+//! read only when a candidate has a ramp, and a ramp seen to be over is
+//! cleared so it costs nothing afterwards.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 use super::hash;
@@ -56,13 +58,23 @@ impl SlowStart {
 
 impl Selector for SlowStart {
     fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
-        let now = self.clock.now_ms();
+        // Read once, and only if some candidate is ramping (0 = not yet).
+        let now = Cell::new(0u64);
         let admit = |i: usize| {
             if !(pick.eligible)(i) {
                 return false;
             }
-            let share = self.share(backends[i].state.ramp_start_ms(), now);
+            let state = &backends[i].state;
+            let start = state.ramp_start_ms();
+            if start == 0 {
+                return true;
+            }
+            if now.get() == 0 {
+                now.set(self.clock.now_ms());
+            }
+            let share = self.share(start, now.get());
             if share >= 1.0 {
+                state.ramp_over(start);
                 return true;
             }
             let coin = match pick.key {
@@ -129,5 +141,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         let full = share(&s);
         assert!((0.46..0.54).contains(&full), "{full}");
+        // Seen to be over, the ramp is forgotten: picks skip the clock again.
+        assert_eq!(b[1].state.ramp_start_ms(), 0);
     }
 }
