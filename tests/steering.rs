@@ -388,7 +388,7 @@ async fn peak_ewma_tries_a_recovered_backend_again() {
     bs[0].set_delay(Duration::ZERO);
     let recovered = Instant::now();
     let before = bs[0].hits();
-    sequential(&lb.url("/"), 20, || bs[0].hits() >= before + 20).await;
+    sequential(&lb.url("/"), 20, || bs[0].hits() >= before + 10).await;
     eprintln!(
         "recovered backend back in traffic after {:?}",
         recovered.elapsed()
