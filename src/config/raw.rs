@@ -40,6 +40,16 @@ pub struct RawConfig {
     pub peak_ewma: Option<super::steering::RawPeakEwma>,
     /// Ramp-up window for joining backends; off when absent.
     pub slow_start: Option<HumanDuration>,
+    /// Caps on client connections and request heads.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<i64>,
+    pub max_header_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -73,6 +83,8 @@ pub struct RawTimeouts {
     pub connect: Option<HumanDuration>,
     pub request: Option<HumanDuration>,
     pub client_header: Option<HumanDuration>,
+    pub client_body: Option<HumanDuration>,
+    pub client_idle: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +102,7 @@ pub struct RawHealthCheck {
 pub struct RawOutlierDetection {
     pub consecutive_failures: Option<i64>,
     pub ejection_time: Option<HumanDuration>,
+    pub max_ejection_percent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
