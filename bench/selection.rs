@@ -30,8 +30,11 @@ use lb::state::{Clock, StateTable};
 /// A strategy with its parameters, as the bench names it.
 #[derive(Clone)]
 struct Case {
+    /// Row label.
     name: &'static str,
+    /// The strategy built.
     strategy: Strategy,
+    /// Its parameters (slow start for the wrapper row).
     steering: Steering,
 }
 

@@ -161,10 +161,7 @@ pub fn on_response<B>(snap: &Snapshot, steer: &Steer, resp: &mut Response<B>) {
 pub fn request_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
     let h = |bytes: &[u8]| (!bytes.is_empty()).then(|| hash::stable(bytes, 0));
     match key {
-        HashKey::ClientIp => match client_ip.to_canonical() {
-            IpAddr::V4(ip) => h(&ip.octets()),
-            IpAddr::V6(ip) => h(&ip.octets()),
-        },
+        HashKey::ClientIp => Some(hash::client_ip(client_ip)),
         HashKey::Path => h(parts.uri.path().as_bytes()),
         HashKey::Header(name) => {
             let mut values = parts.headers.get_all(name).iter();

@@ -18,7 +18,9 @@ type Invalid = (String, String);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSessionAffinity {
+    /// Cookie name; required.
     pub cookie: Option<String>,
+    /// Cookie lifetime (`Max-Age`); a session cookie when absent.
     pub ttl: Option<HumanDuration>,
 }
 
@@ -26,15 +28,21 @@ pub struct RawSessionAffinity {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPeakEwma {
+    /// Time constant of the latency estimate; 10s when absent.
     pub decay: Option<HumanDuration>,
 }
 
-/// The steering keys of `config.yaml`, as written.
+/// The steering keys of `config.yaml`, as written (top-level keys of
+/// `RawConfig`, gathered here so `validate()` hands them over in one piece).
 #[derive(Debug, Default)]
 pub struct RawSteering {
+    /// `hash_key:`, parsed here so the error can say what is allowed.
     pub hash_key: Option<String>,
+    /// `session_affinity:`.
     pub session_affinity: Option<RawSessionAffinity>,
+    /// `peak_ewma:`.
     pub peak_ewma: Option<RawPeakEwma>,
+    /// `slow_start:`; 0 turns it off like absence does.
     pub slow_start: Option<HumanDuration>,
 }
 

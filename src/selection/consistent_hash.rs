@@ -76,10 +76,13 @@ fn table_size(weighted: usize) -> u64 {
 /// Maglev's population loop with Envoy's weighting.
 fn populate(backends: &[Backend]) -> Vec<u32> {
     struct Entry {
+        /// The backend's index in the pool.
         index: u32,
+        /// Its weight: it takes a turn in `weight` of every `max_weight` rounds.
         weight: u64,
         /// Position of this backend's permutation, (offset + skip·k) mod M.
         next: u64,
+        /// Step of the permutation, in 1..M (M is prime, so every slot is reached).
         skip: u64,
         /// Round at which this backend takes its next turn, × max weight.
         due: u64,

@@ -6,6 +6,8 @@
 //! FNV-1a over the bytes, then MurmurHash3's 64-bit finaliser so that short,
 //! similar keys (`user-1`, `user-2`) land far apart.
 
+use std::net::IpAddr;
+
 /// Stable 64-bit hash of `bytes` under `seed` (different seeds give
 /// independent hashes of the same bytes).
 pub fn stable(bytes: &[u8], seed: u64) -> u64 {
@@ -17,6 +19,16 @@ pub fn stable(bytes: &[u8], seed: u64) -> u64 {
         h = h.wrapping_mul(FNV_PRIME);
     }
     mix(h)
+}
+
+/// The hash key of a client address, as `hash_key: client_ip` uses it (an
+/// IPv4-mapped IPv6 address hashes as the IPv4 one). For any listener that
+/// wants client-IP affinity: `Steer { key: Some(hash::client_ip(ip)), .. }`.
+pub fn client_ip(ip: IpAddr) -> u64 {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => stable(&ip.octets(), 0),
+        IpAddr::V6(ip) => stable(&ip.octets(), 0),
+    }
 }
 
 /// MurmurHash3's `fmix64`: a bijective scramble of 64 bits.
