@@ -87,6 +87,16 @@ fn populate(backends: &[Backend]) -> Vec<u32> {
         /// Round at which this backend takes its next turn, × max weight.
         due: u64,
     }
+    impl Entry {
+        /// Next position of the permutation; both terms are below M, so a
+        /// subtraction replaces the division (the build's hot loop).
+        fn step(&mut self, m: u64) {
+            self.next += self.skip;
+            if self.next >= m {
+                self.next -= m;
+            }
+        }
+    }
     let mut order: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].weight > 0)
         .collect();
@@ -124,10 +134,10 @@ fn populate(backends: &[Backend]) -> Vec<u32> {
             }
             e.due += max_weight;
             while table[e.next as usize] != EMPTY {
-                e.next = (e.next + e.skip) % m;
+                e.step(m);
             }
             table[e.next as usize] = e.index;
-            e.next = (e.next + e.skip) % m;
+            e.step(m);
             filled += 1;
             if filled == m {
                 break;
