@@ -14,7 +14,8 @@
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
 //! most `retry.buffer_body_limit` (read whole before it is sent), no
-//! `Upgrade` or `Expect`. Anything else — an h2c preface, HTTP/1.0, chunked
+//! `Upgrade` or `Expect`, and no steering (`consistent_hash` keys and
+//! `session_affinity` cookies are read from hyper's heads). Anything else — an h2c preface, HTTP/1.0, chunked
 //! or large uploads, every malformed or refused head (the request-smuggling
 //! matrix included), a head over `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
@@ -40,10 +41,11 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::body::{ClientFault, ResponseBody};
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, Strategy};
 use crate::proxy::{self, HeadView};
 use crate::retry::{self, Attempts, Outcome};
 use crate::runtime::Snapshot;
+use crate::selection::Steer;
 use crate::server::{ConnContext, ConnectionGuard};
 use crate::upstream::FailureKind;
 
@@ -133,6 +135,11 @@ async fn serve_one(
     snap: &Snapshot,
     drain: &watch::Receiver<bool>,
 ) -> Step {
+    // Hash keys and affinity cookies are read from (and written to) hyper's
+    // heads: a steered config is served by hyper.
+    if snap.config.strategy == Strategy::ConsistentHash || snap.affinity.is_some() {
+        return Step::Hyper(std::mem::take(buf).freeze());
+    }
     let timeouts = &snap.config.timeouts;
     let head_deadline = Instant::now() + timeouts.client_header;
     let max_head = snap.config.limits.max_header_bytes;
@@ -175,10 +182,19 @@ async fn serve_one(
         method_head: head.method == Method::HEAD,
         idempotent: retry::is_idempotent(&head.method),
     };
-    let outcome = retry::run(rt, snap, &head.method, head.uri.path(), &mut attempts).await;
+    let steer = Steer::default();
+    let outcome = retry::run(
+        rt,
+        snap,
+        &steer,
+        &head.method,
+        head.uri.path(),
+        &mut attempts,
+    )
+    .await;
     let keep_alive = head.keep_alive && !*drain.borrow();
     let kept = match outcome {
-        Outcome::Relay(resp, in_flight) => {
+        Outcome::Relay(resp, in_flight, _) => {
             let kept = relay(stream, resp, &head, keep_alive).await;
             drop(in_flight);
             kept

@@ -10,7 +10,9 @@
 //!   in a new one.
 //! * [`state`]: per-backend runtime state (in-flight, counters, health)
 //!   keyed by address, so it survives reloads.
-//! * [`selection`]: the strategies, one type each behind [`selection::Selector`].
+//! * [`selection`]: the strategies, one type each behind [`selection::Selector`],
+//!   and slow start around them; [`affinity`]: a request's hash key and its
+//!   sticky-session cookie.
 //! * [`workers`]: `--workers N` threads, each a `current_thread` runtime with
 //!   its own listening socket and upstream pools.
 //! * [`server`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
@@ -27,6 +29,7 @@
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
 //! calls [`Lb::start`].
 
+pub mod affinity;
 pub mod body;
 pub mod config;
 pub mod fast;

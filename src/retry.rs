@@ -24,6 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
 use crate::runtime::{Runtime, Snapshot};
+use crate::selection::Steer;
 use crate::state::{Clock, Ejection, InFlight};
 use crate::upstream::{self, FailureKind};
 
@@ -136,8 +137,8 @@ pub(crate) trait Attempts {
 /// What [`run`] concluded: the client gets one of these.
 pub(crate) enum Outcome<R> {
     /// A backend's response, relayed; the guard keeps the backend counted
-    /// in flight until the body is done.
-    Relay(R, InFlight),
+    /// in flight until the body is done; the index says which backend.
+    Relay(R, InFlight, usize),
     /// lb's own short answer (no backend, 502, 504).
     Own(StatusCode, String),
     /// The client's body failed: answered without blaming a backend.
@@ -152,8 +153,9 @@ enum Failed<R> {
         backend: usize,
         detail: String,
     },
-    /// A retryable status; kept to pass through if no retry succeeds.
-    Response(R, InFlight),
+    /// A retryable status from backend `.2`; kept to pass through if no
+    /// retry succeeds.
+    Response(R, InFlight, usize),
 }
 
 /// Whether a failed attempt may be tried again (the policy, nothing else).
@@ -185,11 +187,13 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
 const NO_BACKEND: &str = "lb: no healthy backend available\n";
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy.
+/// retrying per the snapshot's policy; `steer` carries its hash key and
+/// affinity cookie.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
     worker: usize,
+    steer: &Steer,
     parts: Parts,
     body: RequestBody,
 ) -> Response<ResponseBody> {
@@ -201,8 +205,8 @@ pub async fn forward(
         body,
         pending: None,
     };
-    match run(rt, snap, &method, &path, &mut attempts).await {
-        Outcome::Relay(resp, in_flight) => pass_through(resp, in_flight),
+    match run(rt, snap, steer, &method, &path, &mut attempts).await {
+        Outcome::Relay(resp, in_flight, index) => pass_through(resp, in_flight, index),
         Outcome::Own(status, body) => text(status, body),
         Outcome::ClientFault(fault) => client_fault(fault),
     }
@@ -212,6 +216,7 @@ pub async fn forward(
 pub(crate) async fn run<A: Attempts>(
     rt: &Runtime,
     snap: &Snapshot,
+    steer: &Steer,
     method: &Method,
     path: &str,
     attempts: &mut A,
@@ -233,7 +238,7 @@ pub(crate) async fn run<A: Attempts>(
         let now_ms = rt.clock.now_ms();
         let eligible =
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select(&eligible) else {
+        let Some(index) = snap.select_for(steer, &eligible) else {
             if attempt == 0 {
                 return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
             }
@@ -249,7 +254,13 @@ pub(crate) async fn run<A: Attempts>(
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
         let last_try = attempt + 1 == policy.attempts.get();
+        let sent = Instant::now();
         let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
+        // peak_ewma's sample: time to the response head (a refused connect says nothing).
+        if !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
+            let decay = snap.config.steering.peak_ewma_decay;
+            backend.state.record_latency(sent.elapsed(), decay);
+        }
         // The client's side failed (bad framing, stall, gone): not the backend's doing.
         if let Some(fault) = attempts.client_fault(outcome.is_err()) {
             tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
@@ -273,10 +284,10 @@ pub(crate) async fn run<A: Attempts>(
                 if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
                 {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
-                    last = Some(Failed::Response(resp, in_flight));
+                    last = Some(Failed::Response(resp, in_flight, index));
                     continue;
                 }
-                return Outcome::Relay(resp, in_flight);
+                return Outcome::Relay(resp, in_flight, index);
             }
             Ok(Err(failure)) => failure,
             Err(_) => (
@@ -304,7 +315,7 @@ pub(crate) async fn run<A: Attempts>(
         }
     }
     match last {
-        Some(Failed::Response(resp, in_flight)) => Outcome::Relay(resp, in_flight),
+        Some(Failed::Response(resp, in_flight, index)) => Outcome::Relay(resp, in_flight, index),
         Some(Failed::Transport {
             kind,
             backend,
@@ -443,7 +454,11 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
     Uri::from_parts(parts).unwrap_or_default()
 }
 
-fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
+fn pass_through(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    index: usize,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
     // decoded the chunked body; a kept Content-Length would cut it short.
@@ -451,6 +466,7 @@ fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<Respo
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(crate::affinity::ServedBy(index));
     Response::from_parts(
         parts,
         ResponseBody::Upstream {

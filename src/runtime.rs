@@ -19,9 +19,10 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
+use crate::affinity::AffinityCookies;
 use crate::config::{Config, ContentHash};
 use crate::retry::RetryBudget;
-use crate::selection::{self, Backend, Selector};
+use crate::selection::{self, Backend, Pick, Selector, Steer};
 use crate::server::ConnectionCount;
 use crate::state::{Clock, StateTable};
 use crate::upstream::{self, UpstreamClient};
@@ -35,8 +36,11 @@ pub struct Snapshot {
     pub hash: ContentHash,
     /// The pool in config order, each with its runtime state.
     pub backends: Vec<Backend>,
-    /// The configured strategy, built over `backends`.
-    pub selector: Box<dyn Selector>,
+    /// The configured strategy, built over `backends`; shared with the
+    /// previous snapshot when neither the pool nor the strategy changed.
+    pub selector: Arc<dyn Selector>,
+    /// Cookie tokens per backend when `session_affinity` is on.
+    pub affinity: Option<AffinityCookies>,
     /// Backend connection pools, one per worker (a worker never shares its
     /// pool, so no lock or cross-thread wake-up); carried over between
     /// snapshots when the connect timeout is unchanged.
@@ -50,7 +54,20 @@ pub struct Snapshot {
 impl Snapshot {
     /// The backend picked for an attempt, skipping those `eligible` rejects.
     pub fn select(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
-        self.selector.select(&self.backends, eligible)
+        self.select_for(&Steer::default(), eligible)
+    }
+
+    /// As [`Snapshot::select`], for a request with a hash key or an affinity
+    /// cookie: the pinned backend while it is eligible, else the strategy.
+    pub fn select_for(&self, steer: &Steer, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if let Some(i) = steer.pinned.filter(|&i| eligible(i)) {
+            return Some(i);
+        }
+        let pick = Pick {
+            key: steer.key,
+            eligible,
+        };
+        self.selector.select(&self.backends, &pick)
     }
 
     /// The upstream pool of `worker`.
@@ -94,9 +111,9 @@ impl Runtime {
     /// The runtime of an lb serving with `workers` worker threads.
     pub fn new(config: Config, hash: ContentHash, workers: usize) -> Arc<Runtime> {
         let workers = workers.max(1);
-        let states = StateTable::default();
-        let snapshot = build(config, hash, &states, None, workers);
         let clock = Clock::new();
+        let states = StateTable::new(clock);
+        let snapshot = build(config, hash, &states, None, workers);
         let runtime = Runtime {
             current: ArcSwap::from_pointee(snapshot),
             states,
@@ -168,8 +185,25 @@ fn build(
             .map(|_| upstream::client(config.timeouts.connect))
             .collect(),
     };
+    let selector = match old {
+        Some(old)
+            if selection::same_build(
+                (old.config.strategy, &old.config.steering, &old.backends),
+                (config.strategy, &config.steering, &backends),
+            ) =>
+        {
+            Arc::clone(&old.selector)
+        }
+        _ => selection::build(config.strategy, &config.steering, &backends, states.clock()),
+    };
+    let affinity = config
+        .steering
+        .session_affinity
+        .as_ref()
+        .map(|a| AffinityCookies::build(a, &backends));
     Snapshot {
-        selector: selection::build(config.strategy, &backends),
+        selector,
+        affinity,
         server: crate::server::http_server(&config),
         backends,
         authorities,
@@ -228,6 +262,7 @@ impl ReloadSummary {
             || o.health_check != n.health_check
             || o.outlier_detection != n.outlier_detection
             || o.retry != n.retry
+            || o.steering != n.steering
             || (s.added.is_empty()
                 && s.removed.is_empty()
                 && s.reweighted.is_empty()
