@@ -15,6 +15,7 @@
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
 //!   the backend client and its error classes.
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //!
@@ -32,6 +33,7 @@ pub mod runtime;
 pub mod selection;
 pub mod server;
 pub mod state;
+pub mod tcp;
 pub mod upstream;
 
 use std::net::SocketAddr;

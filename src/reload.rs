@@ -10,8 +10,9 @@
 //!
 //! Events are debounced (a save that writes several times is read once,
 //! whole), then the file is read and hashed; unchanged content reloads
-//! nothing. A reload is all-or-nothing: parse, validate, bind the new
-//! listen address if it changed, and only then swap. Anything that fails
+//! nothing. A reload is all-or-nothing: parse, validate, refuse a change
+//! of `mode` (http ↔ tcp needs a restart), bind the new listen address if it
+//! changed, and only then swap. Anything that fails
 //! leaves the running config untouched, logs one error naming the file, line
 //! and column, and is counted in `ReloadStats::rejected`.
 
@@ -177,6 +178,18 @@ impl Reloader {
                 return;
             }
         };
+        let mode = self.runtime.snapshot().config.mode;
+        if config.mode != mode {
+            // Clients already connected speak the old protocol, and the pool
+            // of one mode is rarely a pool for the other: a restart is the
+            // deliberate way to switch.
+            self.reject(format_args!(
+                "{}: mode: cannot change from {mode} to {} while lb runs; restart lb to switch",
+                self.path.display(),
+                config.mode
+            ));
+            return;
+        }
         let new_listener = if config.listen != self.listeners.configured() {
             match TcpListener::bind(config.listen).await {
                 Ok(listener) => Some(listener),

@@ -230,7 +230,7 @@ pub async fn forward(
 }
 
 /// Passive health: counts the failure and logs an ejection once.
-fn note_failure(
+pub(crate) fn note_failure(
     rt: &Runtime,
     snap: &Snapshot,
     index: usize,

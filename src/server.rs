@@ -1,5 +1,6 @@
 //! Accepting clients: the listening socket, its accept loop, and one hyper
-//! connection task per client (HTTP/1.1 and h2c prior knowledge).
+//! connection task per client (HTTP/1.1 and h2c prior knowledge), or in
+//! tcp mode one [`crate::tcp`] task per client.
 //!
 //! The listening address is reloadable. [`Listeners::replace`] starts an
 //! accept loop on an already-bound new socket before it stops the old one,
@@ -16,7 +17,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::Timeouts;
+use crate::config::{Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 
@@ -156,6 +157,9 @@ fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let snap = runtime.snapshot();
+    if snap.config.mode == Mode::Tcp {
+        return crate::tcp::serve(stream, peer, runtime, snap, drain);
+    }
     let rt = Arc::clone(runtime);
     let service = service_fn(move |req| proxy::handle(Arc::clone(&rt), peer.ip(), req));
     let conn = snap

@@ -18,7 +18,7 @@ use serde::Deserialize;
 pub struct RawConfig {
     /// Address the proxy accepts clients on.
     pub listen: Option<String>,
-    /// Protocol the listener speaks; only `http` today, room for `tcp`.
+    /// Protocol the listener speaks: `http` or `tcp`.
     pub mode: Option<RawMode>,
     /// Load-balancing strategy name.
     pub strategy: Option<RawStrategy>,
@@ -38,6 +38,7 @@ pub struct RawConfig {
 #[serde(rename_all = "snake_case")]
 pub enum RawMode {
     Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -63,6 +64,7 @@ pub struct RawTimeouts {
     pub connect: Option<HumanDuration>,
     pub request: Option<HumanDuration>,
     pub client_header: Option<HumanDuration>,
+    pub tcp_idle: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]

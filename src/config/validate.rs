@@ -45,14 +45,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     };
     let mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
+        RawMode::Tcp => Mode::Tcp,
     };
     let backends = backends(raw.backends)?;
     let timeouts = Timeouts {
         connect: positive("timeouts.connect", raw.timeouts.connect, 1_000)?,
         request: positive("timeouts.request", raw.timeouts.request, 30_000)?,
         client_header: positive("timeouts.client_header", raw.timeouts.client_header, 10_000)?,
+        tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
-    let health_check = raw.health_check.map(health_check).transpose()?;
+    let health_check = raw
+        .health_check
+        .map(|hc| health_check(hc, mode))
+        .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
     Ok(Config {
@@ -144,17 +149,19 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
     )))
 }
 
-fn health_check(raw: RawHealthCheck) -> Result<HealthCheck, Invalid> {
-    let path = raw.path.unwrap_or_else(|| "/health".to_owned());
-    if !path.starts_with('/') {
-        return invalid("health_check.path", format!("{path:?} must start with /"));
-    }
-    let path: PathAndQuery = path.parse().or_else(|_| {
-        invalid(
-            "health_check.path",
-            format!("{path:?} is not a valid URL path"),
-        )
-    })?;
+fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid> {
+    let path = match (mode, raw.path) {
+        (Mode::Tcp, Some(path)) => {
+            return invalid(
+                "health_check.path",
+                format!("{path:?} cannot be probed in tcp mode: a tcp health check is a TCP connect; remove the path"),
+            )
+        }
+        (Mode::Tcp, None) => None,
+        (Mode::Http, path) => Some(http_health_path(
+            path.unwrap_or_else(|| "/health".to_owned()),
+        )?),
+    };
     let interval = positive("health_check.interval", raw.interval, 2_000)?;
     let timeout = positive("health_check.timeout", raw.timeout, 1_000)?;
     if timeout > interval {
@@ -179,6 +186,18 @@ fn health_check(raw: RawHealthCheck) -> Result<HealthCheck, Invalid> {
             2,
             1000,
         )?,
+    })
+}
+
+fn http_health_path(path: String) -> Result<PathAndQuery, Invalid> {
+    if !path.starts_with('/') {
+        return invalid("health_check.path", format!("{path:?} must start with /"));
+    }
+    path.parse().or_else(|_| {
+        invalid(
+            "health_check.path",
+            format!("{path:?} is not a valid URL path"),
+        )
     })
 }
 
