@@ -4,6 +4,12 @@
 #
 #   bash bench/compare.sh                 # 10 s per target (~1 min in all)
 #   DURATION=30s CONNECTIONS=128 bash bench/compare.sh
+#   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
+#
+# The tcp scenario measures connections per second (connect, 1 KiB echo,
+# close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
+# transfer through each proxy. Its knobs: DURATION (default 5s there),
+# CONCURRENCY (default 32 loops), TRANSFER (default 1GiB), ROUNDS, WARMUP.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -15,6 +21,7 @@
 # (same CLI as examples/backend: the ports to serve) instead of building it.
 set -euo pipefail
 
+DURATION_SET=${DURATION:-}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
@@ -26,6 +33,16 @@ BACKEND_PORTS=(19001 19002 19003)
 LB_PORT=18080
 NGINX_PORT=18081
 HAPROXY_PORT=18082
+
+SCENARIO=${1:-http}
+case $SCENARIO in
+http) ;;
+tcp) DURATION=${DURATION_SET:-5s} ;;
+*)
+    echo "usage: compare.sh [http|tcp]" >&2
+    exit 2
+    ;;
+esac
 
 NAME=compare
 # shellcheck source=bench/lib.sh
@@ -109,6 +126,12 @@ to_ms() {
 for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
+
+if [[ $SCENARIO == tcp ]]; then
+    # shellcheck source=bench/compare_tcp.sh
+    source "$(dirname "$0")/compare_tcp.sh"
+    exit 0
+fi
 
 # --- build -----------------------------------------------------------------
 if [[ -n ${BACKEND:-} ]]; then
