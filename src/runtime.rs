@@ -206,6 +206,7 @@ impl ReloadSummary {
             || o.health_check != n.health_check
             || o.outlier_detection != n.outlier_detection
             || o.retry != n.retry
+            || o.send_proxy_protocol != n.send_proxy_protocol
             || (s.added.is_empty()
                 && s.removed.is_empty()
                 && s.reweighted.is_empty()

@@ -303,6 +303,32 @@ async fn a_reload_that_changes_the_mode_is_rejected() {
     assert_eq!(exchange(tlb.lb.local_addr(), b"still tcp").await, "a");
 }
 
+#[tokio::test]
+async fn send_proxy_protocol_tells_the_backend_who_the_client_is() {
+    let a = EchoBackend::start("a").await;
+    let tlb = TestLb::start(&tcp_yaml(&[(a.addr, 1)], "send_proxy_protocol: v1\n")).await;
+    let lb = tlb.lb.local_addr();
+    // The echo backend sends the header back ahead of the payload.
+    let mut s = TcpStream::connect(lb).await.unwrap();
+    let client = s.local_addr().unwrap();
+    s.write_all(b"payload").await.unwrap();
+    let out = finish(s).await;
+    let line = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", client.port(), lb.port());
+    assert_eq!(out, format!("{line}payloada"));
+
+    tlb.rewrite(&tcp_yaml(&[(a.addr, 1)], "send_proxy_protocol: v2\n"));
+    eventually!(10, tlb.applied() == 2);
+    let mut s = TcpStream::connect(lb).await.unwrap();
+    let client = s.local_addr().unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    timeout(LIMIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert_eq!(&out[..16], b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c");
+    assert_eq!(&out[24..26], &client.port().to_be_bytes());
+    assert_eq!(&out[26..28], &lb.port().to_be_bytes());
+    assert_eq!(&out[28..], b"a");
+}
+
 fn parse(yaml: &str) -> Result<lb::config::Config, String> {
     lb::config::Config::parse(yaml.as_bytes(), Path::new("lb.yaml")).map_err(|e| e.to_string())
 }
@@ -320,6 +346,8 @@ fn tcp_config_keys_defaults_and_errors() {
     let e = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check:\n  path: /health\n")
         .unwrap_err();
     assert!(e.contains("health_check.path") && e.contains("tcp mode"), "{e}");
+    let e = parse("send_proxy_protocol: v1\nbackends:\n  - address: 127.0.0.1:80\n").unwrap_err();
+    assert!(e.contains("send_proxy_protocol") && e.contains("mode: tcp"), "{e}");
     let e = parse("mode: udp\nbackends:\n  - address: 127.0.0.1:53\n").unwrap_err();
     assert!(e.contains("udp") && e.contains("tcp"), "{e}");
     let e = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:1\ntimeouts: {tcp_idle: 0}\n")

@@ -59,6 +59,16 @@ pub struct Config {
     pub outlier_detection: OutlierDetection,
     /// When and how a failed request is tried on another backend.
     pub retry: RetryPolicy,
+    /// tcp mode: the PROXY protocol header each backend connection starts
+    /// with, so backends see the client's address; `None` sends none.
+    pub send_proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// HAProxy's PROXY protocol versions: v1 is a text line, v2 binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 /// Listener protocol. Fixed for the life of the process: a reload that

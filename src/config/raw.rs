@@ -32,6 +32,15 @@ pub struct RawConfig {
     pub outlier_detection: Option<RawOutlierDetection>,
     /// Retry policy; defaults when absent.
     pub retry: Option<RawRetry>,
+    /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
+    pub send_proxy_protocol: Option<RawProxyProtocol>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProxyProtocol {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -10,12 +10,12 @@ use std::time::Duration;
 use hyper::http::uri::{Authority, PathAndQuery};
 
 use super::raw::{
-    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawMode, RawOutlierDetection, RawRetry,
-    RawRetryOn, RawStrategy,
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawMode, RawOutlierDetection,
+    RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Mode, OutlierDetection, RetryBudgetConfig,
-    RetryOn, RetryPolicy, Strategy, Timeouts,
+    BackendAddr, BackendConfig, Config, HealthCheck, Mode, OutlierDetection, ProxyProtocol,
+    RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
 type Invalid = (String, String);
@@ -60,6 +60,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
+    let send_proxy_protocol = match (raw.send_proxy_protocol, mode) {
+        (None, _) => None,
+        (Some(_), Mode::Http) => {
+            return invalid(
+                "send_proxy_protocol",
+                "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
+            )
+        }
+        (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
+        (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
+    };
     Ok(Config {
         listen,
         mode,
@@ -69,6 +80,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         health_check,
         outlier_detection,
         retry,
+        send_proxy_protocol,
     })
 }
 

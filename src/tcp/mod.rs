@@ -8,8 +8,10 @@
 //! the failed connects (passive detection, through the same
 //! [`crate::retry::note_failure`] as HTTP), and the health checker probes
 //! with TCP connects. What differs: only the connect is retried, never the
-//! bytes after it.
+//! bytes after it. Optionally a PROXY protocol header (`send_proxy_protocol`)
+//! tells the backend who the client is.
 
 mod proxy;
+mod proxy_protocol;
 
 pub use proxy::serve;

@@ -11,6 +11,8 @@
 //!   flowing (a client that shuts its write side still reads the whole
 //!   response). The connection ends when both directions have, or at the
 //!   first error on either side.
+//! * With `send_proxy_protocol`, the backend connection starts with a PROXY
+//!   protocol header naming the client and the address it connected to.
 //! * `timeouts.tcp_idle`: no byte read either way for that long closes both.
 //! * Reloads never cut a connection: it holds its backend's state, not the
 //!   snapshot. Shutdown lets it run until lb's drain sender is dropped
@@ -33,6 +35,8 @@ use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
 use crate::state::{Clock, InFlight};
 
+use super::proxy_protocol;
+
 /// Bytes read at once per direction (nginx's and HAProxy's default buffer
 /// size): two per connection, allocated while it is open.
 const BUFFER: usize = 16 * 1024;
@@ -54,6 +58,7 @@ pub fn serve(
             return;
         };
         let idle = snap.config.timeouts.tcp_idle;
+        let send_proxy_protocol = snap.config.send_proxy_protocol;
         // The connection outlives reloads; it must not pin the old config.
         drop(snap);
         let Upstream {
@@ -62,8 +67,16 @@ pub fn serve(
             in_flight,
         } = upstream;
         let mut client = client;
+        let proxied = async {
+            if let Some(version) = send_proxy_protocol {
+                let local = client.local_addr().map_err(Ended::Error)?;
+                let header = proxy_protocol::header(version, peer, local);
+                backend.write_all(&header).await.map_err(Ended::Error)?;
+            }
+            Ok(copy_both_ways(&mut client, &mut backend, rt.clock, idle).await)
+        };
         let ended = tokio::select! {
-            ended = copy_both_ways(&mut client, &mut backend, rt.clock, idle) => ended,
+            ended = proxied => ended.unwrap_or_else(|e| e),
             () = closing(&mut drain) => Ended::Shutdown,
         };
         drop(in_flight);
