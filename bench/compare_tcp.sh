@@ -59,6 +59,7 @@ done
     echo "    listen 127.0.0.1:$NGINX_PORT;"
     echo "    proxy_pass backends;"
     echo "    proxy_connect_timeout 1s;"
+    echo "    proxy_half_close on;  # like lb and HAProxy: pass a FIN on, keep the other way open"
     echo "  }"
     echo "}"
 } >"$TMP/nginx.conf"
@@ -161,7 +162,7 @@ echo "$ROUNDS round(s); with more than one, each figure is the median over the r
 echo "$NCPU CPUs shared by the load generator, the echo backends and the proxy;"
 echo "proxy CPU% (of one core) is measured over the conns/s run."
 echo "Proxies: lb (tokio, $NCPU worker threads, TCP health checks every 2s),"
-echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, stream module),"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, stream module, proxy_half_close on),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, mode tcp, checks every 2s)."
 echo "CPUs busy with other work just before the runs: ${BUSY_BEFORE}%."
 echo

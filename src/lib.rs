@@ -64,7 +64,8 @@ pub struct Lb {
     runtime: Arc<Runtime>,
     listeners: Arc<Listeners>,
     reload: ReloadHandle,
-    /// `true` asks every client connection to finish and close.
+    /// `true` asks every HTTP client connection to finish and close; tcp
+    /// connections run on and close when this sender is dropped.
     drain: watch::Sender<bool>,
     /// Background tasks stopped on shutdown.
     tasks: Vec<JoinHandle<()>>,
@@ -114,8 +115,9 @@ impl Lb {
         self.reload.clone()
     }
 
-    /// Stops accepting, lets open connections finish their requests for up
-    /// to `grace`, then stops everything.
+    /// Stops accepting, lets open connections finish their requests (tcp
+    /// mode: run) for up to `grace`, then stops everything; open tcp
+    /// connections are closed when this returns.
     pub async fn shutdown(self, grace: Duration) {
         self.listeners.stop();
         for task in &self.tasks {
