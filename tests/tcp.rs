@@ -51,8 +51,16 @@ async fn exchange(lb: SocketAddr, payload: &[u8]) -> String {
 
 /// Checks that `out` is `payload` echoed and returns the backend name after it.
 fn served_by(out: &[u8], payload: &[u8]) -> String {
-    assert!(out.len() >= payload.len(), "short echo: {} of {} bytes", out.len(), payload.len());
-    assert!(out[..payload.len()] == *payload, "echo differs from the payload");
+    assert!(
+        out.len() >= payload.len(),
+        "short echo: {} of {} bytes",
+        out.len(),
+        payload.len()
+    );
+    assert!(
+        out[..payload.len()] == *payload,
+        "echo differs from the payload"
+    );
     String::from_utf8_lossy(&out[payload.len()..]).into_owned()
 }
 
@@ -87,7 +95,10 @@ async fn refused(addr: SocketAddr) -> bool {
         Ok(mut s) => {
             let _ = s.write_all(b"x").await;
             let mut buf = [0u8; 8];
-            matches!(timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+            matches!(
+                timeout(Duration::from_secs(1), s.read(&mut buf)).await,
+                Ok(Ok(0) | Err(_))
+            )
         }
     }
 }
@@ -129,7 +140,10 @@ async fn client_half_close_reaches_the_backend_and_the_response_still_flows() {
     stream.write_all(&payload).await.unwrap();
     stream.shutdown().await.unwrap();
     let mut out = Vec::new();
-    timeout(LIMIT, stream.read_to_end(&mut out)).await.unwrap().unwrap();
+    timeout(LIMIT, stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     // The name comes after the backend read EOF: the FIN went through lb,
     // and lb kept copying the other way after it.
     assert_eq!(served_by(&out, &payload), "a");
@@ -153,7 +167,11 @@ async fn tcp_health_checks_find_a_stopped_backend_which_gets_no_connect() {
     for i in 0..10 {
         assert_eq!(exchange(lb, format!("{i}").as_bytes()).await, "a");
     }
-    assert_eq!(state_b.failures(), 0, "a connect went to the stopped backend");
+    assert_eq!(
+        state_b.failures(),
+        0,
+        "a connect went to the stopped backend"
+    );
     assert_eq!(state_b.requests(), attempts_before);
     // Back up: found by the checks and used again.
     b.restart().await;
@@ -181,7 +199,10 @@ async fn a_failed_connect_goes_to_the_next_backend() {
         assert_eq!(exchange(lb, format!("hello {i}").as_bytes()).await, "a");
     }
     let snap = tlb.lb.runtime().snapshot();
-    assert!(snap.backends[0].state.failures() >= 1, "the dead backend was never tried");
+    assert!(
+        snap.backends[0].state.failures() >= 1,
+        "the dead backend was never tried"
+    );
     assert_eq!(snap.backends[1].state.failures(), 0);
 }
 
@@ -195,7 +216,8 @@ async fn a_connect_timeout_goes_to_the_next_backend() {
     let stuck_addr = stuck.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = timeout(Duration::from_millis(300), TcpStream::connect(stuck_addr)).await {
+        if let Ok(Ok(s)) = timeout(Duration::from_millis(300), TcpStream::connect(stuck_addr)).await
+        {
             fillers.push(s);
         }
     }
@@ -259,9 +281,14 @@ async fn idle_connections_are_closed_after_tcp_idle() {
     ping(&mut s, b"once").await;
     let quiet_since = Instant::now();
     let mut buf = [0u8; 16];
-    let n = timeout(LIMIT, s.read(&mut buf)).await.expect("never closed");
+    let n = timeout(LIMIT, s.read(&mut buf))
+        .await
+        .expect("never closed");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
-    assert!(quiet_since.elapsed() >= idle - Duration::from_millis(20), "closed too early");
+    assert!(
+        quiet_since.elapsed() >= idle - Duration::from_millis(20),
+        "closed too early"
+    );
     // lb closed the backend side too.
     eventually!(10, a.open() == 0);
 }
@@ -279,17 +306,26 @@ async fn shutdown_stops_accepting_lets_connections_run_then_closes_them() {
     let grace = Duration::from_secs(3);
     let started = Instant::now();
     let shutdown = tokio::spawn(lb.shutdown(grace));
-    eventually!(10, refused(addr).await, "lb still accepts after shutdown began");
+    eventually!(
+        10,
+        refused(addr).await,
+        "lb still accepts after shutdown began"
+    );
     // Open connections keep working and may finish on their own.
     ping(&mut finishing, b"still here").await;
     assert_eq!(finish(finishing).await, "a");
     ping(&mut lingering, b"still here").await;
     // The other one is closed when the grace runs out, and shutdown returns.
     let mut buf = [0u8; 16];
-    let n = timeout(LIMIT, lingering.read(&mut buf)).await.expect("never closed");
+    let n = timeout(LIMIT, lingering.read(&mut buf))
+        .await
+        .expect("never closed");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     timeout(LIMIT, shutdown).await.unwrap().unwrap();
-    assert!(started.elapsed() >= grace, "closed before the grace ran out");
+    assert!(
+        started.elapsed() >= grace,
+        "closed before the grace ran out"
+    );
     eventually!(10, a.open() == 0);
 }
 
@@ -313,7 +349,11 @@ async fn send_proxy_protocol_tells_the_backend_who_the_client_is() {
     let client = s.local_addr().unwrap();
     s.write_all(b"payload").await.unwrap();
     let out = finish(s).await;
-    let line = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n", client.port(), lb.port());
+    let line = format!(
+        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+        client.port(),
+        lb.port()
+    );
     assert_eq!(out, format!("{line}payloada"));
 
     tlb.rewrite(&tcp_yaml(&[(a.addr, 1)], "send_proxy_protocol: v2\n"));
@@ -322,7 +362,10 @@ async fn send_proxy_protocol_tells_the_backend_who_the_client_is() {
     let client = s.local_addr().unwrap();
     s.shutdown().await.unwrap();
     let mut out = Vec::new();
-    timeout(LIMIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    timeout(LIMIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&out[..16], b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c");
     assert_eq!(&out[24..26], &client.port().to_be_bytes());
     assert_eq!(&out[26..28], &lb.port().to_be_bytes());
@@ -339,15 +382,25 @@ fn tcp_config_keys_defaults_and_errors() {
     assert_eq!(c.mode, lb::config::Mode::Tcp);
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(3600));
     assert_eq!(c.health_check.unwrap().path, None);
-    let c = parse("backends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\ntimeouts: {tcp_idle: 5m}\n")
-        .unwrap();
+    let c = parse(
+        "backends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\ntimeouts: {tcp_idle: 5m}\n",
+    )
+    .unwrap();
     assert_eq!(c.health_check.unwrap().path.unwrap().as_str(), "/health");
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(300));
-    let e = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check:\n  path: /health\n")
-        .unwrap_err();
-    assert!(e.contains("health_check.path") && e.contains("tcp mode"), "{e}");
+    let e = parse(
+        "mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check:\n  path: /health\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("health_check.path") && e.contains("tcp mode"),
+        "{e}"
+    );
     let e = parse("send_proxy_protocol: v1\nbackends:\n  - address: 127.0.0.1:80\n").unwrap_err();
-    assert!(e.contains("send_proxy_protocol") && e.contains("mode: tcp"), "{e}");
+    assert!(
+        e.contains("send_proxy_protocol") && e.contains("mode: tcp"),
+        "{e}"
+    );
     let e = parse("mode: udp\nbackends:\n  - address: 127.0.0.1:53\n").unwrap_err();
     assert!(e.contains("udp") && e.contains("tcp"), "{e}");
     let e = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:1\ntimeouts: {tcp_idle: 0}\n")

@@ -60,17 +60,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
-    let send_proxy_protocol = match (raw.send_proxy_protocol, mode) {
-        (None, _) => None,
-        (Some(_), Mode::Http) => {
-            return invalid(
+    let send_proxy_protocol =
+        match (raw.send_proxy_protocol, mode) {
+            (None, _) => None,
+            (Some(_), Mode::Http) => return invalid(
                 "send_proxy_protocol",
                 "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
-            )
-        }
-        (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
-        (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
-    };
+            ),
+            (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
+            (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
+        };
     Ok(Config {
         listen,
         mode,

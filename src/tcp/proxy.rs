@@ -225,9 +225,7 @@ async fn pipe(
 async fn quiet_for(last_read_ms: &AtomicU64, clock: Clock, idle: Duration) {
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let quiet = clock
-            .now_ms()
-            .saturating_sub(last_read_ms.load(Relaxed));
+        let quiet = clock.now_ms().saturating_sub(last_read_ms.load(Relaxed));
         if quiet >= idle_ms {
             return;
         }

@@ -74,9 +74,17 @@ mod tests {
 
     #[test]
     fn v1_lines() {
-        let h = header(ProxyProtocol::V1, addr("192.0.2.7:51000"), addr("127.0.0.1:5432"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("192.0.2.7:51000"),
+            addr("127.0.0.1:5432"),
+        );
         assert_eq!(h, b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 5432\r\n");
-        let h = header(ProxyProtocol::V1, addr("[2001:db8::1]:4000"), addr("[::1]:80"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("[2001:db8::1]:4000"),
+            addr("[::1]:80"),
+        );
         assert_eq!(h, b"PROXY TCP6 2001:db8::1 ::1 4000 80\r\n");
         let h = header(ProxyProtocol::V1, addr("192.0.2.7:1"), addr("[::1]:80"));
         assert_eq!(h, b"PROXY UNKNOWN\r\n");
@@ -84,7 +92,11 @@ mod tests {
 
     #[test]
     fn v2_ipv4_layout() {
-        let h = header(ProxyProtocol::V2, addr("192.0.2.7:51000"), addr("127.0.0.1:5432"));
+        let h = header(
+            ProxyProtocol::V2,
+            addr("192.0.2.7:51000"),
+            addr("127.0.0.1:5432"),
+        );
         assert_eq!(&h[..12], &V2_SIGNATURE);
         assert_eq!(&h[12..16], &[0x21, 0x11, 0, 12]);
         assert_eq!(&h[16..20], &[192, 0, 2, 7]);
