@@ -127,6 +127,45 @@ for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
+# HAProxy `server` lines for the backends, health-checked every 2 s.
+haproxy_servers() {
+    local i=0 port
+    for port in "${BACKEND_PORTS[@]}"; do
+        i=$((i + 1))
+        echo "  server b$i 127.0.0.1:$port check inter 2s"
+    done
+}
+
+# Checks the generated configs, then starts lb ($LB), nginx and HAProxy and
+# waits for their ports; sets LB_PID, NGINX_PID, HAPROXY_PID. All three run
+# for the whole benchmark (idle ones cost nothing measurable) so that
+# rounds can interleave them.
+start_proxies() {
+    "$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
+    nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
+    RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+    LB_PID=$!
+    PIDS+=("$LB_PID")
+    nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+    wait_port "$LB_PORT" "$LB_PID" lb
+    wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+}
+
+# Sets BUSY_BEFORE, and warns when other work already keeps the CPUs busy.
+check_busy() {
+    BUSY_BEFORE=$(busy_pct)
+    if ((BUSY_BEFORE > 10)); then
+        log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
+    fi
+}
+
 if [[ $SCENARIO == tcp ]]; then
     # shellcheck source=bench/compare_tcp.sh
     source "$(dirname "$0")/compare_tcp.sh"
@@ -202,16 +241,8 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
     echo "  balance roundrobin"
     echo "  http-reuse always"
     echo "  option httpchk GET /health"
-    i=0
-    for port in "${BACKEND_PORTS[@]}"; do
-        i=$((i + 1))
-        echo "  server b$i 127.0.0.1:$port check inter 2s"
-    done
+    haproxy_servers
 } >"$TMP/haproxy.cfg"
-
-"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
-nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
-haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
 
 # --- runs ------------------------------------------------------------------
 RUNS="$TMP/runs"
@@ -241,28 +272,12 @@ measure() {
     echo "$name $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box" >>"$RUNS"
 }
 
-# All three proxies run for the whole benchmark (idle ones cost nothing
-# measurable) so that rounds can interleave them.
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
-LB_PID=$!
-PIDS+=("$LB_PID")
-nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
-wait_port "$LB_PORT" "$LB_PID" lb
-wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+start_proxies
 for port in "${BACKEND_PORTS[0]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
 done
 
-BUSY_BEFORE=$(busy_pct)
-if ((BUSY_BEFORE > 10)); then
-    log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy
 
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
     # Reference: the first backend alone, no proxy (one backend port, not three).

@@ -1,5 +1,5 @@
 # The tcp scenario of compare.sh (`bash bench/compare.sh tcp`), sourced by it
-# after its tools, helpers and port checks: lb `mode: tcp` vs nginx `stream`
+# after its tools, helpers (start_proxies, …) and port checks: lb `mode: tcp` vs nginx `stream`
 # vs HAProxy `mode tcp`, round robin over 3 echo backends (examples/tcp_bench).
 #
 # Per target, ROUNDS times interleaved (medians reported):
@@ -78,37 +78,15 @@ done
     echo "  default_backend be"
     echo "backend be"
     echo "  balance roundrobin"
-    i=0
-    for port in "${BACKEND_PORTS[@]}"; do
-        i=$((i + 1))
-        echo "  server b$i 127.0.0.1:$port check inter 2s"
-    done
+    haproxy_servers
 } >"$TMP/haproxy.cfg"
 
-"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
-nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
-haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
-
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
-LB_PID=$!
-PIDS+=("$LB_PID")
-nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
-wait_port "$LB_PORT" "$LB_PID" lb
-wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+start_proxies
 for port in "${BACKEND_PORTS[0]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     "$BENCH" transfer "127.0.0.1:$port" --bytes 1KiB >/dev/null || die "127.0.0.1:$port does not echo"
 done
 
-BUSY_BEFORE=$(busy_pct)
-if ((BUSY_BEFORE > 10)); then
-    log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy
 
 # measure NAME PORT [PID]: append "name conns/s errors MiB/s proxy_cpu_ticks" to $RUNS.
 RUNS="$TMP/runs"

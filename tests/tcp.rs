@@ -86,6 +86,15 @@ async fn finish(mut stream: TcpStream) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// Waits for lb to close `stream` (EOF or reset) without it sending anything.
+async fn closed_by_lb(stream: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    let n = timeout(LIMIT, stream.read(&mut buf))
+        .await
+        .expect("never closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
 /// Is a connection refused (or reset) now?
 async fn refused(addr: SocketAddr) -> bool {
     match TcpStream::connect(addr).await {
@@ -280,11 +289,7 @@ async fn idle_connections_are_closed_after_tcp_idle() {
     let mut s = TcpStream::connect(tlb.lb.local_addr()).await.unwrap();
     ping(&mut s, b"once").await;
     let quiet_since = Instant::now();
-    let mut buf = [0u8; 16];
-    let n = timeout(LIMIT, s.read(&mut buf))
-        .await
-        .expect("never closed");
-    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    closed_by_lb(&mut s).await;
     assert!(
         quiet_since.elapsed() >= idle - Duration::from_millis(20),
         "closed too early"
@@ -316,11 +321,7 @@ async fn shutdown_stops_accepting_lets_connections_run_then_closes_them() {
     assert_eq!(finish(finishing).await, "a");
     ping(&mut lingering, b"still here").await;
     // The other one is closed when the grace runs out, and shutdown returns.
-    let mut buf = [0u8; 16];
-    let n = timeout(LIMIT, lingering.read(&mut buf))
-        .await
-        .expect("never closed");
-    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    closed_by_lb(&mut lingering).await;
     timeout(LIMIT, shutdown).await.unwrap().unwrap();
     assert!(
         started.elapsed() >= grace,
