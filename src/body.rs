@@ -1,5 +1,8 @@
 //! Body types on both sides of the proxy.
 //!
+//! * [`ClientBody`]: the client's body as it arrives, with a stall timer
+//!   (`timeouts.client_body`) and a record of how it failed, so the retry
+//!   loop can tell a client's fault from a backend's.
 //! * [`RequestBody`]: what the client sent, either buffered (so a retry can
 //!   replay the same bytes) or streaming (sent once, never buffered whole).
 //! * [`UpstreamBody`]: the body of one attempt, handed to the HTTP client.
@@ -9,14 +12,188 @@
 //!   through (holding the backend's in-flight slot until it ends), or a
 //!   short text from lb itself.
 
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use crate::state::InFlight;
+
+/// Errors of bodies lb hands to hyper's client.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// How a request body failed on the client's side. None of these is the
+/// backend's fault: no failure is counted against it and nothing is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Invalid framing (a bad chunk size, a body longer than declared…): 400.
+    Malformed,
+    /// No bytes from the client for `timeouts.client_body`: 408.
+    Stalled,
+    /// The client closed or reset its connection mid-body: nobody to answer.
+    Aborted,
+}
+
+impl ClientFault {
+    fn code(self) -> u8 {
+        match self {
+            ClientFault::Malformed => 1,
+            ClientFault::Stalled => 2,
+            ClientFault::Aborted => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(ClientFault::Malformed),
+            2 => Some(ClientFault::Stalled),
+            3 => Some(ClientFault::Aborted),
+            _ => None,
+        }
+    }
+
+    /// Reads hyper's error for a body it was receiving from the client.
+    fn of(err: &hyper::Error) -> Self {
+        let mut source: Option<&(dyn StdError + 'static)> = err.source();
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return match io.kind() {
+                    io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => {
+                        ClientFault::Malformed
+                    }
+                    _ => ClientFault::Aborted,
+                };
+            }
+            source = e.source();
+        }
+        if err.is_parse() || err.is_parse_too_large() {
+            ClientFault::Malformed
+        } else {
+            ClientFault::Aborted
+        }
+    }
+}
+
+/// What the retry loop can learn about a body that hyper's client is
+/// sending: shared between the body (owned by the client) and the loop.
+#[derive(Debug, Default)]
+pub struct BodyWatch {
+    /// A [`ClientFault`] code, 0 while none happened.
+    fault: AtomicU8,
+    /// True while the body waits for bytes from the client: a timeout then
+    /// is the client's doing, not the backend's.
+    waiting_on_client: AtomicBool,
+}
+
+impl BodyWatch {
+    pub fn fault(&self) -> Option<ClientFault> {
+        ClientFault::from_code(self.fault.load(Relaxed))
+    }
+
+    fn set_fault(&self, fault: ClientFault) {
+        self.fault.store(fault.code(), Relaxed);
+    }
+
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Relaxed)
+    }
+}
+
+/// The client's request body, watched for stalls and failures.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    /// `timeouts.client_body`: the longest wait for the client's next bytes.
+    stall: Duration,
+    /// Armed while waiting on the client; allocated on the first wait only.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` counts the current wait (it is re-armed per wait).
+    armed: bool,
+    watch: Arc<BodyWatch>,
+}
+
+/// The error a stalled body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no body bytes for {0:?}")]
+pub struct Stalled(Duration);
+
+impl ClientBody {
+    pub fn new(inner: Incoming, stall: Duration) -> Self {
+        ClientBody {
+            inner,
+            stall,
+            timer: None,
+            armed: false,
+            watch: Arc::default(),
+        }
+    }
+
+    pub fn watch(&self) -> &Arc<BodyWatch> {
+        &self.watch
+    }
+
+    /// Polls the stall timer for the current wait, arming it if needed.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = Instant::now() + self.stall;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                this.watch.waiting_on_client.store(true, Relaxed);
+                if this.stalled(cx) {
+                    this.watch.set_fault(ClientFault::Stalled);
+                    return Poll::Ready(Some(Err(Box::new(Stalled(this.stall)))));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(frame) => {
+                this.armed = false;
+                this.watch.waiting_on_client.store(false, Relaxed);
+                Poll::Ready(frame.map(|f| {
+                    f.map_err(|e| {
+                        this.watch.set_fault(ClientFault::of(&e));
+                        BoxError::from(e)
+                    })
+                }))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The client's request body, prepared for one or more attempts.
 #[derive(Debug)]
@@ -25,36 +202,72 @@ pub enum RequestBody {
     Buffered(Bytes),
     /// Not yet read. `None` once an attempt has consumed it.
     Streaming {
-        body: Option<Incoming>,
+        body: Option<ClientBody>,
         /// Where an unpolled body comes back after a failed connect.
-        returned: Option<oneshot::Receiver<Incoming>>,
+        returned: Option<oneshot::Receiver<ClientBody>>,
+        /// Outlives the body inside hyper's client: how it ended.
+        watch: Arc<BodyWatch>,
     },
 }
 
-/// The client went away or sent a broken body while it was being buffered.
+/// The client went away, stalled or sent a broken body while it was being
+/// buffered.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the request body: {0}")]
-pub struct BufferError(String);
+#[error("reading the request body: {message}")]
+pub struct BufferError {
+    pub fault: ClientFault,
+    message: String,
+}
 
 impl RequestBody {
     /// Buffers `body` when it has a known length of at most `limit` bytes
-    /// and `replay` is wanted; anything else streams.
-    pub async fn prepare(body: Incoming, limit: u64, replay: bool) -> Result<Self, BufferError> {
+    /// and `replay` is wanted; anything else streams. `stall` bounds each
+    /// wait for the client's bytes.
+    pub async fn prepare(
+        body: Incoming,
+        limit: u64,
+        replay: bool,
+        stall: Duration,
+    ) -> Result<Self, BufferError> {
         if body.is_end_stream() {
             return Ok(RequestBody::Buffered(Bytes::new()));
         }
+        let body = ClientBody::new(body, stall);
+        let watch = Arc::clone(body.watch());
         match body.size_hint().exact() {
             Some(len) if replay && len <= limit => {
-                let collected = Limited::new(body, limit as usize)
-                    .collect()
-                    .await
-                    .map_err(|e| BufferError(e.to_string()))?;
+                let collected =
+                    Limited::new(body, limit as usize)
+                        .collect()
+                        .await
+                        .map_err(|e| BufferError {
+                            // The length was checked: only the client's side can fail here.
+                            fault: watch.fault().unwrap_or(ClientFault::Malformed),
+                            message: e.to_string(),
+                        })?;
                 Ok(RequestBody::Buffered(collected.to_bytes()))
             }
             _ => Ok(RequestBody::Streaming {
                 body: Some(body),
                 returned: None,
+                watch,
             }),
+        }
+    }
+
+    /// How the client's side of the body failed, if it did.
+    pub fn client_fault(&self) -> Option<ClientFault> {
+        match self {
+            RequestBody::Buffered(_) => None,
+            RequestBody::Streaming { watch, .. } => watch.fault(),
+        }
+    }
+
+    /// True while an attempt's body waits for the client's next bytes.
+    pub fn waiting_on_client(&self) -> bool {
+        match self {
+            RequestBody::Buffered(_) => false,
+            RequestBody::Streaming { watch, .. } => watch.waiting_on_client(),
         }
     }
 
@@ -68,7 +281,7 @@ impl RequestBody {
     pub fn next_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
             RequestBody::Buffered(bytes) => Some(UpstreamBody::Full(Some(bytes.clone()))),
-            RequestBody::Streaming { body, returned } => {
+            RequestBody::Streaming { body, returned, .. } => {
                 let inner = body.take().or_else(|| returned.take()?.try_recv().ok())?;
                 let (tx, rx) = oneshot::channel();
                 *returned = Some(rx);
@@ -85,7 +298,7 @@ impl RequestBody {
     pub fn can_resend(&mut self) -> bool {
         match self {
             RequestBody::Buffered(_) => true,
-            RequestBody::Streaming { body, returned } => {
+            RequestBody::Streaming { body, returned, .. } => {
                 if body.is_none() {
                     *body = returned.take().and_then(|mut rx| rx.try_recv().ok());
                 }
@@ -98,10 +311,10 @@ impl RequestBody {
 /// A streaming body that returns itself if dropped before its first poll.
 #[derive(Debug)]
 pub struct Reclaimable {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     /// Set by the first `poll_frame`: from then on bytes may have left.
     polled: bool,
-    give_back: Option<oneshot::Sender<Incoming>>,
+    give_back: Option<oneshot::Sender<ClientBody>>,
 }
 
 impl Drop for Reclaimable {
@@ -123,12 +336,12 @@ pub enum UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Full(bytes) => Poll::Ready(
                 bytes

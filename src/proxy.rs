@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::http::request::Parts;
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::body::{RequestBody, ResponseBody};
 use crate::retry::{self, is_idempotent};
@@ -32,6 +34,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Headers `Connection` may not remove: they define the message itself.
+static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, header::CONTENT_TYPE];
+
 /// Serves one client request.
 pub async fn handle(
     rt: Arc<Runtime>,
@@ -40,36 +45,121 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
     let (mut parts, body) = req.into_parts();
-    if let Err(message) = rewrite_head(&mut parts, client_ip) {
-        return Ok(retry::text(
-            StatusCode::BAD_REQUEST,
-            format!("lb: {message}\n"),
-        ));
+    if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
+        tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
+        return Ok(refusal.response());
     }
     let policy = &snap.config.retry;
     let replay = policy.attempts.get() > 1 && is_idempotent(&parts.method);
-    let body = match RequestBody::prepare(body, policy.buffer_body_limit, replay).await {
+    let stall = snap.config.timeouts.client_body;
+    let body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
         Ok(body) => body,
         Err(e) => {
-            tracing::debug!(%e, "bad request body");
-            return Ok(retry::text(StatusCode::BAD_REQUEST, format!("lb: {e}\n")));
+            tracing::debug!(%client_ip, %e, "bad request body");
+            return Ok(retry::client_fault(e.fault));
         }
     };
     Ok(retry::forward(&rt, &snap, parts, body).await)
 }
 
-/// Prepares the client's head for the backend: keeps `Host` (taken from the
-/// URI for HTTP/2), strips hop-by-hop headers, adds `X-Forwarded-*`.
-fn rewrite_head(
-    parts: &mut hyper::http::request::Parts,
-    client_ip: IpAddr,
-) -> Result<(), &'static str> {
+/// A request lb answers itself, with why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str) -> Self {
+        Refusal { status, reason }
+    }
+
+    pub fn response(&self) -> Response<ResponseBody> {
+        let mut resp = retry::text(self.status, format!("lb: {}\n", self.reason));
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            );
+        }
+        // After a refused head the rest of the connection cannot be trusted.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+}
+
+/// The checks RFC 9110/9112 ask of a proxy before anything is forwarded
+/// (hyper has already refused broken framing: CL+TE, bad Content-Length,
+/// obs-fold, bare CR).
+fn check_request(parts: &Parts) -> Result<(), Refusal> {
+    let bad = |reason| Err(Refusal::new(StatusCode::BAD_REQUEST, reason));
+    // CONNECT would make lb an open tunnel; TRACE reflects credentials (XST).
+    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+        ));
+    }
+    // A coding lb would silently drop on the way to the backend (RFC 9112 §6.1).
+    let mut codings = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let only_chunked = codings.next().is_none()
+            && first
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer coding not implemented (only chunked)",
+            ));
+        }
+    }
+    // The target must be origin-form (`/path`), absolute-form or `*`.
+    let uri = &parts.uri;
+    if uri.scheme().is_none()
+        && (uri.authority().is_some() || !(uri.path().starts_with('/') || uri.path() == "*"))
+    {
+        return bad("invalid request target");
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return bad("more than one Host header"),
+        (Some(host), None) => {
+            if !valid_host(host) {
+                return bad("invalid Host header");
+            }
+        }
+        (None, _) if parts.version == Version::HTTP_11 => {
+            return bad("HTTP/1.1 request without a Host header")
+        }
+        (None, _) => {}
+    }
+    Ok(())
+}
+
+/// `host[:port]` as RFC 9110 §7.2 allows: no user info, path or spaces.
+fn valid_host(value: &HeaderValue) -> bool {
+    let Ok(s) = value.to_str() else {
+        return false;
+    };
+    !s.is_empty()
+        && !s.contains('@')
+        && s.parse::<Authority>()
+            .is_ok_and(|a| a.as_str().len() == s.len() && !a.host().is_empty())
+}
+
+/// Prepares the client's head for the backend: `Host` from an absolute-form
+/// target or HTTP/2's `:authority`, hop-by-hop headers stripped,
+/// `X-Forwarded-*` added.
+fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            let value =
-                HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid :authority")?;
+    // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host.
+    if let Some(authority) = parts.uri.authority() {
+        if parts.version != Version::HTTP_2 || !headers.contains_key(header::HOST) {
+            let value = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "invalid authority"))?;
             headers.insert(header::HOST, value);
         }
     }
@@ -77,13 +167,13 @@ fn rewrite_head(
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let invalid_xff = || Refusal::new(StatusCode::BAD_REQUEST, "invalid X-Forwarded-For header");
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
         Some(Ok(prior)) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        Some(Err(_)) => return Err("invalid X-Forwarded-For header"),
+        Some(Err(_)) => return Err(invalid_xff()),
         _ => client_ip.to_string(),
     };
-    // Built from a valid header value and an IP address: always valid.
-    let xff = HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For header")?;
+    let xff = HeaderValue::from_str(&xff).map_err(|_| invalid_xff())?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     Ok(())
 }
@@ -99,6 +189,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
         for name in named {
+            // `Connection: host` (or a framing header) must not unmake the message.
+            if PROTECTED.contains(&name) {
+                continue;
+            }
             headers.remove(name);
         }
     }

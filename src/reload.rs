@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
@@ -191,7 +190,7 @@ impl Reloader {
             return;
         }
         let new_listener = if config.listen != self.listeners.configured() {
-            match TcpListener::bind(config.listen).await {
+            match crate::server::bind(config.listen) {
                 Ok(listener) => Some(listener),
                 Err(e) => {
                     let own = self.listeners.local_addr();

@@ -21,7 +21,7 @@ use hyper::http::uri::{Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
 use crate::runtime::{Runtime, Snapshot};
 use crate::state::{Clock, Ejection, InFlight};
@@ -163,7 +163,23 @@ pub async fn forward(
         let try_deadline = policy
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
-        let (kind, detail) = match timeout_at(try_deadline, snap.client.request(req)).await {
+        let outcome = timeout_at(try_deadline, snap.client.request(req)).await;
+        // The client's side failed (bad framing, stall, gone): not the backend's doing.
+        let fault = body.client_fault().or_else(|| {
+            (outcome.is_err() && body.waiting_on_client()).then_some(ClientFault::Stalled)
+        });
+        if let Some(fault) = fault {
+            tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
+            return client_fault(fault);
+        }
+        let (kind, detail) = match outcome {
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // lb never forwards `Upgrade`, so this switch was not asked for.
+                (
+                    FailureKind::Protocol,
+                    "answered 101 to a request without Upgrade".to_owned(),
+                )
+            }
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 if status.is_server_error() {
@@ -192,6 +208,7 @@ pub async fn forward(
             FailureKind::Connect => policy.retry_on.connect_failure && body.can_resend(),
             FailureKind::Reset => policy.retry_on.reset && idempotent && body.is_replayable(),
             FailureKind::Timeout => policy.retry_on.timeout && idempotent && body.is_replayable(),
+            FailureKind::Protocol => false,
         };
         last = Some(Failed::Transport {
             kind,
@@ -215,12 +232,12 @@ pub async fn forward(
                 FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
                 FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
                 FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+                FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
             };
             tracing::warn!(backend = %addr, %detail, tries, "{} {} {}: {}", parts.method, parts.uri.path(), what, status);
-            text(
-                status,
-                format!("lb: backend {addr} {what}: {detail} ({tries} tried)\n"),
-            )
+            // The client learns the status; addresses and errors stay in the log.
+            let reason = status.canonical_reason().unwrap_or("");
+            text(status, format!("lb: {} {reason}\n", status.as_u16()))
         }
         None => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -229,7 +246,10 @@ pub async fn forward(
     }
 }
 
-/// Passive health: counts the failure and logs an ejection once.
+/// Passive health: counts the failure and logs an ejection once. An
+/// ejection that would take more than `max_ejection_percent` of the pool out
+/// (but always allows one) does not happen: a pool-wide problem must not
+/// leave clients with nothing.
 pub(crate) fn note_failure(
     rt: &Runtime,
     snap: &Snapshot,
@@ -238,18 +258,36 @@ pub(crate) fn note_failure(
     why: &str,
 ) {
     let state = &snap.backends[index].state;
+    let now_ms = rt.clock.now_ms();
+    let may_eject = || {
+        let out = snap
+            .backends
+            .iter()
+            .filter(|b| b.state.is_ejected(now_ms))
+            .count();
+        let cap = (snap.backends.len() * outlier.max_ejection_percent as usize / 100).max(1);
+        out < cap
+    };
     let ejected = state.record_failure(
-        rt.clock.now_ms(),
+        now_ms,
         outlier.consecutive_failures,
         outlier.ejection_time,
+        may_eject,
     );
-    if ejected == Ejection::Ejected {
-        tracing::warn!(
+    match ejected {
+        Ejection::Ejected => tracing::warn!(
             "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
             state.addr,
             outlier.consecutive_failures.map_or(0, |n| n.get()),
             outlier.ejection_time
-        );
+        ),
+        Ejection::Capped => tracing::debug!(
+            "backend {} failed {} times in a row but stays in: max_ejection_percent {} reached",
+            state.addr,
+            outlier.consecutive_failures.map_or(0, |n| n.get()),
+            outlier.max_ejection_percent
+        ),
+        Ejection::None => {}
     }
 }
 
@@ -269,6 +307,11 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
 
 fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
+    // decoded the chunked body; a kept Content-Length would cut it short.
+    if parts.headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    }
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(
         parts,
@@ -277,6 +320,22 @@ fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<Respo
             _in_flight: in_flight,
         },
     )
+}
+
+/// The answer to a request whose body failed on the client's side.
+pub fn client_fault(fault: ClientFault) -> Response<ResponseBody> {
+    let (status, message) = match fault {
+        ClientFault::Malformed => (StatusCode::BAD_REQUEST, "lb: malformed request body\n"),
+        ClientFault::Stalled => (StatusCode::REQUEST_TIMEOUT, "lb: request body timed out\n"),
+        // Nobody is left to read this; it only ends the exchange.
+        ClientFault::Aborted => (StatusCode::BAD_REQUEST, "lb: request body incomplete\n"),
+    };
+    let mut resp = text(status, message.to_owned());
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// lb's own short answer.

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::config::{Config, ContentHash};
 use crate::retry::RetryBudget;
 use crate::selection::{self, Backend, Selector};
+use crate::server::ConnectionCount;
 use crate::state::{Clock, StateTable};
 use crate::upstream::{self, UpstreamClient};
 
@@ -72,6 +73,8 @@ pub struct Runtime {
     /// Retry tokens; the budget's parameters come from each request's snapshot.
     pub budget: RetryBudget,
     pub reloads: ReloadStats,
+    /// Open client connections, against `limits.max_connections`.
+    pub connections: Arc<ConnectionCount>,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
 }
@@ -87,6 +90,7 @@ impl Runtime {
             budget: RetryBudget::new(clock),
             clock,
             reloads: ReloadStats::default(),
+            connections: Arc::default(),
             generation: watch::channel(0).0,
         };
         runtime.reloads.applied.fetch_add(1, Relaxed);
@@ -149,7 +153,7 @@ fn build(
     };
     Snapshot {
         selector: selection::build(config.strategy, &backends),
-        server: crate::server::http_server(&config.timeouts),
+        server: crate::server::http_server(&config),
         backends,
         authorities,
         client,
@@ -203,6 +207,7 @@ impl ReloadSummary {
             s.listen = Some((o.listen.to_string(), n.listen.to_string()));
         }
         s.other_settings = o.timeouts != n.timeouts
+            || o.limits != n.limits
             || o.health_check != n.health_check
             || o.outlier_detection != n.outlier_detection
             || o.retry != n.retry

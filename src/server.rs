@@ -6,35 +6,126 @@
 //! accept loop on an already-bound new socket before it stops the old one,
 //! so there is no moment without a listener; connections accepted on the old
 //! socket carry on until their clients are done.
+//!
+//! What a client can hold is bounded: at most `limits.max_connections`
+//! connections (accept pauses at the cap), a head of at most
+//! `limits.max_header_bytes`, and no connection sits silent for long: the
+//! first byte of each head within `timeouts.client_header` of the
+//! connection's start, the whole head within `client_header` of its first
+//! byte, and the next request within `timeouts.client_idle` of the last
+//! response (see [`Activity`]).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
 
-use crate::config::{Mode, Timeouts};
+use crate::body::ResponseBody;
+use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
+use crate::state::Clock;
+
+/// Pending connections the kernel queues before lb accepts them: bursts of
+/// thousands of connects must not wait on SYN retransmits (nginx uses 511,
+/// HAProxy its maxconn).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds a listening socket the way lb wants it: `SO_REUSEADDR` (a restart
+/// does not wait out TIME_WAIT) and a deep accept queue.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
 
 /// The hyper server settings for client connections; part of each snapshot
-/// because `timeouts.client_header` is reloadable.
-pub fn http_server(timeouts: &Timeouts) -> auto::Builder<TokioExecutor> {
+/// because the limits are reloadable. hyper's own header-read timeout is off:
+/// it runs from the moment a connection goes idle, which would cut idle
+/// keep-alive at `client_header`; [`Activity`] times heads and idleness.
+pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.client_header)
+        .header_read_timeout(None)
+        .max_buf_size(config.limits.max_header_bytes)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
+}
+
+/// Open client connections, against `limits.max_connections`. Lives in the
+/// runtime, so a listener moved by a reload counts the same connections.
+#[derive(Debug, Default)]
+pub struct ConnectionCount {
+    /// Connections accepted and not yet closed.
+    open: AtomicUsize,
+    /// Connections accepted since start.
+    total: AtomicU64,
+    /// Woken when a connection closes, for an accept loop paused at the cap.
+    closed: Notify,
+}
+
+impl ConnectionCount {
+    pub fn open(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Relaxed)
+    }
+
+    /// Counts a new connection until the guard drops.
+    fn admit(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Relaxed);
+        self.total.fetch_add(1, Relaxed);
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    /// Returns once fewer than `cap` connections are open. Re-checks every
+    /// second too, so a reload that raises the cap is seen.
+    async fn below(&self, cap: &(dyn Fn() -> usize + Sync)) {
+        loop {
+            let closed = self.closed.notified();
+            if self.open() < cap() {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
+        }
+    }
+}
+
+/// One open client connection, counted until dropped (tcp mode holds it
+/// in its connection task too).
+#[derive(Debug)]
+pub(crate) struct ConnectionGuard(Arc<ConnectionCount>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+        self.0.closed.notify_waiters();
+    }
 }
 
 /// The socket currently accepting clients.
@@ -119,6 +210,9 @@ impl Listeners {
     }
 }
 
+/// How often a persistent accept error is logged, at most.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 fn spawn_accept_loop(
     listener: TcpListener,
     runtime: Arc<Runtime>,
@@ -130,15 +224,37 @@ fn spawn_accept_loop(
             .local_addr()
             .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
         tracing::info!("listening on {addr}");
+        let cap = || runtime.snapshot().config.limits.max_connections;
+        // Accept errors since the last one logged, and when that was.
+        let mut unlogged_errors = 0u64;
+        let mut last_error_log: Option<Instant> = None;
         loop {
+            if runtime.connections.open() >= cap() {
+                tracing::warn!(
+                    "{} client connections open (limits.max_connections): pausing accept on {addr}",
+                    runtime.connections.open()
+                );
+                tokio::select! {
+                    biased;
+                    _ = &mut rx => break,
+                    () = runtime.connections.below(&cap) => {}
+                }
+                tracing::info!("accepting again on {addr}");
+            }
             tokio::select! {
                 biased;
                 _ = &mut rx => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => serve(stream, peer, &runtime, drain.clone()),
                     Err(e) => {
-                        // Out of file descriptors and the like: back off, don't spin or die.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off, don't
+                        // spin or die, and say so once in a while, not per try.
+                        unlogged_errors += 1;
+                        if last_error_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                            tracing::warn!(error = %e, "accept failed ({unlogged_errors} times since the last report)");
+                            unlogged_errors = 0;
+                            last_error_log = Some(Instant::now());
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -156,30 +272,240 @@ fn serve(
     mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let guard = runtime.connections.admit();
     let snap = runtime.snapshot();
     if snap.config.mode == Mode::Tcp {
-        return crate::tcp::serve(stream, peer, runtime, snap, drain);
+        return crate::tcp::serve(stream, peer, runtime, snap, drain, guard);
     }
+    let clock = runtime.clock;
+    let activity = Arc::new(Activity::new(clock.now_ms()));
     let rt = Arc::clone(runtime);
-    let service = service_fn(move |req| proxy::handle(Arc::clone(&rt), peer.ip(), req));
-    let conn = snap
-        .server
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
+    let for_service = Arc::clone(&activity);
+    let service = service_fn(move |req| {
+        let request = RequestGuard::start(&for_service, clock);
+        let response = proxy::handle(Arc::clone(&rt), peer.ip(), req);
+        async move {
+            let resp = response.await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                body,
+                _request: request,
+            }))
+        }
+    });
+    let io = TokioIo::new(Watched {
+        stream,
+        activity: Arc::clone(&activity),
+        clock,
+    });
+    let conn = snap.server.serve_connection(io, service).into_owned();
+    let runtime = Arc::clone(runtime);
+    drop(snap);
     tokio::spawn(async move {
         tokio::pin!(conn);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            () = draining(&mut drain) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let mut check = Box::pin(tokio::time::sleep(Duration::ZERO));
+        let mut draining_now = false;
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                () = draining(&mut drain), if !draining_now => {
+                    draining_now = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = &mut check => {
+                    let now = clock.now_ms();
+                    let timeouts = runtime.snapshot().config.timeouts.clone();
+                    match activity.deadline_ms(&timeouts) {
+                        Some(due) if due <= now => {
+                            tracing::debug!(%peer, "closing a connection that sent nothing in time");
+                            break Ok(());
+                        }
+                        Some(due) => check.as_mut().reset(clock.instant(due)),
+                        // Busy: look again after the shortest limit.
+                        None => check.as_mut().reset(Instant::now() + timeouts.client_header.min(timeouts.client_idle)),
+                    }
+                }
             }
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
         drop(drain);
+        drop(guard);
     });
+}
+
+/// What a client connection is doing, for the idle and head timeouts.
+/// Written by the socket wrapper and the request guards, read by the
+/// connection task when its check timer fires.
+#[derive(Debug)]
+struct Activity {
+    /// Requests being served (HTTP/2 may have many at once).
+    requests: AtomicU32,
+    /// Whether any request has started: before the first, the wait for a
+    /// byte is bounded by `client_header`; after, by `client_idle`.
+    served: AtomicBool,
+    /// `Clock` ms when the connection last went idle (accepted, or its last
+    /// response finished).
+    idle_since_ms: AtomicU64,
+    /// `Clock` ms of the first byte read while idle: a head has begun and
+    /// must be complete within `client_header`. 0 when none.
+    head_since_ms: AtomicU64,
+    /// HTTP/2 (seen from the preface): its pings are bytes but no head.
+    http2: AtomicBool,
+}
+
+impl Activity {
+    fn new(now_ms: u64) -> Self {
+        Activity {
+            requests: AtomicU32::new(0),
+            served: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(now_ms),
+            head_since_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    /// When the connection must be closed if nothing changes; `None` while
+    /// a request is being served.
+    fn deadline_ms(&self, t: &Timeouts) -> Option<u64> {
+        if self.requests.load(Relaxed) > 0 {
+            return None;
+        }
+        let head = self.head_since_ms.load(Relaxed);
+        if head != 0 {
+            return Some(head + t.client_header.as_millis() as u64);
+        }
+        let limit = if self.served.load(Relaxed) {
+            t.client_idle
+        } else {
+            t.client_header
+        };
+        Some(self.idle_since_ms.load(Relaxed) + limit.as_millis() as u64)
+    }
+
+    /// Bytes arrived from the client.
+    fn on_read(&self, bytes: &[u8], clock: Clock) {
+        if !self.served.load(Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
+            self.http2.store(true, Relaxed);
+        }
+        if self.requests.load(Relaxed) == 0
+            && self.head_since_ms.load(Relaxed) == 0
+            && !self.http2.load(Relaxed)
+        {
+            self.head_since_ms.store(clock.now_ms(), Relaxed);
+        }
+    }
+}
+
+/// One request in progress on a connection, until its response body is done.
+#[derive(Debug)]
+struct RequestGuard {
+    activity: Arc<Activity>,
+    clock: Clock,
+}
+
+impl RequestGuard {
+    fn start(activity: &Arc<Activity>, clock: Clock) -> Self {
+        activity.requests.fetch_add(1, Relaxed);
+        activity.served.store(true, Relaxed);
+        activity.head_since_ms.store(0, Relaxed);
+        RequestGuard {
+            activity: Arc::clone(activity),
+            clock,
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.activity.requests.fetch_sub(1, Relaxed) == 1 {
+            self.activity
+                .idle_since_ms
+                .store(self.clock.now_ms(), Relaxed);
+            self.activity.head_since_ms.store(0, Relaxed);
+        }
+    }
+}
+
+/// The response body, holding its request's guard until hyper drops it.
+#[derive(Debug)]
+struct Tracked {
+    body: ResponseBody,
+    _request: RequestGuard,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client socket, noting reads in the connection's [`Activity`].
+#[derive(Debug)]
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    clock: Clock,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.on_read(&buf.filled()[before..], this.clock);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// Resolves once shutdown has begun (or the sender is gone).

@@ -35,6 +35,11 @@ impl Clock {
     pub fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64 + 1
     }
+
+    /// The tokio instant of a `now_ms` reading, for timers.
+    pub fn instant(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms.saturating_sub(1))
+    }
 }
 
 impl Default for Clock {
@@ -79,6 +84,8 @@ pub enum Ejection {
     None,
     /// This failure ejected the backend (log it once).
     Ejected,
+    /// The threshold was reached but too much of the pool is out already.
+    Capped,
 }
 
 impl BackendState {
@@ -140,17 +147,26 @@ impl BackendState {
         }
     }
 
+    /// Held out by passive detection right now.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Relaxed) > now_ms
+    }
+
     /// Records a failed attempt; ejects the backend for `ejection` once
-    /// `threshold` failures happen in a row.
+    /// `threshold` failures happen in a row and `may_eject` agrees (it is
+    /// asked only then). A capped streak is kept, so the backend goes out as
+    /// soon as room is made.
     pub fn record_failure(
         &self,
         now_ms: u64,
         threshold: Option<std::num::NonZeroU32>,
         ejection: Duration,
+        may_eject: impl FnOnce() -> bool,
     ) -> Ejection {
         self.failures.fetch_add(1, Relaxed);
         let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         match threshold {
+            Some(t) if n >= t.get() && !self.is_ejected(now_ms) && !may_eject() => Ejection::Capped,
             Some(t) if n >= t.get() => {
                 self.consecutive_failures.store(0, Relaxed);
                 let until = now_ms + ejection.as_millis() as u64;
@@ -204,14 +220,17 @@ mod tests {
         let s = BackendState::new(BackendAddr::from_static("a:1"));
         let t = NonZeroU32::new(3);
         let ej = Duration::from_secs(10);
-        assert_eq!(s.record_failure(100, t, ej), Ejection::None);
+        let yes = || true;
+        assert_eq!(s.record_failure(100, t, ej, yes), Ejection::None);
         s.record_success();
-        assert_eq!(s.record_failure(100, t, ej), Ejection::None);
-        assert_eq!(s.record_failure(100, t, ej), Ejection::None);
+        assert_eq!(s.record_failure(100, t, ej, yes), Ejection::None);
+        assert_eq!(s.record_failure(100, t, ej, yes), Ejection::None);
         assert!(s.is_available(100));
-        assert_eq!(s.record_failure(100, t, ej), Ejection::Ejected);
+        assert_eq!(s.record_failure(100, t, ej, || false), Ejection::Capped);
+        assert!(s.is_available(100));
+        assert_eq!(s.record_failure(100, t, ej, yes), Ejection::Ejected);
         assert!(!s.is_available(100));
         assert!(s.is_available(10_100));
-        assert_eq!(s.failures(), 4);
+        assert_eq!(s.failures(), 5);
     }
 }

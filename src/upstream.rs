@@ -44,6 +44,8 @@ pub enum FailureKind {
     Reset,
     /// No response head within the per-try or request timeout.
     Timeout,
+    /// The backend answered something lb cannot relay (an unasked-for 101).
+    Protocol,
 }
 
 /// Classifies a client error, with its innermost message for logs and bodies.

@@ -162,16 +162,13 @@ async fn dead_addr() -> std::net::SocketAddr {
 }
 
 #[tokio::test]
-async fn unreachable_backend_is_502_naming_it() {
+async fn unreachable_backend_is_502_without_internals() {
     let dead = dead_addr().await;
     let lb = TestLb::start(&format!("backends:\n  - address: {dead}\n")).await;
     let a = get(&client(), &lb.url("/")).await;
     assert_eq!(a.status, 502);
-    assert!(
-        a.text().contains(&dead.to_string()) && a.text().contains("refused"),
-        "{}",
-        a.text()
-    );
+    // The status for the client; the address and the OS error stay in the log.
+    assert_eq!(a.text(), "lb: 502 Bad Gateway\n");
 }
 
 #[tokio::test]
@@ -186,8 +183,9 @@ async fn slow_backend_is_504() {
     let started = tokio::time::Instant::now();
     let a = get(&client(), &lb.url("/")).await;
     assert_eq!(a.status, 504, "{}", a.text());
-    assert!(a.text().contains(&slow.addr.to_string()), "{}", a.text());
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(a.text(), "lb: 504 Gateway Timeout\n");
+    // Well before the backend's 5 s answer, however busy the machine.
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[tokio::test]

@@ -277,8 +277,11 @@ async fn least_connections_counts_open_connections() {
     assert_eq!((a.open(), b.open()), (3, 3));
     let snap = tlb.lb.runtime().snapshot();
     assert_eq!(snap.backends[0].state.in_flight(), 3);
+    // Client connections count against limits.max_connections as in http mode.
+    assert_eq!(tlb.lb.runtime().connections.open(), 6);
     drop(held);
     eventually!(10, snap.backends.iter().all(|b| b.state.in_flight() == 0));
+    eventually!(10, tlb.lb.runtime().connections.open() == 0);
 }
 
 #[tokio::test]

@@ -59,9 +59,22 @@ pub struct Config {
     pub outlier_detection: OutlierDetection,
     /// When and how a failed request is tried on another backend.
     pub retry: RetryPolicy,
+    /// Caps that keep one client (or many) from exhausting lb.
+    pub limits: Limits,
     /// tcp mode: the PROXY protocol header each backend connection starts
     /// with, so backends see the client's address; `None` sends none.
     pub send_proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Resource caps on the client side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections at most; accept pauses at the cap, so file
+    /// descriptors and memory stay bounded whatever clients do.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; a bigger
+    /// one gets 431. Also bounds each connection's read buffer.
+    pub max_header_bytes: usize,
 }
 
 /// HAProxy's PROXY protocol versions: v1 is a text line, v2 binary.
@@ -165,8 +178,15 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Whole budget for getting a response head, retries included.
     pub request: Duration,
-    /// How long a client may take to send its request head (slowloris guard).
+    /// How long a client may take to send its request head, counted from
+    /// its first byte, and how long a new connection may wait before its
+    /// first byte (slowloris guard).
     pub client_header: Duration,
+    /// How long a request body may stall (no bytes from the client) before
+    /// lb answers 408; the backend is not blamed.
+    pub client_body: Duration,
+    /// How long a keep-alive connection may sit idle between requests.
+    pub client_idle: Duration,
     /// tcp mode: a connection with no bytes either way for this long is closed.
     pub tcp_idle: Duration,
 }
@@ -194,6 +214,9 @@ pub struct OutlierDetection {
     pub consecutive_failures: Option<NonZeroU32>,
     /// How long an ejected backend sits out before it is tried again.
     pub ejection_time: Duration,
+    /// Share of the pool (percent) passive detection may hold out at once;
+    /// at least one backend may always be ejected (Envoy's rule).
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -32,8 +32,18 @@ pub struct RawConfig {
     pub outlier_detection: Option<RawOutlierDetection>,
     /// Retry policy; defaults when absent.
     pub retry: Option<RawRetry>,
+    /// Caps on client connections and request heads.
+    #[serde(default)]
+    pub limits: RawLimits,
     /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
     pub send_proxy_protocol: Option<RawProxyProtocol>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<i64>,
+    pub max_header_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -73,6 +83,8 @@ pub struct RawTimeouts {
     pub connect: Option<HumanDuration>,
     pub request: Option<HumanDuration>,
     pub client_header: Option<HumanDuration>,
+    pub client_body: Option<HumanDuration>,
+    pub client_idle: Option<HumanDuration>,
     pub tcp_idle: Option<HumanDuration>,
 }
 
@@ -91,6 +103,7 @@ pub struct RawHealthCheck {
 pub struct RawOutlierDetection {
     pub consecutive_failures: Option<i64>,
     pub ejection_time: Option<HumanDuration>,
+    pub max_ejection_percent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

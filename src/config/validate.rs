@@ -10,11 +10,11 @@ use std::time::Duration;
 use hyper::http::uri::{Authority, PathAndQuery};
 
 use super::raw::{
-    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawMode, RawOutlierDetection,
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
     RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Mode, OutlierDetection, ProxyProtocol,
+    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, ProxyProtocol,
     RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
@@ -52,8 +52,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         connect: positive("timeouts.connect", raw.timeouts.connect, 1_000)?,
         request: positive("timeouts.request", raw.timeouts.request, 30_000)?,
         client_header: positive("timeouts.client_header", raw.timeouts.client_header, 10_000)?,
+        client_body: positive("timeouts.client_body", raw.timeouts.client_body, 30_000)?,
+        client_idle: positive("timeouts.client_idle", raw.timeouts.client_idle, 60_000)?,
         tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
+    let limits = limits(raw.limits)?;
     let health_check = raw
         .health_check
         .map(|hc| health_check(hc, mode))
@@ -79,7 +82,32 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         health_check,
         outlier_detection,
         retry,
+        limits,
         send_proxy_protocol,
+    })
+}
+
+/// hyper's smallest read buffer; a head limit below it could not be honoured.
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+
+fn limits(raw: RawLimits) -> Result<Limits, Invalid> {
+    let max_connections = raw.max_connections.unwrap_or(10_000);
+    if !(1..=10_000_000).contains(&max_connections) {
+        return invalid(
+            "limits.max_connections",
+            format!("{max_connections} is out of range (1 to 10000000)"),
+        );
+    }
+    let max_header_bytes = raw.max_header_bytes.map_or(64 * 1024, |b| b.0);
+    if !(MIN_HEADER_BYTES..=16 * 1024 * 1024).contains(&max_header_bytes) {
+        return invalid(
+            "limits.max_header_bytes",
+            format!("{max_header_bytes} is out of range (8KiB to 16MiB)"),
+        );
+    }
+    Ok(Limits {
+        max_connections: max_connections as usize,
+        max_header_bytes: max_header_bytes as usize,
     })
 }
 
@@ -213,10 +241,21 @@ fn http_health_path(path: String) -> Result<PathAndQuery, Invalid> {
 }
 
 fn outlier_detection(raw: Option<RawOutlierDetection>) -> Result<OutlierDetection, Invalid> {
-    let (failures, ejection) = match raw {
-        Some(r) => (r.consecutive_failures, r.ejection_time),
-        None => (None, None),
+    let (failures, ejection, percent) = match raw {
+        Some(r) => (
+            r.consecutive_failures,
+            r.ejection_time,
+            r.max_ejection_percent,
+        ),
+        None => (None, None, None),
     };
+    let max_ejection_percent = percent.unwrap_or(50);
+    if !(0..=100).contains(&max_ejection_percent) {
+        return invalid(
+            "outlier_detection.max_ejection_percent",
+            format!("{max_ejection_percent} is out of range (0 to 100)"),
+        );
+    }
     let consecutive_failures = match failures.unwrap_or(5) {
         0 => None,
         n => Some(count(
@@ -229,6 +268,7 @@ fn outlier_detection(raw: Option<RawOutlierDetection>) -> Result<OutlierDetectio
     Ok(OutlierDetection {
         consecutive_failures,
         ejection_time: positive("outlier_detection.ejection_time", ejection, 10_000)?,
+        max_ejection_percent: max_ejection_percent as u32,
     })
 }
 

@@ -14,4 +14,4 @@
 mod proxy;
 mod proxy_protocol;
 
-pub use proxy::serve;
+pub(crate) use proxy::serve;

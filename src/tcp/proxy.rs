@@ -33,6 +33,7 @@ use tokio::time::timeout;
 use crate::config::BackendAddr;
 use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
+use crate::server::ConnectionGuard;
 use crate::state::{Clock, InFlight};
 
 use super::proxy_protocol;
@@ -43,16 +44,18 @@ const BUFFER: usize = 16 * 1024;
 
 /// Proxies `client` (accepted from `peer` while `snap` was current) in its
 /// own task. The task holds `drain` until the connection is closed, which is
-/// what shutdown waits for.
-pub fn serve(
+/// what shutdown waits for, and `counted` (`limits.max_connections`).
+pub(crate) fn serve(
     client: TcpStream,
     peer: SocketAddr,
     runtime: &Arc<Runtime>,
     snap: Arc<Snapshot>,
     drain: watch::Receiver<bool>,
+    counted: ConnectionGuard,
 ) {
     let rt = Arc::clone(runtime);
     tokio::spawn(async move {
+        let _counted = counted;
         let mut drain = drain;
         let Some(upstream) = connect(&rt, &snap, peer).await else {
             return;
