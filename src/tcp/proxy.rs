@@ -210,16 +210,18 @@ async fn pipe(
     last_read_ms: &AtomicU64,
     clock: Clock,
 ) -> io::Result<u64> {
-    let mut buf = vec![0u8; BUFFER];
+    // Read into spare capacity: no zeroing of a buffer per connection.
+    let mut buf = Vec::with_capacity(BUFFER);
     let mut copied = 0u64;
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             to.shutdown().await?;
             return Ok(copied);
         }
         last_read_ms.store(clock.now_ms(), Relaxed);
-        to.write_all(&buf[..n]).await?;
+        to.write_all(&buf).await?;
         copied += n as u64;
     }
 }
