@@ -20,7 +20,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,12 +185,13 @@ async fn copy_both_ways(
     idle: Duration,
 ) -> Ended {
     let last_read_ms = AtomicU64::new(clock.now_ms());
+    let one_done = AtomicBool::new(false);
     let (mut client_rx, mut client_tx) = client.split();
     let (mut backend_rx, mut backend_tx) = backend.split();
     let both = async {
         tokio::try_join!(
-            pipe(&mut client_rx, &mut backend_tx, &last_read_ms, clock),
-            pipe(&mut backend_rx, &mut client_tx, &last_read_ms, clock),
+            pipe(&mut client_rx, &mut backend_tx, &last_read_ms, &one_done, clock),
+            pipe(&mut backend_rx, &mut client_tx, &last_read_ms, &one_done, clock),
         )
     };
     tokio::select! {
@@ -203,11 +204,13 @@ async fn copy_both_ways(
 }
 
 /// One direction: copies until EOF, then shuts `to`'s write side (the
-/// half-close), returning the bytes copied.
+/// half-close), returning the bytes copied. The second direction to end
+/// skips the shutdown: closing both sockets right after sends that FIN.
 async fn pipe(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     last_read_ms: &AtomicU64,
+    one_done: &AtomicBool,
     clock: Clock,
 ) -> io::Result<u64> {
     // Read into spare capacity: no zeroing of a buffer per connection.
@@ -217,7 +220,9 @@ async fn pipe(
         buf.clear();
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
-            to.shutdown().await?;
+            if !one_done.swap(true, Relaxed) {
+                to.shutdown().await?;
+            }
             return Ok(copied);
         }
         last_read_ms.store(clock.now_ms(), Relaxed);
