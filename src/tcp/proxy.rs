@@ -190,8 +190,20 @@ async fn copy_both_ways(
     let (mut backend_rx, mut backend_tx) = backend.split();
     let both = async {
         tokio::try_join!(
-            pipe(&mut client_rx, &mut backend_tx, &last_read_ms, &one_done, clock),
-            pipe(&mut backend_rx, &mut client_tx, &last_read_ms, &one_done, clock),
+            pipe(
+                &mut client_rx,
+                &mut backend_tx,
+                &last_read_ms,
+                &one_done,
+                clock
+            ),
+            pipe(
+                &mut backend_rx,
+                &mut client_tx,
+                &last_read_ms,
+                &one_done,
+                clock
+            ),
         )
     };
     tokio::select! {
