@@ -102,6 +102,7 @@ pub(crate) fn serve(
 
 /// A connected backend, counted in flight until the guard drops.
 struct Upstream {
+    /// The backend connection, TCP_NODELAY set like the client's.
     stream: TcpStream,
     /// For logs.
     addr: BackendAddr,
