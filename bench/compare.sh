@@ -127,6 +127,22 @@ for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
+# The main context of both nginx configs (processes, pid, log, events).
+nginx_main() {
+    echo "worker_processes $PROXY_THREADS;"
+    echo "pid $TMP/nginx.pid;"
+    echo "error_log $TMP/nginx-error.log warn;"
+    echo "events { worker_connections 4096; }"
+}
+
+# The global section of both HAProxy configs, up to `defaults`.
+haproxy_global() {
+    echo "global"
+    echo "  nbthread $PROXY_THREADS"
+    echo "  maxconn 4096"
+    echo "defaults"
+}
+
 # HAProxy `server` lines for the backends, health-checked every 2 s.
 haproxy_servers() {
     local i=0 port
@@ -166,6 +182,26 @@ check_busy() {
     fi
 }
 
+# Runs MEASURE (a function taking: name port [proxy pid]) on each target,
+# ROUNDS times, interleaved; each round starts with the first backend alone,
+# no proxy, as the reference.
+run_rounds() {
+    local measure=$1
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        "$measure" direct "${BACKEND_PORTS[0]}"
+        "$measure" lb "$LB_PORT" "$LB_PID"
+        "$measure" nginx "$NGINX_PORT" "$NGINX_PID"
+        "$measure" haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+    done
+}
+
+# awk function for the median of a[1..k], for the per-target summaries.
+# shellcheck disable=SC2016
+AWK_MEDIAN='function median(a, k,   i, j, t) {
+            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }'
+
 if [[ $SCENARIO == tcp ]]; then
     # shellcheck source=bench/compare_tcp.sh
     source "$(dirname "$0")/compare_tcp.sh"
@@ -203,10 +239,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
 } >"$TMP/lb.yaml"
 
 {
-    echo "worker_processes $PROXY_THREADS;"
-    echo "pid $TMP/nginx.pid;"
-    echo "error_log $TMP/nginx-error.log warn;"
-    echo "events { worker_connections 4096; }"
+    nginx_main
     echo "http {"
     echo "  access_log off;"
     for d in client_body proxy fastcgi uwsgi scgi; do echo "  ${d}_temp_path $TMP/nginx-$d;"; done
@@ -226,10 +259,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
 } >"$TMP/nginx.conf"
 
 {
-    echo "global"
-    echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 4096"
-    echo "defaults"
+    haproxy_global
     echo "  mode http"
     echo "  timeout connect 1s"
     echo "  timeout client 30s"
@@ -279,13 +309,7 @@ done
 
 check_busy
 
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    # Reference: the first backend alone, no proxy (one backend port, not three).
-    measure direct "${BACKEND_PORTS[0]}"
-    measure lb "$LB_PORT" "$LB_PID"
-    measure nginx "$NGINX_PORT" "$NGINX_PID"
-    measure haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-done
+run_rounds measure
 
 # Per target: median req/s and latencies over the rounds, errors summed,
 # proxy CPU over all measured time, peak RSS at the end.
@@ -301,10 +325,7 @@ for target in direct:"" lb:$LB_PID nginx:$NGINX_PID haproxy:$HAPROXY_PID; do
         rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
     fi
     awk -v n="$name" -v rss="$rss" -v hz="$HZ" -v d="$duration_s" -v proxy="$pid" '
-        function median(a, k,   i, j, t) {
-            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-        }
+        '"$AWK_MEDIAN"'
         $1 == n { k++; r[k] = $2; p50[k] = $3; p99[k] = $4; err += $5; ticks += $6; box[k] = $7 }
         END {
             cpu = proxy == "" ? "-" : sprintf("%.0f", 100 * ticks / hz / (d * k))

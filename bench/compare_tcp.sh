@@ -47,10 +47,7 @@ done
 
 {
     [[ -n $NGINX_STREAM_MODULE ]] && echo "load_module $NGINX_STREAM_MODULE;"
-    echo "worker_processes $PROXY_THREADS;"
-    echo "pid $TMP/nginx.pid;"
-    echo "error_log $TMP/nginx-error.log warn;"
-    echo "events { worker_connections 4096; }"
+    nginx_main
     echo "stream {"
     echo "  upstream backends {"
     for port in "${BACKEND_PORTS[@]}"; do echo "    server 127.0.0.1:$port;"; done
@@ -65,10 +62,7 @@ done
 } >"$TMP/nginx.conf"
 
 {
-    echo "global"
-    echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 4096"
-    echo "defaults"
+    haproxy_global
     echo "  mode tcp"
     echo "  timeout connect 1s"
     echo "  timeout client 1h"
@@ -107,12 +101,7 @@ measure_tcp() {
     echo "$name $cps $errors $mibs $((cpu1 - cpu0))" >>"$RUNS"
 }
 
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    measure_tcp direct "${BACKEND_PORTS[0]}"
-    measure_tcp lb "$LB_PORT" "$LB_PID"
-    measure_tcp nginx "$NGINX_PORT" "$NGINX_PID"
-    measure_tcp haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-done
+run_rounds measure_tcp
 
 RESULTS="$TMP/results"
 : >"$RESULTS"
@@ -121,10 +110,7 @@ for target in direct:"" lb:$LB_PID nginx:$NGINX_PID haproxy:$HAPROXY_PID; do
     name=${target%%:*}
     pid=${target#*:}
     awk -v n="$name" -v hz="$HZ" -v d="$duration_s" -v proxy="$pid" '
-        function median(a, k,   i, j, t) {
-            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-        }
+        '"$AWK_MEDIAN"'
         $1 == n { k++; c[k] = $2; err += $3; m[k] = $4; ticks += $5 }
         END {
             cpu = proxy == "" ? "-" : sprintf("%.0f", 100 * ticks / hz / (d * k))
