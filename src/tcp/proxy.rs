@@ -38,9 +38,12 @@ use crate::state::{Clock, InFlight};
 
 use super::proxy_protocol;
 
-/// Bytes read at once per direction (nginx's and HAProxy's default buffer
-/// size): two per connection, allocated while it is open.
+/// Bytes read at once per direction to start with (nginx's and HAProxy's
+/// default buffer size): two per connection, allocated while it is open.
 const BUFFER: usize = 16 * 1024;
+/// A direction whose reads fill [`BUFFER`] is a bulk transfer: it reads this
+/// much at once from then on, for a quarter of the system calls.
+const BULK_BUFFER: usize = 64 * 1024;
 
 /// Proxies `client` (accepted from `peer` while `snap` was current) in its
 /// own task. The task holds `drain` until the connection is closed, which is
@@ -241,6 +244,10 @@ async fn pipe(
         last_read_ms.store(clock.now_ms(), Relaxed);
         to.write_all(&buf).await?;
         copied += n as u64;
+        if n == BUFFER {
+            buf.clear();
+            buf.reserve_exact(BULK_BUFFER);
+        }
     }
 }
 
