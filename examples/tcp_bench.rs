@@ -30,6 +30,7 @@ use tokio::time::Instant;
 #[derive(Parser)]
 #[command(about = "TCP echo backends and load generator for bench/compare.sh tcp")]
 struct Args {
+    /// What to run.
     #[command(subcommand)]
     command: Command,
 }
@@ -37,19 +38,27 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Echo servers on 127.0.0.1, one per port.
-    Echo { ports: Vec<u16> },
+    Echo {
+        /// Ports on 127.0.0.1, one echo server each.
+        ports: Vec<u16>,
+    },
     /// Connections per second: connect, echo `size` bytes, close.
     Rate {
+        /// The proxy or backend to connect to.
         target: SocketAddr,
+        /// How long to keep connecting.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Connect-echo-close loops running at once.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Bytes echoed per connection.
         #[arg(long, default_value_t = 1024)]
         size: usize,
     },
     /// Throughput of one connection echoing `bytes`.
     Transfer {
+        /// The proxy or backend to connect to.
         target: SocketAddr,
         /// Bytes sent (and read back): a number or 512MiB, 1GiB.
         #[arg(long, default_value = "1GiB", value_parser = parse_size)]
