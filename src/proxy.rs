@@ -12,6 +12,7 @@ use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use crate::affinity;
 use crate::body::{RequestBody, ResponseBody};
 use crate::retry::{self, is_idempotent};
 use crate::runtime::Runtime;
@@ -45,6 +46,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
     let (mut parts, body) = req.into_parts();
+    let steer = affinity::steer(&snap, &mut parts, client_ip);
     if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
         return Ok(refusal.response());
@@ -59,7 +61,9 @@ pub async fn handle(
             return Ok(retry::client_fault(e.fault));
         }
     };
-    Ok(retry::forward(&rt, &snap, parts, body).await)
+    let mut resp = retry::forward(&rt, &snap, &steer, parts, body).await;
+    affinity::on_response(&snap, &steer, &mut resp);
+    Ok(resp)
 }
 
 /// A request lb answers itself, with why.

@@ -24,6 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
 use crate::runtime::{Runtime, Snapshot};
+use crate::selection::Steer;
 use crate::state::{Clock, Ejection, InFlight};
 use crate::upstream::{self, FailureKind};
 
@@ -110,10 +111,12 @@ enum Failed {
 }
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy.
+/// retrying per the snapshot's policy; `steer` carries its hash key and
+/// affinity cookie.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
+    steer: &Steer,
     mut parts: Parts,
     mut body: RequestBody,
 ) -> Response<ResponseBody> {
@@ -134,7 +137,7 @@ pub async fn forward(
         let now_ms = rt.clock.now_ms();
         let eligible =
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select(&eligible) else {
+        let Some(index) = snap.select_for(steer, &eligible) else {
             if attempt == 0 {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -163,7 +166,13 @@ pub async fn forward(
         let try_deadline = policy
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
+        let sent = Instant::now();
         let outcome = timeout_at(try_deadline, snap.client.request(req)).await;
+        // peak_ewma's sample: time to the response head (a refused connect says nothing).
+        if !matches!(&outcome, Ok(Err(e)) if e.is_connect()) {
+            let decay = snap.config.steering.peak_ewma_decay;
+            backend.state.record_latency(sent.elapsed(), decay);
+        }
         // The client's side failed (bad framing, stall, gone): not the backend's doing.
         let fault = body.client_fault().or_else(|| {
             (outcome.is_err() && body.waiting_on_client()).then_some(ClientFault::Stalled)
@@ -187,7 +196,7 @@ pub async fn forward(
                 } else {
                     backend.state.record_success();
                 }
-                let resp = pass_through(resp, in_flight);
+                let resp = pass_through(resp, in_flight, index);
                 if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
                     last = Some(Failed::Response(resp));
@@ -305,7 +314,11 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
     Uri::from_parts(parts).unwrap_or_default()
 }
 
-fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
+fn pass_through(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    index: usize,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
     // decoded the chunked body; a kept Content-Length would cut it short.
@@ -313,6 +326,7 @@ fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<Respo
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(crate::affinity::ServedBy(index));
     Response::from_parts(
         parts,
         ResponseBody::Upstream {

@@ -42,6 +42,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         RawStrategy::LeastConnections => Strategy::LeastConnections,
         RawStrategy::Random => Strategy::Random,
         RawStrategy::PowerOfTwoChoices => Strategy::PowerOfTwoChoices,
+        RawStrategy::ConsistentHash => Strategy::ConsistentHash,
+        RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
     let mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
@@ -63,6 +65,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
+    let steering = super::steering::validate(
+        super::steering::RawSteering {
+            hash_key: raw.hash_key,
+            session_affinity: raw.session_affinity,
+            peak_ewma: raw.peak_ewma,
+            slow_start: raw.slow_start,
+        },
+        strategy,
+    )?;
     let send_proxy_protocol =
         match (raw.send_proxy_protocol, mode) {
             (None, _) => None,
@@ -82,6 +93,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         health_check,
         outlier_detection,
         retry,
+        steering,
         limits,
         send_proxy_protocol,
     })
