@@ -2,9 +2,15 @@
 # lb vs nginx vs HAProxy on loopback: same 3 backends, same load, one run,
 # reported side by side and as ratios. See bench/README.md.
 #
-#   bash bench/compare.sh                 # 10 s per target and concurrency (~3 min)
+#   bash bench/compare.sh                 # 10 s per target and concurrency (~4 min)
 #   DURATION=30s CONNECTIONS="64 256" IDLE="2000 10000" bash bench/compare.sh
 #   BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
+#   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
+#
+# The tcp scenario measures connections per second (connect, 1 KiB echo,
+# close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
+# transfer through each proxy. Its knobs: DURATION (default 5s there),
+# CONCURRENCY (default 32 loops), TRANSFER (default 1GiB), ROUNDS, WARMUP.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -19,6 +25,7 @@
 # (same CLI as examples/backend: the ports to serve) instead of building it.
 set -euo pipefail
 
+DURATION_SET=${DURATION:-}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
@@ -34,6 +41,16 @@ NGINX_PORT=18081
 HAPROXY_PORT=18082
 LB_HYPER_PORT=18083
 LB_BASE_PORT=18084
+
+SCENARIO=${1:-http}
+case $SCENARIO in
+http) ;;
+tcp) DURATION=${DURATION_SET:-5s} ;;
+*)
+    echo "usage: compare.sh [http|tcp]" >&2
+    exit 2
+    ;;
+esac
 
 NAME=compare
 # shellcheck source=bench/lib.sh
@@ -106,6 +123,9 @@ status_kib() {
     echo "$total"
 }
 
+# Peak RSS (VmHWM) in KiB, summed over the given pids.
+peak_rss_kib() { status_kib VmHWM "$@"; }
+
 # wrk latency like "1.23ms", "850.00us", "1.02s" → milliseconds.
 to_ms() {
     awk -v v="$1" 'BEGIN {
@@ -120,6 +140,88 @@ to_ms() {
 for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
+
+# The main context of both nginx configs (processes, pid, log, events).
+nginx_main() {
+    echo "worker_processes $PROXY_THREADS;"
+    echo "pid $TMP/nginx.pid;"
+    echo "error_log $TMP/nginx-error.log warn;"
+    echo "worker_rlimit_nofile 20000;"
+    echo "events { worker_connections 20000; }"
+}
+
+# The global section of both HAProxy configs, up to `defaults`.
+haproxy_global() {
+    echo "global"
+    echo "  nbthread $PROXY_THREADS"
+    echo "  maxconn 9980" # the most this box's fd limit (20000) allows it
+    echo "defaults"
+}
+
+# HAProxy `server` lines for the backends, health-checked every 2 s.
+haproxy_servers() {
+    local i=0 port
+    for port in "${BACKEND_PORTS[@]}"; do
+        i=$((i + 1))
+        echo "  server b$i 127.0.0.1:$port check inter 2s"
+    done
+}
+
+# Checks the generated configs, then starts lb ($LB), nginx and HAProxy and
+# waits for their ports; sets LB_PID, NGINX_PID, HAPROXY_PID. All three run
+# for the whole benchmark (idle ones cost nothing measurable) so that
+# rounds can interleave them.
+start_proxies() {
+    "$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
+    nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
+    RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --workers "$PROXY_THREADS" --log-level warn >"$TMP/lb.log" 2>&1 &
+    LB_PID=$!
+    PIDS+=("$LB_PID")
+    nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+    wait_port "$LB_PORT" "$LB_PID" lb
+    wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+}
+
+# Sets BUSY_BEFORE, and warns when other work already keeps the CPUs busy.
+check_busy() {
+    BUSY_BEFORE=$(busy_pct)
+    if ((BUSY_BEFORE > 10)); then
+        log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
+    fi
+}
+
+# Runs MEASURE (a function taking: name port [proxy pid]) on each target,
+# ROUNDS times, interleaved; each round starts with the first backend alone,
+# no proxy, as the reference.
+run_rounds() {
+    local measure=$1
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        "$measure" direct "${BACKEND_PORTS[0]}"
+        "$measure" lb "$LB_PORT" "$LB_PID"
+        "$measure" nginx "$NGINX_PORT" "$NGINX_PID"
+        "$measure" haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+    done
+}
+
+# awk function for the median of a[1..k], for the per-target summaries.
+# shellcheck disable=SC2016
+AWK_MEDIAN='function median(a, k,   i, j, t) {
+            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }'
+
+if [[ $SCENARIO == tcp ]]; then
+    # shellcheck source=bench/compare_tcp.sh
+    source "$(dirname "$0")/compare_tcp.sh"
+    exit 0
+fi
 
 # --- build -----------------------------------------------------------------
 if [[ -n ${BACKEND:-} ]]; then
@@ -157,11 +259,7 @@ sed "s/^listen: .*/listen: 127.0.0.1:$LB_HYPER_PORT/" "$TMP/lb.yaml" >"$TMP/lb-h
 grep -v '^limits:' "$TMP/lb.yaml" | sed "s/^listen: .*/listen: 127.0.0.1:$LB_BASE_PORT/" >"$TMP/lb-base.yaml"
 
 {
-    echo "worker_processes $PROXY_THREADS;"
-    echo "pid $TMP/nginx.pid;"
-    echo "error_log $TMP/nginx-error.log warn;"
-    echo "worker_rlimit_nofile 20000;"
-    echo "events { worker_connections 20000; }"
+    nginx_main
     echo "http {"
     echo "  access_log off;"
     for d in client_body proxy fastcgi uwsgi scgi; do echo "  ${d}_temp_path $TMP/nginx-$d;"; done
@@ -181,10 +279,7 @@ grep -v '^limits:' "$TMP/lb.yaml" | sed "s/^listen: .*/listen: 127.0.0.1:$LB_BAS
 } >"$TMP/nginx.conf"
 
 {
-    echo "global"
-    echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 9980" # the most this box's fd limit (20000) allows it
-    echo "defaults"
+    haproxy_global
     echo "  mode http"
     echo "  timeout connect 1s"
     echo "  timeout client 30s"
@@ -196,16 +291,8 @@ grep -v '^limits:' "$TMP/lb.yaml" | sed "s/^listen: .*/listen: 127.0.0.1:$LB_BAS
     echo "  balance roundrobin"
     echo "  http-reuse always"
     echo "  option httpchk GET /health"
-    i=0
-    for port in "${BACKEND_PORTS[@]}"; do
-        i=$((i + 1))
-        echo "  server b$i 127.0.0.1:$port check inter 2s"
-    done
+    haproxy_servers
 } >"$TMP/haproxy.cfg"
-
-"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
-nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
-haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
 
 # --- runs ------------------------------------------------------------------
 RUNS="$TMP/runs"
@@ -265,11 +352,8 @@ idle_rss() {
     awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) / n }'
 }
 
-# All proxies run for the whole benchmark (idle ones cost nothing
-# measurable) so that rounds can interleave them.
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --workers "$PROXY_THREADS" --log-level warn >"$TMP/lb.log" 2>&1 &
-LB_PID=$!
-PIDS+=("$LB_PID")
+start_proxies
+# The same binary on hyper alone, and the baseline, next to them.
 RUST_LOG=warn "$LB" --config "$TMP/lb-hyper.yaml" --workers "$PROXY_THREADS" --http1 hyper \
     --log-level warn >"$TMP/lb-hyper.log" 2>&1 &
 LB_HYPER_PID=$!
@@ -281,12 +365,6 @@ if [[ -n $BASELINE ]]; then
     PIDS+=("$LB_BASE_PID")
     TARGETS+=("lb-base:$LB_BASE_PORT:$LB_BASE_PID")
 fi
-nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
 TARGETS+=("nginx:$NGINX_PORT:$NGINX_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID")
 for t in "${TARGETS[@]}"; do
     IFS=: read -r name port pid <<<"$t"
@@ -296,12 +374,8 @@ for port in "${BACKEND_PORTS[0]}" $LB_PORT $LB_HYPER_PORT ${LB_BASE_PID:+$LB_BAS
     curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
 done
 
-BUSY_BEFORE=$(busy_pct)
+check_busy
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-if ((BUSY_BEFORE > 10)); then
-    log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
-
 # Memory first, on proxies that have not yet served a load test.
 IDLE_RESULTS="$TMP/idle"
 : >"$IDLE_RESULTS"
@@ -335,10 +409,7 @@ RESULTS="$TMP/results"
 for conns in $CONNECTIONS; do
     for name in direct $(for t in "${TARGETS[@]}"; do echo "${t%%:*}"; done); do
         awk -v n="$name" -v c="$conns" -v hz="$HZ" '
-            function median(a, k,   i, j, t) {
-                for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-                return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-            }
+            '"$AWK_MEDIAN"'
             $1 == n && $2 == c { k++; r[k] = $3; p50[k] = $4; p99[k] = $5; err += $6; ticks += $7; box[k] = $8; reqs += $9 }
             END {
                 us = (n == "direct" || reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)

@@ -22,6 +22,7 @@
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
 //!   the backend client and its error classes.
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //!
@@ -41,6 +42,7 @@ pub mod runtime;
 pub mod selection;
 pub mod server;
 pub mod state;
+pub mod tcp;
 pub mod upstream;
 pub mod workers;
 
@@ -92,7 +94,8 @@ pub struct Lb {
     reload: ReloadHandle,
     /// The worker threads; dropping the last reference stops them.
     workers: Arc<Workers>,
-    /// `true` asks every client connection to finish and close.
+    /// `true` asks every HTTP client connection to finish and close; tcp
+    /// connections run on and close when this sender is dropped.
     drain: watch::Sender<bool>,
     /// Background tasks stopped on shutdown.
     tasks: Vec<JoinHandle<()>>,
@@ -153,8 +156,9 @@ impl Lb {
         self.reload.clone()
     }
 
-    /// Stops accepting, lets open connections finish their requests for up
-    /// to `grace`, then stops everything.
+    /// Stops accepting, lets open connections finish their requests (tcp
+    /// mode: run) for up to `grace`, then stops everything; open tcp
+    /// connections are closed when this returns.
     pub async fn shutdown(self, grace: Duration) {
         self.listeners.stop();
         for task in &self.tasks {

@@ -263,6 +263,7 @@ impl ReloadSummary {
             || o.outlier_detection != n.outlier_detection
             || o.retry != n.retry
             || o.steering != n.steering
+            || o.send_proxy_protocol != n.send_proxy_protocol
             || (s.added.is_empty()
                 && s.removed.is_empty()
                 && s.reweighted.is_empty()

@@ -1,5 +1,6 @@
 //! Accepting clients: the listening socket, its accept loop, and one hyper
-//! connection task per client (HTTP/1.1 and h2c prior knowledge).
+//! connection task per client (HTTP/1.1 and h2c prior knowledge), or in
+//! tcp mode one [`crate::tcp`] task per client.
 //!
 //! The listening address is reloadable. [`Listeners::replace`] starts an
 //! accept loop on an already-bound new socket before it stops the old one,
@@ -32,7 +33,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
-use crate::config::{Config, Timeouts};
+use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 use crate::state::Clock;
@@ -151,7 +152,8 @@ impl ConnectionCount {
     }
 }
 
-/// One open client connection, counted until dropped.
+/// One open client connection, counted until dropped (tcp mode holds it
+/// in its connection task too).
 #[derive(Debug)]
 pub(crate) struct ConnectionGuard(Arc<ConnectionCount>);
 
@@ -402,6 +404,11 @@ fn serve(
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let snap = ctx.runtime.snapshot();
+    if snap.config.mode == Mode::Tcp {
+        return crate::tcp::serve(stream, peer, &ctx.runtime, snap, drain, guard);
+    }
+    drop(snap);
     match ctx.http1 {
         Http1::Fast => {
             tokio::spawn(crate::fast::serve(stream, peer, ctx.clone(), drain, guard));

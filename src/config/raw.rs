@@ -18,7 +18,7 @@ use serde::Deserialize;
 pub struct RawConfig {
     /// Address the proxy accepts clients on.
     pub listen: Option<String>,
-    /// Protocol the listener speaks; only `http` today, room for `tcp`.
+    /// Protocol the listener speaks: `http` or `tcp`.
     pub mode: Option<RawMode>,
     /// Load-balancing strategy name.
     pub strategy: Option<RawStrategy>,
@@ -43,6 +43,8 @@ pub struct RawConfig {
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
+    /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
+    pub send_proxy_protocol: Option<RawProxyProtocol>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,8 +56,16 @@ pub struct RawLimits {
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+pub enum RawProxyProtocol {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
 pub enum RawMode {
     Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -85,6 +95,7 @@ pub struct RawTimeouts {
     pub client_header: Option<HumanDuration>,
     pub client_body: Option<HumanDuration>,
     pub client_idle: Option<HumanDuration>,
+    pub tcp_idle: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
