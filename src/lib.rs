@@ -17,14 +17,21 @@
 //!   the backend client and its error classes.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
+//! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
+//!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
+//!   exposition; [`access_log`]: one line per request, written off the
+//!   request path; [`upgrade`]: WebSocket/`Upgrade` pass-through.
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
 //! calls [`Lb::start`].
 
+pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
@@ -32,7 +39,14 @@ pub mod runtime;
 pub mod selection;
 pub mod server;
 pub mod state;
+pub mod upgrade;
 pub mod upstream;
+
+/// `lb --version` and `/status`: the crate version, with the git commit
+/// when the build knew it (see build.rs).
+pub const VERSION: &str = env!("LB_VERSION");
+/// The commit lb was built from, when known.
+pub const GIT_COMMIT: Option<&str> = option_env!("LB_GIT_COMMIT");
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +57,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
 use crate::reload::{ReloadHandle, WatchSettings};
 use crate::runtime::Runtime;
@@ -62,6 +77,8 @@ pub struct Lb {
     runtime: Arc<Runtime>,
     listeners: Arc<Listeners>,
     reload: ReloadHandle,
+    /// The admin listener; it answers until the end of shutdown.
+    admin: Arc<Admin>,
     /// `true` asks every client connection to finish and close.
     drain: watch::Sender<bool>,
     /// Background tasks stopped on shutdown.
@@ -84,18 +101,40 @@ impl Lb {
         let listeners = Listeners::start(listener, configured, Arc::clone(&runtime), drain_rx);
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
         let (reload, reloader) = reload::spawn(
-            settings.config_path,
+            settings.config_path.clone(),
             Arc::clone(&runtime),
             Arc::clone(&listeners),
             settings.watch,
         );
+        let (admin, admin_follower) =
+            Admin::start(Arc::clone(&runtime), reload.clone(), settings.config_path);
         Lb {
             runtime,
             listeners,
             reload,
+            admin,
             drain,
-            tasks: vec![health, reloader],
+            tasks: vec![health, reloader, admin_follower],
         }
+    }
+
+    /// Where the admin listener answers, if one is configured and bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Sends the access log to `out` in `format` instead of stdout as
+    /// text; effective only before the first request is logged.
+    pub fn set_access_log(&self, format: access_log::Format, out: Box<dyn std::io::Write + Send>) {
+        self.runtime.access_log.set_sink(format, out);
+    }
+
+    /// The first step of shutdown: `/readyz` answers 503 from now on, so
+    /// load balancers stop sending new clients, while lb keeps serving.
+    pub fn begin_shutdown(&self) {
+        self.runtime
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where clients can connect now (changes when `listen` is reloaded).
@@ -113,8 +152,11 @@ impl Lb {
     }
 
     /// Stops accepting, lets open connections finish their requests for up
-    /// to `grace`, then stops everything.
+    /// to `grace` (upgraded ones included; they are closed then), then stops
+    /// everything. `/readyz` says 503 throughout; the admin listener answers
+    /// until the end.
     pub async fn shutdown(self, grace: Duration) {
+        self.begin_shutdown();
         self.listeners.stop();
         for task in &self.tasks {
             task.abort();
@@ -125,6 +167,14 @@ impl Lb {
             .is_err()
         {
             tracing::warn!("connections still open after {grace:?}; closing them");
+            self.runtime.upgrades.close_all();
         }
+        self.admin.stop();
+        let access_log = Arc::clone(&self.runtime);
+        // The writer thread blocks: flush it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            access_log.access_log.flush(Duration::from_secs(1));
+        })
+        .await;
     }
 }

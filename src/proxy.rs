@@ -12,9 +12,11 @@ use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use crate::access_log::Entry;
 use crate::body::{RequestBody, ResponseBody};
-use crate::retry::{self, is_idempotent};
-use crate::runtime::Runtime;
+use crate::retry::{self, is_idempotent, Trace};
+use crate::runtime::{Runtime, Snapshot};
+use crate::upgrade;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -37,17 +39,62 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Headers `Connection` may not remove: they define the message itself.
 static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, header::CONTENT_TYPE];
 
-/// Serves one client request.
+/// Serves one client request, then counts it and logs it.
 pub async fn handle(
     rt: Arc<Runtime>,
     client_ip: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let arrived = tokio::time::Instant::now();
     let snap = rt.snapshot();
+    // Only what the access log needs is copied, and only when it is on.
+    let logged = snap.config.access_log.then(|| {
+        (
+            std::time::SystemTime::now(),
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        )
+    });
+    let mut trace = Trace::default();
+    let resp = respond(&rt, &snap, client_ip, req, &mut trace).await;
+    let took = arrived.elapsed();
+    let status = resp.status().as_u16();
+    let backend = trace.relayed.and_then(|i| snap.backends.get(i));
+    rt.metrics
+        .request(backend.map(|b| &b.state.metrics), status, took);
+    if let Some((time, method, path)) = logged {
+        rt.access_log.log(Entry {
+            time,
+            client: client_ip,
+            method,
+            path,
+            status,
+            backend: backend.map(|b| b.addr.clone()),
+            attempts: trace.attempts,
+            upstream: trace.upstream,
+            duration: took,
+        });
+    }
+    Ok(resp)
+}
+
+async fn respond(
+    rt: &Runtime,
+    snap: &Snapshot,
+    client_ip: IpAddr,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<ResponseBody> {
     let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade::requested(&parts)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
     if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
-        return Ok(refusal.response());
+        return refusal.response();
+    }
+    if let Some(value) = upgrade {
+        upgrade::restore_headers(&mut parts.headers, value);
     }
     let policy = &snap.config.retry;
     let replay = policy.attempts.get() > 1 && is_idempotent(&parts.method);
@@ -56,10 +103,10 @@ pub async fn handle(
         Ok(body) => body,
         Err(e) => {
             tracing::debug!(%client_ip, %e, "bad request body");
-            return Ok(retry::client_fault(e.fault));
+            return retry::client_fault(e.fault);
         }
     };
-    Ok(retry::forward(&rt, &snap, parts, body).await)
+    retry::forward(rt, snap, parts, body, trace).await
 }
 
 /// A request lb answers itself, with why.

@@ -17,17 +17,16 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{Config, ContentHash};
-use crate::runtime::Runtime;
+use crate::runtime::{LastReload, Runtime};
 use crate::server::Listeners;
 
 /// A burst of events is over when none came for this long.
@@ -46,12 +45,22 @@ pub struct WatchSettings {
 
 /// Asks the reloader to re-read the file now (what SIGHUP does).
 #[derive(Debug, Clone)]
-pub struct ReloadHandle(mpsc::Sender<()>);
+pub struct ReloadHandle(mpsc::Sender<Option<oneshot::Sender<()>>>);
 
 impl ReloadHandle {
     pub fn reload(&self) {
         // A full queue already holds a pending reload request.
-        let _ = self.0.try_send(());
+        let _ = self.0.try_send(None);
+    }
+
+    /// Reloads now and returns what happened: `None` when the file was
+    /// unchanged, else the recorded result (`POST /reload`).
+    pub async fn reload_and_wait(&self, runtime: &Runtime) -> Option<LastReload> {
+        let before = runtime.reloads.last().seq;
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Some(tx)).await.ok()?;
+        rx.await.ok()?;
+        runtime.reloads.since(before)
     }
 }
 
@@ -95,7 +104,7 @@ struct Reloader {
 impl Reloader {
     async fn run(
         mut self,
-        mut requests: mpsc::Receiver<()>,
+        mut requests: mpsc::Receiver<Option<oneshot::Sender<()>>>,
         settings: WatchSettings,
         events: Arc<Notify>,
         mut fs_watch: Option<FsWatch>,
@@ -110,7 +119,12 @@ impl Reloader {
         loop {
             tokio::select! {
                 request = requests.recv() => match request {
-                    Some(()) => self.reload("reload requested", Trigger::Request).await,
+                    Some(reply) => {
+                        self.reload("reload requested", Trigger::Request).await;
+                        if let Some(reply) = reply {
+                            let _ = reply.send(());
+                        }
+                    }
                     None => return,
                 },
                 () = events.notified(), if settings.watch => {
@@ -209,7 +223,7 @@ impl Reloader {
     }
 
     fn reject(&self, error: impl std::fmt::Display) {
-        self.runtime.reloads.rejected.fetch_add(1, Relaxed);
+        self.runtime.reloads.record_rejected(error.to_string());
         tracing::error!("config reload rejected, keeping the last good config: {error}");
     }
 }

@@ -18,13 +18,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use hyper::http::uri::{Scheme, Uri};
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
 use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
+use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::state::{Clock, Ejection, InFlight};
+use crate::upgrade::Hold;
 use crate::upstream::{self, FailureKind};
 
 /// Caps retries to a share of recent traffic (Envoy and Linkerd call this
@@ -109,26 +112,61 @@ enum Failed {
     Response(Response<ResponseBody>),
 }
 
+/// What the retry loop did with one request, for metrics and the access log.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The backend (index in the snapshot) whose response the client gets;
+    /// `None` when lb answers itself.
+    pub relayed: Option<usize>,
+    /// Attempts sent upstream.
+    pub attempts: u32,
+    /// From the first attempt to the final response head.
+    pub upstream: Option<std::time::Duration>,
+}
+
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy.
+/// retrying per the snapshot's policy, and notes in `trace` what it did.
 pub async fn forward(
+    rt: &Runtime,
+    snap: &Snapshot,
+    parts: Parts,
+    body: RequestBody,
+    trace: &mut Trace,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let resp = attempts(rt, snap, parts, body, trace, started).await;
+    if trace.attempts > 0 {
+        trace.upstream = Some(Instant::now() - started);
+    }
+    resp
+}
+
+async fn attempts(
     rt: &Runtime,
     snap: &Snapshot,
     mut parts: Parts,
     mut body: RequestBody,
+    trace: &mut Trace,
+    started: Instant,
 ) -> Response<ResponseBody> {
     let policy: &RetryPolicy = &snap.config.retry;
-    let started = Instant::now();
     let deadline = started + snap.config.timeouts.request;
     let idempotent = is_idempotent(&parts.method);
     let outlier = &snap.config.outlier_detection;
     rt.budget.deposit(&policy.budget);
+    // The proxy kept `Upgrade` only on requests that asked for one.
+    let upgrade = parts
+        .headers
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
 
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<Failed> = None;
     for attempt in 0..policy.attempts.get() {
         if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
             tracing::debug!("retry budget exhausted");
+            rt.metrics.budget_exhausted();
             break;
         }
         let now_ms = rt.clock.now_ms();
@@ -143,10 +181,17 @@ pub async fn forward(
             }
             break;
         };
-        tried.push(index);
         let Some(attempt_body) = body.next_attempt() else {
             break;
         };
+        if let Some(previous) = &last {
+            rt.metrics.retry(match previous {
+                Failed::Response(_) => RetryReason::Status,
+                Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
+            });
+        }
+        tried.push(index);
+        trace.attempts += 1;
         let backend = &snap.backends[index];
         let mut req = Request::new(attempt_body);
         *req.method_mut() = parts.method.clone();
@@ -172,22 +217,33 @@ pub async fn forward(
             tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
             return client_fault(fault);
         }
+        let metrics = &backend.state.metrics;
         let (kind, detail) = match outcome {
-            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                // lb never forwards `Upgrade`, so this switch was not asked for.
-                (
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade {
+                Some(client) => {
+                    metrics.attempt(AttemptOutcome::Success);
+                    backend.state.record_success();
+                    trace.relayed = Some(index);
+                    let hold = parts.extensions.remove::<Hold>();
+                    return crate::upgrade::relay(&rt.upgrades, resp, client, hold, in_flight);
+                }
+                // lb forwards `Upgrade` only when asked, so this switch was not.
+                None => (
                     FailureKind::Protocol,
                     "answered 101 to a request without Upgrade".to_owned(),
-                )
-            }
+                ),
+            },
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 if status.is_server_error() {
+                    metrics.attempt(AttemptOutcome::ServerError);
                     note_failure(rt, snap, index, outlier, &format!("answered {status}"));
                 } else {
+                    metrics.attempt(AttemptOutcome::Success);
                     backend.state.record_success();
                 }
                 let resp = pass_through(resp, in_flight);
+                trace.relayed = Some(index);
                 if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
                     last = Some(Failed::Response(resp));
@@ -202,6 +258,8 @@ pub async fn forward(
             ),
         };
         drop(in_flight);
+        metrics.attempt(AttemptOutcome::of_failure(kind));
+        trace.relayed = None;
         note_failure(rt, snap, index, outlier, &detail);
         tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
         let retry_allowed = match kind {
@@ -275,12 +333,15 @@ pub(crate) fn note_failure(
         may_eject,
     );
     match ejected {
-        Ejection::Ejected => tracing::warn!(
+        Ejection::Ejected => {
+            state.metrics.ejected();
+            tracing::warn!(
             "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
             state.addr,
             outlier.consecutive_failures.map_or(0, |n| n.get()),
             outlier.ejection_time
-        ),
+            )
+        }
         Ejection::Capped => tracing::debug!(
             "backend {} failed {} times in a row but stays in: max_ejection_percent {} reached",
             state.addr,

@@ -36,6 +36,7 @@ use crate::config::{Config, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 use crate::state::Clock;
+use crate::upgrade::Hold;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
 /// thousands of connects must not wait on SYN retransmits (nginx uses 511,
@@ -270,13 +271,19 @@ fn serve(
     mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let guard = runtime.connections.admit();
+    // The connection's slot and drain receiver, shared with an upgraded
+    // connection's relay, which outlives this connection's task.
+    let hold = Hold(Arc::new((runtime.connections.admit(), drain.clone())));
     let snap = runtime.snapshot();
     let clock = runtime.clock;
     let activity = Arc::new(Activity::new(clock.now_ms()));
     let rt = Arc::clone(runtime);
     let for_service = Arc::clone(&activity);
-    let service = service_fn(move |req| {
+    let for_upgrade = hold.clone();
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(for_upgrade.clone());
+        }
         let request = RequestGuard::start(&for_service, clock);
         let response = proxy::handle(Arc::clone(&rt), peer.ip(), req);
         async move {
@@ -292,7 +299,10 @@ fn serve(
         activity: Arc::clone(&activity),
         clock,
     });
-    let conn = snap.server.serve_connection(io, service).into_owned();
+    let conn = snap
+        .server
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
     let runtime = Arc::clone(runtime);
     drop(snap);
     tokio::spawn(async move {
@@ -325,7 +335,7 @@ fn serve(
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
         drop(drain);
-        drop(guard);
+        drop(hold);
     });
 }
 

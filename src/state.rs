@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{BackendAddr, Config};
+use crate::metrics::BackendMetrics;
 
 /// Monotonic milliseconds since the table was created, on tokio's clock (so
 /// tests can pause time). Stored in atomics as `u64`; 0 means "never".
@@ -66,6 +67,9 @@ pub struct BackendState {
     consecutive_failures: AtomicU32,
     /// `Clock` ms until which passive detection keeps the backend out.
     ejected_until_ms: AtomicU64,
+    /// This backend's Prometheus counters: reached through the snapshot,
+    /// so the request path never looks a label set up.
+    pub metrics: BackendMetrics,
 }
 
 /// Counts one request in flight on a backend until dropped.
@@ -99,6 +103,7 @@ impl BackendState {
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            metrics: BackendMetrics::default(),
         }
     }
 

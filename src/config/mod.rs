@@ -61,6 +61,11 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Caps that keep one client (or many) from exhausting lb.
     pub limits: Limits,
+    /// Where the admin listener (metrics, status, probes, reload) serves;
+    /// `None` runs none. Never proxied.
+    pub admin: Option<SocketAddr>,
+    /// Log one line per proxied request on stdout.
+    pub access_log: bool,
 }
 
 /// Resource caps on the client side.

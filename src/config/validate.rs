@@ -58,6 +58,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     let health_check = raw.health_check.map(health_check).transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
+    let admin = match raw.admin.as_deref() {
+        None => None,
+        Some(s) => Some(s.trim().parse().or_else(|_| {
+            invalid(
+                "admin",
+                format!("{s:?} is not an IP:port address (like 127.0.0.1:9901)"),
+            )
+        })?),
+    };
+    if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
+        return invalid("admin", "must differ from listen");
+    }
     Ok(Config {
         listen,
         mode,
@@ -68,6 +80,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         outlier_detection,
         retry,
         limits,
+        admin,
+        access_log: raw.access_log.unwrap_or(false),
     })
 }
 
