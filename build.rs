@@ -1,5 +1,5 @@
 //! Bakes the git commit into `lb --version` and `/status` when it is known:
-//! from `LB_GIT_COMMIT` in the environment (container builds without .git),
+//! from `BUILD_LB_COMMIT` in the environment (container builds without .git),
 //! else from `git rev-parse`. Without either the version is the crate's alone;
 //! a build never fails for want of git.
 
@@ -15,8 +15,8 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=LB_GIT_COMMIT");
-    let commit = std::env::var("LB_GIT_COMMIT")
+    println!("cargo:rerun-if-env-changed=BUILD_LB_COMMIT");
+    let commit = std::env::var("BUILD_LB_COMMIT")
         .ok()
         .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
@@ -34,9 +34,9 @@ fn main() {
     let version = env!("CARGO_PKG_VERSION");
     match commit {
         Some(c) => {
-            println!("cargo:rustc-env=LB_GIT_COMMIT={c}");
-            println!("cargo:rustc-env=LB_VERSION={version} (commit {c})");
+            println!("cargo:rustc-env=BUILD_LB_COMMIT={c}");
+            println!("cargo:rustc-env=BUILD_LB_VERSION={version} (commit {c})");
         }
-        None => println!("cargo:rustc-env=LB_VERSION={version}"),
+        None => println!("cargo:rustc-env=BUILD_LB_VERSION={version}"),
     }
 }

@@ -133,7 +133,7 @@ impl Admin {
                 }
                 bound.configured = Some(addr);
                 bound.local = Some(local);
-                tracing::info!("admin listening on {local}");
+                tracing::info!("admin listener on {local}");
             }
             Err(e) => {
                 tracing::error!("cannot listen on {addr} (admin): {e}; the admin listener stays where it was");

@@ -44,9 +44,9 @@ pub mod upstream;
 
 /// `lb --version` and `/status`: the crate version, with the git commit
 /// when the build knew it (see build.rs).
-pub const VERSION: &str = env!("LB_VERSION");
+pub const VERSION: &str = env!("BUILD_LB_VERSION");
 /// The commit lb was built from, when known.
-pub const GIT_COMMIT: Option<&str> = option_env!("LB_GIT_COMMIT");
+pub const GIT_COMMIT: Option<&str> = option_env!("BUILD_LB_COMMIT");
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

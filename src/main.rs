@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 /// A live-reconfigurable HTTP load balancer driven by one config.yaml.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = lb::VERSION, about)]
 struct Cli {
     /// The config file; edits to it are applied while lb runs.
     #[arg(long, short, env = "LB_CONFIG", default_value = "config.yaml")]
@@ -31,6 +31,10 @@ struct Cli {
     /// How long open connections may finish their requests on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, keep accepting and serving this long with /readyz
+    /// answering 503 (so Kubernetes withdraws the endpoint first), then drain.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    shutdown_delay: Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter (`info`, `lb=debug`, …); RUST_LOG is used when absent.
@@ -115,25 +119,53 @@ async fn serve(cli: Cli) -> ExitCode {
             poll_interval: cli.poll_interval,
         },
     };
+    let admin = config.admin;
     let lb = lb::Lb::start(listener, config, hash, settings);
+    let access_log = match cli.log_format {
+        LogFormat::Text => lb::access_log::Format::Text,
+        LogFormat::Json => lb::access_log::Format::Json,
+    };
+    lb.set_access_log(access_log, Box::new(std::io::stdout()));
+    if let (Some(addr), None) = (admin, lb.admin_addr()) {
+        tracing::error!("cannot serve the admin listener on {addr}");
+        return ExitCode::FAILURE;
+    }
     let reload = lb.reload_handle();
-    let stop = stop_signal(terminate, interrupt);
-    tokio::pin!(stop);
+    let (mut terminate, mut interrupt) = (terminate, interrupt);
     loop {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", cli.config.display());
                 reload.reload();
             }
-            () = &mut stop => break,
+            () = stop_signal(&mut terminate, &mut interrupt) => break,
+        }
+    }
+    // From here a second SIGTERM/SIGINT exits at once.
+    lb.begin_shutdown();
+    if !cli.shutdown_delay.is_zero() {
+        tracing::info!(
+            "shutting down: /readyz answers 503; still serving for {:?} (--shutdown-delay)",
+            cli.shutdown_delay
+        );
+        tokio::select! {
+            () = tokio::time::sleep(cli.shutdown_delay) => {}
+            () = stop_signal(&mut terminate, &mut interrupt) => return exit_now(),
         }
     }
     tracing::info!("shutting down");
-    lb.shutdown(cli.shutdown_grace).await;
-    ExitCode::SUCCESS
+    tokio::select! {
+        () = lb.shutdown(cli.shutdown_grace) => ExitCode::SUCCESS,
+        () = stop_signal(&mut terminate, &mut interrupt) => exit_now(),
+    }
 }
 
-async fn stop_signal(mut terminate: Signal, mut interrupt: Signal) {
+fn exit_now() -> ExitCode {
+    tracing::warn!("second stop signal: exiting now");
+    ExitCode::FAILURE
+}
+
+async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

@@ -180,6 +180,7 @@ impl Reloader {
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
+            self.runtime.reloads.record_unchanged();
             tracing::info!(%hash, "{why}: config unchanged");
             return;
         }

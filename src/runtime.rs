@@ -140,6 +140,21 @@ impl ReloadStats {
         };
     }
 
+    /// The file is back to the config in use: after a rejected edit this
+    /// clears the failure (nothing else changes).
+    pub fn record_unchanged(&self) {
+        let mut last = self.lock();
+        if !last.ok {
+            *last = LastReload {
+                seq: last.seq + 1,
+                ok: true,
+                at: SystemTime::now(),
+                applied_at: last.applied_at,
+                error: None,
+            };
+        }
+    }
+
     /// The result recorded after `seq`, or `None` if there was none (the
     /// file was unchanged).
     pub fn since(&self, seq: u64) -> Option<LastReload> {
