@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long)]
     no_watch: bool,
     /// How often the file is re-hashed as a backstop to file events.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = positive_duration)]
     poll_interval: Duration,
     /// How long open connections may finish their requests on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -37,8 +37,9 @@ struct Cli {
     shutdown_delay: Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter (`info`, `lb=debug`, …); RUST_LOG is used when absent.
-    #[arg(long)]
+    /// Log filter (`info`, `lb=debug,notify=warn`, …); RUST_LOG is used
+    /// when absent, and `info,notify=error` when both are.
+    #[arg(long, value_parser = log_filter)]
     log_level: Option<String>,
 }
 
@@ -53,9 +54,21 @@ enum LogFormat {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The filter when neither `--log-level` nor `RUST_LOG` says otherwise:
+/// notify logs INFO/WARN lines (`unable to remove watch descriptor`) on
+/// every rename-over save, which are noise to lb's users.
+const DEFAULT_LOG_FILTER: &str = "info,notify=error";
+
+/// After the shutdown grace period, how long blocking threads (a config read
+/// stuck on a hung filesystem) may delay the exit.
+const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.check {
+        for warning in lb::config::env_warnings() {
+            eprintln!("warning: {warning}");
+        }
         return match Config::load(&cli.config) {
             Ok((config, hash)) => {
                 println!(
@@ -82,7 +95,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(cli))
+    let code = runtime.block_on(serve(cli));
+    // Dropping the runtime would wait for every blocking task, for ever if
+    // one is stuck; the exit must come within the grace period.
+    runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
+    code
 }
 
 async fn serve(cli: Cli) -> ExitCode {
@@ -98,6 +115,9 @@ async fn serve(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for warning in lb::config::env_warnings() {
+        tracing::warn!("{warning}");
+    }
     let (config, hash) = match Config::load(&cli.config) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -172,10 +192,44 @@ async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) {
     }
 }
 
+/// `--poll-interval`: a duration greater than zero (zero would spin).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The level names a directive may use, bare or after `target=`.
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// `--log-level`: a tracing filter whose every directive names a level.
+/// EnvFilter alone would take `verbose` as "everything from target
+/// `verbose`", which silently turns all of lb's logs off.
+fn log_filter(s: &str) -> Result<String, String> {
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            None => directive,
+        };
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "`{directive}` names no level: use one of {} alone or as TARGET=LEVEL (e.g. `info,lb=debug`)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    EnvFilter::try_new(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
 fn init_logging(cli: &Cli) {
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
+        }
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

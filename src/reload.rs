@@ -2,37 +2,60 @@
 //!
 //! One task owns reloading, so reloads never overlap. It wakes on:
 //! * file-system events (notify) on the file's directory, on the directory
-//!   of the file it resolves to (symlinks), and on the file itself. Events
-//!   are not filtered by name: a Kubernetes ConfigMap update arrives as
-//!   renames of `..data_tmp` over `..data`, never as an event on the file;
+//!   of the file it resolves to (symlinks), and on the file itself, kept
+//!   only when they name the file, a link on the way to it, or a Kubernetes
+//!   ConfigMap's `..data`/`..data_tmp` (an update arrives as a rename of
+//!   `..data_tmp` over `..data`, never as an event on the file). Events for
+//!   other files in the directory (lb's own log file) cost nothing;
 //! * a slow poll, for filesystems that send no events (bind mounts, NFS);
 //! * an explicit request ([`ReloadHandle::reload`]), which SIGHUP sends.
 //!
-//! Events are debounced (a save that writes several times is read once,
-//! whole), then the file is read and hashed; unchanged content reloads
-//! nothing. A reload is all-or-nothing: parse, validate, bind the new
-//! listen address if it changed, and only then swap. Anything that fails
-//! leaves the running config untouched, logs one error naming the file, line
-//! and column, and is counted in `ReloadStats::rejected`.
+//! A file written in place is read only once its writer has closed it
+//! (inotify's close-after-write): a writer may pause half way for as long as
+//! it likes, and the half it wrote may be valid YAML. If no close comes
+//! within [`CLOSE_WAIT`] (a writer that keeps the file open), the content is
+//! used once two reads agree. A rename over the file, a ConfigMap swap or a
+//! delete is whole at once and is read after a short debounce.
+//!
+//! Reading refuses anything but a regular file of at most 16 MiB, without
+//! ever blocking (see [`config::read_file`]); reading and parsing run on
+//! blocking threads, never on the async workers. Unchanged content reloads
+//! nothing. A reload is all-or-nothing: parse, validate, bind the new listen
+//! address if it changed, and only then swap. Anything that fails leaves the
+//! running config untouched, logs one error naming the file, line and column,
+//! and is counted in `ReloadStats::rejected`. A panic while reloading is
+//! logged and the reloader carries on.
 
+use std::any::Any;
+use std::ffi::OsString;
+use std::future::Future;
 use std::io::ErrorKind;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
-use crate::config::{Config, ContentHash};
+use crate::config::{self, Config, ContentHash};
 use crate::runtime::{LastReload, Runtime};
 use crate::server::Listeners;
 
 /// A burst of events is over when none came for this long.
 const QUIET: Duration = Duration::from_millis(20);
-/// A burst that never goes quiet is read after this long anyway.
+/// A burst that never goes quiet is looked at after this long anyway.
 const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
+/// How long a file written in place may stay open before lb stops waiting
+/// for its close and settles for two identical reads.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Floor for the poll interval: `tokio::time::interval` panics on zero.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How the reloader learns about changes.
 #[derive(Debug, Clone)]
@@ -71,11 +94,11 @@ pub fn spawn(
     listeners: Arc<Listeners>,
     settings: WatchSettings,
 ) -> (ReloadHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, requests) = mpsc::channel(4);
     // Watch before returning, so no edit after `Lb::start` can go unseen.
-    let events = Arc::new(Notify::new());
+    let (changes_tx, changes) = mpsc::unbounded_channel();
     let fs_watch = if settings.watch {
-        FsWatch::start(&path, Arc::clone(&events))
+        FsWatch::start(&path, changes_tx)
     } else {
         None
     };
@@ -84,9 +107,12 @@ pub fn spawn(
         path,
         runtime,
         listeners,
-        missing: false,
+        unreadable: None,
+        requests,
+        changes,
+        fs_watch,
     };
-    let task = tokio::spawn(reloader.run(rx, settings, events, fs_watch));
+    let task = tokio::spawn(reloader.run(settings));
     (ReloadHandle(tx), task)
 }
 
@@ -97,78 +123,164 @@ struct Reloader {
     /// Hash of the last content tried (applied or rejected): the same bytes
     /// are not tried again unless asked to.
     last_seen: ContentHash,
-    /// The file was absent at the last look; logged once per absence.
-    missing: bool,
+    /// Why the file could not be read at the last look (missing, a FIFO, too
+    /// large…); the same reason is logged once, not at every poll.
+    unreadable: Option<String>,
+    /// Reload requests (SIGHUP).
+    requests: mpsc::Receiver<Option<oneshot::Sender<()>>>,
+    /// File-system changes of the config file, already filtered by name;
+    /// never yields when nothing watches.
+    changes: mpsc::UnboundedReceiver<Change>,
+    /// The notify watcher; `None` with `--no-watch` or when watching failed.
+    fs_watch: Option<FsWatch>,
+}
+
+/// What one reloader loop iteration responds to.
+enum Wake {
+    /// With where to say it is done (`POST /reload`).
+    Request(Option<oneshot::Sender<()>>),
+    Change(Change),
+    Poll,
 }
 
 impl Reloader {
-    async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Option<oneshot::Sender<()>>>,
-        settings: WatchSettings,
-        events: Arc<Notify>,
-        mut fs_watch: Option<FsWatch>,
-    ) {
+    async fn run(mut self, settings: WatchSettings) {
         if settings.watch {
             // The file may have changed between its first read and the watch.
-            self.reload("changed during startup", Trigger::Poll).await;
+            self.guarded(Wake::Poll).await;
         }
-        let mut poll = tokio::time::interval(settings.poll_interval);
+        let mut poll = tokio::time::interval(settings.poll_interval.max(MIN_POLL_INTERVAL));
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         poll.reset();
         loop {
-            tokio::select! {
-                request = requests.recv() => match request {
-                    Some(reply) => {
-                        self.reload("reload requested", Trigger::Request).await;
-                        if let Some(reply) = reply {
-                            let _ = reply.send(());
-                        }
-                    }
+            let wake = tokio::select! {
+                // Events first: a poll must not read a file whose write is
+                // already known to be in progress.
+                biased;
+                Some(change) = self.changes.recv() => Wake::Change(change),
+                request = self.requests.recv() => match request {
+                    Some(reply) => Wake::Request(reply),
                     None => return,
                 },
-                () = events.notified(), if settings.watch => {
-                    debounce(&events).await;
-                    self.reload("file changed", Trigger::Event).await;
-                    if let Some(w) = fs_watch.as_mut() {
-                        w.rewatch(&self.path);
-                    }
+                _ = poll.tick(), if settings.watch => Wake::Poll,
+            };
+            self.guarded(wake).await;
+        }
+    }
+
+    /// Handles one wake-up; a panic in it is logged and the reloader keeps
+    /// running, so a bug costs one reload, not every later one.
+    async fn guarded(&mut self, wake: Wake) {
+        if let Err(panic) = CatchUnwind(Box::pin(self.handle(wake))).await {
+            tracing::error!(
+                "config reloader panicked ({}); keeping the current config, later reloads still apply",
+                panic_message(&*panic)
+            );
+        }
+    }
+
+    async fn handle(&mut self, wake: Wake) {
+        match wake {
+            Wake::Request(reply) => {
+                self.reload("reload requested", Trigger::Request).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
                 }
-                _ = poll.tick(), if settings.watch => self.reload("poll", Trigger::Poll).await,
+            }
+            Wake::Poll => self.reload("poll", Trigger::Poll).await,
+            Wake::Change(first) => {
+                let trigger = self.wait_until_written(first).await;
+                self.reload("file changed", trigger).await;
+                if let Some(w) = self.fs_watch.as_mut() {
+                    w.rewatch(&self.path);
+                }
             }
         }
+    }
+
+    /// Collects the burst of changes that began with `first` and, when the
+    /// last of them says a write is still in progress, waits for the
+    /// writer's close. Returns how the file must then be read: at once
+    /// (whole) or settled (no close came).
+    async fn wait_until_written(&mut self, first: Change) -> Trigger {
+        let started = Instant::now();
+        let mut last = first;
+        self.debounce(&mut last, started + MAX_DEBOUNCE).await;
+        if last == Change::Complete {
+            return Trigger::Event;
+        }
+        let give_up = started + CLOSE_WAIT;
+        while let Ok(Some(change)) = timeout_at(give_up, self.changes.recv()).await {
+            last = change;
+            if last == Change::Complete {
+                // Duplicates (directory and file watches) and a following
+                // write, if any, arrive within the quiet time.
+                self.debounce(&mut last, Instant::now() + MAX_DEBOUNCE)
+                    .await;
+                if last == Change::Complete {
+                    return Trigger::Event;
+                }
+            }
+        }
+        tracing::debug!(path = %self.path.display(), "config file still open for writing after {CLOSE_WAIT:?}; reading it once it settles");
+        Trigger::Poll
+    }
+
+    /// Takes changes until none came for `QUIET` (or until `give_up`),
+    /// keeping the last one in `last`.
+    async fn debounce(&mut self, last: &mut Change, give_up: Instant) {
+        loop {
+            let quiet_until = (Instant::now() + QUIET).min(give_up);
+            match timeout_at(quiet_until, self.changes.recv()).await {
+                Ok(Some(change)) => *last = change,
+                Ok(None) | Err(_) => return,
+            }
+            if Instant::now() >= give_up {
+                return;
+            }
+        }
+    }
+
+    /// Reads the file on a blocking thread: regular files only, bounded.
+    async fn read(&self) -> std::io::Result<Vec<u8>> {
+        self.runtime.reloads.reads.fetch_add(1, Relaxed);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || config::read_file(&path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
     }
 
     /// Reads the file and applies it if it changed.
     async fn reload(&mut self, why: &str, trigger: Trigger) {
         let force = trigger == Trigger::Request;
-        let mut bytes = match tokio::fs::read(&self.path).await {
+        let mut bytes = match self.read().await {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == ErrorKind::NotFound && !force => {
-                // Editors and ConfigMap updates remove the file for a moment.
-                if !self.missing {
-                    tracing::info!(path = %self.path.display(), "config file is missing; keeping the current config");
-                    self.missing = true;
-                }
-                return;
-            }
             Err(e) => {
-                self.reject(format_args!("{}: cannot read: {e}", self.path.display()));
+                let reason = e.to_string();
+                if force || self.unreadable.as_ref() != Some(&reason) {
+                    if e.kind() == ErrorKind::NotFound && !force {
+                        // Editors and ConfigMap updates remove the file for a moment.
+                        tracing::info!(path = %self.path.display(), "config file is missing; keeping the current config");
+                    } else {
+                        self.reject(format_args!("{}: cannot read: {e}", self.path.display()));
+                    }
+                }
+                self.unreadable = Some(reason);
                 return;
             }
         };
-        self.missing = false;
+        self.unreadable = None;
         let mut hash = ContentHash::of(&bytes);
         if hash == self.last_seen && !force {
             return;
         }
         if trigger == Trigger::Poll {
-            // No event debounced this read: it may have caught a save half
-            // way. Use the content only once two reads `QUIET` apart agree.
+            // No close event vouches for this read: it may have caught a save
+            // half way. Use the content only once two reads `QUIET` apart agree.
             let give_up = Instant::now() + MAX_DEBOUNCE;
             loop {
                 tokio::time::sleep(QUIET).await;
-                let Ok(again) = tokio::fs::read(&self.path).await else {
+                let Ok(again) = self.read().await else {
                     return;
                 };
                 let again_hash = ContentHash::of(&again);
@@ -177,6 +289,10 @@ impl Reloader {
                 }
                 (bytes, hash) = (again, again_hash);
             }
+            if !self.changes.is_empty() {
+                // A write began meanwhile; its events decide when to read.
+                return;
+            }
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
@@ -184,10 +300,16 @@ impl Reloader {
             tracing::info!(%hash, "{why}: config unchanged");
             return;
         }
-        let config = match Config::parse(&bytes, &self.path) {
-            Ok(config) => config,
-            Err(e) => {
+        let path = self.path.clone();
+        let parsed = tokio::task::spawn_blocking(move || Config::parse(&bytes, &path)).await;
+        let config = match parsed {
+            Ok(Ok(config)) => config,
+            Ok(Err(e)) => {
                 self.reject(e);
+                return;
+            }
+            Err(e) => {
+                self.reject(format_args!("{}: parsing failed: {e}", self.path.display()));
                 return;
             }
         };
@@ -232,22 +354,39 @@ impl Reloader {
 /// What woke the reloader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
-    /// File-system events, already debounced.
+    /// File-system events saying the file is whole (closed after writing,
+    /// renamed, removed).
     Event,
-    /// The backstop poll, or the check at startup: no event debounced the
-    /// read, so it must settle.
+    /// The backstop poll, the check at startup, or a write whose close never
+    /// came: nothing vouches for the read, so it must settle.
     Poll,
     /// SIGHUP or `ReloadHandle::reload`: re-try even content seen before.
     Request,
 }
 
-/// Waits until events stop arriving for `QUIET`, at most `MAX_DEBOUNCE`.
-async fn debounce(events: &Notify) {
-    let give_up = Instant::now() + MAX_DEBOUNCE;
-    loop {
-        let quiet_until = (Instant::now() + QUIET).min(give_up);
-        if timeout_at(quiet_until, events.notified()).await.is_err() || Instant::now() >= give_up {
-            return;
+/// What a file-system event says about the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Created, truncated or written, and not closed yet: reading now could
+    /// see half a file.
+    Writing,
+    /// Closed after writing, renamed, removed, or a ConfigMap swap: the
+    /// content is whole (or gone).
+    Complete,
+}
+
+impl Change {
+    /// `None` for events that say nothing about the content (reads,
+    /// including lb's own).
+    fn of(kind: &EventKind) -> Option<Change> {
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Complete),
+            EventKind::Access(_) => None,
+            EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                Some(Change::Writing)
+            }
+            _ => Some(Change::Complete),
         }
     }
 }
@@ -257,15 +396,34 @@ struct FsWatch {
     watcher: RecommendedWatcher,
     /// Directory the symlink chain ends in, when it differs from the file's own.
     target_dir: Option<PathBuf>,
+    /// File names whose events concern the config (shared with the handler,
+    /// which runs on notify's thread).
+    names: Arc<Mutex<Vec<OsString>>>,
 }
 
 impl FsWatch {
-    fn start(path: &Path, events: Arc<Notify>) -> Option<Self> {
-        let handler = move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if is_change(&event.kind) => events.notify_one(),
-            Ok(_) => {}
-            // Overflow and the like: re-read to be safe.
-            Err(_) => events.notify_one(),
+    fn start(path: &Path, changes: mpsc::UnboundedSender<Change>) -> Option<Self> {
+        let names = Arc::new(Mutex::new(watched_names(path)));
+        let filter = Arc::clone(&names);
+        let handler = move |event: notify::Result<notify::Event>| {
+            let change = match event {
+                Ok(event) => {
+                    let names = filter.lock().unwrap_or_else(PoisonError::into_inner);
+                    // No path: a rescan after an overflow, which may hide anything.
+                    let ours = event.paths.is_empty()
+                        || event
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
+                    match Change::of(&event.kind) {
+                        Some(change) if ours => change,
+                        _ => return,
+                    }
+                }
+                // Overflow and the like: re-read to be safe.
+                Err(_) => Change::Complete,
+            };
+            let _ = changes.send(change);
         };
         let mut watcher = match notify::recommended_watcher(handler) {
             Ok(w) => w,
@@ -280,6 +438,7 @@ impl FsWatch {
         let mut w = FsWatch {
             watcher,
             target_dir: None,
+            names,
         };
         w.rewatch(path);
         Some(w)
@@ -287,8 +446,9 @@ impl FsWatch {
 
     /// Re-arms the watches that a replaced file or a moved symlink target
     /// invalidates: the file itself (a new inode after rename-over) and the
-    /// directory its symlinks resolve to.
+    /// directory its symlinks resolve to; and the names events are kept for.
     fn rewatch(&mut self, path: &Path) {
+        *self.names.lock().unwrap_or_else(PoisonError::into_inner) = watched_names(path);
         let _ = self.watcher.unwatch(path);
         let _ = self.watcher.watch(path, RecursiveMode::NonRecursive);
         let target_dir = std::fs::canonicalize(path)
@@ -307,18 +467,117 @@ impl FsWatch {
     }
 }
 
-/// Everything but reads: lb's own reads of the file must not wake it again.
-fn is_change(kind: &EventKind) -> bool {
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
+/// File names whose events concern the config at `path`: its own, each
+/// symlink on the way to the real file and the real file's, and a
+/// Kubernetes ConfigMap volume's `..data` / `..data_tmp`.
+fn watched_names(path: &Path) -> Vec<OsString> {
+    /// Linux's SYMLOOP_MAX: a longer chain does not resolve anyway.
+    const MAX_HOPS: usize = 40;
+    let mut names: Vec<OsString> = vec!["..data".into(), "..data_tmp".into()];
+    let mut hop = path.to_owned();
+    for _ in 0..MAX_HOPS {
+        names.extend(hop.file_name().map(ToOwned::to_owned));
+        match std::fs::read_link(&hop) {
+            // A relative target is relative to the link's own directory.
+            Ok(target) => hop = parent(&hop).join(target),
+            Err(_) => break,
+        }
     }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        names.extend(real.file_name().map(ToOwned::to_owned));
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
+    }
+}
+
+/// Runs a future, turning a panic while polling it into an `Err` (what
+/// `futures::FutureExt::catch_unwind` does, without the dependency).
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_caught_and_the_next_step_runs() {
+        let panicked: Result<(), _> = CatchUnwind(Box::pin(async {
+            tokio::task::yield_now().await;
+            panic!("boom")
+        }))
+        .await;
+        let message = panicked.expect_err("the panic was not caught");
+        assert_eq!(panic_message(&*message), "boom");
+        let fine = CatchUnwind(Box::pin(async { 7 })).await;
+        assert_eq!(fine.ok(), Some(7));
+    }
+
+    #[test]
+    fn only_reads_say_nothing_about_the_content() {
+        use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
+        let close_write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(Change::of(&close_write), Some(Change::Complete));
+        let close_read = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        assert_eq!(Change::of(&close_read), None);
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert_eq!(Change::of(&write), Some(Change::Writing));
+        assert_eq!(
+            Change::of(&EventKind::Create(CreateKind::File)),
+            Some(Change::Writing)
+        );
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert_eq!(Change::of(&rename), Some(Change::Complete));
+        assert_eq!(
+            Change::of(&EventKind::Remove(RemoveKind::File)),
+            Some(Change::Complete)
+        );
+    }
+
+    #[test]
+    fn watched_names_follow_symlinks_and_configmaps() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::fs::write(dir.path().join("real/v2.yaml"), "x").unwrap();
+        std::os::unix::fs::symlink("real/v2.yaml", dir.path().join("current.yaml")).unwrap();
+        std::os::unix::fs::symlink("current.yaml", dir.path().join("config.yaml")).unwrap();
+        let names = watched_names(&dir.path().join("config.yaml"));
+        for want in [
+            "config.yaml",
+            "current.yaml",
+            "v2.yaml",
+            "..data",
+            "..data_tmp",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "lb.log"));
     }
 }

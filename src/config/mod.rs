@@ -3,7 +3,13 @@
 //! # Pipeline
 //!
 //! ```text
-//!  config.yaml bytes
+//!  config.yaml
+//!        │  read_file                       regular files only, ≤ 16 MiB;
+//!        ▼                                  a FIFO or device never blocks it
+//!  bytes
+//!        │  check_nesting                   ≤ 64 levels of `[`/`{`, checked
+//!        ▼                                  before the parser sees them
+//!  text
 //!        │  yaml_serde::from_str            syntax errors, unknown keys and bad
 //!        ▼                                  leaf values keep line and column
 //!  RawConfig  (raw.rs, deny_unknown_fields)
@@ -14,6 +20,11 @@
 //!        ▼                                  backends[1].address, retry.attempts …
 //!  Config  (Durations, SocketAddr, NonZero, one BackendAddr per backend)
 //! ```
+//!
+//! Only `LB_*` variables whose first `__` segment is a top-level key are
+//! overrides: Kubernetes injects `LB_PORT=tcp://…` and friends for a Service
+//! named `lb`, and those must not crash-loop the pod ([`env_warnings`] names
+//! the rest once at startup).
 //!
 //! The YAML is parsed by `yaml_serde` directly first because figment flattens
 //! its input into its own value tree and loses source positions; the second
@@ -320,11 +331,253 @@ fn locate(err: &yaml_serde::Error, text: &str) -> String {
 /// `LB_*` variables that belong to the command line, not to the config.
 const CLI_ENV_KEYS: &[&str] = &["config", "log_format", "log_level"];
 
+/// Prefix of environment overrides (`LB_LISTEN`, `LB_TIMEOUTS__CONNECT`).
+const ENV_PREFIX: &str = "LB_";
+
+/// The largest config file lb reads: a config is a few KiB, and anything this
+/// big is a mistake (a log file, a disk image) that would only cost memory
+/// and parse time.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Deepest `[`/`{` nesting accepted. A real config nests two or three levels;
+/// the YAML parser takes time quadratic in nesting depth, so 100,000 `[`
+/// would hold a reload for most of a minute before failing anyway.
+pub const MAX_NESTING: usize = 64;
+
+/// Reads a config file, refusing anything that is not a regular file before
+/// it could block (a FIFO blocks in `open` and `read` until a writer comes;
+/// a device or `/dev/zero` never ends) and anything over [`MAX_FILE_BYTES`].
+///
+/// The type is checked before opening, and again on the opened file: the
+/// open itself is non-blocking, so a FIFO swapped in between the two is
+/// refused instead of waited on.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    refuse_non_regular(&std::fs::metadata(path)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    refuse_non_regular(&meta)?;
+    let too_large = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "larger than {} MiB; a config file is never that big",
+                MAX_FILE_BYTES >> 20
+            ),
+        )
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    // `len()` is a hint only: the file may grow while it is read.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+fn refuse_non_regular(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("is {what}, not a regular file; lb reads its config only from regular files"),
+    ))
+}
+
+/// Refuses `[`/`{` nesting deeper than [`MAX_NESTING`] before the YAML
+/// parser sees it, with the position where the limit was crossed.
+///
+/// A cheap scan, not a YAML parser: brackets inside quoted scalars and
+/// comments are skipped; a quote only opens a scalar where one can start.
+fn check_nesting(text: &str) -> Result<(), String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum In {
+        Plain,
+        Double,
+        Single,
+        Comment,
+    }
+    let mut state = In::Plain;
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut prev = '\n';
+    let mut escaped = false;
+    for c in text.chars() {
+        column += 1;
+        let at_scalar_start = prev.is_whitespace() || matches!(prev, '[' | '{' | ',');
+        match (state, c) {
+            (_, '\n') => {
+                (line, column) = (line + 1, 0);
+                if state == In::Comment {
+                    state = In::Plain;
+                }
+            }
+            (In::Plain, '#') if at_scalar_start => state = In::Comment,
+            (In::Plain, '"') if at_scalar_start => state = In::Double,
+            (In::Plain, '\'') if at_scalar_start => state = In::Single,
+            (In::Plain, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "nesting deeper than {MAX_NESTING} levels at line {line} column {column}"
+                    ));
+                }
+            }
+            (In::Plain, ']' | '}') => depth = depth.saturating_sub(1),
+            (In::Double, '\\') => escaped = !escaped,
+            (In::Double, '"') if !escaped => state = In::Plain,
+            (In::Single, '\'') => state = In::Plain,
+            _ => {}
+        }
+        if c != '\\' {
+            escaped = false;
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
+/// Top-level keys of `config.yaml`, read from [`RawConfig`]'s serde derive so
+/// the list of accepted `LB_*` overrides follows the file format by itself.
+fn top_level_keys() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    use serde::Deserialize;
+
+    /// A deserializer that only records the field names a struct asks for.
+    struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> de::Deserializer<'de> for FieldNames<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("only structs have field names"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("field names recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    static KEYS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut fields: &'static [&'static str] = &[];
+        // Always an error: the deserializer stops as soon as it has the names.
+        let _ = RawConfig::deserialize(FieldNames(&mut fields));
+        fields
+    })
+}
+
+/// Whether `key` (an environment variable name without `LB_`) overrides the
+/// config: its first `__` segment must be a top-level key. Everything else
+/// starting with `LB_` is someone else's: Kubernetes service links
+/// (`LB_PORT=tcp://…`, `LB_SERVICE_HOST`), the CLI's own `LB_CONFIG`, or a
+/// typo that [`env_warnings`] reports.
+fn is_override(key: &str) -> bool {
+    let first = key.split("__").next().unwrap_or_default();
+    top_level_keys()
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(first))
+}
+
+/// Variables Kubernetes injects for every Service in the namespace
+/// (`{SVC}_SERVICE_HOST`, `{SVC}_SERVICE_PORT[_{PORT_NAME}]`,
+/// `{SVC}_PORT=tcp://…`, `{SVC}_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]`); a
+/// Service named `lb` or `lb-…` makes them start with `LB_`.
+fn is_service_link(name: &str, value: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") {
+        return true;
+    }
+    let port_link = name.split_once("_PORT_").is_some_and(|(_, rest)| {
+        let mut parts = rest.split('_');
+        let number = parts.next().unwrap_or_default();
+        let proto = parts.next().unwrap_or_default();
+        let suffix = parts.next();
+        !number.is_empty()
+            && number.bytes().all(|b| b.is_ascii_digit())
+            && matches!(proto, "TCP" | "UDP" | "SCTP")
+            && matches!(suffix, None | Some("PROTO" | "PORT" | "ADDR"))
+            && parts.next().is_none()
+    });
+    port_link
+        || (name.ends_with("_PORT")
+            && ["tcp://", "udp://", "sctp://"]
+                .iter()
+                .any(|scheme| value.starts_with(scheme)))
+}
+
+/// One warning per `LB_*` environment variable that is neither a config
+/// override, nor lb's own CLI variable, nor a Kubernetes service link: most
+/// likely a typo (`LB_STRATGY`) that would otherwise be silently ignored.
+/// Meant to be logged once at startup (and by `lb --check`).
+pub fn env_warnings() -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let (Some(name), value) = (name.to_str(), value.to_string_lossy()) else {
+            continue;
+        };
+        let Some(key) = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .map(|_| &name[ENV_PREFIX.len()..])
+        else {
+            continue;
+        };
+        let cli = CLI_ENV_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key));
+        if is_override(key) || cli || is_service_link(name, &value) {
+            continue;
+        }
+        warnings.push(format!(
+            "environment variable {name} is ignored: `{}` is not a config key (overrides are \
+             LB_<KEY> or LB_<KEY>__<SUBKEY> with KEY one of {})",
+            key.split("__")
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            top_level_keys().join(", ")
+        ));
+    }
+    warnings.sort();
+    warnings
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, applying `LB_*`
     /// environment overrides. Returns the config with the hash of the bytes read.
     pub fn load(path: &Path) -> Result<(Config, ContentHash), ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        let bytes = read_file(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -333,24 +586,35 @@ impl Config {
     }
 
     /// Parses and validates config text; `path` is only used in messages.
+    /// CPU-bound (up to [`MAX_FILE_BYTES`] of YAML): async callers run it on
+    /// a blocking thread.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
+        let syntax = |message: String| ConfigError::Syntax {
             path: path.to_owned(),
-            message: format!("not UTF-8 text: {e}"),
-        })?;
+            message,
+        };
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(syntax(format!(
+                "larger than {} MiB; a config file is never that big",
+                MAX_FILE_BYTES >> 20
+            )));
+        }
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| syntax(format!("not UTF-8 text: {e}")))?;
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_owned(),
             });
         }
-        let syntax = |message: String| ConfigError::Syntax {
-            path: path.to_owned(),
-            message,
-        };
+        check_nesting(text).map_err(syntax)?;
         // First pass keeps line/column for everything the file itself gets wrong.
         let _: RawConfig = yaml_serde::from_str(text).map_err(|e| syntax(locate(&e, text)))?;
         let raw: RawConfig = Figment::from(Data::<YamlSerde>::string(text))
-            .merge(Env::prefixed("LB_").split("__").ignore(CLI_ENV_KEYS))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|key| is_override(key.as_str()))
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError::Env {
                 path: path.to_owned(),

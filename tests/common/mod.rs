@@ -27,6 +27,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+/// Deadline in seconds for what a test waits on with [`eventually!`]:
+/// generous, because a loaded machine may take seconds for what takes
+/// milliseconds at rest. Nothing waits this long when things work.
+pub const WAIT: u64 = 20;
+
 /// Polls `$cond` every 10 ms until it holds; panics after `$secs` seconds.
 #[macro_export]
 macro_rules! eventually {
@@ -489,4 +494,10 @@ pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
 /// Infallible helper for services in tests.
 pub fn ok<T>(t: T) -> Result<T, Infallible> {
     Ok(t)
+}
+
+/// Makes a FIFO (named pipe) at `path`, for tests of what lb refuses to read.
+pub fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
 }
