@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -142,10 +142,9 @@ fn write_loop(rx: &Receiver<Message>, format: Format, out: Box<dyn Write + Send>
             Ok(m) => m,
             Err(_) => {
                 let _ = out.flush();
-                match rx.recv_timeout(Duration::from_secs(1)) {
+                match rx.recv() {
                     Ok(m) => m,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(_) => break,
                 }
             }
         };

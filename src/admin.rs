@@ -113,7 +113,9 @@ impl Admin {
     fn sync(self: &Arc<Self>) {
         let wanted = self.runtime.snapshot().config.admin;
         let mut bound = self.bound();
-        if bound.stopped || (wanted == bound.configured && (wanted.is_none() || bound.local.is_some())) {
+        if bound.stopped
+            || (wanted == bound.configured && (wanted.is_none() || bound.local.is_some()))
+        {
             return;
         }
         let Some(addr) = wanted else {
@@ -136,7 +138,9 @@ impl Admin {
                 tracing::info!("admin listener on {local}");
             }
             Err(e) => {
-                tracing::error!("cannot listen on {addr} (admin): {e}; the admin listener stays where it was");
+                tracing::error!(
+                    "cannot listen on {addr} (admin): {e}; the admin listener stays where it was"
+                );
             }
         }
     }

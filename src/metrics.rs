@@ -24,6 +24,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::runtime::Runtime;
+use crate::selection::Backend;
 use crate::upstream::FailureKind;
 
 /// Requests by HTTP status code, without a lock: one lazily allocated page of
@@ -234,7 +235,8 @@ impl Metrics {
 
 /// `SystemTime` as float seconds since the epoch.
 pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The OpenMetrics text for `runtime`, as of now.
@@ -254,32 +256,63 @@ struct Exporter(Arc<Runtime>);
 /// The `backend` label of requests lb answered itself.
 const NO_BACKEND: &str = "none";
 
+/// Labels of one series.
+type Labels = Vec<(&'static str, String)>;
+
+fn backend(b: &Backend) -> Labels {
+    vec![("backend", b.addr.to_string())]
+}
+
+fn backend_and(b: &Backend, key: &'static str, value: impl ToString) -> Labels {
+    vec![("backend", b.addr.to_string()), (key, value.to_string())]
+}
+
+/// One family and its series.
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut e = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in series {
+        metric.encode(e.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for Exporter {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rt = &self.0;
         let snap = rt.snapshot();
+        let backends = &snap.backends;
         let now_ms = rt.clock.now_ms();
         let m = &rt.metrics;
+        let count = |n: &AtomicU64| ConstCounter::new(n.load(Relaxed));
 
-        // Counters: the encoder appends `_total`.
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_requests",
-                "Client requests answered, by the backend whose response was relayed and status code",
-                None,
-                MetricType::Counter,
-            )?;
-            for b in &snap.backends {
-                for (code, n) in b.state.metrics.responses.nonzero() {
-                    let labels = [("backend", b.addr.as_str()), ("code", &code.to_string())];
-                    ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
-                }
-            }
-            for (code, n) in m.unrouted.nonzero() {
-                let labels = [("backend", NO_BACKEND), ("code", &code.to_string())];
-                ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
-            }
-        }
+        // Counter names get `_total` from the encoder.
+        let routed = backends.iter().flat_map(|b| {
+            b.state
+                .metrics
+                .responses
+                .nonzero()
+                .map(move |(code, n)| (backend_and(b, "code", code), ConstCounter::new(n)))
+        });
+        let unrouted = m.unrouted.nonzero().map(|(code, n)| {
+            let labels = vec![
+                ("backend", NO_BACKEND.to_owned()),
+                ("code", code.to_string()),
+            ];
+            (labels, ConstCounter::new(n))
+        });
+        family(
+            &mut enc,
+            "lb_requests",
+            "Client requests answered, by the backend whose response was relayed and status code",
+            MetricType::Counter,
+            routed.chain(unrouted),
+        )?;
         {
             let mut e = enc.encode_descriptor(
                 "lb_request_duration_seconds",
@@ -293,95 +326,86 @@ impl Collector for Exporter {
                 .zip(&h.buckets)
                 .map(|(&le, n)| (le, n.load(Relaxed)))
                 .collect();
-            buckets.push((f64::INFINITY, h.buckets[DURATION_BUCKETS.len()].load(Relaxed)));
-            let count = buckets.iter().map(|(_, n)| n).sum();
+            buckets.push((
+                f64::INFINITY,
+                h.buckets[DURATION_BUCKETS.len()].load(Relaxed),
+            ));
+            let total = buckets.iter().map(|(_, n)| n).sum();
             let sum = h.sum_us.load(Relaxed) as f64 / 1e6;
-            e.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            e.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)?;
         }
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_upstream_attempts",
-                "Attempts sent to backends, by outcome",
-                None,
-                MetricType::Counter,
-            )?;
-            for b in &snap.backends {
-                for outcome in AttemptOutcome::ALL {
-                    let n = b.state.metrics.attempts[outcome as usize].load(Relaxed);
-                    let labels = [("backend", b.addr.as_str()), ("outcome", outcome.label())];
-                    ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
-                }
-            }
-        }
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_retries",
-                "Requests tried again on another backend, by the previous attempt's failure",
-                None,
-                MetricType::Counter,
-            )?;
-            for reason in RetryReason::ALL {
-                let n = m.retries[reason as usize].load(Relaxed);
-                ConstCounter::new(n).encode(e.encode_family(&[("reason", reason.label())])?)?;
-            }
-        }
+        family(
+            &mut enc,
+            "lb_upstream_attempts",
+            "Attempts sent to backends, by outcome",
+            MetricType::Counter,
+            backends.iter().flat_map(|b| {
+                AttemptOutcome::ALL.into_iter().map(move |o| {
+                    let n = &b.state.metrics.attempts[o as usize];
+                    (backend_and(b, "outcome", o.label()), count(n))
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "lb_retries",
+            "Requests tried again on another backend, by the previous attempt's failure",
+            MetricType::Counter,
+            RetryReason::ALL.into_iter().map(|r| {
+                let labels = vec![("reason", r.label().to_owned())];
+                (labels, count(&m.retries[r as usize]))
+            }),
+        )?;
         counter(
             &mut enc,
             "lb_retry_budget_exhausted",
             "Retries not made because the retry budget was spent",
             m.budget_exhausted.load(Relaxed),
         )?;
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_backend_healthy",
-                "1 when the backend is eligible (active checks pass and not ejected)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for b in &snap.backends {
+        family(
+            &mut enc,
+            "lb_backend_healthy",
+            "1 when the backend is eligible (active checks pass and not ejected)",
+            MetricType::Gauge,
+            backends.iter().map(|b| {
                 let up = i64::from(b.state.is_available(now_ms));
-                ConstGauge::new(up).encode(e.encode_family(&[("backend", b.addr.as_str())])?)?;
-            }
-        }
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_backend_in_flight",
-                "Requests (and upgraded connections) open on the backend",
-                None,
-                MetricType::Gauge,
-            )?;
-            for b in &snap.backends {
+                (backend(b), ConstGauge::new(up))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "lb_backend_in_flight",
+            "Requests (and upgraded connections) open on the backend",
+            MetricType::Gauge,
+            backends.iter().map(|b| {
                 let n = i64::from(b.state.in_flight());
-                ConstGauge::new(n).encode(e.encode_family(&[("backend", b.addr.as_str())])?)?;
-            }
-        }
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_outlier_ejections",
-                "Times passive detection ejected the backend",
-                None,
-                MetricType::Counter,
-            )?;
-            for b in &snap.backends {
-                let n = b.state.metrics.ejections.load(Relaxed);
-                ConstCounter::new(n).encode(e.encode_family(&[("backend", b.addr.as_str())])?)?;
-            }
-        }
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_health_checks",
-                "Active health probes, by result",
-                None,
-                MetricType::Counter,
-            )?;
-            for b in &snap.backends {
-                for (i, result) in ["pass", "fail"].into_iter().enumerate() {
-                    let n = b.state.metrics.health_checks[i].load(Relaxed);
-                    let labels = [("backend", b.addr.as_str()), ("result", result)];
-                    ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
-                }
-            }
-        }
+                (backend(b), ConstGauge::new(n))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "lb_outlier_ejections",
+            "Times passive detection ejected the backend",
+            MetricType::Counter,
+            backends
+                .iter()
+                .map(|b| (backend(b), count(&b.state.metrics.ejections))),
+        )?;
+        family(
+            &mut enc,
+            "lb_health_checks",
+            "Active health probes, by result",
+            MetricType::Counter,
+            backends.iter().flat_map(|b| {
+                ["pass", "fail"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, result)| {
+                        let n = &b.state.metrics.health_checks[i];
+                        (backend_and(b, "result", result), count(n))
+                    })
+            }),
+        )?;
         gauge(
             &mut enc,
             "lb_connections_active",
@@ -395,24 +419,21 @@ impl Collector for Exporter {
             rt.connections.total(),
         )?;
         let reloads = &rt.reloads;
-        {
-            let mut e = enc.encode_descriptor(
-                "lb_config_reloads",
-                "Config reloads, by result (the initial load is not one)",
-                None,
-                MetricType::Counter,
-            )?;
-            let ok = reloads.applied.load(Relaxed).saturating_sub(1);
-            let failed = reloads.rejected.load(Relaxed);
-            ConstCounter::new(ok).encode(e.encode_family(&[("result", "success")])?)?;
-            ConstCounter::new(failed).encode(e.encode_family(&[("result", "failure")])?)?;
-        }
-        let last = reloads.last();
+        let ok = reloads.applied.load(Relaxed).saturating_sub(1);
+        let failed = reloads.rejected.load(Relaxed);
+        family(
+            &mut enc,
+            "lb_config_reloads",
+            "Config reloads, by result (the initial load is not one)",
+            MetricType::Counter,
+            [("success", ok), ("failure", failed)]
+                .map(|(result, n)| (vec![("result", result.to_owned())], ConstCounter::new(n))),
+        )?;
         gauge(
             &mut enc,
             "lb_config_last_reload_successful",
             "1 when the last reload (or the initial load) was applied",
-            f64::from(u8::from(last.ok)),
+            f64::from(u8::from(reloads.last().ok)),
         )?;
         gauge(
             &mut enc,

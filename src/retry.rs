@@ -336,10 +336,10 @@ pub(crate) fn note_failure(
         Ejection::Ejected => {
             state.metrics.ejected();
             tracing::warn!(
-            "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
-            state.addr,
-            outlier.consecutive_failures.map_or(0, |n| n.get()),
-            outlier.ejection_time
+                "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
+                state.addr,
+                outlier.consecutive_failures.map_or(0, |n| n.get()),
+                outlier.ejection_time
             )
         }
         Ejection::Capped => tracing::debug!(

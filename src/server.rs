@@ -1,5 +1,7 @@
 //! Accepting clients: the listening socket, its accept loop, and one hyper
-//! connection task per client (HTTP/1.1 and h2c prior knowledge).
+//! connection task per client (HTTP/1.1 with upgrades, and h2c prior
+//! knowledge). An upgraded connection leaves its task for a relay (see
+//! [`crate::upgrade`]) that keeps the connection's slot until it closes.
 //!
 //! The listening address is reloadable. [`Listeners::replace`] starts an
 //! accept loop on an already-bound new socket before it stops the old one,

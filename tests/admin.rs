@@ -29,7 +29,7 @@ fn parse_metrics(text: &str) -> BTreeMap<Series, f64> {
             continue;
         }
         let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
+            .find(['{', ' '])
             .unwrap_or_else(|| panic!("no value in {line:?}"));
         let name = line[..name_end].to_owned();
         assert!(
@@ -158,11 +158,7 @@ async fn status_json(c: &TestClient, admin: std::net::SocketAddr) -> serde_json:
 }
 
 async fn post(c: &TestClient, url: &str) -> Answer {
-    send(
-        c,
-        Request::post(url).body(Full::new(Bytes::new())).unwrap(),
-    )
-    .await
+    send(c, Request::post(url).body(Full::new(Bytes::new())).unwrap()).await
 }
 
 fn with_admin(backends: &[&Backend]) -> String {
@@ -240,7 +236,10 @@ async fn metrics_count_requests_exactly_and_retries() {
     assert!(
         retried.sum(
             "lb_upstream_attempts_total",
-            &[("backend", &a.addr.to_string()), ("outcome", "server_error")]
+            &[
+                ("backend", &a.addr.to_string()),
+                ("outcome", "server_error")
+            ]
         ) >= 1.0
     );
     // Only the relayed response counts as a request: still exactly 54.
@@ -249,7 +248,10 @@ async fn metrics_count_requests_exactly_and_retries() {
         retried.get("lb_config_reloads_total", &[("result", "success")]),
         Some(0.0)
     );
-    assert_eq!(retried.get("lb_config_last_reload_successful", &[]), Some(1.0));
+    assert_eq!(
+        retried.get("lb_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -273,7 +275,10 @@ async fn broken_config_is_counted_and_shown_with_its_line() {
 
     let after = scrape(&c, admin).await;
     assert!(failures(&after) > failures(&before));
-    assert_eq!(after.get("lb_config_last_reload_successful", &[]), Some(0.0));
+    assert_eq!(
+        after.get("lb_config_last_reload_successful", &[]),
+        Some(0.0)
+    );
     let status = status_json(&c, admin).await;
     assert_eq!(status["last_reload"]["result"], "failure", "{status}");
     assert_eq!(status["last_reload"]["line"], 5, "{status}");
@@ -289,7 +294,10 @@ async fn broken_config_is_counted_and_shown_with_its_line() {
     assert_eq!(status["last_reload"]["result"], "success");
     assert_eq!(status["backends"][0]["address"], a.addr.to_string());
     assert_eq!(status["backends"][0]["healthy"], true);
-    assert!(status["version"].as_str().unwrap().starts_with(env!("CARGO_PKG_VERSION")));
+    assert!(status["version"]
+        .as_str()
+        .unwrap()
+        .starts_with(env!("CARGO_PKG_VERSION")));
 }
 
 #[tokio::test]
@@ -321,9 +329,18 @@ async fn probes_and_admin_listener_follows_reloads() {
     let t = TestLb::start(&with_admin(&[&a])).await;
     let admin = t.lb.admin_addr().unwrap();
     let c = client();
-    assert_eq!(get(&c, &format!("http://{admin}/healthz")).await.status, StatusCode::OK);
-    assert_eq!(get(&c, &format!("http://{admin}/readyz")).await.status, StatusCode::OK);
-    assert_eq!(get(&c, &format!("http://{admin}/nope")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&c, &format!("http://{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&c, &format!("http://{admin}/readyz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&c, &format!("http://{admin}/nope")).await.status,
+        StatusCode::NOT_FOUND
+    );
     // The proxy port does not serve admin paths: they go to the backend.
     assert_eq!(get(&c, &t.url("/metrics")).await.text(), "a");
 
@@ -333,7 +350,10 @@ async fn probes_and_admin_listener_follows_reloads() {
     drop(spare);
     t.rewrite(&format!("admin: {moved}\n{}", backends_yaml(&[&a])));
     eventually!(10, t.lb.admin_addr() == Some(moved));
-    assert_eq!(get(&c, &format!("http://{moved}/healthz")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c, &format!("http://{moved}/healthz")).await.status,
+        StatusCode::OK
+    );
     // Disabled by a reload.
     t.rewrite(&backends_yaml(&[&a]));
     eventually!(10, t.lb.admin_addr().is_none());
@@ -342,7 +362,10 @@ async fn probes_and_admin_listener_follows_reloads() {
     t.rewrite(&with_admin(&[&a]));
     eventually!(10, t.lb.admin_addr().is_some());
     let admin = t.lb.admin_addr().unwrap();
-    assert_eq!(get(&c, &format!("http://{admin}/readyz")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c, &format!("http://{admin}/readyz")).await.status,
+        StatusCode::OK
+    );
 }
 
 /// SIGTERM with `--shutdown-delay`: `/readyz` turns 503 at once while lb
@@ -375,7 +398,11 @@ async fn readyz_turns_503_on_sigterm_while_requests_complete() {
         eventually!(10, lb.log_text().contains("admin listener on "));
         let text = lb.log_text();
         let at = text.split("admin listener on ").nth(1).unwrap();
-        at.split_whitespace().next().unwrap().parse::<std::net::SocketAddr>().unwrap()
+        at.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
     };
     let c = client();
     let readyz = format!("http://{admin}/readyz");
@@ -400,14 +427,25 @@ async fn readyz_turns_503_on_sigterm_while_requests_complete() {
     // Still accepting new clients during the delay.
     slow.set_delay(Duration::ZERO);
     let fresh = client();
-    assert_eq!(get(&fresh, &format!("http://{proxy}/")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&fresh, &format!("http://{proxy}/")).await.status,
+        StatusCode::OK
+    );
     let done = in_flight.await.unwrap();
     assert_eq!(done.status, StatusCode::OK);
     assert_eq!(done.text(), "slow");
-    assert_eq!(get(&c, &format!("http://{admin}/healthz")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c, &format!("http://{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
     // Then it drains and exits cleanly.
     let mut lb = lb;
-    eventually!(20, lb.child.try_wait().unwrap().is_some(), "lb did not exit: {}", lb.log_text());
+    eventually!(
+        20,
+        lb.child.try_wait().unwrap().is_some(),
+        "lb did not exit: {}",
+        lb.log_text()
+    );
     assert!(lb.child.try_wait().unwrap().unwrap().success());
 }
 
@@ -420,14 +458,24 @@ async fn second_sigterm_exits_at_once() {
         &format!("listen: 127.0.0.1:0\n{}", backends_yaml(&[&a])),
     );
     let mut lb = LbProcess::spawn(
-        &["--config", path.to_str().unwrap(), "--shutdown-delay", "60s"],
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--shutdown-delay",
+            "60s",
+        ],
         &[],
     );
     lb.wait_listening().await;
     lb.signal("TERM");
     eventually!(10, lb.log_text().contains("--shutdown-delay"));
     lb.signal("TERM");
-    eventually!(10, lb.child.try_wait().unwrap().is_some(), "{}", lb.log_text());
+    eventually!(
+        10,
+        lb.child.try_wait().unwrap().is_some(),
+        "{}",
+        lb.log_text()
+    );
 }
 
 /// A `Write` into shared memory, to read what lb logged.
@@ -460,7 +508,10 @@ async fn logged(format: lb::access_log::Format) -> (Vec<String>, Backend) {
     let out = Captured::default();
     t.lb.set_access_log(format, Box::new(out.clone()));
     let c = client();
-    assert_eq!(get(&c, &t.url("/one?secret=1")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c, &t.url("/one?secret=1")).await.status,
+        StatusCode::OK
+    );
     a.set_status(404);
     assert_eq!(get(&c, &t.url("/two")).await.status, StatusCode::NOT_FOUND);
     eventually!(10, out.lines().len() == 2, "{:?}", out.lines());
@@ -478,7 +529,11 @@ async fn logged(format: lb::access_log::Format) -> (Vec<String>, Backend) {
 async fn access_log_text_line_per_request() {
     let (lines, a) = logged(lb::access_log::Format::Text).await;
     let first: Vec<&str> = lines[0].split(' ').collect();
-    assert!(first[0].ends_with('Z') && first[0].contains('T'), "{}", lines[0]);
+    assert!(
+        first[0].ends_with('Z') && first[0].contains('T'),
+        "{}",
+        lines[0]
+    );
     assert_eq!(first[1], "127.0.0.1");
     assert_eq!(first[2], "GET");
     assert_eq!(first[3], "/one", "path without the query");
@@ -500,7 +555,10 @@ async fn access_log_json_line_per_request() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["backend"], a.addr.to_string());
     assert_eq!(v["attempts"], 1);
-    assert!(v["upstream_ms"].is_f64() || v["upstream_ms"].is_u64(), "{v}");
+    assert!(
+        v["upstream_ms"].is_f64() || v["upstream_ms"].is_u64(),
+        "{v}"
+    );
     assert!(v["duration_ms"].as_f64().unwrap() >= v["upstream_ms"].as_f64().unwrap());
     assert!(v["time"].as_str().unwrap().ends_with('Z'));
     let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();

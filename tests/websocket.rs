@@ -113,7 +113,10 @@ async fn websocket_echo_through_lb_counts_in_flight_and_connection() {
     assert_eq!(rt.upgrades.open(), 1);
     ws.close(None).await.unwrap();
     drop(ws);
-    eventually!(10, state() == 0 && rt.connections.open() == 0 && rt.upgrades.open() == 0);
+    eventually!(
+        10,
+        state() == 0 && rt.connections.open() == 0 && rt.upgrades.open() == 0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,19 +174,13 @@ async fn max_connections_counts_open_sockets() {
     let url = format!("ws://{}/chat", t.lb.local_addr());
     let second = tokio::time::timeout(
         Duration::from_millis(500),
-        tokio_tungstenite::connect_async(url.clone()),
+        tokio_tungstenite::connect_async(url),
     )
     .await;
     assert!(second.is_err(), "a second connection was served at the cap");
     ws.close(None).await.unwrap();
     drop(ws);
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let mut ws = connect(&t).await;
     assert_eq!(echo(&mut ws, "y").await, "a:y");
 }
 
@@ -201,5 +198,8 @@ async fn shutdown_closes_sockets_after_the_grace_period() {
         .await
         .expect("socket still open after shutdown");
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
-    eventually!(10, runtime.upgrades.open() == 0 && runtime.connections.open() == 0);
+    eventually!(
+        10,
+        runtime.upgrades.open() == 0 && runtime.connections.open() == 0
+    );
 }
