@@ -564,3 +564,81 @@ async fn access_log_json_line_per_request() {
     let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second["status"], 404);
 }
+
+/// The real binary with `--log-format json`: access log lines on stdout,
+/// flushed by shutdown.
+#[tokio::test]
+async fn binary_writes_json_access_log_on_stdout() {
+    use std::io::Read;
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "listen: 127.0.0.1:0\naccess_log: true\n{}",
+            backends_yaml(&[&a])
+        ),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Reads stderr to its end, so lb never writes into a closed pipe.
+    let log = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        let mut text = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            let addr = line.split("listening on ").nth(1).and_then(|a| {
+                a.split('"')
+                    .next()?
+                    .trim()
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+            });
+            if let (Some(addr), Some(tx)) = (addr, tx.take_if(|_| addr.is_some())) {
+                let _ = tx.send(addr);
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("lb never listened")
+        .unwrap();
+    let c = client();
+    assert_eq!(
+        get(&c, &format!("http://{addr}/x")).await.status,
+        StatusCode::OK
+    );
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", log.join().unwrap());
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["path"], "/x");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["backend"], a.addr.to_string());
+}
