@@ -61,5 +61,8 @@ fn main() {
         .unwrap_or(1.0);
     println!("counting one proxied request (attempt + status + histogram):");
     println!("  1 thread : {:6.1} ns/request", run(1, secs));
-    println!("  2 threads: {:6.1} ns/request (same backend, contended)", run(2, secs));
+    println!(
+        "  2 threads: {:6.1} ns/request (same backend, contended)",
+        run(2, secs)
+    );
 }

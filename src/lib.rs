@@ -94,9 +94,25 @@ impl Lb {
         hash: ContentHash,
         settings: Settings,
     ) -> Lb {
+        Self::start_logging_to(listener, config, hash, settings, None)
+    }
+
+    /// [`Lb::start`], with the access log going to `access_log` (format and
+    /// writer) instead of stdout as text, set before the first client can
+    /// connect.
+    pub fn start_logging_to(
+        listener: TcpListener,
+        config: Config,
+        hash: ContentHash,
+        settings: Settings,
+        access_log: Option<(access_log::Format, Box<dyn std::io::Write + Send>)>,
+    ) -> Lb {
         let configured = config.listen;
         tracing::info!(%hash, "config loaded: {}", config.summary());
         let runtime = Runtime::new(config, hash);
+        if let Some((format, out)) = access_log {
+            runtime.access_log.set_sink(format, out);
+        }
         let (drain, drain_rx) = watch::channel(false);
         let listeners = Listeners::start(listener, configured, Arc::clone(&runtime), drain_rx);
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
@@ -124,7 +140,8 @@ impl Lb {
     }
 
     /// Sends the access log to `out` in `format` instead of stdout as
-    /// text; effective only before the first request is logged.
+    /// text; effective only before the first request is logged (prefer
+    /// [`Lb::start_logging_to`], which sets it before accepting).
     pub fn set_access_log(&self, format: access_log::Format, out: Box<dyn std::io::Write + Send>) {
         self.runtime.access_log.set_sink(format, out);
     }

@@ -140,12 +140,12 @@ async fn serve(cli: Cli) -> ExitCode {
         },
     };
     let admin = config.admin;
-    let lb = lb::Lb::start(listener, config, hash, settings);
     let access_log = match cli.log_format {
         LogFormat::Text => lb::access_log::Format::Text,
         LogFormat::Json => lb::access_log::Format::Json,
     };
-    lb.set_access_log(access_log, Box::new(std::io::stdout()));
+    let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+    let lb = lb::Lb::start_logging_to(listener, config, hash, settings, Some((access_log, stdout)));
     if let (Some(addr), None) = (admin, lb.admin_addr()) {
         tracing::error!("cannot serve the admin listener on {addr}");
         return ExitCode::FAILURE;

@@ -637,7 +637,8 @@ async fn binary_writes_json_access_log_on_stdout() {
     assert!(status.success(), "{status}: {}", log.join().unwrap());
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "{out}");
-    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(v["path"], "/x");
     assert_eq!(v["status"], 200);
     assert_eq!(v["backend"], a.addr.to_string());
