@@ -165,6 +165,14 @@ fn with_admin(backends: &[&Backend]) -> String {
     format!("admin: 127.0.0.1:0\n{}", backends_yaml(backends))
 }
 
+/// lb in-process over `backends` with an admin listener, its admin
+/// address, and a client.
+async fn with_admin_lb(backends: &[&Backend]) -> (TestLb, std::net::SocketAddr, TestClient) {
+    let t = TestLb::start(&with_admin(backends)).await;
+    let admin = t.lb.admin_addr().expect("admin bound");
+    (t, admin, client())
+}
+
 #[test]
 fn parser_reads_the_exposition_format() {
     let m = parse_metrics(
@@ -182,9 +190,7 @@ fn parser_reads_the_exposition_format() {
 #[tokio::test]
 async fn metrics_count_requests_exactly_and_retries() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let t = TestLb::start(&with_admin(&[&a, &b])).await;
-    let admin = t.lb.admin_addr().expect("admin bound");
-    let c = client();
+    let (t, admin, c) = with_admin_lb(&[&a, &b]).await;
     let before = scrape(&c, admin).await;
     for _ in 0..50 {
         assert_eq!(get(&c, &t.url("/")).await.status, StatusCode::OK);
@@ -257,9 +263,7 @@ async fn metrics_count_requests_exactly_and_retries() {
 #[tokio::test]
 async fn broken_config_is_counted_and_shown_with_its_line() {
     let a = Backend::start("a").await;
-    let t = TestLb::start(&with_admin(&[&a])).await;
-    let admin = t.lb.admin_addr().unwrap();
-    let c = client();
+    let (t, admin, c) = with_admin_lb(&[&a]).await;
     let before = scrape(&c, admin).await;
     let failures = |s: &Scrape| s.sum("lb_config_reloads_total", &[("result", "failure")]);
     // Line 4 (after the harness's `listen:` line) has a bad weight.
@@ -303,9 +307,7 @@ async fn broken_config_is_counted_and_shown_with_its_line() {
 #[tokio::test]
 async fn removed_backend_series_disappear() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let t = TestLb::start(&with_admin(&[&a, &b])).await;
-    let admin = t.lb.admin_addr().unwrap();
-    let c = client();
+    let (t, admin, c) = with_admin_lb(&[&a, &b]).await;
     for _ in 0..4 {
         get(&c, &t.url("/")).await;
     }
@@ -326,9 +328,7 @@ async fn removed_backend_series_disappear() {
 #[tokio::test]
 async fn probes_and_admin_listener_follows_reloads() {
     let a = Backend::start("a").await;
-    let t = TestLb::start(&with_admin(&[&a])).await;
-    let admin = t.lb.admin_addr().unwrap();
-    let c = client();
+    let (t, admin, c) = with_admin_lb(&[&a]).await;
     assert_eq!(
         get(&c, &format!("http://{admin}/healthz")).await.status,
         StatusCode::OK
