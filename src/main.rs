@@ -41,6 +41,14 @@ struct Cli {
     /// when absent, and `info,notify=error` when both are.
     #[arg(long, value_parser = log_filter)]
     log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a shell completion script (`lb completions bash > /etc/bash_completion.d/lb`).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -65,6 +73,11 @@ const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Completions { shell }) = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "lb", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     if cli.check {
         for warning in lb::config::env_warnings() {
             eprintln!("warning: {warning}");

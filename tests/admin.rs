@@ -643,3 +643,36 @@ async fn binary_writes_json_access_log_on_stdout() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["backend"], a.addr.to_string());
 }
+
+#[test]
+fn version_names_the_commit_when_git_knows_it() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with(&format!("lb {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    // Built from a git checkout: the commit is named.
+    if git.is_ok_and(|g| g.status.success()) {
+        assert!(text.contains("(commit "), "{text}");
+    }
+}
+
+#[test]
+fn completions_for_bash() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(script.contains("--shutdown-delay"), "{script}");
+}
