@@ -1,11 +1,15 @@
 //! Micro-benchmark of `Selector::select` for every strategy.
 //!
 //! `cargo bench --bench selection` (plain binary, no criterion). For each
-//! strategy × pool size (3, 100, 10,000) × weights (all 1; 1..=10 cycling) ×
+//! strategy (plus `round_robin` wrapped in slow start, nobody warming, to
+//! show the wrapper's cost; `consistent_hash` is given a different key on
+//! every call) × pool size (3, 100, 10,000) × weights (all 1; 1..=10 cycling) ×
 //! eligibility (all; odd indexes down; first half down) it reports the mean
 //! nanoseconds per `select` on one thread, then a 2-thread contended run of
 //! round_robin and least_connections (one selector shared by both threads),
-//! then the time `selection::build` takes for 10,000 backends.
+//! then the time `selection::build` takes for 10,000 backends (for
+//! `consistent_hash`, the Maglev table of 1,000,003 slots plus the keyless
+//! round-robin schedule).
 //!
 //! Backends are built exactly as lb builds them: a `Config` parsed from
 //! generated YAML, its states from `StateTable::sync`. Every backend is idle
@@ -19,16 +23,61 @@ use std::path::Path;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use lb::config::{Config, Strategy};
-use lb::selection::{self, Backend, Selector};
-use lb::state::StateTable;
+use lb::config::{Config, Steering, Strategy};
+use lb::selection::{self, hash, Backend, Pick, Selector};
+use lb::state::{Clock, StateTable};
 
-const STRATEGIES: [Strategy; 4] = [
-    Strategy::RoundRobin,
-    Strategy::LeastConnections,
-    Strategy::Random,
-    Strategy::PowerOfTwoChoices,
-];
+/// A strategy with its parameters, as the bench names it.
+#[derive(Clone)]
+struct Case {
+    /// Row label.
+    name: &'static str,
+    /// The strategy built.
+    strategy: Strategy,
+    /// Its parameters (slow start for the wrapper row).
+    steering: Steering,
+}
+
+impl Case {
+    fn plain(strategy: Strategy) -> Case {
+        Case {
+            name: strategy.name(),
+            strategy,
+            steering: Steering::default(),
+        }
+    }
+
+    fn build(&self, backends: &[Backend]) -> std::sync::Arc<dyn Selector> {
+        selection::build(self.strategy, &self.steering, backends, Clock::new())
+    }
+
+    /// Whether each call gets a (different) hash key.
+    fn keyed(&self) -> bool {
+        self.strategy == Strategy::ConsistentHash
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = [
+        Strategy::RoundRobin,
+        Strategy::LeastConnections,
+        Strategy::Random,
+        Strategy::PowerOfTwoChoices,
+        Strategy::ConsistentHash,
+        Strategy::PeakEwma,
+    ]
+    .map(Case::plain)
+    .into();
+    v.push(Case {
+        name: "rr + slow_start",
+        strategy: Strategy::RoundRobin,
+        steering: Steering {
+            slow_start: Some(Duration::from_secs(30)),
+            ..Steering::default()
+        },
+    });
+    v
+}
 const SIZES: [usize; 3] = [3, 100, 10_000];
 /// `select` calls between two clock reads.
 const BATCH: u64 = 1_000;
@@ -106,11 +155,18 @@ fn run(
     sel: &dyn Selector,
     backends: &[Backend],
     eligible: &dyn Fn(usize) -> bool,
+    keyed: bool,
     time: Duration,
 ) -> (u64, Duration) {
-    let batch = || {
+    let mut n = 0u64;
+    let mut batch = || {
         for _ in 0..BATCH {
-            black_box(sel.select(black_box(backends), eligible));
+            n += 1;
+            let pick = Pick {
+                key: keyed.then(|| hash::mix(n)),
+                eligible,
+            };
+            black_box(sel.select(black_box(backends), &pick));
         }
     };
     let warm = Instant::now();
@@ -135,8 +191,12 @@ fn ns_per_op(ops: u64, elapsed: Duration) -> f64 {
 
 /// One `select` outside the clock, to check the case does what it says.
 fn check(sel: &dyn Selector, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) {
-    for _ in 0..100 {
-        let i = sel.select(backends, eligible).expect("a backend");
+    for k in 0..100 {
+        let pick = Pick {
+            key: Some(hash::mix(k)),
+            eligible,
+        };
+        let i = sel.select(backends, &pick).expect("a backend");
         assert!(eligible(i), "picked ineligible backend {i}");
     }
 }
@@ -175,13 +235,13 @@ fn main() {
         "|{:-<22}|{:-<9}|{:-<15}|{:->11}|{:->11}|{:->11}|",
         "", "", "", "", "", ""
     );
-    for strategy in STRATEGIES {
+    for case in cases() {
         for weights in [Weights::Equal, Weights::Mixed] {
             for eligibility in [Eligible::All, Eligible::OddDown, Eligible::FirstHalfDown] {
                 let mut cells = Vec::new();
                 for n in SIZES {
                     let backends = pool_of(weights, n);
-                    let sel = selection::build(strategy, backends);
+                    let sel = case.build(backends);
                     let half = n / 2;
                     let all = |_: usize| true;
                     let odd_down = |i: usize| i % 2 == 0;
@@ -192,12 +252,12 @@ fn main() {
                         Eligible::FirstHalfDown => &first_half_down,
                     };
                     check(&*sel, backends, eligible);
-                    let (ops, elapsed) = run(&*sel, backends, eligible, time);
+                    let (ops, elapsed) = run(&*sel, backends, eligible, case.keyed(), time);
                     cells.push(format!("{:>9.1}", ns_per_op(ops, elapsed)));
                 }
                 println!(
                     "| {:<20} | {:<7} | {:<13} | {} |",
-                    strategy.name(),
+                    case.name,
                     weights.name(),
                     eligibility.name(),
                     cells.join(" | ")
@@ -221,15 +281,15 @@ fn main() {
     for strategy in [Strategy::RoundRobin, Strategy::LeastConnections] {
         for n in SIZES {
             let backends = pool_of(Weights::Equal, n);
-            let sel = selection::build(strategy, backends);
-            let (ops1, el1) = run(&*sel, backends, &|_| true, time);
+            let sel = Case::plain(strategy).build(backends);
+            let (ops1, el1) = run(&*sel, backends, &|_| true, false, time);
             let barrier = Barrier::new(2);
             let results: Vec<(u64, Duration)> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..2)
                     .map(|_| {
                         s.spawn(|| {
                             barrier.wait();
-                            run(&*sel, backends, &|_| true, time)
+                            run(&*sel, backends, &|_| true, false, time)
                         })
                     })
                     .collect();
@@ -273,13 +333,16 @@ fn main() {
         (Strategy::LeastConnections, Weights::Mixed),
         (Strategy::Random, Weights::Mixed),
         (Strategy::PowerOfTwoChoices, Weights::Mixed),
+        (Strategy::ConsistentHash, Weights::Mixed),
+        (Strategy::ConsistentHash, Weights::Equal),
+        (Strategy::PeakEwma, Weights::Mixed),
     ] {
         let backends = pool_of(weights, 10_000);
         let mut times = Vec::new();
         let start = Instant::now();
         while times.len() < 3 || (start.elapsed() < time && times.len() < 1_000) {
             let t = Instant::now();
-            black_box(selection::build(strategy, black_box(backends)));
+            black_box(Case::plain(strategy).build(black_box(backends)));
             times.push(t.elapsed());
         }
         let min = times.iter().min().copied().unwrap_or_default();

@@ -10,7 +10,9 @@
 //!   in a new one.
 //! * [`state`]: per-backend runtime state (in-flight, counters, health)
 //!   keyed by address, so it survives reloads.
-//! * [`selection`]: the strategies, one type each behind [`selection::Selector`].
+//! * [`selection`]: the strategies, one type each behind [`selection::Selector`],
+//!   and slow start around them; [`affinity`]: a request's hash key and its
+//!   sticky-session cookie.
 //! * [`server`]: listening socket(s), accept loop, client connections.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
@@ -28,6 +30,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod affinity;
 pub mod body;
 pub mod config;
 pub mod health;

@@ -13,6 +13,7 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::access_log::Entry;
+use crate::affinity;
 use crate::body::{RequestBody, ResponseBody};
 use crate::retry::{self, is_idempotent, Trace};
 use crate::runtime::{Runtime, Snapshot};
@@ -89,6 +90,7 @@ async fn respond(
     let upgrade = upgrade::requested(&parts)
         .then(|| parts.headers.get(header::UPGRADE).cloned())
         .flatten();
+    let steer = affinity::steer(snap, &mut parts, client_ip);
     if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
         return refusal.response();
@@ -106,7 +108,9 @@ async fn respond(
             return retry::client_fault(e.fault);
         }
     };
-    retry::forward(rt, snap, parts, body, trace).await
+    let mut resp = retry::forward(rt, snap, &steer, parts, body, trace).await;
+    affinity::on_response(snap, &steer, &mut resp);
+    resp
 }
 
 /// A request lb answers itself, with why.

@@ -26,6 +26,7 @@ use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
+use crate::selection::Steer;
 use crate::state::{Clock, Ejection, InFlight};
 use crate::upgrade::Hold;
 use crate::upstream::{self, FailureKind};
@@ -125,16 +126,18 @@ pub struct Trace {
 }
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy, and notes in `trace` what it did.
+/// retrying per the snapshot's policy (`steer` carries its hash key and
+/// affinity cookie), and notes in `trace` what it did.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
+    steer: &Steer,
     parts: Parts,
     body: RequestBody,
     trace: &mut Trace,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
-    let resp = attempts(rt, snap, parts, body, trace, started).await;
+    let resp = attempts(rt, snap, steer, parts, body, trace, started).await;
     if trace.attempts > 0 {
         trace.upstream = Some(Instant::now() - started);
     }
@@ -144,6 +147,7 @@ pub async fn forward(
 async fn attempts(
     rt: &Runtime,
     snap: &Snapshot,
+    steer: &Steer,
     mut parts: Parts,
     mut body: RequestBody,
     trace: &mut Trace,
@@ -172,7 +176,7 @@ async fn attempts(
         let now_ms = rt.clock.now_ms();
         let eligible =
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select(&eligible) else {
+        let Some(index) = snap.select_for(steer, &eligible) else {
             if attempt == 0 {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -208,7 +212,13 @@ async fn attempts(
         let try_deadline = policy
             .per_try_timeout
             .map_or(deadline, |t| deadline.min(Instant::now() + t));
+        let sent = Instant::now();
         let outcome = timeout_at(try_deadline, snap.client.request(req)).await;
+        // peak_ewma's sample: time to the response head (a refused connect says nothing).
+        if !matches!(&outcome, Ok(Err(e)) if e.is_connect()) {
+            let decay = snap.config.steering.peak_ewma_decay;
+            backend.state.record_latency(sent.elapsed(), decay);
+        }
         // The client's side failed (bad framing, stall, gone): not the backend's doing.
         let fault = body.client_fault().or_else(|| {
             (outcome.is_err() && body.waiting_on_client()).then_some(ClientFault::Stalled)
@@ -225,7 +235,12 @@ async fn attempts(
                     backend.state.record_success();
                     trace.relayed = Some(index);
                     let hold = parts.extensions.remove::<Hold>();
-                    return crate::upgrade::relay(&rt.upgrades, resp, client, hold, in_flight);
+                    let mut resp =
+                        crate::upgrade::relay(&rt.upgrades, resp, client, hold, in_flight);
+                    // A handshake sets the affinity cookie like any response.
+                    resp.extensions_mut()
+                        .insert(crate::affinity::ServedBy(index));
+                    return resp;
                 }
                 // lb forwards `Upgrade` only when asked, so this switch was not.
                 None => (
@@ -242,7 +257,7 @@ async fn attempts(
                     metrics.attempt(AttemptOutcome::Success);
                     backend.state.record_success();
                 }
-                let resp = pass_through(resp, in_flight);
+                let resp = pass_through(resp, in_flight, index);
                 trace.relayed = Some(index);
                 if policy.retry_on.status(status.as_u16()) && idempotent && body.is_replayable() {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
@@ -366,7 +381,11 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
     Uri::from_parts(parts).unwrap_or_default()
 }
 
-fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<ResponseBody> {
+fn pass_through(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    index: usize,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
     // decoded the chunked body; a kept Content-Length would cut it short.
@@ -374,6 +393,7 @@ fn pass_through(resp: Response<Incoming>, in_flight: InFlight) -> Response<Respo
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(crate::affinity::ServedBy(index));
     Response::from_parts(
         parts,
         ResponseBody::Upstream {

@@ -21,10 +21,11 @@ use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
+use crate::affinity::AffinityCookies;
 use crate::config::{Config, ContentHash};
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
-use crate::selection::{self, Backend, Selector};
+use crate::selection::{self, Backend, Pick, Selector, Steer};
 use crate::server::ConnectionCount;
 use crate::state::{Clock, StateTable};
 use crate::upgrade::Upgrades;
@@ -39,8 +40,11 @@ pub struct Snapshot {
     pub hash: ContentHash,
     /// The pool in config order, each with its runtime state.
     pub backends: Vec<Backend>,
-    /// The configured strategy, built over `backends`.
-    pub selector: Box<dyn Selector>,
+    /// The configured strategy, built over `backends`; shared with the
+    /// previous snapshot when neither the pool nor the strategy changed.
+    pub selector: Arc<dyn Selector>,
+    /// Cookie tokens per backend when `session_affinity` is on.
+    pub affinity: Option<AffinityCookies>,
     /// Backend connection pool; carried over between snapshots when the
     /// connect timeout is unchanged.
     pub client: UpstreamClient,
@@ -53,7 +57,20 @@ pub struct Snapshot {
 impl Snapshot {
     /// The backend picked for an attempt, skipping those `eligible` rejects.
     pub fn select(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
-        self.selector.select(&self.backends, eligible)
+        self.select_for(&Steer::default(), eligible)
+    }
+
+    /// As [`Snapshot::select`], for a request with a hash key or an affinity
+    /// cookie: the pinned backend while it is eligible, else the strategy.
+    pub fn select_for(&self, steer: &Steer, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if let Some(i) = steer.pinned.filter(|&i| eligible(i)) {
+            return Some(i);
+        }
+        let pick = Pick {
+            key: steer.key,
+            eligible,
+        };
+        self.selector.select(&self.backends, &pick)
     }
 }
 
@@ -193,9 +210,9 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: Config, hash: ContentHash) -> Arc<Runtime> {
-        let states = StateTable::default();
-        let snapshot = build(config, hash, &states, None);
         let clock = Clock::new();
+        let states = StateTable::new(clock);
+        let snapshot = build(config, hash, &states, None);
         let runtime = Runtime {
             current: ArcSwap::from_pointee(snapshot),
             states,
@@ -267,8 +284,25 @@ fn build(
         Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.client.clone(),
         _ => upstream::client(config.timeouts.connect),
     };
+    let selector = match old {
+        Some(old)
+            if selection::same_build(
+                (old.config.strategy, &old.config.steering, &old.backends),
+                (config.strategy, &config.steering, &backends),
+            ) =>
+        {
+            Arc::clone(&old.selector)
+        }
+        _ => selection::build(config.strategy, &config.steering, &backends, states.clock()),
+    };
+    let affinity = config
+        .steering
+        .session_affinity
+        .as_ref()
+        .map(|a| AffinityCookies::build(a, &backends));
     Snapshot {
-        selector: selection::build(config.strategy, &backends),
+        selector,
+        affinity,
         server: crate::server::http_server(&config),
         backends,
         authorities,
@@ -329,6 +363,7 @@ impl ReloadSummary {
             || o.retry != n.retry
             || o.admin != n.admin
             || o.access_log != n.access_log
+            || o.steering != n.steering
             || (s.added.is_empty()
                 && s.removed.is_empty()
                 && s.reweighted.is_empty()

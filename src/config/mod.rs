@@ -34,6 +34,7 @@
 //! (see [`crate::runtime`]).
 
 mod raw;
+mod steering;
 mod validate;
 
 use std::fmt;
@@ -49,6 +50,7 @@ use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
 pub use raw::RawConfig;
+pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 
 /// A validated configuration. Cheap to share: it lives inside an `Arc`.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +72,8 @@ pub struct Config {
     pub outlier_detection: OutlierDetection,
     /// When and how a failed request is tried on another backend.
     pub retry: RetryPolicy,
+    /// Hash key, sticky cookie, peak-EWMA decay and slow start.
+    pub steering: Steering,
     /// Caps that keep one client (or many) from exhausting lb.
     pub limits: Limits,
     /// Where the admin listener (metrics, status, probes, reload) serves;
@@ -108,6 +112,10 @@ pub enum Strategy {
     Random,
     /// Two weighted-random picks, the less loaded one wins.
     PowerOfTwoChoices,
+    /// Maglev table over the request's hash key; round robin without a key.
+    ConsistentHash,
+    /// Two weighted-random picks, the lower peak-EWMA latency × (in flight + 1) wins.
+    PeakEwma,
 }
 
 impl Strategy {
@@ -117,6 +125,8 @@ impl Strategy {
             Strategy::LeastConnections => "least_connections",
             Strategy::Random => "random",
             Strategy::PowerOfTwoChoices => "power_of_two_choices",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::PeakEwma => "peak_ewma",
         }
     }
 }

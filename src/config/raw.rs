@@ -32,6 +32,14 @@ pub struct RawConfig {
     pub outlier_detection: Option<RawOutlierDetection>,
     /// Retry policy; defaults when absent.
     pub retry: Option<RawRetry>,
+    /// What `consistent_hash` hashes (`client_ip`, `header:NAME`, …).
+    pub hash_key: Option<String>,
+    /// Sticky sessions by cookie; off when absent.
+    pub session_affinity: Option<super::steering::RawSessionAffinity>,
+    /// `peak_ewma` parameters; defaults when absent.
+    pub peak_ewma: Option<super::steering::RawPeakEwma>,
+    /// Ramp-up window for joining backends; off when absent.
+    pub slow_start: Option<HumanDuration>,
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
@@ -62,6 +70,8 @@ pub enum RawStrategy {
     LeastConnections,
     Random,
     PowerOfTwoChoices,
+    ConsistentHash,
+    PeakEwma,
 }
 
 #[derive(Debug, Deserialize)]

@@ -169,3 +169,91 @@ fn listen_and_section_errors() {
     let e = error(&format!("{MINIMAL}retry:\n  budget:\n    ratio: -1\n"));
     assert!(e.contains("retry.budget.ratio"), "{e}");
 }
+
+#[test]
+fn steering_keys_parse_with_defaults() {
+    use super::{HashKey, DEFAULT_PEAK_EWMA_DECAY};
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.steering.hash_key, HashKey::ClientIp);
+    assert_eq!(c.steering.peak_ewma_decay, DEFAULT_PEAK_EWMA_DECAY);
+    assert!(c.steering.session_affinity.is_none() && c.steering.slow_start.is_none());
+    let c = parse(&format!(
+        "strategy: consistent_hash\nhash_key: header:X-User\nsession_affinity:\n  cookie: lb_id\n  ttl: 1h\nslow_start: 30s\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.strategy, Strategy::ConsistentHash);
+    assert_eq!(
+        c.steering.hash_key,
+        HashKey::Header("x-user".parse().unwrap())
+    );
+    let a = c.steering.session_affinity.unwrap();
+    assert_eq!(
+        (a.cookie.as_str(), a.ttl),
+        ("lb_id", Some(Duration::from_secs(3600)))
+    );
+    assert_eq!(c.steering.slow_start, Some(Duration::from_secs(30)));
+    for (key, want) in [
+        ("path", HashKey::Path),
+        ("client_ip", HashKey::ClientIp),
+        ("cookie:sid", HashKey::Cookie("sid".into())),
+        ("query:user", HashKey::Query("user".into())),
+    ] {
+        let c = parse(&format!(
+            "strategy: consistent_hash\nhash_key: {key}\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.steering.hash_key, want);
+    }
+    let c = parse(&format!(
+        "strategy: peak_ewma\npeak_ewma:\n  decay: 2s\nslow_start: 0s\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.steering.peak_ewma_decay, Duration::from_secs(2));
+    assert_eq!(c.steering.slow_start, None);
+}
+
+#[test]
+fn steering_errors_name_the_field() {
+    let e = error(&format!(
+        "strategy: consistent_hash\nhash_key: body\n{MINIMAL}"
+    ));
+    assert!(e.contains("hash_key: \"body\" is not a hash key"), "{e}");
+    let e = error(&format!(
+        "strategy: consistent_hash\nhash_key: \"header:bad header\"\n{MINIMAL}"
+    ));
+    assert!(
+        e.contains("hash_key: \"bad header\" is not a valid header name"),
+        "{e}"
+    );
+    let e = error(&format!("hash_key: path\n{MINIMAL}"));
+    assert!(
+        e.contains("hash_key: applies only to strategy consistent_hash (strategy is round_robin)"),
+        "{e}"
+    );
+    let e = error(&format!("peak_ewma:\n  decay: 2s\n{MINIMAL}"));
+    assert!(
+        e.contains("peak_ewma.decay: applies only to strategy peak_ewma"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "strategy: peak_ewma\npeak_ewma:\n  decay: 1ms\n{MINIMAL}"
+    ));
+    assert!(e.contains("peak_ewma.decay: 1ms is too short"), "{e}");
+    let e = error(&format!("session_affinity:\n  ttl: 1h\n{MINIMAL}"));
+    assert!(e.contains("session_affinity.cookie: missing"), "{e}");
+    let e = error(&format!("session_affinity:\n  cookie: \"a b\"\n{MINIMAL}"));
+    assert!(
+        e.contains("session_affinity.cookie: \"a b\" is not a valid cookie name"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "session_affinity:\n  cookie: x\n  ttl: 10ms\n{MINIMAL}"
+    ));
+    assert!(e.contains("session_affinity.ttl: 10ms is too short"), "{e}");
+    let e = error(&format!(
+        "session_affinity:\n  cookie: x\n  tll: 1h\n{MINIMAL}"
+    ));
+    assert!(e.contains("unknown field `tll`"), "{e}");
+    let e = error(&format!("slow_start: soon\n{MINIMAL}"));
+    assert!(e.contains("invalid duration"), "{e}");
+}

@@ -42,6 +42,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         RawStrategy::LeastConnections => Strategy::LeastConnections,
         RawStrategy::Random => Strategy::Random,
         RawStrategy::PowerOfTwoChoices => Strategy::PowerOfTwoChoices,
+        RawStrategy::ConsistentHash => Strategy::ConsistentHash,
+        RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
     let mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
@@ -58,6 +60,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     let health_check = raw.health_check.map(health_check).transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
+    let steering = super::steering::validate(
+        super::steering::RawSteering {
+            hash_key: raw.hash_key,
+            session_affinity: raw.session_affinity,
+            peak_ewma: raw.peak_ewma,
+            slow_start: raw.slow_start,
+        },
+        strategy,
+    )?;
     let admin = match raw.admin.as_deref() {
         None => None,
         Some(s) => Some(s.trim().parse().or_else(|_| {
@@ -79,6 +90,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         health_check,
         outlier_detection,
         retry,
+        steering,
         limits,
         admin,
         access_log: raw.access_log.unwrap_or(false),

@@ -9,7 +9,7 @@
 //! LEAST_REQUEST does, which keeps selection O(log n) at 10,000 backends.
 
 use super::random::WeightedRandom;
-use super::{less_loaded, Backend, Fallback, Selector};
+use super::{less_loaded, Backend, Fallback, Pick, Selector};
 
 /// Largest pool scanned exhaustively.
 pub const EXACT_LIMIT: usize = 64;
@@ -34,14 +34,15 @@ impl LeastConnections {
 }
 
 impl Selector for LeastConnections {
-    fn select(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        let eligible = pick.eligible;
         let better = |best: Option<usize>, i: usize| match best {
             Some(b) if !less_loaded(&backends[i], &backends[b]) => Some(b),
             _ => Some(i),
         };
         if let Some(sampler) = &self.sampler {
             let best = (0..SAMPLES)
-                .filter_map(|_| sampler.select(backends, eligible))
+                .filter_map(|_| sampler.select(backends, pick))
                 .fold(None, better);
             return best.or_else(|| self.fallback.scan(backends, eligible));
         }
@@ -55,7 +56,7 @@ impl Selector for LeastConnections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selection::testing::{all, pool};
+    use crate::selection::testing::{pool, ANY};
 
     #[test]
     fn picks_least_loaded_per_weight() {
@@ -67,7 +68,7 @@ mod tests {
         // loads: 2/1, 3/2, 2/1 → index 1.
         let lc = LeastConnections::build(&b);
         for _ in 0..5 {
-            assert_eq!(lc.select(&b, &all), Some(1));
+            assert_eq!(lc.select(&b, &ANY), Some(1));
         }
     }
 
@@ -75,7 +76,7 @@ mod tests {
     fn idle_pool_rotates() {
         let b = pool(&[1, 1, 1]);
         let lc = LeastConnections::build(&b);
-        let picks: Vec<_> = (0..3).map(|_| lc.select(&b, &all).unwrap()).collect();
+        let picks: Vec<_> = (0..3).map(|_| lc.select(&b, &ANY).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2]);
     }
 
@@ -85,7 +86,7 @@ mod tests {
         let _g: Vec<_> = (0..500).map(|i| b[i].state.start()).collect();
         let lc = LeastConnections::build(&b);
         let loaded = (0..1000)
-            .filter(|_| lc.select(&b, &all).unwrap() < 500)
+            .filter(|_| lc.select(&b, &ANY).unwrap() < 500)
             .count();
         assert!(loaded < 20, "{loaded}");
     }

@@ -9,20 +9,31 @@
 //! fast path; only when the fast path keeps landing on ineligible backends
 //! (most of the pool down) does it fall back to one O(n) scan.
 //! Backends with weight 0 are never selected.
+//!
+//! A request may bring a key ([`Pick::key`], a stable hash of its
+//! `hash_key`); only `consistent_hash` reads it. Slow start is not a strategy
+//! but a wrapper around any of them ([`SlowStart`]).
 
+mod consistent_hash;
+pub mod hash;
 mod least_connections;
+mod peak_ewma;
 mod random;
 mod round_robin;
+mod slow_start;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::config::{BackendAddr, Strategy};
-use crate::state::BackendState;
+use crate::config::{BackendAddr, Steering, Strategy};
+use crate::state::{BackendState, Clock};
 
+pub use consistent_hash::Maglev;
 pub use least_connections::LeastConnections;
+pub use peak_ewma::PeakEwma;
 pub use random::{PowerOfTwoChoices, WeightedRandom};
 pub use round_robin::SmoothRoundRobin;
+pub use slow_start::SlowStart;
 
 /// One pool member as the selectors see it.
 #[derive(Debug, Clone)]
@@ -34,22 +45,83 @@ pub struct Backend {
     pub state: Arc<BackendState>,
 }
 
+/// What one attempt asks of a selector.
+#[derive(Clone, Copy)]
+pub struct Pick<'a> {
+    /// Stable hash of the request's `hash_key` ([`hash::stable`]); `None`
+    /// when the request has none (or the strategy does not hash).
+    pub key: Option<u64>,
+    /// Which backends are acceptable: healthy, not ejected, not yet tried.
+    pub eligible: &'a dyn Fn(usize) -> bool,
+}
+
+impl<'a> Pick<'a> {
+    /// A pick without a key.
+    pub fn any(eligible: &'a dyn Fn(usize) -> bool) -> Self {
+        Pick {
+            key: None,
+            eligible,
+        }
+    }
+}
+
+/// What a request brings to selection: its hash key and the backend its
+/// affinity cookie names. The default (neither) is a plain pick.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Steer {
+    /// Stable hash of the request's `hash_key`, for `consistent_hash`.
+    pub key: Option<u64>,
+    /// Backend index from the affinity cookie; used while it is eligible
+    /// (weight 0 included: draining keeps existing sessions).
+    pub pinned: Option<usize>,
+}
+
 /// A load-balancing strategy over a fixed backend list.
 pub trait Selector: Send + Sync + std::fmt::Debug {
     /// Index into `backends` of the next backend to try, or `None` when no
-    /// backend with a non-zero weight is `eligible`. `backends` is the list
+    /// backend with a non-zero weight is eligible. `backends` is the list
     /// the selector was built from.
-    fn select(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize>;
+    fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize>;
 }
 
-/// Builds the selector for `strategy` over `backends`.
-pub fn build(strategy: Strategy, backends: &[Backend]) -> Box<dyn Selector> {
-    match strategy {
+/// Builds the selector for `strategy` over `backends`, wrapped in slow start
+/// when `steering.slow_start` is set; `clock` is the state table's.
+pub fn build(
+    strategy: Strategy,
+    steering: &Steering,
+    backends: &[Backend],
+    clock: Clock,
+) -> Arc<dyn Selector> {
+    let inner: Box<dyn Selector> = match strategy {
         Strategy::RoundRobin => Box::new(SmoothRoundRobin::build(backends)),
         Strategy::LeastConnections => Box::new(LeastConnections::build(backends)),
         Strategy::Random => Box::new(WeightedRandom::build(backends)),
         Strategy::PowerOfTwoChoices => Box::new(PowerOfTwoChoices::build(backends)),
+        Strategy::ConsistentHash => Box::new(Maglev::build(backends)),
+        Strategy::PeakEwma => Box::new(PeakEwma::build(backends, steering.peak_ewma_decay, clock)),
+    };
+    match steering.slow_start {
+        Some(window) => Arc::new(SlowStart::wrap(inner, window, clock)),
+        None => Arc::from(inner),
     }
+}
+
+/// Whether a selector built for `a` can serve `b` unchanged: same strategy,
+/// parameters and pool (addresses and weights, in order). A reload that
+/// changes none of these keeps the selector, and with it the Maglev table,
+/// the round-robin position and so on.
+pub fn same_build(
+    (sa, pa, ba): (Strategy, &Steering, &[Backend]),
+    (sb, pb, bb): (Strategy, &Steering, &[Backend]),
+) -> bool {
+    sa == sb
+        && pa.peak_ewma_decay == pb.peak_ewma_decay
+        && pa.slow_start == pb.slow_start
+        && ba.len() == bb.len()
+        && ba
+            .iter()
+            .zip(bb)
+            .all(|(x, y)| x.addr == y.addr && x.weight == y.weight)
 }
 
 /// How many fast-path candidates a selector tries before scanning.
@@ -90,6 +162,37 @@ impl Fallback {
     }
 }
 
+/// Draws a backend index with probability proportional to its weight: one
+/// random number and a binary search over cumulative weights, O(log n).
+#[derive(Debug)]
+struct WeightedDraw {
+    /// Running sum of weights; entry i is Σ w₀..=wᵢ.
+    cumulative: Box<[u64]>,
+}
+
+impl WeightedDraw {
+    fn build(backends: &[Backend]) -> Self {
+        let mut sum = 0u64;
+        let cumulative = backends
+            .iter()
+            .map(|b| {
+                sum += u64::from(b.weight);
+                sum
+            })
+            .collect();
+        WeightedDraw { cumulative }
+    }
+
+    fn draw(&self) -> Option<usize> {
+        let total = *self.cumulative.last()?;
+        if total == 0 {
+            return None;
+        }
+        let r = fastrand::u64(0..total);
+        Some(self.cumulative.partition_point(|&c| c <= r))
+    }
+}
+
 /// Compares load per unit of weight without dividing: is `a` less loaded than `b`?
 fn less_loaded(a: &Backend, b: &Backend) -> bool {
     u64::from(a.state.in_flight()) * u64::from(b.weight)
@@ -119,4 +222,10 @@ pub(crate) mod testing {
     pub fn all(_: usize) -> bool {
         true
     }
+
+    /// A keyless pick of any backend.
+    pub const ANY: Pick<'static> = Pick {
+        key: None,
+        eligible: &all,
+    };
 }

@@ -1,39 +1,9 @@
 //! Weighted random and power-of-two-choices.
 //!
-//! Both draw from the weights with one random number and a binary search over
-//! cumulative weights: O(log n), lock-free (fastrand's thread-local generator).
+//! Both draw from the weights with [`WeightedDraw`]: O(log n), lock-free
+//! (fastrand's thread-local generator).
 
-use super::{less_loaded, Backend, Fallback, Selector, FAST_TRIES};
-
-/// Draws a backend index with probability proportional to its weight.
-#[derive(Debug)]
-struct WeightedDraw {
-    /// Running sum of weights; entry i is Σ w₀..=wᵢ.
-    cumulative: Box<[u64]>,
-}
-
-impl WeightedDraw {
-    fn build(backends: &[Backend]) -> Self {
-        let mut sum = 0u64;
-        let cumulative = backends
-            .iter()
-            .map(|b| {
-                sum += u64::from(b.weight);
-                sum
-            })
-            .collect();
-        WeightedDraw { cumulative }
-    }
-
-    fn draw(&self) -> Option<usize> {
-        let total = *self.cumulative.last()?;
-        if total == 0 {
-            return None;
-        }
-        let r = fastrand::u64(0..total);
-        Some(self.cumulative.partition_point(|&c| c <= r))
-    }
-}
+use super::{less_loaded, Backend, Fallback, Pick, Selector, WeightedDraw, FAST_TRIES};
 
 #[derive(Debug)]
 pub struct WeightedRandom {
@@ -53,7 +23,8 @@ impl WeightedRandom {
 }
 
 impl Selector for WeightedRandom {
-    fn select(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        let eligible = pick.eligible;
         for _ in 0..FAST_TRIES {
             let i = self.draw.draw()?;
             if eligible(i) {
@@ -84,7 +55,8 @@ impl PowerOfTwoChoices {
 }
 
 impl Selector for PowerOfTwoChoices {
-    fn select(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        let eligible = pick.eligible;
         for _ in 0..FAST_TRIES {
             let a = self.draw.draw()?;
             let b = self.draw.draw()?;
@@ -102,7 +74,7 @@ impl Selector for PowerOfTwoChoices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selection::testing::{all, pool};
+    use crate::selection::testing::{pool, ANY};
 
     #[test]
     fn weighted_random_follows_weights() {
@@ -110,7 +82,7 @@ mod tests {
         let r = WeightedRandom::build(&b);
         let mut counts = [0u32; 3];
         for _ in 0..40_000 {
-            counts[r.select(&b, &all).unwrap()] += 1;
+            counts[r.select(&b, &ANY).unwrap()] += 1;
         }
         assert_eq!(counts[2], 0);
         let share = f64::from(counts[0]) / 40_000.0;
@@ -122,7 +94,7 @@ mod tests {
         let b = pool(&[1, 1]);
         let _busy: Vec<_> = (0..10).map(|_| b[0].state.start()).collect();
         let p = PowerOfTwoChoices::build(&b);
-        let picks0 = (0..1000).filter(|_| p.select(&b, &all) == Some(0)).count();
+        let picks0 = (0..1000).filter(|_| p.select(&b, &ANY) == Some(0)).count();
         // Index 0 wins only when both draws land on it (~25 %).
         assert!(picks0 < 350, "{picks0}");
     }
@@ -132,7 +104,7 @@ mod tests {
         let b = pool(&[1, 1, 1]);
         let p = PowerOfTwoChoices::build(&b);
         for _ in 0..100 {
-            assert_eq!(p.select(&b, &|i| i == 2), Some(2));
+            assert_eq!(p.select(&b, &Pick::any(&|i| i == 2)), Some(2));
         }
     }
 }

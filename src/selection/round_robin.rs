@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use super::{Backend, Fallback, Selector, FAST_TRIES};
+use super::{Backend, Fallback, Pick, Selector, FAST_TRIES};
 
 /// Above this many inner-loop steps (n·Σw) the EDF construction is used.
 const EXACT_BUILD_LIMIT: u64 = 4_000_000;
@@ -126,7 +126,8 @@ fn edf_schedule(weights: &[u64], total: u64) -> Vec<u32> {
 }
 
 impl Selector for SmoothRoundRobin {
-    fn select(&self, backends: &[Backend], eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn select(&self, backends: &[Backend], pick: &Pick<'_>) -> Option<usize> {
+        let eligible = pick.eligible;
         let len = self.schedule.len();
         if len == 0 {
             return None;
@@ -144,11 +145,11 @@ impl Selector for SmoothRoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selection::testing::{all, pool};
+    use crate::selection::testing::{pool, ANY};
 
     fn names(rr: &SmoothRoundRobin, b: &[Backend], n: usize) -> String {
         (0..n)
-            .map(|_| (b'a' + rr.select(b, &all).unwrap() as u8) as char)
+            .map(|_| (b'a' + rr.select(b, &ANY).unwrap() as u8) as char)
             .collect()
     }
 
@@ -180,9 +181,9 @@ mod tests {
         let b = pool(&[1, 1, 1]);
         let rr = SmoothRoundRobin::build(&b);
         for _ in 0..10 {
-            assert_ne!(rr.select(&b, &|i| i != 1), Some(1));
+            assert_ne!(rr.select(&b, &Pick::any(&|i| i != 1)), Some(1));
         }
-        assert_eq!(rr.select(&b, &|_| false), None);
+        assert_eq!(rr.select(&b, &Pick::any(&|_| false)), None);
     }
 
     #[test]
