@@ -4,6 +4,12 @@
 #
 #   bash bench/compare.sh                 # 10 s per target (~1 min in all)
 #   DURATION=30s CONNECTIONS=128 bash bench/compare.sh
+#   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
+#
+# The tcp scenario measures connections per second (connect, 1 KiB echo,
+# close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
+# transfer through each proxy. Its knobs: DURATION (default 5s there),
+# CONCURRENCY (default 32 loops), TRANSFER (default 1GiB), ROUNDS, WARMUP.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -15,6 +21,7 @@
 # (same CLI as examples/backend: the ports to serve) instead of building it.
 set -euo pipefail
 
+DURATION_SET=${DURATION:-}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
@@ -26,6 +33,16 @@ BACKEND_PORTS=(19001 19002 19003)
 LB_PORT=18080
 NGINX_PORT=18081
 HAPROXY_PORT=18082
+
+SCENARIO=${1:-http}
+case $SCENARIO in
+http) ;;
+tcp) DURATION=${DURATION_SET:-5s} ;;
+*)
+    echo "usage: compare.sh [http|tcp]" >&2
+    exit 2
+    ;;
+esac
 
 NAME=compare
 # shellcheck source=bench/lib.sh
@@ -110,6 +127,87 @@ for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
+# The main context of both nginx configs (processes, pid, log, events).
+nginx_main() {
+    echo "worker_processes $PROXY_THREADS;"
+    echo "pid $TMP/nginx.pid;"
+    echo "error_log $TMP/nginx-error.log warn;"
+    echo "events { worker_connections 4096; }"
+}
+
+# The global section of both HAProxy configs, up to `defaults`.
+haproxy_global() {
+    echo "global"
+    echo "  nbthread $PROXY_THREADS"
+    echo "  maxconn 4096"
+    echo "defaults"
+}
+
+# HAProxy `server` lines for the backends, health-checked every 2 s.
+haproxy_servers() {
+    local i=0 port
+    for port in "${BACKEND_PORTS[@]}"; do
+        i=$((i + 1))
+        echo "  server b$i 127.0.0.1:$port check inter 2s"
+    done
+}
+
+# Checks the generated configs, then starts lb ($LB), nginx and HAProxy and
+# waits for their ports; sets LB_PID, NGINX_PID, HAPROXY_PID. All three run
+# for the whole benchmark (idle ones cost nothing measurable) so that
+# rounds can interleave them.
+start_proxies() {
+    "$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
+    nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
+    RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
+    LB_PID=$!
+    PIDS+=("$LB_PID")
+    nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+    wait_port "$LB_PORT" "$LB_PID" lb
+    wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+}
+
+# Sets BUSY_BEFORE, and warns when other work already keeps the CPUs busy.
+check_busy() {
+    BUSY_BEFORE=$(busy_pct)
+    if ((BUSY_BEFORE > 10)); then
+        log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
+    fi
+}
+
+# Runs MEASURE (a function taking: name port [proxy pid]) on each target,
+# ROUNDS times, interleaved; each round starts with the first backend alone,
+# no proxy, as the reference.
+run_rounds() {
+    local measure=$1
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        "$measure" direct "${BACKEND_PORTS[0]}"
+        "$measure" lb "$LB_PORT" "$LB_PID"
+        "$measure" nginx "$NGINX_PORT" "$NGINX_PID"
+        "$measure" haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
+    done
+}
+
+# awk function for the median of a[1..k], for the per-target summaries.
+# shellcheck disable=SC2016
+AWK_MEDIAN='function median(a, k,   i, j, t) {
+            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }'
+
+if [[ $SCENARIO == tcp ]]; then
+    # shellcheck source=bench/compare_tcp.sh
+    source "$(dirname "$0")/compare_tcp.sh"
+    exit 0
+fi
+
 # --- build -----------------------------------------------------------------
 if [[ -n ${BACKEND:-} ]]; then
     log "building lb (release); backends: $BACKEND"
@@ -141,10 +239,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
 } >"$TMP/lb.yaml"
 
 {
-    echo "worker_processes $PROXY_THREADS;"
-    echo "pid $TMP/nginx.pid;"
-    echo "error_log $TMP/nginx-error.log warn;"
-    echo "events { worker_connections 4096; }"
+    nginx_main
     echo "http {"
     echo "  access_log off;"
     for d in client_body proxy fastcgi uwsgi scgi; do echo "  ${d}_temp_path $TMP/nginx-$d;"; done
@@ -164,10 +259,7 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
 } >"$TMP/nginx.conf"
 
 {
-    echo "global"
-    echo "  nbthread $PROXY_THREADS"
-    echo "  maxconn 4096"
-    echo "defaults"
+    haproxy_global
     echo "  mode http"
     echo "  timeout connect 1s"
     echo "  timeout client 30s"
@@ -179,16 +271,8 @@ curl -fsS -o /dev/null "http://127.0.0.1:${BACKEND_PORTS[0]}/" || die "backend d
     echo "  balance roundrobin"
     echo "  http-reuse always"
     echo "  option httpchk GET /health"
-    i=0
-    for port in "${BACKEND_PORTS[@]}"; do
-        i=$((i + 1))
-        echo "  server b$i 127.0.0.1:$port check inter 2s"
-    done
+    haproxy_servers
 } >"$TMP/haproxy.cfg"
-
-"$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
-nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
-haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
 
 # --- runs ------------------------------------------------------------------
 RUNS="$TMP/runs"
@@ -218,36 +302,14 @@ measure() {
     echo "$name $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box" >>"$RUNS"
 }
 
-# All three proxies run for the whole benchmark (idle ones cost nothing
-# measurable) so that rounds can interleave them.
-RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --log-level warn >"$TMP/lb.log" 2>&1 &
-LB_PID=$!
-PIDS+=("$LB_PID")
-nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
-wait_port "$LB_PORT" "$LB_PID" lb
-wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+start_proxies
 for port in "${BACKEND_PORTS[0]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT; do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
 done
 
-BUSY_BEFORE=$(busy_pct)
-if ((BUSY_BEFORE > 10)); then
-    log "the CPUs are already ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy
 
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    # Reference: the first backend alone, no proxy (one backend port, not three).
-    measure direct "${BACKEND_PORTS[0]}"
-    measure lb "$LB_PORT" "$LB_PID"
-    measure nginx "$NGINX_PORT" "$NGINX_PID"
-    measure haproxy "$HAPROXY_PORT" "$HAPROXY_PID"
-done
+run_rounds measure
 
 # Per target: median req/s and latencies over the rounds, errors summed,
 # proxy CPU over all measured time, peak RSS at the end.
@@ -263,10 +325,7 @@ for target in direct:"" lb:$LB_PID nginx:$NGINX_PID haproxy:$HAPROXY_PID; do
         rss=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
     fi
     awk -v n="$name" -v rss="$rss" -v hz="$HZ" -v d="$duration_s" -v proxy="$pid" '
-        function median(a, k,   i, j, t) {
-            for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-        }
+        '"$AWK_MEDIAN"'
         $1 == n { k++; r[k] = $2; p50[k] = $3; p99[k] = $4; err += $5; ticks += $6; box[k] = $7 }
         END {
             cpu = proxy == "" ? "-" : sprintf("%.0f", 100 * ticks / hz / (d * k))

@@ -11,6 +11,10 @@
 //! do not all fire at once); a backend added by a reload is probed at once.
 //! A backend starts eligible and is taken out after `unhealthy_threshold`
 //! failures in a row; it comes back after `healthy_threshold` passes.
+//!
+//! A probe is a GET of `health_check.path` in http mode and a plain TCP
+//! connect in tcp mode (no path); thresholds, logs and the carry-over of
+//! streaks across reloads are the same for both.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +23,12 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
-use hyper::http::uri::{Authority, Scheme, Uri};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -163,16 +168,38 @@ fn current(runtime: &std::sync::Weak<Runtime>) -> Option<HealthCheck> {
     runtime.upgrade()?.snapshot().config.health_check.clone()
 }
 
-/// One GET of the health path: a 2xx or 3xx within the timeout passes.
+/// One probe of the kind the config asks for.
 async fn probe(
     client: &ProbeClient,
     authority: &Authority,
     hc: &HealthCheck,
 ) -> Result<(), String> {
+    match &hc.path {
+        Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
+        None => tcp_probe(authority, hc.timeout).await,
+    }
+}
+
+/// A TCP connect within the timeout passes; the connection is closed at once.
+async fn tcp_probe(authority: &Authority, limit: Duration) -> Result<(), String> {
+    match timeout(limit, TcpStream::connect(authority.as_str())).await {
+        Ok(Ok(_stream)) => Ok(()),
+        Ok(Err(e)) => Err(format!("health check failed: {e}")),
+        Err(_) => Err(format!("health check timed out after {limit:?}")),
+    }
+}
+
+/// One GET of the health path: a 2xx or 3xx within the timeout passes.
+async fn http_probe(
+    client: &ProbeClient,
+    authority: &Authority,
+    path: PathAndQuery,
+    limit: Duration,
+) -> Result<(), String> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(hc.path.clone());
+    parts.path_and_query = Some(path);
     let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
@@ -195,8 +222,8 @@ async fn probe(
             Err(format!("health check answered {status}"))
         }
     };
-    match timeout(hc.timeout, exchange).await {
+    match timeout(limit, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("health check timed out after {:?}", hc.timeout)),
+        Err(_) => Err(format!("health check timed out after {limit:?}")),
     }
 }

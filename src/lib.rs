@@ -17,6 +17,7 @@
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
 //!   the backend client and its error classes.
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
@@ -42,6 +43,7 @@ pub mod runtime;
 pub mod selection;
 pub mod server;
 pub mod state;
+pub mod tcp;
 pub mod upgrade;
 pub mod upstream;
 
@@ -82,7 +84,8 @@ pub struct Lb {
     reload: ReloadHandle,
     /// The admin listener; it answers until the end of shutdown.
     admin: Arc<Admin>,
-    /// `true` asks every client connection to finish and close.
+    /// `true` asks every HTTP client connection to finish and close; tcp
+    /// connections run on and close when this sender is dropped.
     drain: watch::Sender<bool>,
     /// Background tasks stopped on shutdown.
     tasks: Vec<JoinHandle<()>>,
@@ -171,10 +174,11 @@ impl Lb {
         self.reload.clone()
     }
 
-    /// Stops accepting, lets open connections finish their requests for up
-    /// to `grace` (upgraded ones included; they are closed then), then stops
-    /// everything. `/readyz` says 503 throughout; the admin listener answers
-    /// until the end.
+    /// Stops accepting, lets open connections finish their requests (tcp
+    /// mode: run) for up to `grace` (upgraded ones included; they are closed
+    /// then), then stops everything; open tcp connections are closed when
+    /// this returns. `/readyz` says 503 throughout; the admin listener
+    /// answers until the end.
     pub async fn shutdown(self, grace: Duration) {
         self.begin_shutdown();
         self.listeners.stop();

@@ -20,8 +20,9 @@
 //! Reading refuses anything but a regular file of at most 16 MiB, without
 //! ever blocking (see [`config::read_file`]); reading and parsing run on
 //! blocking threads, never on the async workers. Unchanged content reloads
-//! nothing. A reload is all-or-nothing: parse, validate, bind the new listen
-//! address if it changed, and only then swap. Anything that fails leaves the
+//! nothing. A reload is all-or-nothing: parse, validate, refuse a change of
+//! `mode` (http ↔ tcp needs a restart), bind the new listen address if it
+//! changed, and only then swap. Anything that fails leaves the
 //! running config untouched, logs one error naming the file, line and column,
 //! and is counted in `ReloadStats::rejected`. A panic while reloading is
 //! logged and the reloader carries on.
@@ -313,6 +314,18 @@ impl Reloader {
                 return;
             }
         };
+        let mode = self.runtime.snapshot().config.mode;
+        if config.mode != mode {
+            // Clients already connected speak the old protocol, and the pool
+            // of one mode is rarely a pool for the other: a restart is the
+            // deliberate way to switch.
+            self.reject(format_args!(
+                "{}: mode: cannot change from {mode} to {} while lb runs; restart lb to switch",
+                self.path.display(),
+                config.mode
+            ));
+            return;
+        }
         let new_listener = if config.listen != self.listeners.configured() {
             match crate::server::bind(config.listen) {
                 Ok(listener) => Some(listener),

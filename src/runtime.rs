@@ -364,6 +364,7 @@ impl ReloadSummary {
             || o.admin != n.admin
             || o.access_log != n.access_log
             || o.steering != n.steering
+            || o.send_proxy_protocol != n.send_proxy_protocol
             || (s.added.is_empty()
                 && s.removed.is_empty()
                 && s.reweighted.is_empty()

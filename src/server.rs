@@ -1,6 +1,7 @@
 //! Accepting clients: the listening socket, its accept loop, and one hyper
 //! connection task per client (HTTP/1.1 with upgrades, and h2c prior
-//! knowledge). An upgraded connection leaves its task for a relay (see
+//! knowledge), or in tcp mode one [`crate::tcp`] task per client. An
+//! upgraded HTTP connection leaves its task for a relay (see
 //! [`crate::upgrade`]) that keeps the connection's slot until it closes.
 //!
 //! The listening address is reloadable. [`Listeners::replace`] starts an
@@ -34,7 +35,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
-use crate::config::{Config, Timeouts};
+use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 use crate::state::Clock;
@@ -118,9 +119,10 @@ impl ConnectionCount {
     }
 }
 
-/// One open client connection, counted until dropped.
+/// One open client connection, counted until dropped (tcp mode holds it
+/// in its connection task too).
 #[derive(Debug)]
-struct ConnectionGuard(Arc<ConnectionCount>);
+pub(crate) struct ConnectionGuard(Arc<ConnectionCount>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -273,10 +275,14 @@ fn serve(
     mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let guard = runtime.connections.admit();
+    let snap = runtime.snapshot();
+    if snap.config.mode == Mode::Tcp {
+        return crate::tcp::serve(stream, peer, runtime, snap, drain, guard);
+    }
     // The connection's slot and drain receiver, shared with an upgraded
     // connection's relay, which outlives this connection's task.
-    let hold = Hold(Arc::new((runtime.connections.admit(), drain.clone())));
-    let snap = runtime.snapshot();
+    let hold = Hold(Arc::new((guard, drain.clone())));
     let clock = runtime.clock;
     let activity = Arc::new(Activity::new(clock.now_ms()));
     let rt = Arc::clone(runtime);

@@ -81,6 +81,9 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Log one line per proxied request on stdout.
     pub access_log: bool,
+    /// tcp mode: the PROXY protocol header each backend connection starts
+    /// with, so backends see the client's address; `None` sends none.
+    pub send_proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// Resource caps on the client side.
@@ -94,11 +97,38 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-/// Listener protocol. Only HTTP exists today; `tcp` will join it.
+/// HAProxy's PROXY protocol versions: v1 is a text line, v2 binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// Listener protocol. Fixed for the life of the process: a reload that
+/// changes it is rejected (see [`crate::reload`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Mode {
+    /// HTTP/1.1 and h2c reverse proxying, request by request.
     Http,
+    /// Layer 4: each client connection is joined to one backend connection
+    /// and bytes are copied both ways (see [`crate::tcp`]).
+    Tcp,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The load-balancing strategies; see [`crate::selection`].
@@ -183,12 +213,15 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// How long a keep-alive connection may sit idle between requests.
     pub client_idle: Duration,
+    /// tcp mode: a connection with no bytes either way for this long is closed.
+    pub tcp_idle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
-    /// Path probed on each backend with GET.
-    pub path: PathAndQuery,
+    /// Path probed on each backend with GET; `None` (always, in tcp mode)
+    /// makes the probe a plain TCP connect.
+    pub path: Option<PathAndQuery>,
     /// Time between probes of one backend.
     pub interval: Duration,
     /// A probe slower than this fails.
@@ -645,12 +678,18 @@ impl Config {
     /// One line for `lb --check` and the startup log.
     pub fn summary(&self) -> String {
         let health = match &self.health_check {
-            Some(h) => format!("health checks {} every {:?}", h.path, h.interval),
+            Some(HealthCheck {
+                path: Some(path),
+                interval,
+                ..
+            }) => format!("health checks {path} every {interval:?}"),
+            Some(h) => format!("health checks tcp connect every {:?}", h.interval),
             None => "health checks off".to_owned(),
         };
         format!(
-            "listen {}, strategy {}, {} backends (total weight {}), {}, retry {} attempts",
+            "listen {} ({}), strategy {}, {} backends (total weight {}), {}, retry {} attempts",
             self.listen,
+            self.mode,
             self.strategy,
             self.backends.len(),
             self.total_weight(),

@@ -18,7 +18,7 @@ use serde::Deserialize;
 pub struct RawConfig {
     /// Address the proxy accepts clients on.
     pub listen: Option<String>,
-    /// Protocol the listener speaks; only `http` today, room for `tcp`.
+    /// Protocol the listener speaks: `http` or `tcp`.
     pub mode: Option<RawMode>,
     /// Load-balancing strategy name.
     pub strategy: Option<RawStrategy>,
@@ -47,6 +47,8 @@ pub struct RawConfig {
     pub admin: Option<String>,
     /// One line per proxied request on stdout; off when absent.
     pub access_log: Option<bool>,
+    /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
+    pub send_proxy_protocol: Option<RawProxyProtocol>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,8 +60,16 @@ pub struct RawLimits {
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
+pub enum RawProxyProtocol {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
 pub enum RawMode {
     Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -89,6 +99,7 @@ pub struct RawTimeouts {
     pub client_header: Option<HumanDuration>,
     pub client_body: Option<HumanDuration>,
     pub client_idle: Option<HumanDuration>,
+    pub tcp_idle: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,7 +46,7 @@ fn full_example_parses() {
     assert_eq!(c.backends[1].weight, 0);
     assert_eq!(c.timeouts.connect, Duration::from_millis(250));
     let hc = c.health_check.unwrap();
-    assert_eq!(hc.path.as_str(), "/healthz");
+    assert_eq!(hc.path.unwrap().as_str(), "/healthz");
     assert_eq!(hc.unhealthy_threshold.get(), 1);
     assert!(!c.retry.retry_on.reset && !c.retry.retry_on.status(502));
     assert_eq!(c.retry.buffer_body_limit, 1 << 20);

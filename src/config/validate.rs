@@ -11,10 +11,10 @@ use hyper::http::uri::{Authority, PathAndQuery};
 
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
-    RawRetry, RawRetryOn, RawStrategy,
+    RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection,
+    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, ProxyProtocol,
     RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
@@ -47,6 +47,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     };
     let mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
+        RawMode::Tcp => Mode::Tcp,
     };
     let backends = backends(raw.backends)?;
     let timeouts = Timeouts {
@@ -55,9 +56,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         client_header: positive("timeouts.client_header", raw.timeouts.client_header, 10_000)?,
         client_body: positive("timeouts.client_body", raw.timeouts.client_body, 30_000)?,
         client_idle: positive("timeouts.client_idle", raw.timeouts.client_idle, 60_000)?,
+        tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
     let limits = limits(raw.limits)?;
-    let health_check = raw.health_check.map(health_check).transpose()?;
+    let health_check = raw
+        .health_check
+        .map(|hc| health_check(hc, mode))
+        .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
     let steering = super::steering::validate(
@@ -81,6 +86,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
         return invalid("admin", "must differ from listen");
     }
+    let send_proxy_protocol =
+        match (raw.send_proxy_protocol, mode) {
+            (None, _) => None,
+            (Some(_), Mode::Http) => return invalid(
+                "send_proxy_protocol",
+                "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
+            ),
+            (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
+            (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
+        };
     Ok(Config {
         listen,
         mode,
@@ -94,6 +109,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         limits,
         admin,
         access_log: raw.access_log.unwrap_or(false),
+        send_proxy_protocol,
     })
 }
 
@@ -198,17 +214,19 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
     )))
 }
 
-fn health_check(raw: RawHealthCheck) -> Result<HealthCheck, Invalid> {
-    let path = raw.path.unwrap_or_else(|| "/health".to_owned());
-    if !path.starts_with('/') {
-        return invalid("health_check.path", format!("{path:?} must start with /"));
-    }
-    let path: PathAndQuery = path.parse().or_else(|_| {
-        invalid(
-            "health_check.path",
-            format!("{path:?} is not a valid URL path"),
-        )
-    })?;
+fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid> {
+    let path = match (mode, raw.path) {
+        (Mode::Tcp, Some(path)) => {
+            return invalid(
+                "health_check.path",
+                format!("{path:?} cannot be probed in tcp mode: a tcp health check is a TCP connect; remove the path"),
+            )
+        }
+        (Mode::Tcp, None) => None,
+        (Mode::Http, path) => Some(http_health_path(
+            path.unwrap_or_else(|| "/health".to_owned()),
+        )?),
+    };
     let interval = positive("health_check.interval", raw.interval, 2_000)?;
     let timeout = positive("health_check.timeout", raw.timeout, 1_000)?;
     if timeout > interval {
@@ -233,6 +251,18 @@ fn health_check(raw: RawHealthCheck) -> Result<HealthCheck, Invalid> {
             2,
             1000,
         )?,
+    })
+}
+
+fn http_health_path(path: String) -> Result<PathAndQuery, Invalid> {
+    if !path.starts_with('/') {
+        return invalid("health_check.path", format!("{path:?} must start with /"));
+    }
+    path.parse().or_else(|_| {
+        invalid(
+            "health_check.path",
+            format!("{path:?} is not a valid URL path"),
+        )
     })
 }
 

@@ -496,6 +496,110 @@ pub fn ok<T>(t: T) -> Result<T, Infallible> {
     Ok(t)
 }
 
+/// A TCP echo backend on 127.0.0.1, for tcp mode: echoes every byte, and
+/// when the client half-closes, writes its name and closes. The name after
+/// the echo says which backend served a connection, and proves the client's
+/// FIN reached it while the response could still flow.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Connections accepted, health probes included.
+    accepted: Arc<AtomicUsize>,
+    /// Connections not yet ended.
+    open: Arc<AtomicUsize>,
+    /// Listener and all its connections; aborting them frees the port.
+    tasks: Option<JoinSet<()>>,
+}
+
+impl EchoBackend {
+    pub async fn start(name: &str) -> EchoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut b = EchoBackend {
+            addr: listener.local_addr().unwrap(),
+            name: name.to_owned(),
+            accepted: Arc::default(),
+            open: Arc::default(),
+            tasks: None,
+        };
+        b.spawn(listener);
+        b
+    }
+
+    fn spawn(&mut self, listener: TcpListener) {
+        let (name, accepted, open) = (self.name.clone(), self.accepted.clone(), self.open.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            // Aborting this task drops the set, which aborts every connection.
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, SeqCst);
+                open.fetch_add(1, SeqCst);
+                let (name, open) = (name.clone(), open.clone());
+                conns.spawn(async move {
+                    echo(stream, &name).await;
+                    open.fetch_sub(1, SeqCst);
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(SeqCst)
+    }
+
+    /// Closes the listening socket (connects are refused) and every connection.
+    pub async fn stop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+        self.open.store(0, SeqCst);
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.spawn(listener);
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        if let Some(tasks) = self.tasks.as_mut() {
+            tasks.abort_all();
+        }
+    }
+}
+
+async fn echo(mut stream: tokio::net::TcpStream, name: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => {
+                let _ = stream.write_all(name.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// Makes a FIFO (named pipe) at `path`, for tests of what lb refuses to read.
 pub fn mkfifo(path: &Path) {
     let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
