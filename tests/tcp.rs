@@ -413,3 +413,54 @@ fn tcp_config_keys_defaults_and_errors() {
         .unwrap_err();
     assert!(e.contains("timeouts.tcp_idle"), "{e}");
 }
+
+/// One exchange from a chosen loopback source address.
+async fn exchange_from(lb: SocketAddr, source: std::net::IpAddr, payload: &[u8]) -> String {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let mut stream = timeout(LIMIT, socket.connect(lb))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+    stream.write_all(payload).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    timeout(LIMIT, stream.read_to_end(&mut out))
+        .await
+        .expect("read timed out")
+        .unwrap();
+    served_by(&out, payload)
+}
+
+#[tokio::test]
+async fn consistent_hash_keys_connections_by_client_ip() {
+    let backends = [
+        EchoBackend::start("e0").await,
+        EchoBackend::start("e1").await,
+        EchoBackend::start("e2").await,
+    ];
+    let pool: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    let lb = TestLb::start(&tcp_yaml(&pool, "strategy: consistent_hash\n")).await;
+    let mut used = std::collections::HashSet::new();
+    for i in 2..26u8 {
+        let source = std::net::IpAddr::from([127, 0, 0, i]);
+        let first = exchange_from(lb.lb.local_addr(), source, b"hi").await;
+        let again = exchange_from(lb.lb.local_addr(), source, b"hi").await;
+        assert_eq!(first, again, "client {source} moved");
+        used.insert(first);
+    }
+    assert!(used.len() > 1, "every client on one backend: {used:?}");
+}
+
+#[test]
+fn http_only_steering_keys_are_refused_in_tcp_mode() {
+    let e = parse(
+        "mode: tcp\nstrategy: consistent_hash\nhash_key: header:x-user\nbackends:\n  - address: 127.0.0.1:1\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("hash_key") && e.contains("tcp"), "{e}");
+    let e =
+        parse("mode: tcp\nsession_affinity: {cookie: lb}\nbackends:\n  - address: 127.0.0.1:1\n")
+            .unwrap_err();
+    assert!(e.contains("session_affinity") && e.contains("tcp"), "{e}");
+}

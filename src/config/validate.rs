@@ -86,6 +86,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
         return invalid("admin", "must differ from listen");
     }
+    if mode == Mode::Tcp {
+        // A TCP connection has no headers, cookies or paths: only its peer.
+        if steering.session_affinity.is_some() {
+            return invalid(
+                "session_affinity",
+                "needs HTTP cookies: not available with mode: tcp (consistent_hash on client_ip gives affinity)",
+            );
+        }
+        if steering.hash_key != super::steering::HashKey::ClientIp {
+            return invalid("hash_key", "only client_ip can be hashed with mode: tcp");
+        }
+    }
     let send_proxy_protocol =
         match (raw.send_proxy_protocol, mode) {
             (None, _) => None,

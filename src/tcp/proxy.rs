@@ -30,9 +30,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, Strategy};
 use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
+use crate::selection::Steer;
 use crate::server::ConnectionGuard;
 use crate::state::{Clock, InFlight};
 
@@ -120,6 +121,12 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
     let outlier = &snap.config.outlier_detection;
     let limit = snap.config.timeouts.connect;
     rt.budget.deposit(&policy.budget);
+    // consistent_hash keys a TCP connection by its client's address.
+    let steer = Steer {
+        key: (snap.config.strategy == Strategy::ConsistentHash)
+            .then(|| crate::selection::hash::client_ip(peer.ip())),
+        pinned: None,
+    };
     let mut tried: Vec<usize> = Vec::new();
     let mut last_failure: Option<(usize, String)> = None;
     for attempt in 0..policy.attempts.get() {
@@ -131,7 +138,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
         let now_ms = rt.clock.now_ms();
         let eligible =
             |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select(&eligible) else {
+        let Some(index) = snap.select_for(&steer, &eligible) else {
             break;
         };
         tried.push(index);
