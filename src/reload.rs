@@ -275,7 +275,9 @@ impl Reloader {
         if hash == self.last_seen && !force {
             return;
         }
-        if trigger == Trigger::Poll {
+        // An empty file is most likely created or truncated and about to be
+        // written (a late event can wake us in between): settle before judging.
+        if trigger == Trigger::Poll || (bytes.is_empty() && !force) {
             // No close event vouches for this read: it may have caught a save
             // half way. Use the content only once two reads `QUIET` apart agree.
             let give_up = Instant::now() + MAX_DEBOUNCE;
