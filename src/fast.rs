@@ -43,7 +43,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::body::{ClientFault, ResponseBody};
 use crate::config::{BackendAddr, Strategy};
 use crate::proxy::{self, HeadView};
-use crate::retry::{self, Attempts, Outcome};
+use crate::retry::{self, Attempts, Outcome, Trace};
 use crate::runtime::Snapshot;
 use crate::selection::Steer;
 use crate::server::{ConnContext, ConnectionGuard};
@@ -166,52 +166,54 @@ async fn serve_one(
         all.extend_from_slice(buf);
         return Step::Hyper(all.freeze());
     };
+    let method_head = head.method == Method::HEAD;
+    let arrival = proxy::Arrival::new(snap, &head.method, head.uri.path());
+    let mut trace = Trace::default();
     // The body, whole, before anything is sent (it is at most
     // `buffer_body_limit`): every attempt can replay it.
-    let request = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
-        Ok(r) => r,
-        Err(fault) => {
-            let mut out = Vec::new();
-            encode_own(&mut out, &retry::client_fault(fault), false, false);
-            let _ = stream.write_all(&out).await;
-            return Step::Close;
+    let outcome = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
+        Ok(request) => {
+            let mut attempts = FastAttempts {
+                request,
+                method_head,
+                idempotent: retry::is_idempotent(&head.method),
+            };
+            let steer = Steer::default();
+            let path = head.uri.path();
+            retry::run(
+                rt,
+                snap,
+                &steer,
+                &head.method,
+                path,
+                &mut attempts,
+                &mut trace,
+            )
+            .await
         }
+        Err(fault) => Outcome::ClientFault(fault),
     };
-    let mut attempts = FastAttempts {
-        request,
-        method_head: head.method == Method::HEAD,
-        idempotent: retry::is_idempotent(&head.method),
-    };
-    let steer = Steer::default();
-    let outcome = retry::run(
-        rt,
-        snap,
-        &steer,
-        &head.method,
-        head.uri.path(),
-        &mut attempts,
-    )
-    .await;
     let keep_alive = head.keep_alive && !*drain.borrow();
-    let kept = match outcome {
+    let own = match outcome {
         Outcome::Relay(resp, in_flight, _) => {
+            arrival.done(rt, snap, peer.ip(), resp.head.status.as_u16(), &trace);
             let kept = relay(stream, resp, &head, keep_alive).await;
             drop(in_flight);
-            kept
+            return if kept { Step::Next } else { Step::Close };
         }
-        Outcome::Own(status, text) => {
-            let mut out = Vec::with_capacity(256);
-            encode_own(&mut out, &retry::text(status, text), keep_alive, false);
-            stream.write_all(&out).await.is_ok() && keep_alive
+        // Not reached: a request with `Upgrade` is hyper's.
+        Outcome::Switched(..) => {
+            retry::text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned())
         }
-        Outcome::ClientFault(fault) => {
-            let mut out = Vec::with_capacity(256);
-            encode_own(&mut out, &retry::client_fault(fault), false, false);
-            let _ = stream.write_all(&out).await;
-            false
-        }
+        Outcome::Own(status, text) => retry::text(status, text),
+        Outcome::ClientFault(fault) => retry::client_fault(fault),
     };
-    if kept {
+    arrival.done(rt, snap, peer.ip(), own.status().as_u16(), &trace);
+    // lb's own answers that end the exchange say `Connection: close`.
+    let keep_alive = keep_alive && !own.headers().contains_key(hyper::header::CONNECTION);
+    let mut out = Vec::with_capacity(256);
+    encode_own(&mut out, &own, keep_alive, method_head);
+    if stream.write_all(&out).await.is_ok() && keep_alive {
         Step::Next
     } else {
         Step::Close
@@ -547,6 +549,11 @@ impl Attempts for FastAttempts {
 
     fn client_fault(&self, _timed_out: bool) -> Option<ClientFault> {
         None
+    }
+
+    fn wants_upgrade(&self) -> bool {
+        // Requests with `Upgrade` go to hyper.
+        false
     }
 }
 

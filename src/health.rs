@@ -135,7 +135,9 @@ async fn probe_loop(
         }
         let started = Instant::now();
         let Some(hc) = current(&runtime) else { return };
-        match probe(&client, &authority, &hc).await {
+        let result = probe(&client, &authority, &hc).await;
+        state.metrics.health_check(result.is_ok());
+        match result {
             Ok(()) => {
                 passes += 1;
                 failures = 0;

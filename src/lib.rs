@@ -25,16 +25,23 @@
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
+//! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
+//!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
+//!   exposition; [`access_log`]: one line per request, written off the
+//!   request path; [`upgrade`]: WebSocket/`Upgrade` pass-through.
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
 //! calls [`Lb::start`].
 
+pub mod access_log;
+pub mod admin;
 pub mod affinity;
 pub mod body;
 pub mod config;
 pub mod fast;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
@@ -43,8 +50,15 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod upgrade;
 pub mod upstream;
 pub mod workers;
+
+/// `lb --version` and `/status`: the crate version, with the git commit
+/// when the build knew it (see build.rs).
+pub const VERSION: &str = env!("BUILD_LB_VERSION");
+/// The commit lb was built from, when known.
+pub const GIT_COMMIT: Option<&str> = option_env!("BUILD_LB_COMMIT");
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -55,6 +69,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
 use crate::reload::{ReloadHandle, WatchSettings};
 use crate::runtime::Runtime;
@@ -94,6 +109,8 @@ pub struct Lb {
     reload: ReloadHandle,
     /// The worker threads; dropping the last reference stops them.
     workers: Arc<Workers>,
+    /// The admin listener; it answers until the end of shutdown.
+    admin: Arc<Admin>,
     /// `true` asks every HTTP client connection to finish and close; tcp
     /// connections run on and close when this sender is dropped.
     drain: watch::Sender<bool>,
@@ -112,10 +129,26 @@ impl Lb {
         hash: ContentHash,
         settings: Settings,
     ) -> std::io::Result<Lb> {
+        Self::start_logging_to(listener, config, hash, settings, None)
+    }
+
+    /// [`Lb::start`], with the access log going to `access_log` (format and
+    /// writer) instead of stdout as text, set before the first client can
+    /// connect.
+    pub fn start_logging_to(
+        listener: std::net::TcpListener,
+        config: Config,
+        hash: ContentHash,
+        settings: Settings,
+        access_log: Option<(access_log::Format, Box<dyn std::io::Write + Send>)>,
+    ) -> std::io::Result<Lb> {
         let configured = config.listen;
         tracing::info!(%hash, "config loaded: {}", config.summary());
         let workers = Arc::new(Workers::start(settings.workers)?);
         let runtime = Runtime::new(config, hash, workers.len());
+        if let Some((format, out)) = access_log {
+            runtime.access_log.set_sink(format, out);
+        }
         let (drain, drain_rx) = watch::channel(false);
         let listeners = Listeners::start(
             listener,
@@ -127,19 +160,42 @@ impl Lb {
         );
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
         let (reload, reloader) = reload::spawn(
-            settings.config_path,
+            settings.config_path.clone(),
             Arc::clone(&runtime),
             Arc::clone(&listeners),
             settings.watch,
         );
+        let (admin, admin_follower) =
+            Admin::start(Arc::clone(&runtime), reload.clone(), settings.config_path);
         Ok(Lb {
             runtime,
             listeners,
             reload,
             workers,
+            admin,
             drain,
-            tasks: vec![health, reloader],
+            tasks: vec![health, reloader, admin_follower],
         })
+    }
+
+    /// Where the admin listener answers, if one is configured and bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Sends the access log to `out` in `format` instead of stdout as
+    /// text; effective only before the first request is logged (prefer
+    /// [`Lb::start_logging_to`], which sets it before accepting).
+    pub fn set_access_log(&self, format: access_log::Format, out: Box<dyn std::io::Write + Send>) {
+        self.runtime.access_log.set_sink(format, out);
+    }
+
+    /// The first step of shutdown: `/readyz` answers 503 from now on, so
+    /// load balancers stop sending new clients, while lb keeps serving.
+    pub fn begin_shutdown(&self) {
+        self.runtime
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where clients can connect now (changes when `listen` is reloaded).
@@ -157,9 +213,12 @@ impl Lb {
     }
 
     /// Stops accepting, lets open connections finish their requests (tcp
-    /// mode: run) for up to `grace`, then stops everything; open tcp
-    /// connections are closed when this returns.
+    /// mode: run) for up to `grace` (upgraded ones included; they are closed
+    /// then), then stops everything; open tcp connections are closed when
+    /// this returns. `/readyz` says 503 throughout; the admin listener
+    /// answers until the end.
     pub async fn shutdown(self, grace: Duration) {
+        self.begin_shutdown();
         self.listeners.stop();
         for task in &self.tasks {
             task.abort();
@@ -170,7 +229,16 @@ impl Lb {
             .is_err()
         {
             tracing::warn!("connections still open after {grace:?}; closing them");
+            self.runtime.upgrades.close_all();
         }
+        self.admin.stop();
+        let access_log = Arc::clone(&self.runtime);
+        // The writer thread blocks: flush it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            access_log.access_log.flush(Duration::from_secs(1));
+        })
+        .await;
+        // Last: the workers' runtimes go, and every connection still on them.
         drop(self.workers);
     }
 }

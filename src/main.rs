@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 /// A live-reconfigurable HTTP load balancer driven by one config.yaml.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = lb::VERSION, about)]
 struct Cli {
     /// The config file; edits to it are applied while lb runs.
     #[arg(long, short, env = "LB_CONFIG", default_value = "config.yaml")]
@@ -40,12 +40,24 @@ struct Cli {
     /// `hyper` (everything through hyper, for comparison and debugging).
     #[arg(long, value_enum, default_value_t = Http1Arg::Fast)]
     http1: Http1Arg,
+    /// On SIGTERM/SIGINT, keep accepting and serving this long with /readyz
+    /// answering 503 (so Kubernetes withdraws the endpoint first), then drain.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    shutdown_delay: Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter (`info`, `lb=debug,notify=warn`, …); RUST_LOG is used
     /// when absent, and `info,notify=error` when both are.
     #[arg(long, value_parser = log_filter)]
     log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a shell completion script (`lb completions bash > /etc/bash_completion.d/lb`).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,6 +88,11 @@ const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Completions { shell }) = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "lb", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     if cli.check {
         for warning in lb::config::env_warnings() {
             eprintln!("warning: {warning}");
@@ -159,31 +176,65 @@ async fn serve(cli: Cli) -> ExitCode {
         Http1Arg::Fast => lb::server::Http1::Fast,
         Http1Arg::Hyper => lb::server::Http1::Hyper,
     };
-    let lb = match lb::Lb::start(listener, config, hash, settings) {
+    let admin = config.admin;
+    let access_log = match cli.log_format {
+        LogFormat::Text => lb::access_log::Format::Text,
+        LogFormat::Json => lb::access_log::Format::Json,
+    };
+    let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+    let lb = match lb::Lb::start_logging_to(
+        listener,
+        config,
+        hash,
+        settings,
+        Some((access_log, stdout)),
+    ) {
         Ok(lb) => lb,
         Err(e) => {
             tracing::error!("cannot start the worker threads: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let (Some(addr), None) = (admin, lb.admin_addr()) {
+        tracing::error!("cannot serve the admin listener on {addr}");
+        return ExitCode::FAILURE;
+    }
     let reload = lb.reload_handle();
-    let stop = stop_signal(terminate, interrupt);
-    tokio::pin!(stop);
+    let (mut terminate, mut interrupt) = (terminate, interrupt);
     loop {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", cli.config.display());
                 reload.reload();
             }
-            () = &mut stop => break,
+            () = stop_signal(&mut terminate, &mut interrupt) => break,
+        }
+    }
+    // From here a second SIGTERM/SIGINT exits at once.
+    lb.begin_shutdown();
+    if !cli.shutdown_delay.is_zero() {
+        tracing::info!(
+            "shutting down: /readyz answers 503; still serving for {:?} (--shutdown-delay)",
+            cli.shutdown_delay
+        );
+        tokio::select! {
+            () = tokio::time::sleep(cli.shutdown_delay) => {}
+            () = stop_signal(&mut terminate, &mut interrupt) => return exit_now(),
         }
     }
     tracing::info!("shutting down");
-    lb.shutdown(cli.shutdown_grace).await;
-    ExitCode::SUCCESS
+    tokio::select! {
+        () = lb.shutdown(cli.shutdown_grace) => ExitCode::SUCCESS,
+        () = stop_signal(&mut terminate, &mut interrupt) => exit_now(),
+    }
 }
 
-async fn stop_signal(mut terminate: Signal, mut interrupt: Signal) {
+fn exit_now() -> ExitCode {
+    tracing::warn!("second stop signal: exiting now");
+    ExitCode::FAILURE
+}
+
+async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

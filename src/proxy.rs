@@ -12,10 +12,12 @@ use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use crate::access_log::Entry;
 use crate::affinity;
 use crate::body::{RequestBody, ResponseBody};
-use crate::retry::{self, is_idempotent};
-use crate::runtime::Runtime;
+use crate::retry::{self, is_idempotent, Trace};
+use crate::runtime::{Runtime, Snapshot};
+use crate::upgrade;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -38,7 +40,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Headers `Connection` may not remove: they define the message itself.
 static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, header::CONTENT_TYPE];
 
-/// Serves one client request.
+/// Serves one client request, then counts it and logs it.
 pub async fn handle(
     rt: Arc<Runtime>,
     worker: usize,
@@ -46,11 +48,84 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
+    let arrival = Arrival::new(&snap, req.method(), req.uri().path());
+    let mut trace = Trace::default();
+    let resp = respond(&rt, &snap, worker, client_ip, req, &mut trace).await;
+    arrival.done(&rt, &snap, client_ip, resp.status().as_u16(), &trace);
+    Ok(resp)
+}
+
+/// A request as it arrived, for counting and logging it once answered (by
+/// either HTTP/1 path).
+pub(crate) struct Arrival {
+    /// When its head was in.
+    at: tokio::time::Instant,
+    /// Only what the access log needs, copied only when it is on.
+    logged: Option<(std::time::SystemTime, Method, String)>,
+}
+
+impl Arrival {
+    pub(crate) fn new(snap: &Snapshot, method: &Method, path: &str) -> Self {
+        Arrival {
+            at: tokio::time::Instant::now(),
+            logged: snap.config.access_log.then(|| {
+                (
+                    std::time::SystemTime::now(),
+                    method.clone(),
+                    path.to_owned(),
+                )
+            }),
+        }
+    }
+
+    /// The response head is ready: counts the request and logs it.
+    pub(crate) fn done(
+        self,
+        rt: &Runtime,
+        snap: &Snapshot,
+        client_ip: IpAddr,
+        status: u16,
+        trace: &Trace,
+    ) {
+        let took = self.at.elapsed();
+        let backend = trace.relayed.and_then(|i| snap.backends.get(i));
+        rt.metrics
+            .request(backend.map(|b| &b.state.metrics), status, took);
+        if let Some((time, method, path)) = self.logged {
+            rt.access_log.log(Entry {
+                time,
+                client: client_ip,
+                method,
+                path,
+                status,
+                backend: backend.map(|b| b.addr.clone()),
+                attempts: trace.attempts,
+                upstream: trace.upstream,
+                duration: took,
+            });
+        }
+    }
+}
+
+async fn respond(
+    rt: &Runtime,
+    snap: &Snapshot,
+    worker: usize,
+    client_ip: IpAddr,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<ResponseBody> {
     let (mut parts, body) = req.into_parts();
-    let steer = affinity::steer(&snap, &mut parts, client_ip);
+    let upgrade = upgrade::requested(&parts)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let steer = affinity::steer(snap, &mut parts, client_ip);
     if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
-        return Ok(refusal.response());
+        return refusal.response();
+    }
+    if let Some(value) = upgrade {
+        upgrade::restore_headers(&mut parts.headers, value);
     }
     let policy = &snap.config.retry;
     let replay = policy.attempts.get() > 1 && is_idempotent(&parts.method);
@@ -59,12 +134,12 @@ pub async fn handle(
         Ok(body) => body,
         Err(e) => {
             tracing::debug!(%client_ip, %e, "bad request body");
-            return Ok(retry::client_fault(e.fault));
+            return retry::client_fault(e.fault);
         }
     };
-    let mut resp = retry::forward(&rt, &snap, worker, &steer, parts, body).await;
-    affinity::on_response(&snap, &steer, &mut resp);
-    Ok(resp)
+    let mut resp = retry::forward(rt, snap, worker, &steer, parts, body, trace).await;
+    affinity::on_response(snap, &steer, &mut resp);
+    resp
 }
 
 /// A request lb answers itself, with why.

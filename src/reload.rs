@@ -41,11 +41,11 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{self, Config, ContentHash};
-use crate::runtime::Runtime;
+use crate::runtime::{LastReload, Runtime};
 use crate::server::Listeners;
 
 /// A burst of events is over when none came for this long.
@@ -69,12 +69,22 @@ pub struct WatchSettings {
 
 /// Asks the reloader to re-read the file now (what SIGHUP does).
 #[derive(Debug, Clone)]
-pub struct ReloadHandle(mpsc::Sender<()>);
+pub struct ReloadHandle(mpsc::Sender<Option<oneshot::Sender<()>>>);
 
 impl ReloadHandle {
     pub fn reload(&self) {
         // A full queue already holds a pending reload request.
-        let _ = self.0.try_send(());
+        let _ = self.0.try_send(None);
+    }
+
+    /// Reloads now and returns what happened: `None` when the file was
+    /// unchanged, else the recorded result (`POST /reload`).
+    pub async fn reload_and_wait(&self, runtime: &Runtime) -> Option<LastReload> {
+        let before = runtime.reloads.last().seq;
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Some(tx)).await.ok()?;
+        rx.await.ok()?;
+        runtime.reloads.since(before)
     }
 }
 
@@ -118,7 +128,7 @@ struct Reloader {
     /// large…); the same reason is logged once, not at every poll.
     unreadable: Option<String>,
     /// Reload requests (SIGHUP).
-    requests: mpsc::Receiver<()>,
+    requests: mpsc::Receiver<Option<oneshot::Sender<()>>>,
     /// File-system changes of the config file, already filtered by name;
     /// never yields when nothing watches.
     changes: mpsc::UnboundedReceiver<Change>,
@@ -128,7 +138,8 @@ struct Reloader {
 
 /// What one reloader loop iteration responds to.
 enum Wake {
-    Request,
+    /// With where to say it is done (`POST /reload`).
+    Request(Option<oneshot::Sender<()>>),
     Change(Change),
     Poll,
 }
@@ -149,7 +160,7 @@ impl Reloader {
                 biased;
                 Some(change) = self.changes.recv() => Wake::Change(change),
                 request = self.requests.recv() => match request {
-                    Some(()) => Wake::Request,
+                    Some(reply) => Wake::Request(reply),
                     None => return,
                 },
                 _ = poll.tick(), if settings.watch => Wake::Poll,
@@ -171,7 +182,12 @@ impl Reloader {
 
     async fn handle(&mut self, wake: Wake) {
         match wake {
-            Wake::Request => self.reload("reload requested", Trigger::Request).await,
+            Wake::Request(reply) => {
+                self.reload("reload requested", Trigger::Request).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
             Wake::Poll => self.reload("poll", Trigger::Poll).await,
             Wake::Change(first) => {
                 let trigger = self.wait_until_written(first).await;
@@ -259,7 +275,9 @@ impl Reloader {
         if hash == self.last_seen && !force {
             return;
         }
-        if trigger == Trigger::Poll {
+        // An empty file is most likely created or truncated and about to be
+        // written (a late event can wake us in between): settle before judging.
+        if trigger == Trigger::Poll || (bytes.is_empty() && !force) {
             // No close event vouches for this read: it may have caught a save
             // half way. Use the content only once two reads `QUIET` apart agree.
             let give_up = Instant::now() + MAX_DEBOUNCE;
@@ -281,6 +299,7 @@ impl Reloader {
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
+            self.runtime.reloads.record_unchanged();
             tracing::info!(%hash, "{why}: config unchanged");
             return;
         }
@@ -330,7 +349,7 @@ impl Reloader {
     }
 
     fn reject(&self, error: impl std::fmt::Display) {
-        self.runtime.reloads.rejected.fetch_add(1, Relaxed);
+        self.runtime.reloads.record_rejected(error.to_string());
         tracing::error!("config reload rejected, keeping the last good config: {error}");
     }
 }

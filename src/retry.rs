@@ -18,14 +18,17 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use hyper::http::uri::{Scheme, Uri};
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
 use crate::body::{ClientFault, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy};
+use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::state::{Clock, Ejection, InFlight};
+use crate::upgrade::Hold;
 use crate::upstream::{self, FailureKind};
 
 /// Caps retries to a share of recent traffic (Envoy and Linkerd call this
@@ -101,7 +104,7 @@ pub fn is_idempotent(method: &Method) -> bool {
 /// One protocol's way of carrying attempts to backends: the hyper path
 /// ([`HyperAttempts`]) and the HTTP/1 fast path implement it, and [`run`]
 /// makes every decision for both (selection, budget, timeouts, passive
-/// health, what is retried, what the client is told).
+/// health, metrics, what is retried, what the client is told).
 pub(crate) trait Attempts {
     /// A backend's response head (and whatever carries its body).
     type Response;
@@ -132,6 +135,10 @@ pub(crate) trait Attempts {
     /// says the attempt ran out of time (a stall on the client's side then
     /// is the client's fault).
     fn client_fault(&self, timed_out: bool) -> Option<ClientFault>;
+
+    /// True when the client asked for a protocol switch (`Upgrade`), so a
+    /// 101 is the answer, not a broken backend.
+    fn wants_upgrade(&self) -> bool;
 }
 
 /// What [`run`] concluded: the client gets one of these.
@@ -139,6 +146,9 @@ pub(crate) enum Outcome<R> {
     /// A backend's response, relayed; the guard keeps the backend counted
     /// in flight until the body is done; the index says which backend.
     Relay(R, InFlight, usize),
+    /// A 101 to a request that asked for the switch: the connection is
+    /// handed over to the upgraded protocol.
+    Switched(R, InFlight, usize),
     /// lb's own short answer (no backend, 502, 504).
     Own(StatusCode, String),
     /// The client's body failed: answered without blaming a backend.
@@ -156,6 +166,18 @@ enum Failed<R> {
     /// A retryable status from backend `.2`; kept to pass through if no
     /// retry succeeds.
     Response(R, InFlight, usize),
+}
+
+/// What the retry loop did with one request, for metrics and the access log.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The backend (index in the snapshot) whose response the client gets;
+    /// `None` when lb answers itself.
+    pub relayed: Option<usize>,
+    /// Attempts sent upstream.
+    pub attempts: u32,
+    /// From the first attempt to the final response head.
+    pub upstream: Option<std::time::Duration>,
 }
 
 /// Whether a failed attempt may be tried again (the policy, nothing else).
@@ -187,32 +209,53 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
 const NO_BACKEND: &str = "lb: no healthy backend available\n";
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
-/// retrying per the snapshot's policy; `steer` carries its hash key and
-/// affinity cookie.
+/// retrying per the snapshot's policy (`steer` carries its hash key and
+/// affinity cookie), and notes in `trace` what it did.
 pub async fn forward(
     rt: &Runtime,
     snap: &Snapshot,
     worker: usize,
     steer: &Steer,
-    parts: Parts,
+    mut parts: Parts,
     body: RequestBody,
+    trace: &mut Trace,
 ) -> Response<ResponseBody> {
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
+    // The proxy kept `Upgrade` only on requests that asked for one.
+    let upgrade = parts
+        .headers
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
+    let hold = parts.extensions.remove::<Hold>();
     let mut attempts = HyperAttempts {
         worker,
+        upgrade: upgrade.is_some(),
         parts,
         body,
         pending: None,
     };
-    match run(rt, snap, steer, &method, &path, &mut attempts).await {
+    match run(rt, snap, steer, &method, &path, &mut attempts, trace).await {
         Outcome::Relay(resp, in_flight, index) => pass_through(resp, in_flight, index),
+        Outcome::Switched(resp, in_flight, index) => {
+            let Some(client) = upgrade else {
+                // wants_upgrade() said so: not reached.
+                return text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned());
+            };
+            let mut resp = crate::upgrade::relay(&rt.upgrades, resp, client, hold, in_flight);
+            // A handshake sets the affinity cookie like any response.
+            resp.extensions_mut()
+                .insert(crate::affinity::ServedBy(index));
+            resp
+        }
         Outcome::Own(status, body) => text(status, body),
         Outcome::ClientFault(fault) => client_fault(fault),
     }
 }
 
-/// The decisions of the retry loop, over either protocol's [`Attempts`].
+/// The decisions of the retry loop, over either protocol's [`Attempts`];
+/// `trace` notes what it did.
 pub(crate) async fn run<A: Attempts>(
     rt: &Runtime,
     snap: &Snapshot,
@@ -220,9 +263,28 @@ pub(crate) async fn run<A: Attempts>(
     method: &Method,
     path: &str,
     attempts: &mut A,
+    trace: &mut Trace,
+) -> Outcome<A::Response> {
+    let started = Instant::now();
+    let outcome = decide(rt, snap, steer, method, path, attempts, trace, started).await;
+    if trace.attempts > 0 {
+        trace.upstream = Some(Instant::now() - started);
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn decide<A: Attempts>(
+    rt: &Runtime,
+    snap: &Snapshot,
+    steer: &Steer,
+    method: &Method,
+    path: &str,
+    attempts: &mut A,
+    trace: &mut Trace,
+    started: Instant,
 ) -> Outcome<A::Response> {
     let policy: &RetryPolicy = &snap.config.retry;
-    let started = Instant::now();
     let deadline = started + snap.config.timeouts.request;
     let idempotent = is_idempotent(method);
     let outlier = &snap.config.outlier_detection;
@@ -233,6 +295,7 @@ pub(crate) async fn run<A: Attempts>(
     for attempt in 0..policy.attempts.get() {
         if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
             tracing::debug!("retry budget exhausted");
+            rt.metrics.budget_exhausted();
             break;
         }
         let now_ms = rt.clock.now_ms();
@@ -244,10 +307,17 @@ pub(crate) async fn run<A: Attempts>(
             }
             break;
         };
-        tried.push(index);
         if !attempts.next_attempt() {
             break;
         }
+        if let Some(previous) = &last {
+            rt.metrics.retry(match previous {
+                Failed::Response(..) => RetryReason::Status,
+                Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
+            });
+        }
+        tried.push(index);
+        trace.attempts += 1;
         let backend = &snap.backends[index];
         let in_flight = backend.state.start();
         let try_deadline = policy
@@ -266,9 +336,16 @@ pub(crate) async fn run<A: Attempts>(
             tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
             return Outcome::ClientFault(fault);
         }
+        let metrics = &backend.state.metrics;
         let (kind, detail) = match outcome {
             Ok(Ok(resp)) if A::status(&resp) == StatusCode::SWITCHING_PROTOCOLS => {
-                // lb never forwards `Upgrade`, so this switch was not asked for.
+                if attempts.wants_upgrade() {
+                    metrics.attempt(AttemptOutcome::Success);
+                    backend.state.record_success();
+                    trace.relayed = Some(index);
+                    return Outcome::Switched(resp, in_flight, index);
+                }
+                // lb forwards `Upgrade` only when asked, so this switch was not.
                 (
                     FailureKind::Protocol,
                     "answered 101 to a request without Upgrade".to_owned(),
@@ -277,10 +354,13 @@ pub(crate) async fn run<A: Attempts>(
             Ok(Ok(resp)) => {
                 let status = A::status(&resp);
                 if status.is_server_error() {
+                    metrics.attempt(AttemptOutcome::ServerError);
                     note_failure(rt, snap, index, outlier, &format!("answered {status}"));
                 } else {
+                    metrics.attempt(AttemptOutcome::Success);
                     backend.state.record_success();
                 }
+                trace.relayed = Some(index);
                 if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
                 {
                     tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
@@ -296,6 +376,8 @@ pub(crate) async fn run<A: Attempts>(
             ),
         };
         drop(in_flight);
+        metrics.attempt(AttemptOutcome::of_failure(kind));
+        trace.relayed = None;
         note_failure(rt, snap, index, outlier, &detail);
         tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
         let retry_allowed = may_retry(
@@ -336,6 +418,8 @@ pub(crate) async fn run<A: Attempts>(
 /// The hyper path's attempts: hyper's pooled client of this worker.
 struct HyperAttempts {
     worker: usize,
+    /// The client asked for a protocol switch.
+    upgrade: bool,
     /// The rewritten request head; the last attempt takes its headers.
     parts: Parts,
     body: RequestBody,
@@ -393,6 +477,10 @@ impl Attempts for HyperAttempts {
             (timed_out && self.body.waiting_on_client()).then_some(ClientFault::Stalled)
         })
     }
+
+    fn wants_upgrade(&self) -> bool {
+        self.upgrade
+    }
 }
 
 /// Passive health: counts the failure and logs an ejection once. An
@@ -424,12 +512,15 @@ pub(crate) fn note_failure(
         may_eject,
     );
     match ejected {
-        Ejection::Ejected => tracing::warn!(
-            "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
-            state.addr,
-            outlier.consecutive_failures.map_or(0, |n| n.get()),
-            outlier.ejection_time
-        ),
+        Ejection::Ejected => {
+            state.metrics.ejected();
+            tracing::warn!(
+                "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
+                state.addr,
+                outlier.consecutive_failures.map_or(0, |n| n.get()),
+                outlier.ejection_time
+            )
+        }
         Ejection::Capped => tracing::debug!(
             "backend {} failed {} times in a row but stays in: max_ejection_percent {} reached",
             state.addr,

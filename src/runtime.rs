@@ -10,8 +10,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
@@ -19,12 +20,15 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
+use crate::access_log::AccessLog;
 use crate::affinity::AffinityCookies;
 use crate::config::{Config, ContentHash};
+use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::selection::{self, Backend, Pick, Selector, Steer};
 use crate::server::ConnectionCount;
 use crate::state::{Clock, StateTable};
+use crate::upgrade::Upgrades;
 use crate::upstream::{self, UpstreamClient};
 
 /// Everything a request needs, built from one config.
@@ -76,7 +80,7 @@ impl Snapshot {
     }
 }
 
-/// Reload counters, for logs now and the metrics endpoint later.
+/// Reload counters and the last result, for logs, `/metrics` and `/status`.
 #[derive(Debug, Default)]
 pub struct ReloadStats {
     /// Configs applied, the first one included.
@@ -86,6 +90,103 @@ pub struct ReloadStats {
     /// Times the reloader read the config file: shows that events for other
     /// files in its directory (a log file) cost no reads.
     pub reads: AtomicU64,
+    /// The last result (applied or rejected). Written by the reloader, read
+    /// by the admin listener: never on the request path.
+    last: Mutex<LastReload>,
+}
+
+/// What the last reload (or the initial load) did.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    /// Bumped on every result, so a caller can tell whether a reload it
+    /// asked for produced one.
+    pub seq: u64,
+    /// Applied (true) or rejected.
+    pub ok: bool,
+    /// When it happened.
+    pub at: SystemTime,
+    /// When a config was last applied (`loaded_at`).
+    pub applied_at: SystemTime,
+    /// Why it was rejected; the message names file, line and column when
+    /// the file was at fault.
+    pub error: Option<String>,
+}
+
+impl Default for LastReload {
+    fn default() -> Self {
+        let now = SystemTime::now();
+        LastReload {
+            seq: 0,
+            ok: true,
+            at: now,
+            applied_at: now,
+            error: None,
+        }
+    }
+}
+
+impl ReloadStats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LastReload> {
+        self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A copy of the last result.
+    pub fn last(&self) -> LastReload {
+        self.lock().clone()
+    }
+
+    /// When the config in use was applied.
+    pub fn last_applied_at(&self) -> SystemTime {
+        self.lock().applied_at
+    }
+
+    fn record_applied(&self) {
+        self.applied.fetch_add(1, Relaxed);
+        let mut last = self.lock();
+        let now = SystemTime::now();
+        *last = LastReload {
+            seq: last.seq + 1,
+            ok: true,
+            at: now,
+            applied_at: now,
+            error: None,
+        };
+    }
+
+    /// Counts a refused reload and keeps its error for `/status`.
+    pub fn record_rejected(&self, error: String) {
+        self.rejected.fetch_add(1, Relaxed);
+        let mut last = self.lock();
+        *last = LastReload {
+            seq: last.seq + 1,
+            ok: false,
+            at: SystemTime::now(),
+            applied_at: last.applied_at,
+            error: Some(error),
+        };
+    }
+
+    /// The file is back to the config in use: after a rejected edit this
+    /// clears the failure (nothing else changes).
+    pub fn record_unchanged(&self) {
+        let mut last = self.lock();
+        if !last.ok {
+            *last = LastReload {
+                seq: last.seq + 1,
+                ok: true,
+                at: SystemTime::now(),
+                applied_at: last.applied_at,
+                error: None,
+            };
+        }
+    }
+
+    /// The result recorded after `seq`, or `None` if there was none (the
+    /// file was unchanged).
+    pub fn since(&self, seq: u64) -> Option<LastReload> {
+        let last = self.lock();
+        (last.seq > seq).then(|| last.clone())
+    }
 }
 
 /// State shared by the proxy, the health checker and the reloader.
@@ -101,6 +202,14 @@ pub struct Runtime {
     pub reloads: ReloadStats,
     /// Open client connections, against `limits.max_connections`.
     pub connections: Arc<ConnectionCount>,
+    /// Counters not tied to one backend (those are in each `BackendState`).
+    pub metrics: Metrics,
+    /// The access log's writer, off the request path.
+    pub access_log: AccessLog,
+    /// Upgraded connections being relayed; closed at the end of shutdown.
+    pub upgrades: Upgrades,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    pub shutting_down: AtomicBool,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
     /// Worker threads serving clients: one upstream pool is built for each.
@@ -121,10 +230,14 @@ impl Runtime {
             clock,
             reloads: ReloadStats::default(),
             connections: Arc::default(),
+            metrics: Metrics::default(),
+            access_log: AccessLog::default(),
+            upgrades: Upgrades::default(),
+            shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
             workers,
         };
-        runtime.reloads.applied.fetch_add(1, Relaxed);
+        runtime.reloads.record_applied();
         Arc::new(runtime)
     }
 
@@ -140,7 +253,7 @@ impl Runtime {
         let next = build(config, hash, &self.states, Some(&old), self.workers);
         let summary = ReloadSummary::between(&old, &next);
         self.current.store(Arc::new(next));
-        self.reloads.applied.fetch_add(1, Relaxed);
+        self.reloads.record_applied();
         self.generation.send_modify(|g| *g += 1);
         summary
     }
@@ -262,6 +375,8 @@ impl ReloadSummary {
             || o.health_check != n.health_check
             || o.outlier_detection != n.outlier_detection
             || o.retry != n.retry
+            || o.admin != n.admin
+            || o.access_log != n.access_log
             || o.steering != n.steering
             || o.send_proxy_protocol != n.send_proxy_protocol
             || (s.added.is_empty()

@@ -1,6 +1,8 @@
 //! Accepting clients: the listening socket, its accept loop, and one hyper
-//! connection task per client (HTTP/1.1 and h2c prior knowledge), or in
-//! tcp mode one [`crate::tcp`] task per client.
+//! connection task per client (HTTP/1.1 with upgrades, and h2c prior
+//! knowledge), or in tcp mode one [`crate::tcp`] task per client. An
+//! upgraded HTTP connection leaves its task for a relay (see
+//! [`crate::upgrade`]) that keeps the connection's slot until it closes.
 //!
 //! The listening address is reloadable. [`Listeners::replace`] starts an
 //! accept loop on an already-bound new socket before it stops the old one,
@@ -37,6 +39,7 @@ use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
 use crate::state::Clock;
+use crate::upgrade::Hold;
 use crate::workers::Workers;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
@@ -430,11 +433,18 @@ pub(crate) fn serve_hyper(
     let runtime = &ctx.runtime;
     let worker = ctx.worker;
     let snap = runtime.snapshot();
+    // The connection's slot and drain receiver, shared with an upgraded
+    // connection's relay, which outlives this connection's task.
+    let hold = Hold(Arc::new((guard, drain.clone())));
     let clock = runtime.clock;
     let activity = Arc::new(Activity::new(clock.now_ms()));
     let rt = Arc::clone(runtime);
     let for_service = Arc::clone(&activity);
-    let service = service_fn(move |req| {
+    let for_upgrade = hold.clone();
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(for_upgrade.clone());
+        }
         let request = RequestGuard::start(&for_service, clock);
         let response = proxy::handle(Arc::clone(&rt), worker, peer.ip(), req);
         async move {
@@ -451,7 +461,10 @@ pub(crate) fn serve_hyper(
         activity: Arc::clone(&activity),
         clock,
     });
-    let conn = snap.server.serve_connection(io, service).into_owned();
+    let conn = snap
+        .server
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
     let runtime = Arc::clone(runtime);
     drop(snap);
     tokio::spawn(async move {
@@ -484,7 +497,7 @@ pub(crate) fn serve_hyper(
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
         drop(drain);
-        drop(guard);
+        drop(hold);
     });
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{BackendAddr, Config};
+use crate::metrics::BackendMetrics;
 
 /// Monotonic milliseconds since the table was created, on tokio's clock (so
 /// tests can pause time). Stored in atomics as `u64`; 0 means "never".
@@ -78,6 +79,9 @@ pub struct BackendState {
     latency_ns: AtomicU64,
     /// `Clock` ms of the last latency sample: the estimate decays from here.
     latency_at_ms: AtomicU64,
+    /// This backend's Prometheus counters: reached through the snapshot,
+    /// so the request path never looks a label set up.
+    pub metrics: BackendMetrics,
 }
 
 /// Counts one request in flight on a backend until dropped.
@@ -121,6 +125,7 @@ impl BackendState {
             healthy: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            metrics: BackendMetrics::default(),
         }
     }
 

@@ -76,6 +76,11 @@ pub struct Config {
     pub steering: Steering,
     /// Caps that keep one client (or many) from exhausting lb.
     pub limits: Limits,
+    /// Where the admin listener (metrics, status, probes, reload) serves;
+    /// `None` runs none. Never proxied.
+    pub admin: Option<SocketAddr>,
+    /// Log one line per proxied request on stdout.
+    pub access_log: bool,
     /// tcp mode: the PROXY protocol header each backend connection starts
     /// with, so backends see the client's address; `None` sends none.
     pub send_proxy_protocol: Option<ProxyProtocol>,

@@ -43,6 +43,10 @@ pub struct RawConfig {
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Address of the admin listener (metrics, status, probes); absent = none.
+    pub admin: Option<String>,
+    /// One line per proxied request on stdout; off when absent.
+    pub access_log: Option<bool>,
     /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
     pub send_proxy_protocol: Option<RawProxyProtocol>,
 }

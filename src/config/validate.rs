@@ -74,6 +74,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         },
         strategy,
     )?;
+    let admin = match raw.admin.as_deref() {
+        None => None,
+        Some(s) => Some(s.trim().parse().or_else(|_| {
+            invalid(
+                "admin",
+                format!("{s:?} is not an IP:port address (like 127.0.0.1:9901)"),
+            )
+        })?),
+    };
+    if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
+        return invalid("admin", "must differ from listen");
+    }
     if mode == Mode::Tcp {
         // A TCP connection has no headers, cookies or paths: only its peer.
         if steering.session_affinity.is_some() {
@@ -107,6 +119,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         retry,
         steering,
         limits,
+        admin,
+        access_log: raw.access_log.unwrap_or(false),
         send_proxy_protocol,
     })
 }
