@@ -266,153 +266,143 @@ pub(crate) async fn run<A: Attempts>(
     trace: &mut Trace,
 ) -> Outcome<A::Response> {
     let started = Instant::now();
-    let outcome = decide(rt, snap, steer, method, path, attempts, trace, started).await;
+    // `return` in the block ends the decisions; the trace is finished below.
+    let outcome = async {
+        let policy: &RetryPolicy = &snap.config.retry;
+        let deadline = started + snap.config.timeouts.request;
+        let idempotent = is_idempotent(method);
+        let outlier = &snap.config.outlier_detection;
+        rt.budget.deposit(&policy.budget);
+
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last: Option<Failed<A::Response>> = None;
+        for attempt in 0..policy.attempts.get() {
+            if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
+                tracing::debug!("retry budget exhausted");
+                rt.metrics.budget_exhausted();
+                break;
+            }
+            let now_ms = rt.clock.now_ms();
+            let eligible =
+                |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
+            let Some(index) = snap.select_for(steer, &eligible) else {
+                if attempt == 0 {
+                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
+                }
+                break;
+            };
+            if !attempts.next_attempt() {
+                break;
+            }
+            if let Some(previous) = &last {
+                rt.metrics.retry(match previous {
+                    Failed::Response(..) => RetryReason::Status,
+                    Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
+                });
+            }
+            tried.push(index);
+            trace.attempts += 1;
+            let backend = &snap.backends[index];
+            let in_flight = backend.state.start();
+            let try_deadline = policy
+                .per_try_timeout
+                .map_or(deadline, |t| deadline.min(Instant::now() + t));
+            let last_try = attempt + 1 == policy.attempts.get();
+            let sent = Instant::now();
+            let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
+            // peak_ewma's sample: time to the response head (a refused connect says nothing).
+            if !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
+                let decay = snap.config.steering.peak_ewma_decay;
+                backend.state.record_latency(sent.elapsed(), decay);
+            }
+            // The client's side failed (bad framing, stall, gone): not the backend's doing.
+            if let Some(fault) = attempts.client_fault(outcome.is_err()) {
+                tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
+                return Outcome::ClientFault(fault);
+            }
+            let metrics = &backend.state.metrics;
+            let (kind, detail) = match outcome {
+                Ok(Ok(resp)) if A::status(&resp) == StatusCode::SWITCHING_PROTOCOLS => {
+                    if attempts.wants_upgrade() {
+                        metrics.attempt(AttemptOutcome::Success);
+                        backend.state.record_success();
+                        trace.relayed = Some(index);
+                        return Outcome::Switched(resp, in_flight, index);
+                    }
+                    // lb forwards `Upgrade` only when asked, so this switch was not.
+                    (
+                        FailureKind::Protocol,
+                        "answered 101 to a request without Upgrade".to_owned(),
+                    )
+                }
+                Ok(Ok(resp)) => {
+                    let status = A::status(&resp);
+                    if status.is_server_error() {
+                        metrics.attempt(AttemptOutcome::ServerError);
+                        note_failure(rt, snap, index, outlier, &format!("answered {status}"));
+                    } else {
+                        metrics.attempt(AttemptOutcome::Success);
+                        backend.state.record_success();
+                    }
+                    trace.relayed = Some(index);
+                    if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
+                    {
+                        tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
+                        last = Some(Failed::Response(resp, in_flight, index));
+                        continue;
+                    }
+                    return Outcome::Relay(resp, in_flight, index);
+                }
+                Ok(Err(failure)) => failure,
+                Err(_) => (
+                    FailureKind::Timeout,
+                    format!("no response within {:?}", Instant::now() - started),
+                ),
+            };
+            drop(in_flight);
+            metrics.attempt(AttemptOutcome::of_failure(kind));
+            trace.relayed = None;
+            note_failure(rt, snap, index, outlier, &detail);
+            tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
+            let retry_allowed = may_retry(
+                kind,
+                &policy.retry_on,
+                idempotent,
+                attempts.is_replayable(),
+                || attempts.can_resend(),
+            );
+            last = Some(Failed::Transport {
+                kind,
+                backend: index,
+                detail,
+            });
+            if !retry_allowed || Instant::now() >= deadline {
+                break;
+            }
+        }
+        match last {
+            Some(Failed::Response(resp, in_flight, index)) => Outcome::Relay(resp, in_flight, index),
+            Some(Failed::Transport {
+                kind,
+                backend,
+                detail,
+            }) => {
+                let addr = &snap.backends[backend].addr;
+                let tries = tried.len();
+                let (status, what) = final_status(kind);
+                tracing::warn!(backend = %addr, %detail, tries, "{method} {path} {what}: {status}");
+                // The client learns the status; addresses and errors stay in the log.
+                let reason = status.canonical_reason().unwrap_or("");
+                Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
+            }
+            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned()),
+        }
+    }
+    .await;
     if trace.attempts > 0 {
         trace.upstream = Some(Instant::now() - started);
     }
     outcome
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn decide<A: Attempts>(
-    rt: &Runtime,
-    snap: &Snapshot,
-    steer: &Steer,
-    method: &Method,
-    path: &str,
-    attempts: &mut A,
-    trace: &mut Trace,
-    started: Instant,
-) -> Outcome<A::Response> {
-    let policy: &RetryPolicy = &snap.config.retry;
-    let deadline = started + snap.config.timeouts.request;
-    let idempotent = is_idempotent(method);
-    let outlier = &snap.config.outlier_detection;
-    rt.budget.deposit(&policy.budget);
-
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last: Option<Failed<A::Response>> = None;
-    for attempt in 0..policy.attempts.get() {
-        if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
-            tracing::debug!("retry budget exhausted");
-            rt.metrics.budget_exhausted();
-            break;
-        }
-        let now_ms = rt.clock.now_ms();
-        let eligible =
-            |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select_for(steer, &eligible) else {
-            if attempt == 0 {
-                return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
-            }
-            break;
-        };
-        if !attempts.next_attempt() {
-            break;
-        }
-        if let Some(previous) = &last {
-            rt.metrics.retry(match previous {
-                Failed::Response(..) => RetryReason::Status,
-                Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
-            });
-        }
-        tried.push(index);
-        trace.attempts += 1;
-        let backend = &snap.backends[index];
-        let in_flight = backend.state.start();
-        let try_deadline = policy
-            .per_try_timeout
-            .map_or(deadline, |t| deadline.min(Instant::now() + t));
-        let last_try = attempt + 1 == policy.attempts.get();
-        let sent = Instant::now();
-        let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
-        // peak_ewma's sample: time to the response head (a refused connect says nothing).
-        if !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
-            let decay = snap.config.steering.peak_ewma_decay;
-            backend.state.record_latency(sent.elapsed(), decay);
-        }
-        // The client's side failed (bad framing, stall, gone): not the backend's doing.
-        if let Some(fault) = attempts.client_fault(outcome.is_err()) {
-            tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
-            return Outcome::ClientFault(fault);
-        }
-        let metrics = &backend.state.metrics;
-        let (kind, detail) = match outcome {
-            Ok(Ok(resp)) if A::status(&resp) == StatusCode::SWITCHING_PROTOCOLS => {
-                if attempts.wants_upgrade() {
-                    metrics.attempt(AttemptOutcome::Success);
-                    backend.state.record_success();
-                    trace.relayed = Some(index);
-                    return Outcome::Switched(resp, in_flight, index);
-                }
-                // lb forwards `Upgrade` only when asked, so this switch was not.
-                (
-                    FailureKind::Protocol,
-                    "answered 101 to a request without Upgrade".to_owned(),
-                )
-            }
-            Ok(Ok(resp)) => {
-                let status = A::status(&resp);
-                if status.is_server_error() {
-                    metrics.attempt(AttemptOutcome::ServerError);
-                    note_failure(rt, snap, index, outlier, &format!("answered {status}"));
-                } else {
-                    metrics.attempt(AttemptOutcome::Success);
-                    backend.state.record_success();
-                }
-                trace.relayed = Some(index);
-                if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
-                {
-                    tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
-                    last = Some(Failed::Response(resp, in_flight, index));
-                    continue;
-                }
-                return Outcome::Relay(resp, in_flight, index);
-            }
-            Ok(Err(failure)) => failure,
-            Err(_) => (
-                FailureKind::Timeout,
-                format!("no response within {:?}", Instant::now() - started),
-            ),
-        };
-        drop(in_flight);
-        metrics.attempt(AttemptOutcome::of_failure(kind));
-        trace.relayed = None;
-        note_failure(rt, snap, index, outlier, &detail);
-        tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
-        let retry_allowed = may_retry(
-            kind,
-            &policy.retry_on,
-            idempotent,
-            attempts.is_replayable(),
-            || attempts.can_resend(),
-        );
-        last = Some(Failed::Transport {
-            kind,
-            backend: index,
-            detail,
-        });
-        if !retry_allowed || Instant::now() >= deadline {
-            break;
-        }
-    }
-    match last {
-        Some(Failed::Response(resp, in_flight, index)) => Outcome::Relay(resp, in_flight, index),
-        Some(Failed::Transport {
-            kind,
-            backend,
-            detail,
-        }) => {
-            let addr = &snap.backends[backend].addr;
-            let tries = tried.len();
-            let (status, what) = final_status(kind);
-            tracing::warn!(backend = %addr, %detail, tries, "{method} {path} {what}: {status}");
-            // The client learns the status; addresses and errors stay in the log.
-            let reason = status.canonical_reason().unwrap_or("");
-            Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
-        }
-        None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned()),
-    }
 }
 
 /// The hyper path's attempts: hyper's pooled client of this worker.
