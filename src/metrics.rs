@@ -152,6 +152,9 @@ pub struct BackendMetrics {
     ejections: AtomicU64,
     /// Active probes passed (`[0]`) and failed (`[1]`).
     health_checks: [AtomicU64; 2],
+    /// tcp mode: bytes relayed client → backend (`[0]`) and backend →
+    /// client (`[1]`), counted as they move so long connections show up.
+    bytes: [AtomicU64; 2],
 }
 
 impl BackendMetrics {
@@ -161,6 +164,12 @@ impl BackendMetrics {
 
     pub fn ejected(&self) {
         self.ejections.fetch_add(1, Relaxed);
+    }
+
+    /// The counter of bytes relayed toward the backend (`to_backend`) or
+    /// toward the client; the tcp relay adds to it per read.
+    pub fn bytes(&self, to_backend: bool) -> &AtomicU64 {
+        &self.bytes[usize::from(!to_backend)]
     }
 
     pub fn health_check(&self, passed: bool) {
@@ -403,6 +412,20 @@ impl Collector for Exporter {
                     .map(move |(i, result)| {
                         let n = &b.state.metrics.health_checks[i];
                         (backend_and(b, "result", result), count(n))
+                    })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "lb_backend_bytes",
+            "tcp mode: bytes relayed, by direction",
+            MetricType::Counter,
+            backends.iter().flat_map(|b| {
+                [("to_backend", true), ("to_client", false)]
+                    .into_iter()
+                    .map(move |(direction, up)| {
+                        let n = b.state.metrics.bytes(up);
+                        (backend_and(b, "direction", direction), count(n))
                     })
             }),
         )?;

@@ -88,6 +88,13 @@ pub struct BackendState {
 #[derive(Debug)]
 pub struct InFlight(Arc<BackendState>);
 
+impl InFlight {
+    /// The backend this guard counts on.
+    pub fn state(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);

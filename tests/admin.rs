@@ -676,3 +676,49 @@ fn completions_for_bash() {
     let script = String::from_utf8(out.stdout).unwrap();
     assert!(script.contains("--shutdown-delay"), "{script}");
 }
+
+#[tokio::test]
+async fn tcp_mode_metrics_count_connections_attempts_and_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = EchoBackend::start("e").await;
+    let t = TestLb::start(&format!(
+        "mode: tcp\nadmin: 127.0.0.1:0\nbackends:\n  - address: {}\n",
+        echo.addr
+    ))
+    .await;
+    let admin = t.lb.admin_addr().expect("admin bound");
+    let c = client();
+    let mut s = tokio::net::TcpStream::connect(t.lb.local_addr())
+        .await
+        .unwrap();
+    s.write_all(&[b'x'; 1000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.len() >= 1000);
+    let backend = echo.addr.to_string();
+    let b = backend.as_str();
+    eventually!(20, {
+        let m = scrape(&c, admin).await;
+        m.sum(
+            "lb_backend_bytes_total",
+            &[("backend", b), ("direction", "to_backend")],
+        ) == 1000.0
+            && m.sum(
+                "lb_backend_bytes_total",
+                &[("backend", b), ("direction", "to_client")],
+            ) == out.len() as f64
+    });
+    let m = scrape(&c, admin).await;
+    assert_eq!(
+        m.sum(
+            "lb_upstream_attempts_total",
+            &[("backend", b), ("outcome", "success")]
+        ),
+        1.0
+    );
+    assert!(m.sum("lb_connections_total", &[]) >= 1.0);
+}

@@ -31,11 +31,12 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::{BackendAddr, Strategy};
+use crate::metrics::AttemptOutcome;
 use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::server::ConnectionGuard;
-use crate::state::{Clock, InFlight};
+use crate::state::{BackendState, Clock, InFlight};
 
 use super::proxy_protocol;
 
@@ -73,6 +74,7 @@ pub(crate) fn serve(
             addr,
             in_flight,
         } = upstream;
+        let backend_state = Arc::clone(in_flight.state());
         let mut client = client;
         let proxied = async {
             if let Some(version) = send_proxy_protocol {
@@ -80,7 +82,7 @@ pub(crate) fn serve(
                 let header = proxy_protocol::header(version, peer, local);
                 backend.write_all(&header).await.map_err(Ended::Error)?;
             }
-            Ok(copy_both_ways(&mut client, &mut backend, rt.clock, idle).await)
+            Ok(copy_both_ways(&mut client, &mut backend, &backend_state, rt.clock, idle).await)
         };
         let ended = tokio::select! {
             ended = proxied => ended.unwrap_or_else(|e| e),
@@ -146,6 +148,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
         let in_flight = backend.state.start();
         let why = match timeout(limit, TcpStream::connect(backend.addr.as_str())).await {
             Ok(Ok(stream)) => {
+                backend.state.metrics.attempt(AttemptOutcome::Success);
                 backend.state.record_success();
                 let _ = stream.set_nodelay(true);
                 return Some(Upstream {
@@ -154,8 +157,14 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
                     in_flight,
                 });
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("connect timed out after {limit:?}"),
+            Ok(Err(e)) => {
+                backend.state.metrics.attempt(AttemptOutcome::Connect);
+                e.to_string()
+            }
+            Err(_) => {
+                backend.state.metrics.attempt(AttemptOutcome::Timeout);
+                format!("connect timed out after {limit:?}")
+            }
         };
         drop(in_flight);
         note_failure(rt, snap, index, outlier, &why);
@@ -192,9 +201,11 @@ enum Ended {
 async fn copy_both_ways(
     client: &mut TcpStream,
     backend: &mut TcpStream,
+    state: &BackendState,
     clock: Clock,
     idle: Duration,
 ) -> Ended {
+    let (to_backend, to_client) = (state.metrics.bytes(true), state.metrics.bytes(false));
     let last_read_ms = AtomicU64::new(clock.now_ms());
     let one_done = AtomicBool::new(false);
     let (mut client_rx, mut client_tx) = client.split();
@@ -204,6 +215,7 @@ async fn copy_both_ways(
             pipe(
                 &mut client_rx,
                 &mut backend_tx,
+                to_backend,
                 &last_read_ms,
                 &one_done,
                 clock
@@ -211,6 +223,7 @@ async fn copy_both_ways(
             pipe(
                 &mut backend_rx,
                 &mut client_tx,
+                to_client,
                 &last_read_ms,
                 &one_done,
                 clock
@@ -232,6 +245,7 @@ async fn copy_both_ways(
 async fn pipe(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
+    relayed: &AtomicU64,
     last_read_ms: &AtomicU64,
     one_done: &AtomicBool,
     clock: Clock,
@@ -251,6 +265,7 @@ async fn pipe(
         last_read_ms.store(clock.now_ms(), Relaxed);
         to.write_all(&buf).await?;
         copied += n as u64;
+        relayed.fetch_add(n as u64, Relaxed);
         if n == BUFFER {
             buf.clear();
             buf.reserve_exact(BULK_BUFFER);

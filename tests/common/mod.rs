@@ -36,7 +36,7 @@ pub const WAIT: u64 = 20;
 #[macro_export]
 macro_rules! eventually {
     ($secs:expr, $cond:expr) => {
-        $crate::eventually!($secs, $cond, stringify!($cond))
+        $crate::eventually!($secs, $cond, "{}", stringify!($cond))
     };
     ($secs:expr, $cond:expr, $($msg:tt)+) => {{
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64($secs as f64);
