@@ -234,7 +234,9 @@ enum Parsed {
 struct Head {
     /// The head exactly as received.
     bytes: Bytes,
+    /// Parsed once for the checks, the retry policy and the metrics.
     method: Method,
+    /// The origin-form target, sharing `bytes`.
     uri: Uri,
     /// `(name, value)` ranges into `bytes`, in order.
     headers: Vec<(Range<usize>, Range<usize>)>,
@@ -472,13 +474,17 @@ enum Framing {
 
 /// A backend's response head, parsed (ranges into the read buffer).
 struct ResponseHead {
+    /// Bytes of the head in the read buffer; the body follows.
     head_len: usize,
+    /// Judged by the retry loop, relayed to the client.
     status: StatusCode,
     /// HTTP/1.1 (else 1.0).
     http11: bool,
     /// The reason phrase as sent.
     reason: Range<usize>,
+    /// `(name, value)` ranges into the read buffer, in order.
     headers: Vec<(Range<usize>, Range<usize>)>,
+    /// How the body is delimited (RFC 9112 §6.3).
     framing: Framing,
     /// The backend may keep the connection open after this response.
     reusable: bool,
@@ -486,10 +492,13 @@ struct ResponseHead {
 
 /// A backend's response head, with the connection its body comes on.
 struct UpstreamResponse {
+    /// The body comes on it; back to the pool once it is all read.
     conn: TcpStream,
+    /// Which pool `conn` goes back to.
     backend: BackendAddr,
     /// The head and any body bytes read with it.
     buf: Buf,
+    /// Parsed from the start of `buf`.
     head: ResponseHead,
 }
 

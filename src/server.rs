@@ -298,9 +298,11 @@ pub enum Http1 {
 /// What every connection of one worker needs.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnContext {
+    /// Snapshot, shared state, counters.
     pub runtime: Arc<Runtime>,
     /// Index of the worker running this connection: picks its upstream pool.
     pub worker: usize,
+    /// `--http1`: the fast path or hyper for every connection.
     pub http1: Http1,
 }
 
