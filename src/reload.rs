@@ -341,7 +341,19 @@ impl Reloader {
             None
         };
         let listen = config.listen;
-        let summary = self.runtime.apply(config, hash);
+        // Building a snapshot is CPU work (a consistent_hash table over
+        // 10,000 backends takes tens of ms): keep it off the async workers.
+        let runtime = Arc::clone(&self.runtime);
+        let summary = match tokio::task::spawn_blocking(move || runtime.apply(config, hash)).await {
+            Ok(summary) => summary,
+            Err(e) => {
+                self.reject(format_args!(
+                    "{}: applying failed: {e}",
+                    self.path.display()
+                ));
+                return;
+            }
+        };
         if let Some(listener) = new_listener {
             self.listeners.replace(listener, listen);
         }
