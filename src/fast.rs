@@ -25,13 +25,13 @@
 //! is allocated when bytes arrive and dropped when the exchange is done.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fnv::FnvHashMap;
 use hyper::body::Bytes;
 use hyper::http::uri::Uri;
 use hyper::{Method, StatusCode, Version};
@@ -79,32 +79,57 @@ pub(crate) async fn serve(
     // Empty (no allocation) while the connection is idle.
     let mut buf = Buf::new();
     let mut served = false;
+    // The idle wait's deadline counts from here: the connection's opening,
+    // then the end of each exchange.
+    let mut idle_since = Instant::now();
+    // One timer for all of the connection's waits, re-armed only when it
+    // fires before the current deadline: setting a timer per request costs a
+    // lock and a timer-wheel insert and removal.
+    let first_wait = rt.worker_snapshot().config.timeouts.client_header;
+    let idle_timer = tokio::time::sleep_until(idle_since + first_wait);
+    tokio::pin!(idle_timer);
     loop {
         if buf.is_empty() {
             // Read per wait (reloadable), not held: an idle connection pins no config.
             let wait = {
-                let timeouts = &rt.snapshot().config.timeouts;
+                let timeouts = &rt.worker_snapshot().config.timeouts;
                 if served {
                     timeouts.client_idle
                 } else {
                     timeouts.client_header
                 }
             };
-            tokio::select! {
-                biased;
-                () = crate::server::draining(&mut drain) => return,
-                ready = timeout(wait, stream.readable()) => match ready {
-                    Ok(Ok(())) => {}
-                    _ => return,
-                },
+            let deadline = idle_since + wait;
+            if idle_timer.deadline() > deadline || idle_timer.is_elapsed() {
+                idle_timer.as_mut().reset(deadline);
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    () = crate::server::draining(&mut drain) => return,
+                    ready = stream.readable() => match ready {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
+                    () = &mut idle_timer => {
+                        if idle_timer.deadline() >= deadline {
+                            return;
+                        }
+                        // Set for an earlier wait: the connection was busy since.
+                        idle_timer.as_mut().reset(deadline);
+                    }
+                }
             }
         }
-        let snap = rt.snapshot();
+        let snap = rt.worker_snapshot();
         // Boxed: an idle connection's task then holds only the state above.
         let step = Box::pin(serve_one(&mut stream, &mut buf, peer, &rt, &snap, &drain)).await;
         drop(snap);
         match step {
-            Step::Next => served = true,
+            Step::Next(done_at) => {
+                served = true;
+                idle_since = done_at;
+            }
             Step::Close => return,
             Step::Hyper(prefix) => {
                 return crate::server::serve_hyper(stream, prefix, peer, guard, &ctx, drain)
@@ -119,8 +144,8 @@ pub(crate) async fn serve(
 
 /// How one exchange on a fast-path connection ended.
 enum Step {
-    /// Served; the connection waits for the next request.
-    Next,
+    /// Served at this instant; the connection waits for the next request.
+    Next(Instant),
     Close,
     /// hyper serves the rest of the connection, starting with these bytes.
     Hyper(Bytes),
@@ -141,7 +166,10 @@ async fn serve_one(
         return Step::Hyper(std::mem::take(buf).freeze());
     }
     let timeouts = &snap.config.timeouts;
-    let head_deadline = Instant::now() + timeouts.client_header;
+    // The one clock reading before the answer: the head's deadline, the
+    // request's arrival and the pool's idle check all use it.
+    let now = Instant::now();
+    let head_deadline = now + timeouts.client_header;
     let max_head = snap.config.limits.max_header_bytes;
     let body_limit = snap.config.retry.buffer_body_limit;
     let head = loop {
@@ -167,7 +195,7 @@ async fn serve_one(
         return Step::Hyper(all.freeze());
     };
     let method_head = head.method == Method::HEAD;
-    let arrival = proxy::Arrival::new(snap, &head.method, head.uri.path());
+    let arrival = proxy::Arrival::new(now, snap, &head.method, head.uri.path());
     let mut trace = Trace::default();
     // The body, whole, before anything is sent (it is at most
     // `buffer_body_limit`): every attempt can replay it.
@@ -177,6 +205,7 @@ async fn serve_one(
                 request,
                 method_head,
                 idempotent: retry::is_idempotent(&head.method),
+                now,
             };
             let steer = Steer::default();
             let path = head.uri.path();
@@ -193,13 +222,29 @@ async fn serve_one(
         }
         Err(fault) => Outcome::ClientFault(fault),
     };
+    // When the answer's head was ready (the retry loop's last reading).
+    let answered = trace.ended.unwrap_or(now);
     let keep_alive = head.keep_alive && !*drain.borrow();
     let own = match outcome {
-        Outcome::Relay(resp, in_flight, _) => {
+        Outcome::Relay(resp, in_flight, index) => {
             arrival.done(rt, snap, peer.ip(), resp.head.status.as_u16(), &trace);
-            let kept = relay(stream, resp, &head, keep_alive).await;
+            // A body that came whole with the head goes in the head's write.
+            let whole = resp.is_whole();
+            let kept = relay(
+                stream,
+                resp,
+                &head,
+                keep_alive,
+                &snap.backends[index].addr,
+                answered,
+            )
+            .await;
             drop(in_flight);
-            return if kept { Step::Next } else { Step::Close };
+            return match kept {
+                true if whole => Step::Next(answered),
+                true => Step::Next(Instant::now()),
+                false => Step::Close,
+            };
         }
         // Not reached: a request with `Upgrade` is hyper's.
         Outcome::Switched(..) => {
@@ -212,9 +257,9 @@ async fn serve_one(
     // lb's own answers that end the exchange say `Connection: close`.
     let keep_alive = keep_alive && !own.headers().contains_key(hyper::header::CONNECTION);
     let mut out = Vec::with_capacity(256);
-    encode_own(&mut out, &own, keep_alive, method_head);
+    encode_own(&mut out, &own, keep_alive, method_head, answered);
     if stream.write_all(&out).await.is_ok() && keep_alive {
-        Step::Next
+        Step::Next(Instant::now())
     } else {
         Step::Close
     }
@@ -394,7 +439,11 @@ impl Head {
     /// The head lb sends upstream, as the hyper path's rewrite and hyper's
     /// client would write it; `None` when the hyper path would refuse it.
     fn rewrite(&self, client_ip: std::net::IpAddr) -> Option<Vec<u8>> {
-        let xff = proxy::forwarded_for(self.values("x-forwarded-for").next(), client_ip).ok()?;
+        // With a prior X-Forwarded-For, the hyper path's rules (and refusal).
+        let prior = match self.values("x-forwarded-for").next() {
+            Some(prior) => Some(proxy::forwarded_for(Some(prior), client_ip).ok()?),
+            None => None,
+        };
         let named = proxy::connection_named(self.values("connection"));
         let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut out = Vec::with_capacity(self.bytes.len() + 128 + self.body_len as usize);
@@ -429,9 +478,36 @@ impl Head {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"x-forwarded-proto: http\r\nx-forwarded-for: ");
-        out.extend_from_slice(xff.as_bytes());
+        match prior {
+            Some(xff) => out.extend_from_slice(xff.as_bytes()),
+            None => write_ip(&mut out, client_ip),
+        }
         out.extend_from_slice(b"\r\n\r\n");
         Some(out)
+    }
+}
+
+/// Appends `ip` as `Display` writes it, without the formatting machinery
+/// for the common IPv4 case (once per request).
+fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -443,7 +519,7 @@ async fn read_body(
     mut request: Vec<u8>,
     len: u64,
     stall: Duration,
-) -> Result<Bytes, ClientFault> {
+) -> Result<Vec<u8>, ClientFault> {
     let mut left = len as usize;
     let take = left.min(buf.len());
     request.extend_from_slice(&buf.split_to(take));
@@ -458,7 +534,7 @@ async fn read_body(
             Ok(Ok(_)) => left -= request.len() - before,
         }
     }
-    Ok(Bytes::from(request))
+    Ok(request)
 }
 
 /// How a backend's response body is delimited.
@@ -494,23 +570,35 @@ struct ResponseHead {
 struct UpstreamResponse {
     /// The body comes on it; back to the pool once it is all read.
     conn: TcpStream,
-    /// Which pool `conn` goes back to.
-    backend: BackendAddr,
     /// The head and any body bytes read with it.
     buf: Buf,
     /// Parsed from the start of `buf`.
     head: ResponseHead,
 }
 
+impl UpstreamResponse {
+    /// The whole body (if any) came with the head: relaying it is one write.
+    fn is_whole(&self) -> bool {
+        let body = (self.buf.len() - self.head.head_len) as u64;
+        match self.head.framing {
+            Framing::Empty => true,
+            Framing::Length(n) => body >= n,
+            Framing::Chunked | Framing::Close => false,
+        }
+    }
+}
+
 /// The fast path's attempts: the whole request in one buffer, sent on a
 /// connection from this worker's pool.
 struct FastAttempts {
     /// Rewritten head and body.
-    request: Bytes,
+    request: Vec<u8>,
     /// The request is a HEAD: its response has no body.
     method_head: bool,
     /// The method may be sent twice (a stale pooled connection is retried).
     idempotent: bool,
+    /// When the request arrived: judges how long pooled connections idled.
+    now: Instant,
 }
 
 impl Attempts for FastAttempts {
@@ -530,8 +618,8 @@ impl Attempts for FastAttempts {
         // A pooled connection the backend closed meanwhile fails before any
         // byte of an answer: then the request goes once more on a new one
         // (hyper's pool does the same).
-        if let Some(conn) = pool_take(backend, !self.idempotent) {
-            match exchange(conn, backend, &self.request, self.method_head).await {
+        if let Some(conn) = pool_take(backend, !self.idempotent, self.now) {
+            match exchange(conn, &self.request, self.method_head).await {
                 Ok(resp) => return Ok(resp),
                 Err(Exchange::Unsent) => {}
                 Err(Exchange::Stale) if self.idempotent => {}
@@ -539,7 +627,7 @@ impl Attempts for FastAttempts {
             }
         }
         let conn = connect(backend, snap.config.timeouts.connect).await?;
-        exchange(conn, backend, &self.request, self.method_head)
+        exchange(conn, &self.request, self.method_head)
             .await
             .map_err(Exchange::failure)
     }
@@ -607,7 +695,6 @@ impl Exchange {
 /// Writes the request and reads the response head (skipping 1xx).
 async fn exchange(
     mut conn: TcpStream,
-    backend: &BackendAddr,
     request: &[u8],
     method_head: bool,
 ) -> Result<UpstreamResponse, Exchange> {
@@ -625,12 +712,7 @@ async fn exchange(
                     answered = true;
                     continue;
                 }
-                return Ok(UpstreamResponse {
-                    conn,
-                    backend: backend.clone(),
-                    buf,
-                    head,
-                });
+                return Ok(UpstreamResponse { conn, buf, head });
             }
             Ok(None) if buf.len() < MAX_RESPONSE_HEAD => {}
             Ok(None) => {
@@ -735,7 +817,13 @@ fn parse_response(buf: &[u8], method_head: bool) -> Result<Option<ResponseHead>,
 
 /// The response head lb writes to the client, the way hyper's server
 /// writes a relayed response (lower-case names, framing, `date`).
-fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool, keep_alive: bool) {
+fn encode_relayed(
+    out: &mut Vec<u8>,
+    resp: &UpstreamResponse,
+    method_head: bool,
+    keep_alive: bool,
+    now: Instant,
+) {
     let head = &resp.head;
     let b = &resp.buf[..];
     let reason = &b[head.reason.clone()];
@@ -802,7 +890,7 @@ fn encode_relayed(out: &mut Vec<u8>, resp: &UpstreamResponse, method_head: bool,
     }
     if !wrote_date {
         out.extend_from_slice(b"date: ");
-        date::extend(out);
+        date::extend(out, now);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -815,6 +903,8 @@ async fn relay(
     mut resp: UpstreamResponse,
     head: &Head,
     keep_alive: bool,
+    backend: &BackendAddr,
+    now: Instant,
 ) -> bool {
     let method_head = head.method == Method::HEAD;
     // hyper's server ends a response whose length only the close tells
@@ -822,7 +912,7 @@ async fn relay(
     let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
     let keep_alive = keep_alive && !close_delimited;
     let mut out = Vec::with_capacity(resp.head.head_len + 128);
-    encode_relayed(&mut out, &resp, method_head, keep_alive);
+    encode_relayed(&mut out, &resp, method_head, keep_alive, now);
     let _ = resp.buf.split_to(resp.head.head_len);
     let rechunk = resp.head.http11;
     let done = match resp.head.framing {
@@ -832,7 +922,7 @@ async fn relay(
         Framing::Close => copy_to_close(client, &mut resp, out, rechunk).await,
     };
     if done && resp.head.reusable && resp.buf.is_empty() {
-        pool_put(resp.backend, resp.conn);
+        pool_put(backend, resp.conn, now);
     }
     done && keep_alive
 }
@@ -1011,6 +1101,7 @@ fn encode_own(
     resp: &hyper::Response<ResponseBody>,
     keep_alive: bool,
     method_head: bool,
+    now: Instant,
 ) {
     let status = resp.status();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -1037,7 +1128,7 @@ fn encode_own(
     };
     let _ = write!(out, "content-length: {}\r\n", body.len());
     out.extend_from_slice(b"date: ");
-    date::extend(out);
+    date::extend(out, now);
     out.extend_from_slice(b"\r\n\r\n");
     if !method_head {
         out.extend_from_slice(&body);
@@ -1045,22 +1136,26 @@ fn encode_own(
 }
 
 thread_local! {
-    /// This worker's idle upstream connections by backend. Worker-local by
-    /// construction (each worker is one thread), so no lock and no
-    /// cross-thread wake-up; keyed by address, so it survives reloads.
-    static POOL: RefCell<HashMap<BackendAddr, Vec<(TcpStream, Instant)>>> = RefCell::new(HashMap::new());
+    /// This worker's idle upstream connections by backend, newest last.
+    /// Worker-local by construction (each worker is one thread), so no lock
+    /// and no cross-thread wake-up; keyed by address, so it survives reloads.
+    /// FNV: the key is a short address string hashed twice per request.
+    static POOL: RefCell<FnvHashMap<BackendAddr, Vec<(TcpStream, Instant)>>> =
+        RefCell::new(FnvHashMap::default());
 }
 
-/// An idle connection to `backend`, if any. With `probe`, one the backend
-/// closed meanwhile is skipped (a read that does not block means closed):
-/// a request that must not be sent twice cannot count on the resend after
-/// a stale connection.
-fn pool_take(backend: &BackendAddr, probe: bool) -> Option<TcpStream> {
+/// An idle connection to `backend` that has idled less than [`POOL_IDLE`]
+/// at `now`, if any. With `probe`, one the backend closed meanwhile is
+/// skipped (a read that does not block means closed): a request that must
+/// not be sent twice cannot count on the resend after a stale connection.
+fn pool_take(backend: &BackendAddr, probe: bool, now: Instant) -> Option<TcpStream> {
     POOL.with_borrow_mut(|pool| {
         let idle = pool.get_mut(backend)?;
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() > POOL_IDLE {
-                continue;
+            if now.saturating_duration_since(since) > POOL_IDLE {
+                // The rest are older still.
+                idle.clear();
+                return None;
             }
             if !probe {
                 return Some(conn);
@@ -1076,36 +1171,129 @@ fn pool_take(backend: &BackendAddr, probe: bool) -> Option<TcpStream> {
     })
 }
 
-fn pool_put(backend: BackendAddr, conn: TcpStream) {
+/// Keeps `conn` for the next request to `backend`, idle since `now`.
+fn pool_put(backend: &BackendAddr, conn: TcpStream, now: Instant) {
     POOL.with_borrow_mut(|pool| {
-        let idle = pool.entry(backend).or_default();
-        let now = Instant::now();
-        idle.retain(|(_, since)| now.duration_since(*since) <= POOL_IDLE);
+        let idle = match pool.get_mut(backend) {
+            Some(idle) => idle,
+            None => pool.entry(backend.clone()).or_default(),
+        };
         if idle.len() < POOL_MAX_IDLE {
             idle.push((conn, now));
         }
     });
 }
 
+/// Closes this worker's pooled connections that idled out, and forgets
+/// backends with none left (a backend a reload removed among them); run by
+/// the worker's tick, so a connection idles at most [`POOL_IDLE`] plus a
+/// tick whether or not its backend is asked for again.
+pub(crate) fn sweep_pool() {
+    let now = Instant::now();
+    POOL.with_borrow_mut(|pool| {
+        pool.retain(|_, idle| {
+            idle.retain(|(_, since)| now.saturating_duration_since(*since) <= POOL_IDLE);
+            !idle.is_empty()
+        });
+    });
+}
+
 /// The `date` header value, formatted once per second per worker.
 mod date {
     use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use tokio::time::Instant;
 
     thread_local! {
-        /// (unix second, IMF-fixdate) of the last format.
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+        /// The IMF-fixdate text, and the instant it stops being right (the
+        /// next second of the wall clock).
+        static CACHED: RefCell<(Option<Instant>, String)> = const { RefCell::new((None, String::new())) };
     }
 
-    pub(super) fn extend(out: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHED.with_borrow_mut(|(at, text)| {
-            if *at != second || text.is_empty() {
-                *at = second;
-                *text = httpdate::fmt_http_date(now);
+    /// Appends the date at `now` (a reading the caller already took: the
+    /// wall clock is read once a second, not per response).
+    pub(super) fn extend(out: &mut Vec<u8>, now: Instant) {
+        CACHED.with_borrow_mut(|(until, text)| {
+            if until.is_none_or(|until| now >= until) {
+                let wall = SystemTime::now();
+                let into_second = wall
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                *until =
+                    Some(now + (Duration::from_secs(1) - Duration::from_nanos(into_second.into())));
+                *text = httpdate::fmt_http_date(wall);
             }
             out.extend_from_slice(text.as_bytes());
         });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_wall_clock_second_cached_until_it_ends() {
+            let now = Instant::now();
+            let mut text = Vec::new();
+            extend(&mut text, now);
+            let parsed = httpdate::parse_http_date(std::str::from_utf8(&text).unwrap()).unwrap();
+            let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
+            assert!(off < Duration::from_secs(3), "{off:?} off");
+            let until = CACHED.with_borrow(|(until, _)| until.unwrap());
+            assert!(until > now && until <= now + Duration::from_secs(1));
+            // Past it, the wall clock is read again and a new end is set.
+            extend(&mut Vec::new(), now + Duration::from_secs(2));
+            let next = CACHED.with_borrow(|(until, _)| until.unwrap());
+            assert!(next > now + Duration::from_secs(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_ip_matches_display() {
+        let ips = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "9.99.100.255",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:192.0.2.1",
+        ];
+        for ip in ips {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_gives_the_newest_connection_and_drops_idled_out_ones() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = BackendAddr::from_static("pool-test:1");
+        let t0 = Instant::now();
+        let old = TcpStream::connect(addr).await.unwrap();
+        let new = TcpStream::connect(addr).await.unwrap();
+        let new_port = new.local_addr().unwrap().port();
+        pool_put(&backend, old, t0);
+        pool_put(&backend, new, t0 + Duration::from_secs(2));
+        let at = t0 + Duration::from_secs(4);
+        // Newest first; then the older one is past POOL_IDLE at `at`.
+        let got = pool_take(&backend, false, at).unwrap();
+        assert_eq!(got.local_addr().unwrap().port(), new_port);
+        assert!(pool_take(&backend, false, at).is_none());
+        // The sweep forgets a backend with nothing left.
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
+        pool_put(&backend, got, long_ago);
+        sweep_pool();
+        POOL.with_borrow(|pool| assert!(!pool.contains_key(&backend)));
     }
 }

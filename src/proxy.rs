@@ -48,7 +48,12 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
-    let arrival = Arrival::new(&snap, req.method(), req.uri().path());
+    let arrival = Arrival::new(
+        tokio::time::Instant::now(),
+        &snap,
+        req.method(),
+        req.uri().path(),
+    );
     let mut trace = Trace::default();
     let resp = respond(&rt, &snap, worker, client_ip, req, &mut trace).await;
     arrival.done(&rt, &snap, client_ip, resp.status().as_u16(), &trace);
@@ -65,9 +70,14 @@ pub(crate) struct Arrival {
 }
 
 impl Arrival {
-    pub(crate) fn new(snap: &Snapshot, method: &Method, path: &str) -> Self {
+    pub(crate) fn new(
+        at: tokio::time::Instant,
+        snap: &Snapshot,
+        method: &Method,
+        path: &str,
+    ) -> Self {
         Arrival {
-            at: tokio::time::Instant::now(),
+            at,
             logged: snap.config.access_log.then(|| {
                 (
                     std::time::SystemTime::now(),
@@ -87,7 +97,10 @@ impl Arrival {
         status: u16,
         trace: &Trace,
     ) {
-        let took = self.at.elapsed();
+        // The retry loop's last reading, when it has one.
+        let took = trace
+            .ended
+            .map_or_else(|| self.at.elapsed(), |ended| ended - self.at);
         let backend = trace.relayed.and_then(|i| snap.backends.get(i));
         rt.metrics
             .request(backend.map(|b| &b.state.metrics), status, took);

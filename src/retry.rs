@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
 use crate::body::{ClientFault, RequestBody, ResponseBody};
-use crate::config::{RetryBudgetConfig, RetryPolicy};
+use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
@@ -178,6 +178,35 @@ pub struct Trace {
     pub attempts: u32,
     /// From the first attempt to the final response head.
     pub upstream: Option<std::time::Duration>,
+    /// When the final response head was in (or the loop gave up), for the
+    /// caller's own timing: one clock reading serves both.
+    pub ended: Option<Instant>,
+}
+
+/// The backends one request has tried, by index: the first inline, since
+/// most requests never retry (no allocation for them).
+#[derive(Default)]
+struct Tried {
+    first: Option<usize>,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        if self.first.is_none() {
+            self.first = Some(index);
+        } else {
+            self.more.push(index);
+        }
+    }
+
+    fn contains(&self, index: &usize) -> bool {
+        self.first == Some(*index) || self.more.contains(index)
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
 }
 
 /// Whether a failed attempt may be tried again (the policy, nothing else).
@@ -274,15 +303,22 @@ pub(crate) async fn run<A: Attempts>(
         let outlier = &snap.config.outlier_detection;
         rt.budget.deposit(&policy.budget);
 
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried = Tried::default();
         let mut last: Option<Failed<A::Response>> = None;
+        // Only peak_ewma reads the latency estimate: the others skip the
+        // clock readings and the shared writes of recording it.
+        let record_latency = snap.config.strategy == Strategy::PeakEwma;
         for attempt in 0..policy.attempts.get() {
             if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
                 tracing::debug!("retry budget exhausted");
                 rt.metrics.budget_exhausted();
                 break;
             }
-            let now_ms = rt.clock.now_ms();
+            let now_ms = if attempt == 0 {
+                rt.clock.ms_at(started)
+            } else {
+                rt.clock.now_ms()
+            };
             let eligible =
                 |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
             let Some(index) = snap.select_for(steer, &eligible) else {
@@ -308,10 +344,14 @@ pub(crate) async fn run<A: Attempts>(
                 .per_try_timeout
                 .map_or(deadline, |t| deadline.min(Instant::now() + t));
             let last_try = attempt + 1 == policy.attempts.get();
-            let sent = Instant::now();
+            let sent = if record_latency {
+                Instant::now()
+            } else {
+                started
+            };
             let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
             // peak_ewma's sample: time to the response head (a refused connect says nothing).
-            if !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
+            if record_latency && !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
                 let decay = snap.config.steering.peak_ewma_decay;
                 backend.state.record_latency(sent.elapsed(), decay);
             }
@@ -400,7 +440,9 @@ pub(crate) async fn run<A: Attempts>(
     }
     .await;
     if trace.attempts > 0 {
-        trace.upstream = Some(Instant::now() - started);
+        let ended = Instant::now();
+        trace.upstream = Some(ended - started);
+        trace.ended = Some(ended);
     }
     outcome
 }

@@ -80,6 +80,32 @@ impl Snapshot {
     }
 }
 
+thread_local! {
+    /// This thread's handle on the snapshot it last served with (see
+    /// [`Runtime::worker_snapshot`]).
+    static WORKER_SNAPSHOT: std::cell::RefCell<Option<Arc<WorkerSnapshot>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A worker thread's own handle on a snapshot (see
+/// [`Runtime::worker_snapshot`]): its count is touched by that thread only.
+#[derive(Debug)]
+pub struct WorkerSnapshot(Arc<Snapshot>);
+
+impl std::ops::Deref for WorkerSnapshot {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+/// Drops this thread's cached snapshot handle, so a worker that serves no
+/// request after a reload does not keep the old snapshot alive.
+pub fn forget_worker_snapshot() {
+    WORKER_SNAPSHOT.with_borrow_mut(Option::take);
+}
+
 /// Reload counters and the last result, for logs, `/metrics` and `/status`.
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -244,6 +270,24 @@ impl Runtime {
     /// The current snapshot; hold it for the whole request.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The current snapshot through this thread's own `Arc`, for the
+    /// per-request path of a worker: every worker cloning the one shared
+    /// `Arc` would bounce its count's cache line between cores on each
+    /// request. The thread keeps its handle until the snapshot changes or
+    /// [`forget_worker_snapshot`] (each worker's tick) drops it, so an old
+    /// snapshot outlives a reload by at most a tick on an idle worker.
+    pub fn worker_snapshot(&self) -> Arc<WorkerSnapshot> {
+        let current = self.current.load();
+        WORKER_SNAPSHOT.with_borrow_mut(|cached| match cached {
+            Some(c) if Arc::ptr_eq(&c.0, &current) => Arc::clone(c),
+            _ => {
+                let fresh = Arc::new(WorkerSnapshot(arc_swap::Guard::into_inner(current)));
+                *cached = Some(Arc::clone(&fresh));
+                fresh
+            }
+        })
     }
 
     /// Builds a snapshot of `config` and swaps it in. Backends whose address

@@ -322,6 +322,7 @@ async fn accept_loop(
             return;
         }
     };
+    let drain = worker_drain(drain);
     let runtime = &ctx.runtime;
     let addr = listener
         .local_addr()
@@ -684,6 +685,33 @@ impl AsyncWrite for Watched {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// This worker's copy of the drain signal, for the connections it accepts.
+/// A keep-alive connection waits on it between requests; registering with
+/// the one watch every worker shares would take a lock that other cores
+/// contend on, once per request.
+///
+/// The copy mirrors both things the shared one says: `true` when shutdown
+/// begins, and the sender's drop when the grace ends (tcp connections and
+/// upgrades run until then). It holds the shared receiver while any of its
+/// own is alive, so shutdown still sees this worker's connections as open.
+fn worker_drain(mut drain: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*drain.borrow());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = draining(&mut drain) => {
+                let _ = tx.send(true);
+            }
+            // The listener and all its connections are gone.
+            () = tx.closed() => return,
+        }
+        tokio::select! {
+            () = async { while drain.changed().await.is_ok() {} } => {}
+            () = tx.closed() => {}
+        }
+    });
+    rx
 }
 
 /// Resolves once shutdown has begun (or the sender is gone).

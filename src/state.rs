@@ -37,6 +37,11 @@ impl Clock {
         self.base.elapsed().as_millis() as u64 + 1
     }
 
+    /// `now_ms` as it read at `at` (a reading the caller already took).
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64 + 1
+    }
+
     /// The tokio instant of a `now_ms` reading, for timers.
     pub fn instant(&self, ms: u64) -> Instant {
         self.base + Duration::from_millis(ms.saturating_sub(1))

@@ -264,6 +264,30 @@ async fn idle_keep_alive_is_closed_after_client_idle() {
     assert!(closed_within(&mut s, 10).await);
 }
 
+/// The idle timer is set once per connection and moved only when it fires
+/// early: a connection busy for longer than `client_idle`, in short gaps,
+/// must never be cut at the first deadline.
+#[tokio::test]
+async fn keep_alive_busy_past_client_idle_is_not_cut() {
+    let b = Backend::start("b").await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  client_header: 1s\n  client_idle: 2s\n{}",
+        backends_yaml(&[&b])
+    ))
+    .await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    // 4 s of use in 500 ms gaps: twice client_idle.
+    for i in 0..8 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "request {i} was cut");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test]
 async fn slow_response_is_not_cut_by_idle_timeouts() {
     let b = Backend::start("b").await;
