@@ -1,0 +1,328 @@
+//! The HTTP/1 fast path: lb's own HTTP/1.1 serving for the common case,
+//! without hyper's per-request machinery.
+//!
+//! A request head is parsed with `httparse` straight from the connection's
+//! read buffer, checked by the same code as the hyper path
+//! (`proxy::check_request` over `HeadView`), rewritten into one buffer
+//! (hop-by-hop headers out, `X-Forwarded-*` in) and sent with one write on a
+//! connection from this worker's own pool. The response head is parsed the
+//! same way, rewritten the way hyper would write it, and the body streamed
+//! to the client with backpressure (re-chunked when the backend chunks).
+//! Attempts, retries, budgets, passive health and timeouts are decided by
+//! [`retry::run`], the loop the hyper path uses.
+//!
+//! The fast path takes only what it can answer exactly as hyper would:
+//! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
+//! most `retry.buffer_body_limit` (read whole before it is sent), no
+//! `Upgrade` or `Expect`, and no steering (`consistent_hash` keys and
+//! `session_affinity` cookies are read from hyper's heads). Anything else — an h2c preface, HTTP/1.0, chunked
+//! or large uploads, every malformed or refused head (the request-smuggling
+//! matrix included), a head over `limits.max_header_bytes` — is handed to
+//! hyper with the bytes read so far, and hyper serves the rest of that
+//! connection: the answer is hyper's by construction.
+//!
+//! Memory: a connection waiting for its next request holds no buffer; one
+//! is allocated when bytes arrive and dropped when the exchange is done.
+//!
+//! Per request the path reads the clock twice (head in, answer ready),
+//! touches no timer (the connection's idle timer is re-armed only when it
+//! fires early) and no cache line another worker writes, beyond the
+//! backend's shared counters and the round-robin cursor.
+//!
+//! # Layout
+//! * this file: the connection loop ([`serve`]) and one exchange;
+//! * `request`: the client's head parsed, checked and rewritten, its body;
+//! * `upstream`: attempts for [`retry::run`], response heads, the pool;
+//! * `relay`: the answer written to the client, body streamed;
+//! * `date`: the `date` header, formatted once a second.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use hyper::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant};
+
+mod date;
+mod relay;
+mod request;
+mod upstream;
+
+pub(crate) use upstream::sweep_pool;
+
+use relay::{encode_own, relay};
+use request::{parse_request, read_body, Parsed};
+use upstream::FastAttempts;
+
+use crate::config::Strategy;
+use crate::proxy;
+use crate::retry::{self, Outcome, Trace};
+use crate::runtime::Snapshot;
+use crate::selection::Steer;
+use crate::server::{ConnContext, ConnectionGuard};
+
+/// httparse's header slots; hyper's default cap too (more is hyper's 431).
+const MAX_HEADERS: usize = 100;
+/// hyper refuses longer targets with 414; such heads go to hyper.
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// First allocation for a message's buffer; grown as needed.
+const READ_CHUNK: usize = 8 * 1024;
+/// Largest backend response head lb reads (hyper's client buffer bound).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
+/// Idle upstream connections are closed after this long (as the hyper
+/// path's pool does).
+const POOL_IDLE: Duration = Duration::from_secs(3);
+/// Idle upstream connections kept per backend and worker.
+const POOL_MAX_IDLE: usize = 256;
+
+/// A growable byte buffer (hyper's own).
+type Buf = bytes::BytesMut;
+
+/// Serves one client connection on the fast path, handing it to hyper
+/// when a message needs hyper.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: ConnContext,
+    mut drain: watch::Receiver<bool>,
+    guard: ConnectionGuard,
+) {
+    let rt = Arc::clone(&ctx.runtime);
+    // Empty (no allocation) while the connection is idle.
+    let mut buf = Buf::new();
+    let mut served = false;
+    // The idle wait's deadline counts from here: the connection's opening,
+    // then the end of each exchange.
+    let mut idle_since = Instant::now();
+    // One timer for all of the connection's waits, re-armed only when it
+    // fires before the current deadline: setting a timer per request costs a
+    // lock and a timer-wheel insert and removal.
+    let first_wait = rt.worker_snapshot().config.timeouts.client_header;
+    let idle_timer = tokio::time::sleep_until(idle_since + first_wait);
+    tokio::pin!(idle_timer);
+    loop {
+        if buf.is_empty() {
+            // Read per wait (reloadable), not held: an idle connection pins no config.
+            let wait = {
+                let timeouts = &rt.worker_snapshot().config.timeouts;
+                if served {
+                    timeouts.client_idle
+                } else {
+                    timeouts.client_header
+                }
+            };
+            let deadline = idle_since + wait;
+            if idle_timer.deadline() > deadline || idle_timer.is_elapsed() {
+                idle_timer.as_mut().reset(deadline);
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    () = crate::server::draining(&mut drain) => return,
+                    ready = stream.readable() => match ready {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
+                    () = &mut idle_timer => {
+                        if idle_timer.deadline() >= deadline {
+                            return;
+                        }
+                        // Set for an earlier wait: the connection was busy since.
+                        idle_timer.as_mut().reset(deadline);
+                    }
+                }
+            }
+        }
+        let snap = rt.worker_snapshot();
+        // Boxed: an idle connection's task then holds only the state above.
+        let step = Box::pin(serve_one(&mut stream, &mut buf, peer, &rt, &snap, &drain)).await;
+        drop(snap);
+        match step {
+            Step::Next(done_at) => {
+                served = true;
+                idle_since = done_at;
+            }
+            Step::Close => return,
+            Step::Hyper(prefix) => {
+                return crate::server::serve_hyper(stream, prefix, peer, guard, &ctx, drain)
+            }
+        }
+        if buf.is_empty() {
+            // Idle from here: give the buffer back.
+            buf = Buf::new();
+        }
+    }
+}
+
+/// How one exchange on a fast-path connection ended.
+enum Step {
+    /// Served at this instant; the connection waits for the next request.
+    Next(Instant),
+    Close,
+    /// hyper serves the rest of the connection, starting with these bytes.
+    Hyper(Bytes),
+}
+
+/// Reads one request head (and body) and answers it.
+async fn serve_one(
+    stream: &mut TcpStream,
+    buf: &mut Buf,
+    peer: SocketAddr,
+    rt: &crate::runtime::Runtime,
+    snap: &Snapshot,
+    drain: &watch::Receiver<bool>,
+) -> Step {
+    // Hash keys and affinity cookies are read from (and written to) hyper's
+    // heads: a steered config is served by hyper.
+    if snap.config.strategy == Strategy::ConsistentHash || snap.affinity.is_some() {
+        return Step::Hyper(std::mem::take(buf).freeze());
+    }
+    let timeouts = &snap.config.timeouts;
+    // The one clock reading before the answer: the head's deadline, the
+    // request's arrival and the pool's idle check all use it.
+    let now = Instant::now();
+    let head_deadline = now + timeouts.client_header;
+    let max_head = snap.config.limits.max_header_bytes;
+    let body_limit = snap.config.retry.buffer_body_limit;
+    let head = loop {
+        match parse_request(buf, max_head, body_limit) {
+            Parsed::Partial if buf.len() < max_head => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK.max(buf.len()));
+                }
+                match timeout_at(head_deadline, stream.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => return Step::Close,
+                }
+            }
+            // Too large, refused, or not ours: hyper answers from here on.
+            Parsed::Partial | Parsed::Hyper => return Step::Hyper(std::mem::take(buf).freeze()),
+            Parsed::Fast(head) => break head,
+        }
+    };
+    let Some(request) = head.rewrite(peer.ip()) else {
+        // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
+        let mut all = Buf::from(&head.bytes[..]);
+        all.extend_from_slice(buf);
+        return Step::Hyper(all.freeze());
+    };
+    let method_head = head.method == Method::HEAD;
+    let arrival = proxy::Arrival::new(now, snap, &head.method, head.uri.path());
+    let mut trace = Trace::default();
+    // The body, whole, before anything is sent (it is at most
+    // `buffer_body_limit`): every attempt can replay it.
+    let outcome = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
+        Ok(request) => {
+            let mut attempts = FastAttempts {
+                request,
+                method_head,
+                idempotent: retry::is_idempotent(&head.method),
+                now,
+            };
+            let steer = Steer::default();
+            let path = head.uri.path();
+            retry::run(
+                rt,
+                snap,
+                &steer,
+                &head.method,
+                path,
+                &mut attempts,
+                &mut trace,
+            )
+            .await
+        }
+        Err(fault) => Outcome::ClientFault(fault),
+    };
+    // When the answer's head was ready (the retry loop's last reading).
+    let answered = trace.ended.unwrap_or(now);
+    let keep_alive = head.keep_alive && !*drain.borrow();
+    let own = match outcome {
+        Outcome::Relay(resp, in_flight, index) => {
+            arrival.done(rt, snap, peer.ip(), resp.head.status.as_u16(), &trace);
+            // A body that came whole with the head goes in the head's write.
+            let whole = resp.is_whole();
+            let kept = relay(
+                stream,
+                resp,
+                &head,
+                keep_alive,
+                &snap.backends[index].addr,
+                answered,
+            )
+            .await;
+            drop(in_flight);
+            return match kept {
+                true if whole => Step::Next(answered),
+                true => Step::Next(Instant::now()),
+                false => Step::Close,
+            };
+        }
+        // Not reached: a request with `Upgrade` is hyper's.
+        Outcome::Switched(..) => {
+            retry::text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned())
+        }
+        Outcome::Own(status, text) => retry::text(status, text),
+        Outcome::ClientFault(fault) => retry::client_fault(fault),
+    };
+    arrival.done(rt, snap, peer.ip(), own.status().as_u16(), &trace);
+    // lb's own answers that end the exchange say `Connection: close`.
+    let keep_alive = keep_alive && !own.headers().contains_key(hyper::header::CONNECTION);
+    let mut out = Vec::with_capacity(256);
+    encode_own(&mut out, &own, keep_alive, method_head, answered);
+    if stream.write_all(&out).await.is_ok() && keep_alive {
+        Step::Next(Instant::now())
+    } else {
+        Step::Close
+    }
+}
+
+/// Digits only, as hyper reads a `Content-Length` (no sign, no spaces).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+    })
+}
+
+/// Whether a comma-separated header value has `token`.
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Where `part` (a slice of `whole`, as httparse returns) lies in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// `raw` in lower case, in `scratch` when it fits (header names lb must
+/// recognise all do), else in `long`.
+fn lower<'a>(raw: &[u8], scratch: &'a mut [u8; 64], long: &'a mut Vec<u8>) -> &'a [u8] {
+    if raw.len() <= scratch.len() {
+        let l = &mut scratch[..raw.len()];
+        l.copy_from_slice(raw);
+        l.make_ascii_lowercase();
+        l
+    } else {
+        *long = raw.to_ascii_lowercase();
+        long
+    }
+}
+
+/// A header that does not travel to the other side: hop-by-hop, or named
+/// by the message's `Connection`.
+fn dropped_hop(name: &str, named: &[hyper::header::HeaderName]) -> bool {
+    proxy::is_hop_by_hop(name) || named.iter().any(|h| h.as_str() == name)
+}

@@ -1,0 +1,338 @@
+//! Answers to the client: a backend's head rewritten the way hyper's server
+//! writes it, its body streamed (re-chunked where it must be), or one of
+//! lb's own answers.
+
+use std::io::Write as _;
+
+use hyper::body::Bytes;
+use hyper::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::request::Head;
+use super::upstream::{pool_put, Framing, UpstreamResponse};
+use super::{date, dropped_hop, lower, Buf, READ_CHUNK};
+use crate::body::ResponseBody;
+use crate::config::BackendAddr;
+use crate::proxy;
+
+/// The response head lb writes to the client, the way hyper's server
+/// writes a relayed response (lower-case names, framing, `date`).
+pub(super) fn encode_relayed(
+    out: &mut Vec<u8>,
+    resp: &UpstreamResponse,
+    method_head: bool,
+    keep_alive: bool,
+    now: Instant,
+) {
+    let head = &resp.head;
+    let b = &resp.buf[..];
+    let reason = &b[head.reason.clone()];
+    out.extend_from_slice(if head.http11 {
+        b"HTTP/1.1 "
+    } else {
+        b"HTTP/1.0 "
+    });
+    out.extend_from_slice(head.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+    let named = proxy::connection_named(
+        head.headers
+            .iter()
+            .filter(|(n, _)| b[n.clone()].eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| &b[v.clone()]),
+    );
+    let no_body_status = matches!(head.status.as_u16(), 204 | 304);
+    let mut wrote_len = false;
+    let mut wrote_date = false;
+    let (mut scratch, mut long) = ([0u8; 64], Vec::new());
+    for (n, v) in &head.headers {
+        let name = lower(&b[n.clone()], &mut scratch, &mut long);
+        let name_str = std::str::from_utf8(name).unwrap_or("");
+        if dropped_hop(name_str, &named) {
+            continue;
+        }
+        if name_str == "content-length" {
+            // A chunked or close-delimited body has none; 204/304 never; a
+            // repeated value once; an empty body gets hyper's implicit one.
+            let relayed = match head.framing {
+                Framing::Length(n) => n > 0 && !no_body_status,
+                // hyper's server relays a HEAD's length whatever the status.
+                Framing::Empty => method_head,
+                _ => false,
+            };
+            if !relayed || wrote_len {
+                continue;
+            }
+            wrote_len = true;
+        }
+        if name_str == "date" {
+            wrote_date = true;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&b[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_len {
+        match head.framing {
+            Framing::Chunked | Framing::Close if head.http11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+            }
+            Framing::Length(0) | Framing::Empty if !method_head && !no_body_status => {
+                out.extend_from_slice(b"content-length: 0\r\n")
+            }
+            _ => {}
+        }
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out, now);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the response to the client and streams its body; true when the
+/// client connection can serve another request.
+pub(super) async fn relay(
+    client: &mut TcpStream,
+    mut resp: UpstreamResponse,
+    head: &Head,
+    keep_alive: bool,
+    backend: &BackendAddr,
+    now: Instant,
+) -> bool {
+    let method_head = head.method == Method::HEAD;
+    // hyper's server ends a response whose length only the close tells
+    // (HTTP/1.0 backend) by closing.
+    let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
+    let keep_alive = keep_alive && !close_delimited;
+    let mut out = Vec::with_capacity(resp.head.head_len + 128);
+    encode_relayed(&mut out, &resp, method_head, keep_alive, now);
+    let _ = resp.buf.split_to(resp.head.head_len);
+    let rechunk = resp.head.http11;
+    let done = match resp.head.framing {
+        Framing::Empty => client.write_all(&out).await.is_ok(),
+        Framing::Length(n) => copy_length(client, &mut resp, out, n).await,
+        Framing::Chunked => copy_chunked(client, &mut resp, out).await,
+        Framing::Close => copy_to_close(client, &mut resp, out, rechunk).await,
+    };
+    if done && resp.head.reusable && resp.buf.is_empty() {
+        pool_put(backend, resp.conn, now);
+    }
+    done && keep_alive
+}
+
+/// `n` body bytes, the first with the head in one write.
+pub(super) async fn copy_length(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+    n: u64,
+) -> bool {
+    let mut left = n;
+    let take = (left as usize).min(resp.buf.len());
+    out.extend_from_slice(&resp.buf.split_to(take));
+    left -= take as u64;
+    if client.write_all(&out).await.is_err() {
+        return false;
+    }
+    drop(out);
+    let mut chunk = Buf::with_capacity(READ_CHUNK.min(left as usize).max(1));
+    while left > 0 {
+        chunk.clear();
+        let mut limited = (&mut resp.conn).take(left.min(READ_CHUNK as u64 * 8));
+        match limited.read_buf(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(got) => left -= got as u64,
+        }
+        if client.write_all(&chunk).await.is_err() {
+            return false;
+        }
+        if chunk.capacity() < READ_CHUNK * 8 && left > chunk.capacity() as u64 {
+            chunk.reserve(READ_CHUNK * 8);
+        }
+    }
+    true
+}
+
+/// Until the backend closes, re-chunked for an HTTP/1.1 response.
+pub(super) async fn copy_to_close(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+    rechunk: bool,
+) -> bool {
+    let mut pending = std::mem::take(&mut resp.buf);
+    loop {
+        if !pending.is_empty() {
+            if rechunk {
+                write_chunk(&mut out, &pending);
+            } else {
+                out.extend_from_slice(&pending);
+            }
+            pending.clear();
+        }
+        if !out.is_empty() && client.write_all(&out).await.is_err() {
+            return false;
+        }
+        out.clear();
+        if pending.capacity() < READ_CHUNK {
+            pending.reserve(READ_CHUNK * 8);
+        }
+        match resp.conn.read_buf(&mut pending).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    resp.head.reusable = false;
+    if rechunk {
+        client.write_all(b"0\r\n\r\n").await.is_ok()
+    } else {
+        false
+    }
+}
+
+pub(super) fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let _ = write!(out, "{:X}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunked body, decoded and re-chunked (extensions and trailers dropped,
+/// as hyper does).
+pub(super) async fn copy_chunked(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    mut out: Vec<u8>,
+) -> bool {
+    loop {
+        // The size line.
+        let line_end = loop {
+            if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if resp.buf.len() > 4096 || !fill(resp).await {
+                return false;
+            }
+        };
+        let line = &resp.buf[..line_end];
+        let digits = line
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or(b"")
+            .trim_ascii();
+        let Some(size) = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && d.len() <= 16)
+            .and_then(|d| u64::from_str_radix(d, 16).ok())
+        else {
+            return false;
+        };
+        let _ = resp.buf.split_to(line_end + 2);
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
+                    let _ = resp.buf.split_to(i + 2);
+                    if i == 0 {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        return client.write_all(&out).await.is_ok();
+                    }
+                    continue;
+                }
+                if resp.buf.len() > 64 * 1024 || !fill(resp).await {
+                    return false;
+                }
+            }
+        }
+        let mut left = size;
+        while left > 0 {
+            if resp.buf.is_empty() {
+                if !out.is_empty() {
+                    if client.write_all(&out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                if !fill(resp).await {
+                    return false;
+                }
+            }
+            let take = (left as usize).min(resp.buf.len());
+            write_chunk(&mut out, &resp.buf.split_to(take));
+            left -= take as u64;
+        }
+        while resp.buf.len() < 2 {
+            if !fill(resp).await {
+                return false;
+            }
+        }
+        if &resp.buf[..2] != b"\r\n" {
+            return false;
+        }
+        let _ = resp.buf.split_to(2);
+        if out.len() >= READ_CHUNK * 8 {
+            if client.write_all(&out).await.is_err() {
+                return false;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// Reads more of the backend's body; false on EOF or error.
+pub(super) async fn fill(resp: &mut UpstreamResponse) -> bool {
+    if resp.buf.capacity() - resp.buf.len() < 1024 {
+        resp.buf.reserve(READ_CHUNK * 8);
+    }
+    matches!(resp.conn.read_buf(&mut resp.buf).await, Ok(n) if n > 0)
+}
+
+/// One of lb's own responses (built by the same functions as on the hyper
+/// path), written the way hyper's server writes it.
+pub(super) fn encode_own(
+    out: &mut Vec<u8>,
+    resp: &hyper::Response<ResponseBody>,
+    keep_alive: bool,
+    method_head: bool,
+    now: Instant,
+) {
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut close = false;
+    for (name, value) in resp.headers() {
+        if name == hyper::header::CONNECTION {
+            close = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive && !close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let body = match resp.body() {
+        ResponseBody::Text(Some(t)) => t.clone(),
+        _ => Bytes::new(),
+    };
+    let _ = write!(out, "content-length: {}\r\n", body.len());
+    out.extend_from_slice(b"date: ");
+    date::extend(out, now);
+    out.extend_from_slice(b"\r\n\r\n");
+    if !method_head {
+        out.extend_from_slice(&body);
+    }
+}

@@ -1,0 +1,271 @@
+//! Request heads on the fast path: parsed with httparse, checked by the
+//! hyper path's own rules, rewritten for the backend; the body read whole.
+
+use std::io::Write as _;
+use std::ops::Range;
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use hyper::http::uri::Uri;
+use hyper::{Method, Version};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::{
+    content_length, dropped_hop, has_token, lower, range_in, Buf, MAX_HEADERS, MAX_URI_LEN,
+};
+use crate::body::ClientFault;
+use crate::proxy::{self, HeadView};
+
+/// What parsing the bytes so far gave.
+pub(super) enum Parsed {
+    /// The head is not complete yet.
+    Partial,
+    /// A complete head the fast path serves; its bytes left the buffer.
+    Fast(Head),
+    /// hyper must see this message (and the rest of the connection).
+    Hyper,
+}
+
+/// A parsed request head, pointing into its bytes.
+pub(super) struct Head {
+    /// The head exactly as received.
+    pub(super) bytes: Bytes,
+    /// Parsed once for the checks, the retry policy and the metrics.
+    pub(super) method: Method,
+    /// The origin-form target, sharing `bytes`.
+    pub(super) uri: Uri,
+    /// `(name, value)` ranges into `bytes`, in order.
+    pub(super) headers: Vec<(Range<usize>, Range<usize>)>,
+    /// `Content-Length`, 0 when absent.
+    pub(super) body_len: u64,
+    /// Neither `Connection: close` nor anything else ends the connection.
+    pub(super) keep_alive: bool,
+}
+
+impl HeadView for Head {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn version(&self) -> Version {
+        Version::HTTP_11
+    }
+
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.bytes[v.clone()])
+    }
+}
+
+pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> Parsed {
+    if buf.starts_with(b"PRI ") {
+        return Parsed::Hyper;
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Hyper,
+    };
+    if len > max_head || req.version != Some(1) {
+        return Parsed::Hyper;
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Parsed::Hyper;
+    };
+    if !path.starts_with('/') || path.len() > MAX_URI_LEN {
+        return Parsed::Hyper;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper;
+    };
+    let range = |s: &[u8]| range_in(buf, s);
+    let mut body_len: Option<u64> = None;
+    let mut keep_alive = true;
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match (content_length(h.value), body_len) {
+                (Some(n), None) => body_len = Some(n),
+                // hyper keeps one of equal values.
+                (Some(n), Some(prev)) if n == prev => continue,
+                _ => return Parsed::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, "close") {
+            keep_alive = false;
+        }
+        headers.push((range(name), range(h.value)));
+    }
+    let path = range(path.as_bytes());
+    let body_len = body_len.unwrap_or(0);
+    if body_len > body_limit {
+        return Parsed::Hyper;
+    }
+    let bytes = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(bytes.slice(path)) else {
+        return unread(buf, &bytes);
+    };
+    let head = Head {
+        bytes,
+        method,
+        uri,
+        headers,
+        body_len,
+        keep_alive,
+    };
+    if proxy::check_request(&head).is_err() {
+        return unread(buf, &head.bytes);
+    }
+    Parsed::Fast(head)
+}
+
+/// Puts a head taken from `buf` back in front of it, for hyper.
+pub(super) fn unread(buf: &mut Buf, head: &[u8]) -> Parsed {
+    let mut all = Buf::with_capacity(head.len() + buf.len());
+    all.extend_from_slice(head);
+    all.extend_from_slice(buf);
+    *buf = all;
+    Parsed::Hyper
+}
+
+impl Head {
+    /// The head lb sends upstream, as the hyper path's rewrite and hyper's
+    /// client would write it; `None` when the hyper path would refuse it.
+    pub(super) fn rewrite(&self, client_ip: std::net::IpAddr) -> Option<Vec<u8>> {
+        // With a prior X-Forwarded-For, the hyper path's rules (and refusal).
+        let prior = match self.values("x-forwarded-for").next() {
+            Some(prior) => Some(proxy::forwarded_for(Some(prior), client_ip).ok()?),
+            None => None,
+        };
+        let named = proxy::connection_named(self.values("connection"));
+        let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::with_capacity(self.bytes.len() + 128 + self.body_len as usize);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(pq.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut host: Option<Range<usize>> = None;
+        let (mut scratch, mut long) = ([0u8; 64], Vec::new());
+        for (n, v) in &self.headers {
+            let name = lower(&self.bytes[n.clone()], &mut scratch, &mut long);
+            let name_str = std::str::from_utf8(name).unwrap_or("");
+            if dropped_hop(name_str, &named)
+                || matches!(
+                    name_str,
+                    "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+                )
+            {
+                continue;
+            }
+            if name_str == "host" {
+                host = Some(v.clone());
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&self.bytes[v.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(host) = host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(&self.bytes[host]);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-proto: http\r\nx-forwarded-for: ");
+        match prior {
+            Some(xff) => out.extend_from_slice(xff.as_bytes()),
+            None => write_ip(&mut out, client_ip),
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        Some(out)
+    }
+}
+
+/// Appends `ip` as `Display` writes it, without the formatting machinery
+/// for the common IPv4 case (once per request).
+pub(super) fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Appends the request body (`len` bytes: what `buf` holds, then reads)
+/// to `request`. Each wait for the client is bounded by `stall`.
+pub(super) async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut Buf,
+    mut request: Vec<u8>,
+    len: u64,
+    stall: Duration,
+) -> Result<Vec<u8>, ClientFault> {
+    let mut left = len as usize;
+    let take = left.min(buf.len());
+    request.extend_from_slice(&buf.split_to(take));
+    left -= take;
+    while left > 0 {
+        let before = request.len();
+        request.reserve(left);
+        let mut limited = (&mut *stream).take(left as u64);
+        match timeout(stall, limited.read_buf(&mut request)).await {
+            Err(_) => return Err(ClientFault::Stalled),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ClientFault::Aborted),
+            Ok(Ok(_)) => left -= request.len() - before,
+        }
+    }
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_ip_matches_display() {
+        let ips = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "9.99.100.255",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:192.0.2.1",
+        ];
+        for ip in ips {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+    }
+}
