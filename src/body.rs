@@ -9,11 +9,11 @@
 //!   A streaming body that the client drops without ever polling (the
 //!   connect failed, so nothing was sent) is handed back for the next try.
 //! * [`ResponseBody`]: what the client gets: the backend's body streamed
-//!   through (holding the backend's in-flight slot until it ends), or a
-//!   short text from lb itself.
+//!   through ([`RelayedBody`]: holding the backend's in-flight slot until it
+//!   ends, each wait for it bounded by `timeouts.backend_body`), or a short
+//!   text from lb itself.
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
@@ -23,9 +23,11 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::Method;
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
 
+use crate::runtime::Runtime;
+use crate::stall::Stall;
 use crate::state::InFlight;
 
 /// Errors of bodies lb hands to hyper's client.
@@ -113,11 +115,9 @@ impl BodyWatch {
 pub struct ClientBody {
     inner: Incoming,
     /// `timeouts.client_body`: the longest wait for the client's next bytes.
-    stall: Duration,
-    /// Armed while waiting on the client; allocated on the first wait only.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Whether `timer` counts the current wait (it is re-armed per wait).
-    armed: bool,
+    limit: Duration,
+    /// Counts the current wait for the client.
+    stall: Stall,
     watch: Arc<BodyWatch>,
 }
 
@@ -127,31 +127,17 @@ pub struct ClientBody {
 pub struct Stalled(Duration);
 
 impl ClientBody {
-    pub fn new(inner: Incoming, stall: Duration) -> Self {
+    pub fn new(inner: Incoming, limit: Duration) -> Self {
         ClientBody {
             inner,
-            stall,
-            timer: None,
-            armed: false,
+            limit,
+            stall: Stall::default(),
             watch: Arc::default(),
         }
     }
 
     pub fn watch(&self) -> &Arc<BodyWatch> {
         &self.watch
-    }
-
-    /// Polls the stall timer for the current wait, arming it if needed.
-    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = Instant::now() + self.stall;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
-            timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
-        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -167,14 +153,15 @@ impl Body for ClientBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
                 this.watch.waiting_on_client.store(true, Relaxed);
-                if this.stalled(cx) {
+                let limit = this.limit;
+                if this.stall.expired(cx, || limit) {
                     this.watch.set_fault(ClientFault::Stalled);
-                    return Poll::Ready(Some(Err(Box::new(Stalled(this.stall)))));
+                    return Poll::Ready(Some(Err(Box::new(Stalled(limit)))));
                 }
                 Poll::Pending
             }
             Poll::Ready(frame) => {
-                this.armed = false;
+                this.stall.progressed();
                 this.watch.waiting_on_client.store(false, Relaxed);
                 Poll::Ready(frame.map(|f| {
                     f.map_err(|e| {
@@ -377,15 +364,94 @@ impl Body for UpstreamBody {
     }
 }
 
+/// A backend's response body on its way to the client, each wait for its
+/// next bytes bounded by `timeouts.backend_body`.
+#[derive(Debug)]
+pub struct RelayedBody {
+    body: Incoming,
+    /// Keeps the backend's in-flight count up until the last byte
+    /// (least_connections counts streaming), and names the backend a stall
+    /// is charged to.
+    in_flight: InFlight,
+    /// `timeouts.backend_body` of the request's snapshot.
+    limit: Duration,
+    /// Counts the current wait for the backend.
+    stall: Stall,
+    /// The request's method and path, for the stall's log line.
+    method: Method,
+    path: String,
+    /// Whose current snapshot judges the stall's passive-health failure.
+    rt: Arc<Runtime>,
+}
+
+/// The error a response body cut for a stalled backend ends with: hyper's
+/// server then closes an HTTP/1 connection (the message stays visibly
+/// incomplete) or resets an HTTP/2 stream.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent no response body bytes for {0:?}")]
+pub struct BackendStalled(Duration);
+
+impl RelayedBody {
+    pub fn new(
+        body: Incoming,
+        in_flight: InFlight,
+        limit: Duration,
+        method: Method,
+        path: String,
+        rt: Arc<Runtime>,
+    ) -> Self {
+        RelayedBody {
+            body,
+            in_flight,
+            limit,
+            stall: Stall::default(),
+            method,
+            path,
+            rt,
+        }
+    }
+}
+
+impl Body for RelayedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                let limit = this.limit;
+                if this.stall.expired(cx, || limit) {
+                    let state = this.in_flight.state();
+                    crate::retry::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
+                    return Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(frame) => {
+                this.stall.progressed();
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What lb answers the client with.
 #[derive(Debug)]
 pub enum ResponseBody {
-    /// A backend's body, streamed; the guard keeps the backend's in-flight
-    /// count up until the last byte (least_connections counts streaming).
-    Upstream {
-        body: Incoming,
-        _in_flight: InFlight,
-    },
+    /// A backend's body, streamed.
+    Upstream(RelayedBody),
     /// lb's own short answer (errors).
     Text(Option<Bytes>),
 }
@@ -398,28 +464,28 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Text(t) => Poll::Ready(t.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::Upstream(body) => body.is_end_stream(),
             ResponseBody::Text(t) => t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::Upstream(body) => body.size_hint(),
             ResponseBody::Text(t) => SizeHint::with_exact(t.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

@@ -21,7 +21,9 @@
 //!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
-//!   the backend client and its error classes.
+//!   the backend client and its error classes; [`stall`]: the bound on
+//!   each wait for a client or backend mid-exchange (request body, response
+//!   body, response bytes the client must take).
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
@@ -48,6 +50,7 @@ pub mod retry;
 pub mod runtime;
 pub mod selection;
 pub mod server;
+pub mod stall;
 pub mod state;
 pub mod tcp;
 pub mod upgrade;

@@ -150,6 +150,10 @@ pub struct BackendMetrics {
     attempts: [AtomicU64; 6],
     /// Times passive detection took the backend out.
     ejections: AtomicU64,
+    /// Responses cut because the backend sent no body byte for
+    /// `timeouts.backend_body`: its attempt counted as a success when the
+    /// head came, so this is where the stall shows.
+    body_stalls: AtomicU64,
     /// Active probes passed (`[0]`) and failed (`[1]`).
     health_checks: [AtomicU64; 2],
     /// tcp mode: bytes relayed client → backend (`[0]`) and backend →
@@ -164,6 +168,10 @@ impl BackendMetrics {
 
     pub fn ejected(&self) {
         self.ejections.fetch_add(1, Relaxed);
+    }
+
+    pub fn body_stalled(&self) {
+        self.body_stalls.fetch_add(1, Relaxed);
     }
 
     /// The counter of bytes relayed toward the backend (`to_backend`) or
@@ -220,6 +228,9 @@ pub struct Metrics {
     retries: [AtomicU64; 4],
     /// Retries the budget refused.
     budget_exhausted: AtomicU64,
+    /// Client connections closed because the client took no response
+    /// bytes for `timeouts.client_send` (no backend is blamed: global).
+    client_send_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -239,6 +250,10 @@ impl Metrics {
 
     pub fn budget_exhausted(&self) {
         self.budget_exhausted.fetch_add(1, Relaxed);
+    }
+
+    pub fn client_send_timeout(&self) {
+        self.client_send_timeouts.fetch_add(1, Relaxed);
     }
 }
 
@@ -399,6 +414,21 @@ impl Collector for Exporter {
             backends
                 .iter()
                 .map(|b| (backend(b), count(&b.state.metrics.ejections))),
+        )?;
+        family(
+            &mut enc,
+            "lb_response_body_stalls",
+            "Responses cut because the backend sent no body byte for timeouts.backend_body",
+            MetricType::Counter,
+            backends
+                .iter()
+                .map(|b| (backend(b), count(&b.state.metrics.body_stalls))),
+        )?;
+        counter(
+            &mut enc,
+            "lb_client_send_timeouts",
+            "Client connections closed because the client took no response bytes for timeouts.client_send",
+            m.client_send_timeouts.load(Relaxed),
         )?;
         family(
             &mut enc,

@@ -121,7 +121,7 @@ impl Arrival {
 }
 
 async fn respond(
-    rt: &Runtime,
+    rt: &Arc<Runtime>,
     snap: &Snapshot,
     worker: usize,
     client_ip: IpAddr,

@@ -14,6 +14,7 @@
 //!   retryable response, or 504 after a timeout, or 502.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
@@ -22,12 +23,12 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::body::{ClientFault, RequestBody, ResponseBody};
+use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
-use crate::state::{Clock, Ejection, InFlight};
+use crate::state::{BackendState, Clock, Ejection, InFlight};
 use crate::upgrade::Hold;
 use crate::upstream::{self, FailureKind};
 
@@ -241,7 +242,7 @@ const NO_BACKEND: &str = "lb: no healthy backend available\n";
 /// retrying per the snapshot's policy (`steer` carries its hash key and
 /// affinity cookie), and notes in `trace` what it did.
 pub async fn forward(
-    rt: &Runtime,
+    rt: &Arc<Runtime>,
     snap: &Snapshot,
     worker: usize,
     steer: &Steer,
@@ -258,6 +259,7 @@ pub async fn forward(
         .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
     let hold = parts.extensions.remove::<Hold>();
+    let backend_body = snap.config.timeouts.backend_body;
     let mut attempts = HyperAttempts {
         worker,
         upgrade: upgrade.is_some(),
@@ -266,7 +268,12 @@ pub async fn forward(
         pending: None,
     };
     match run(rt, snap, steer, &method, &path, &mut attempts, trace).await {
-        Outcome::Relay(resp, in_flight, index) => pass_through(resp, in_flight, index),
+        Outcome::Relay(resp, in_flight, index) => {
+            let relayed = |body| {
+                RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
+            };
+            pass_through(resp, relayed, index)
+        }
         Outcome::Switched(resp, in_flight, index) => {
             let Some(client) = upgrade else {
                 // wants_upgrade() said so: not reached.
@@ -300,7 +307,6 @@ pub(crate) async fn run<A: Attempts>(
         let policy: &RetryPolicy = &snap.config.retry;
         let deadline = started + snap.config.timeouts.request;
         let idempotent = is_idempotent(method);
-        let outlier = &snap.config.outlier_detection;
         rt.budget.deposit(&policy.budget);
 
         let mut tried = Tried::default();
@@ -379,7 +385,7 @@ pub(crate) async fn run<A: Attempts>(
                     let status = A::status(&resp);
                     if status.is_server_error() {
                         metrics.attempt(AttemptOutcome::ServerError);
-                        note_failure(rt, snap, index, outlier, &format!("answered {status}"));
+                        note_failure(rt, snap, &backend.state, &format!("answered {status}"));
                     } else {
                         metrics.attempt(AttemptOutcome::Success);
                         backend.state.record_success();
@@ -402,7 +408,7 @@ pub(crate) async fn run<A: Attempts>(
             drop(in_flight);
             metrics.attempt(AttemptOutcome::of_failure(kind));
             trace.relayed = None;
-            note_failure(rt, snap, index, outlier, &detail);
+            note_failure(rt, snap, &backend.state, &detail);
             tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
             let retry_allowed = may_retry(
                 kind,
@@ -515,18 +521,13 @@ impl Attempts for HyperAttempts {
     }
 }
 
-/// Passive health: counts the failure and logs an ejection once. An
-/// ejection that would take more than `max_ejection_percent` of the pool out
-/// (but always allows one) does not happen: a pool-wide problem must not
-/// leave clients with nothing.
-pub(crate) fn note_failure(
-    rt: &Runtime,
-    snap: &Snapshot,
-    index: usize,
-    outlier: &crate::config::OutlierDetection,
-    why: &str,
-) {
-    let state = &snap.backends[index].state;
+/// Passive health: counts a failure of `state`'s backend and logs an
+/// ejection once, per `snap`'s `outlier_detection`. An ejection that would
+/// take more than `max_ejection_percent` of `snap`'s pool out (but always
+/// allows one) does not happen: a pool-wide problem must not leave clients
+/// with nothing.
+pub(crate) fn note_failure(rt: &Runtime, snap: &Snapshot, state: &BackendState, why: &str) {
+    let outlier = &snap.config.outlier_detection;
     let now_ms = rt.clock.now_ms();
     let may_eject = || {
         let out = snap
@@ -563,6 +564,25 @@ pub(crate) fn note_failure(
     }
 }
 
+/// A backend stopped sending a response body it still owed for `limit`
+/// (`timeouts.backend_body`), on either HTTP/1 path: the response is being
+/// cut. Logged, counted, and charged to the backend like a failed attempt,
+/// judged by the current snapshot (the request's may be gone by now).
+pub(crate) fn backend_stalled(
+    rt: &Runtime,
+    state: &BackendState,
+    method: &Method,
+    path: &str,
+    limit: std::time::Duration,
+) {
+    tracing::warn!(
+        backend = %state.addr,
+        "{method} {path}: backend stalled mid-body (no byte for {limit:?}, timeouts.backend_body): response cut"
+    );
+    state.metrics.body_stalled();
+    note_failure(rt, &rt.snapshot(), state, "stalled mid-body");
+}
+
 fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
@@ -579,7 +599,7 @@ fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri 
 
 fn pass_through(
     resp: Response<Incoming>,
-    in_flight: InFlight,
+    relayed: impl FnOnce(Incoming) -> RelayedBody,
     index: usize,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
@@ -590,13 +610,7 @@ fn pass_through(
     }
     crate::proxy::strip_hop_by_hop(&mut parts.headers);
     parts.extensions.insert(crate::affinity::ServedBy(index));
-    Response::from_parts(
-        parts,
-        ResponseBody::Upstream {
-            body,
-            _in_flight: in_flight,
-        },
-    )
+    Response::from_parts(parts, ResponseBody::Upstream(relayed(body)))
 }
 
 /// The answer to a request whose body failed on the client's side.

@@ -34,10 +34,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
-use crate::body::ResponseBody;
+use crate::body::{BoxError, ResponseBody};
 use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
+use crate::stall::{self, Stall};
 use crate::state::Clock;
 use crate::upgrade::Hold;
 use crate::workers::Workers;
@@ -452,6 +453,10 @@ pub(crate) fn serve_hyper(
         let response = proxy::handle(Arc::clone(&rt), worker, peer.ip(), req);
         async move {
             let resp = response.await?;
+            if resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                // The upgraded relay has its own idle handling.
+                request.activity.upgraded.store(true, Relaxed);
+            }
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
                 body,
                 _request: request,
@@ -463,6 +468,10 @@ pub(crate) fn serve_hyper(
         stream,
         activity: Arc::clone(&activity),
         clock,
+        send: Stall::default(),
+        send_limit: Duration::ZERO,
+        runtime: Arc::clone(runtime),
+        peer,
     });
     let conn = snap
         .server
@@ -522,6 +531,10 @@ struct Activity {
     head_since_ms: AtomicU64,
     /// HTTP/2 (seen from the preface): its pings are bytes but no head.
     http2: AtomicBool,
+    /// The connection was handed to an upgraded relay (a 101 went out):
+    /// its writes are the relay's, which has its own idle handling, so
+    /// `timeouts.client_send` no longer applies.
+    upgraded: AtomicBool,
 }
 
 impl Activity {
@@ -532,6 +545,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(now_ms),
             head_since_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
         }
     }
 
@@ -606,12 +620,12 @@ struct Tracked {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
@@ -624,7 +638,11 @@ impl Body for Tracked {
     }
 }
 
-/// The client socket, noting reads in the connection's [`Activity`].
+/// The client socket, noting reads in the connection's [`Activity`] and
+/// bounding each wait for the client to take response bytes by
+/// `timeouts.client_send`. A socket write pends only when the client's
+/// receive window is full (HTTP/2 flow control waits above the socket), so
+/// a client that stops reading fails its connection and nothing else does.
 #[derive(Debug)]
 struct Watched {
     /// Bytes read before hyper took the connection over; read first.
@@ -632,6 +650,56 @@ struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
     clock: Clock,
+    /// Counts the current wait for the client to take bytes.
+    send: Stall,
+    /// `timeouts.client_send` as read when the current wait began.
+    send_limit: Duration,
+    /// Whose snapshot gives `client_send` (read per wait, so a reload
+    /// applies from the next one) and whose metrics count the timeout.
+    runtime: Arc<Runtime>,
+    /// For the log line of a client that stopped reading.
+    peer: SocketAddr,
+}
+
+impl Watched {
+    /// Writes `bufs`, failing once the client has taken nothing for
+    /// `timeouts.client_send`.
+    fn bounded_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = match bufs {
+            [one] => Pin::new(&mut self.stream).poll_write(cx, one),
+            _ => Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
+        };
+        if !polled.is_pending() {
+            self.send.progressed();
+            return polled;
+        }
+        if self.activity.upgraded.load(Relaxed) {
+            return polled;
+        }
+        let (runtime, send_limit) = (&self.runtime, &mut self.send_limit);
+        let limit = || {
+            *send_limit = runtime.worker_snapshot().config.timeouts.client_send;
+            *send_limit
+        };
+        if !self.send.expired(cx, limit) {
+            return Poll::Pending;
+        }
+        let sent = stall::send_now(&self.stream, bufs);
+        if !stall::still_blocked(&sent) {
+            self.send.progressed();
+            return Poll::Ready(sent);
+        }
+        let limit = self.send_limit;
+        client_stalled(&self.runtime, self.peer, limit);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no response bytes for {limit:?}"),
+        )))
+    }
 }
 
 impl AsyncRead for Watched {
@@ -663,7 +731,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        self.get_mut().bounded_write(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -671,7 +739,7 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        self.get_mut().bounded_write(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -685,6 +753,14 @@ impl AsyncWrite for Watched {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// A client took no response bytes for `limit` (`timeouts.client_send`)
+/// and its connection is being closed, on either HTTP/1 path: its doing, so
+/// nothing is charged to the backend.
+pub(crate) fn client_stalled(rt: &Runtime, peer: SocketAddr, limit: Duration) {
+    tracing::debug!(%peer, "closing a client connection that took no response bytes for {limit:?} (timeouts.client_send)");
+    rt.metrics.client_send_timeout();
 }
 
 /// This worker's copy of the drain signal, for the connections it accepts.

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,27 +21,25 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
 
 /// Everything until EOF, a reset, or a 10 s deadline.
 async fn read_to_close(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
+    let (out, _) = read_within(s, 10).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
 /// True once the peer closes `s` (EOF or reset) within `secs`.
 async fn closed_within(s: &mut TcpStream, secs: u64) -> bool {
-    let mut buf = [0u8; 1024];
+    read_within(s, secs).await.1
+}
+
+/// Everything read until EOF or a reset (then `true`), or until `secs` pass.
+async fn read_within(s: &mut TcpStream, secs: u64) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => continue,
-            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
         }
     }
 }
@@ -539,4 +538,275 @@ async fn client_errors_under_load_leave_the_pool_whole() {
     for b in &backends {
         assert!(b.hits() >= 3, "{} lost its share", b.name);
     }
+}
+
+// ---- 9. Response relays are bounded both ways ----
+
+/// Reads a request head from `s`; false if the connection ended first.
+async fn read_head(s: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// Waits until the peer closes `s`; counts it in `closed`.
+async fn hold_until_closed(mut s: TcpStream, closed: &AtomicUsize) {
+    let mut buf = [0u8; 1024];
+    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    closed.fetch_add(1, SeqCst);
+}
+
+/// A backend that answers `partial` (a head and part of its body), then
+/// goes silent without closing. Counts the connections lb closed on it.
+async fn stalling_backend(partial: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&closed);
+    let addr = raw_server(move |mut s| {
+        let closed = Arc::clone(&counter);
+        async move {
+            if read_head(&mut s).await && s.write_all(partial).await.is_ok() {
+                hold_until_closed(s, &closed).await;
+            }
+        }
+    })
+    .await;
+    (addr, closed)
+}
+
+/// A backend that answers `len` bytes of body behind a `Content-Length`,
+/// as fast as lb takes them. Counts the connections lb closed on it.
+async fn big_backend(len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&closed);
+    let addr = raw_server(move |mut s| {
+        let closed = Arc::clone(&counter);
+        async move {
+            if !read_head(&mut s).await {
+                return;
+            }
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let block = vec![b'x'; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(block.len());
+                if s.write_all(&block[..n]).await.is_err() {
+                    closed.fetch_add(1, SeqCst);
+                    return;
+                }
+                left -= n;
+            }
+            hold_until_closed(s, &closed).await;
+        }
+    })
+    .await;
+    (addr, closed)
+}
+
+/// The body of an HTTP/1.1 response read whole (`resp` up to the close).
+fn body_of(resp: &[u8]) -> &[u8] {
+    let at = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no response head");
+    &resp[at + 4..]
+}
+
+/// A backend that stops mid-body (`partial`) has the client connection
+/// closed (the response visibly incomplete: `complete` never arrives), its
+/// own connection dropped, and a failure charged to it.
+async fn stalled_backend_is_cut(partial: &'static [u8], complete: &[u8]) {
+    let (backend, closed) = stalling_backend(partial).await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  backend_body: 500ms\nbackends:\n  - address: {backend}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET /stalls HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (resp, was_closed) = read_within(&mut s, WAIT).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(was_closed, "client connection kept: {text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("first half"), "{text}");
+    assert!(!resp.ends_with(complete), "looks complete: {text}");
+    let runtime = lb.lb.runtime();
+    let state = Arc::clone(&runtime.snapshot().backends[0].state);
+    eventually!(
+        WAIT,
+        state.failures() == 1,
+        "failures: {}",
+        state.failures()
+    );
+    eventually!(WAIT, closed.load(SeqCst) == 1, "backend connection kept");
+    eventually!(WAIT, state.in_flight() == 0);
+    let metrics = lb::metrics::render(runtime);
+    assert!(
+        metrics.contains(&format!(
+            "lb_response_body_stalls_total{{backend=\"{backend}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn backend_stalled_mid_length_body_is_cut_and_charged() {
+    // 20 of 40 bytes, then silence.
+    stalled_backend_is_cut(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\nfirst half of body..",
+        b"second half of body.",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backend_stalled_mid_chunked_body_is_cut_and_charged() {
+    stalled_backend_is_cut(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nfirst half of body..\r\n",
+        b"0\r\n\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn slow_but_steady_backend_body_is_not_cut() {
+    let addr = raw_server(|mut s| async move {
+        if !read_head(&mut s).await {
+            return;
+        }
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(head).await.is_err() {
+            return;
+        }
+        // 2 s of body in 200 ms steps, each pause shorter than backend_body:
+        // the pacing is what is tested.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if s.write_all(b"5\r\nchunk\r\n").await.is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+        hold_until_closed(s, &AtomicUsize::new(0)).await;
+    })
+    .await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  backend_body: 500ms\nbackends:\n  - address: {addr}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (resp, was_closed) = read_within(&mut s, WAIT).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(was_closed, "{text}");
+    assert_eq!(text.matches("5\r\nchunk\r\n").count(), 10, "{text}");
+    assert!(text.ends_with("0\r\n\r\n"), "{text}");
+    nobody_blamed(&lb);
+}
+
+/// Bigger than what loopback socket buffers hold, so a client that reads
+/// nothing makes lb wait.
+const HUGE: usize = 32 << 20;
+
+#[tokio::test]
+async fn client_that_stops_reading_is_closed_and_blames_no_backend() {
+    let (backend, closed) = big_backend(HUGE).await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  client_send: 500ms\nbackends:\n  - address: {backend}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Reads nothing until lb has let go of both sides.
+    let runtime = lb.lb.runtime();
+    let state = Arc::clone(&runtime.snapshot().backends[0].state);
+    eventually!(WAIT, state.requests() == 1);
+    eventually!(WAIT, state.in_flight() == 0, "backend still held");
+    eventually!(WAIT, runtime.connections.open() == 0, "client kept");
+    eventually!(WAIT, closed.load(SeqCst) == 1, "backend connection kept");
+    let (resp, was_closed) = read_within(&mut s, WAIT).await;
+    assert!(was_closed);
+    assert!(body_of(&resp).len() < HUGE, "the whole body went out");
+    nobody_blamed(&lb);
+    let metrics = lb::metrics::render(runtime);
+    assert!(
+        metrics.contains("lb_client_send_timeouts_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn slow_but_steady_reader_gets_the_whole_body() {
+    // More than lb's socket send buffer grows to (4 MiB by default), so
+    // lb's writes wait on this reader for much of the body.
+    const LEN: usize = 8 << 20;
+    let (backend, _) = big_backend(LEN).await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  client_send: 500ms\n  backend_body: 500ms\nbackends:\n  - address: {backend}\n"
+    ))
+    .await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
+    loop {
+        // At most 256 KiB every 100 ms, each pause shorter than
+        // client_send: the pacing is what is tested.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => resp.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => panic!("cut after {} bytes: {e}", resp.len()),
+            Err(_) => panic!("no end within {WAIT}s ({} bytes)", resp.len()),
+        }
+    }
+    assert_eq!(body_of(&resp).len(), LEN);
+    nobody_blamed(&lb);
+}
+
+/// HTTP/2 flow control keeps a stream waiting without the socket being
+/// full: neither bound may take that for a stall.
+#[tokio::test]
+async fn h2c_stream_held_by_flow_control_is_not_cut() {
+    const LEN: usize = 8 << 20;
+    let (backend, _) = big_backend(LEN).await;
+    let lb = TestLb::start(&format!(
+        "timeouts:\n  client_send: 300ms\n  backend_body: 300ms\nbackends:\n  - address: {backend}\n"
+    ))
+    .await;
+    let c = h2c_client();
+    let req = hyper::Request::get(lb.url("/big"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(WAIT), c.request(req))
+        .await
+        .expect("no response head")
+        .expect("request failed");
+    // Several times both limits without reading: the wait is what is tested.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let body = tokio::time::timeout(
+        Duration::from_secs(WAIT),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("body timed out")
+    .expect("body cut");
+    assert_eq!(body.to_bytes().len(), LEN);
+    nobody_blamed(&lb);
 }

@@ -213,6 +213,16 @@ pub struct Timeouts {
     pub client_body: Duration,
     /// How long a keep-alive connection may sit idle between requests.
     pub client_idle: Duration,
+    /// The longest a backend may send no byte of a response body it still
+    /// owes (nginx's `proxy_read_timeout`): past it the response is cut and
+    /// the backend charged with a failure, so a stalled backend cannot hold
+    /// a client, a connection and an in-flight slot forever.
+    pub backend_body: Duration,
+    /// The longest lb waits for a client to take more response bytes
+    /// (nginx's `send_timeout`): past it the client connection is closed
+    /// and no backend is blamed, so a client that stops reading cannot hold
+    /// a backend connection forever.
+    pub client_send: Duration,
     /// tcp mode: a connection with no bytes either way for this long is closed.
     pub tcp_idle: Duration,
 }

@@ -99,6 +99,8 @@ pub struct RawTimeouts {
     pub client_header: Option<HumanDuration>,
     pub client_body: Option<HumanDuration>,
     pub client_idle: Option<HumanDuration>,
+    pub backend_body: Option<HumanDuration>,
+    pub client_send: Option<HumanDuration>,
     pub tcp_idle: Option<HumanDuration>,
 }
 

@@ -25,6 +25,8 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.backends[0].weight, 1);
     assert_eq!(c.timeouts.connect, Duration::from_secs(1));
     assert_eq!(c.timeouts.request, Duration::from_secs(30));
+    assert_eq!(c.timeouts.backend_body, Duration::from_secs(60));
+    assert_eq!(c.timeouts.client_send, Duration::from_secs(60));
     assert!(c.health_check.is_none());
     assert_eq!(c.retry.attempts.get(), 3);
     assert_eq!(c.retry.buffer_body_limit, 64 * 1024);
@@ -143,6 +145,27 @@ fn duration_errors() {
         e.contains("invalid duration") && e.contains("line 4"),
         "{e}"
     );
+}
+
+#[test]
+fn response_relay_timeouts_load_and_name_their_key() {
+    let c = parse(&format!(
+        "{MINIMAL}timeouts:\n  backend_body: 500ms\n  client_send: 2m\n"
+    ))
+    .unwrap();
+    assert_eq!(c.timeouts.backend_body, Duration::from_millis(500));
+    assert_eq!(c.timeouts.client_send, Duration::from_secs(120));
+    for key in ["backend_body", "client_send"] {
+        let e = error(&format!("{MINIMAL}timeouts:\n  {key}: 0s\n"));
+        assert_eq!(
+            e,
+            format!("conf/lb.yaml: timeouts.{key}: must be greater than zero")
+        );
+        let e = error(&format!("{MINIMAL}timeouts:\n  {key}: 5\n"));
+        assert!(e.contains("has no unit") && e.contains("line 4"), "{e}");
+        let e = error(&format!("{MINIMAL}timeouts:\n  {key}: forever\n"));
+        assert!(e.contains("invalid duration") && e.contains(key), "{e}");
+    }
 }
 
 #[test]

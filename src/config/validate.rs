@@ -56,6 +56,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         client_header: positive("timeouts.client_header", raw.timeouts.client_header, 10_000)?,
         client_body: positive("timeouts.client_body", raw.timeouts.client_body, 30_000)?,
         client_idle: positive("timeouts.client_idle", raw.timeouts.client_idle, 60_000)?,
+        backend_body: positive("timeouts.backend_body", raw.timeouts.backend_body, 60_000)?,
+        client_send: positive("timeouts.client_send", raw.timeouts.client_send, 60_000)?,
         tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
     let limits = limits(raw.limits)?;

@@ -55,7 +55,7 @@ mod upstream;
 
 pub(crate) use upstream::sweep_pool;
 
-use relay::{encode_own, relay};
+use relay::{encode_own, relay, Cut};
 use request::{parse_request, read_body, Parsed};
 use upstream::FastAttempts;
 
@@ -65,6 +65,7 @@ use crate::retry::{self, Outcome, Trace};
 use crate::runtime::Snapshot;
 use crate::selection::Steer;
 use crate::server::{ConnContext, ConnectionGuard};
+use crate::stall::Stall;
 
 /// httparse's header slots; hyper's default cap too (more is hyper's 431).
 const MAX_HEADERS: usize = 100;
@@ -247,20 +248,39 @@ async fn serve_one(
             arrival.done(rt, snap, peer.ip(), resp.head.status.as_u16(), &trace);
             // A body that came whole with the head goes in the head's write.
             let whole = resp.is_whole();
-            let kept = relay(
+            let backend = &snap.backends[index];
+            let relayed = relay(
                 stream,
                 resp,
                 &head,
                 keep_alive,
-                &snap.backends[index].addr,
+                &backend.addr,
                 answered,
+                timeouts,
             )
             .await;
             drop(in_flight);
-            return match kept {
-                true if whole => Step::Next(answered),
-                true => Step::Next(Instant::now()),
-                false => Step::Close,
+            return match relayed {
+                Ok(true) if whole => Step::Next(answered),
+                Ok(true) => Step::Next(Instant::now()),
+                Ok(false) => Step::Close,
+                Err(cut) => {
+                    let path = head.uri.path();
+                    match cut {
+                        Cut::BackendStalled => retry::backend_stalled(
+                            rt,
+                            &backend.state,
+                            &head.method,
+                            path,
+                            timeouts.backend_body,
+                        ),
+                        Cut::ClientStalled => {
+                            crate::server::client_stalled(rt, peer, timeouts.client_send)
+                        }
+                        Cut::ClientGone | Cut::BackendBroke => {}
+                    }
+                    Step::Close
+                }
             };
         }
         // Not reached: a request with `Upgrade` is hyper's.
@@ -275,10 +295,14 @@ async fn serve_one(
     let keep_alive = keep_alive && !own.headers().contains_key(hyper::header::CONNECTION);
     let mut out = Vec::with_capacity(256);
     encode_own(&mut out, &own, keep_alive, method_head, answered);
-    if stream.write_all(&out).await.is_ok() && keep_alive {
-        Step::Next(Instant::now())
-    } else {
-        Step::Close
+    let limit = timeouts.client_send;
+    match Stall::default().bound(limit, stream.write_all(&out)).await {
+        Some(Ok(())) if keep_alive => Step::Next(Instant::now()),
+        Some(_) => Step::Close,
+        None => {
+            crate::server::client_stalled(rt, peer, limit);
+            Step::Close
+        }
     }
 }
 

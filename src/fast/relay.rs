@@ -1,12 +1,20 @@
 //! Answers to the client: a backend's head rewritten the way hyper's server
 //! writes it, its body streamed (re-chunked where it must be), or one of
 //! lb's own answers.
+//!
+//! Streaming is bounded both ways: each wait for the backend's next body
+//! bytes by `timeouts.backend_body`, each wait for the client to take more
+//! by `timeouts.client_send` (see [`Waits`]). A body that came whole with
+//! its head is one write that, when the client takes it at once, reads no
+//! clock and sets no timer.
 
-use std::io::Write as _;
+use std::io::{IoSlice, Write as _};
 
 use hyper::body::Bytes;
 use hyper::Method;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -14,8 +22,9 @@ use super::request::Head;
 use super::upstream::{pool_put, Framing, UpstreamResponse};
 use super::{date, dropped_hop, lower, Buf, READ_CHUNK};
 use crate::body::ResponseBody;
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, Timeouts};
 use crate::proxy;
+use crate::stall::{self, Stall};
 
 /// The response head lb writes to the client, the way hyper's server
 /// writes a relayed response (lower-case names, framing, `date`).
@@ -98,8 +107,107 @@ pub(super) fn encode_relayed(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes the response to the client and streams its body; true when the
-/// client connection can serve another request.
+/// Why a relay ended before the response was complete: the client
+/// connection is closed (the client sees the message end early) and the
+/// backend connection dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// The client closed or reset its connection.
+    ClientGone,
+    /// The client took no bytes for `timeouts.client_send`.
+    ClientStalled,
+    /// The backend closed, reset or broke the body's framing.
+    BackendBroke,
+    /// The backend sent no body byte for `timeouts.backend_body`.
+    BackendStalled,
+}
+
+/// The two waits a relay can be kept in, each bounded (see [`Stall`]).
+pub(super) struct Waits {
+    /// `timeouts.backend_body` of the request's snapshot.
+    backend_body: Duration,
+    /// Counts the current wait for the backend's bytes.
+    backend: Stall,
+    /// `timeouts.client_send` of the request's snapshot.
+    client_send: Duration,
+    /// Counts the current wait for the client to take bytes.
+    client: Stall,
+}
+
+impl Waits {
+    pub(super) fn new(timeouts: &Timeouts) -> Self {
+        Waits {
+            backend_body: timeouts.backend_body,
+            backend: Stall::default(),
+            client_send: timeouts.client_send,
+            client: Stall::default(),
+        }
+    }
+
+    /// Writes all of `buf` to the client; each wait for it to take more is
+    /// bounded (a write that completes at once reads no clock).
+    async fn send(&mut self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), Cut> {
+        while !buf.is_empty() {
+            let sent = match self.client.bound(self.client_send, client.write(buf)).await {
+                Some(sent) => sent,
+                None => {
+                    let sent = stall::send_now(client, &[IoSlice::new(buf)]);
+                    if stall::still_blocked(&sent) {
+                        return Err(Cut::ClientStalled);
+                    }
+                    self.client.progressed();
+                    sent
+                }
+            };
+            match sent {
+                Ok(0) | Err(_) => return Err(Cut::ClientGone),
+                Ok(n) => buf = &buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    /// One read of the backend's body into `buf`; 0 at EOF.
+    async fn read<R, B>(&mut self, conn: &mut R, buf: &mut B) -> Result<usize, Cut>
+    where
+        R: AsyncRead + Unpin,
+        B: bytes::BufMut,
+    {
+        match self
+            .backend
+            .bound(self.backend_body, conn.read_buf(buf))
+            .await
+        {
+            None => Err(Cut::BackendStalled),
+            Some(Ok(n)) => Ok(n),
+            Some(Err(_)) => Err(Cut::BackendBroke),
+        }
+    }
+
+    /// Sends `out` (emptied), then reads more of the backend's body into
+    /// `resp.buf`; EOF is a broken body.
+    async fn fill_after(
+        &mut self,
+        client: &mut TcpStream,
+        resp: &mut UpstreamResponse,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Cut> {
+        if !out.is_empty() {
+            self.send(client, out).await?;
+            out.clear();
+        }
+        if resp.buf.capacity() - resp.buf.len() < 1024 {
+            resp.buf.reserve(READ_CHUNK * 8);
+        }
+        match self.read(&mut resp.conn, &mut resp.buf).await? {
+            0 => Err(Cut::BackendBroke),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes the response to the client and streams its body; `Ok(true)`
+/// when the client connection can serve another request.
 pub(super) async fn relay(
     client: &mut TcpStream,
     mut resp: UpstreamResponse,
@@ -107,7 +215,8 @@ pub(super) async fn relay(
     keep_alive: bool,
     backend: &BackendAddr,
     now: Instant,
-) -> bool {
+    timeouts: &Timeouts,
+) -> Result<bool, Cut> {
     let method_head = head.method == Method::HEAD;
     // hyper's server ends a response whose length only the close tells
     // (HTTP/1.0 backend) by closing.
@@ -117,16 +226,18 @@ pub(super) async fn relay(
     encode_relayed(&mut out, &resp, method_head, keep_alive, now);
     let _ = resp.buf.split_to(resp.head.head_len);
     let rechunk = resp.head.http11;
-    let done = match resp.head.framing {
-        Framing::Empty => client.write_all(&out).await.is_ok(),
-        Framing::Length(n) => copy_length(client, &mut resp, out, n).await,
-        Framing::Chunked => copy_chunked(client, &mut resp, out).await,
-        Framing::Close => copy_to_close(client, &mut resp, out, rechunk).await,
-    };
-    if done && resp.head.reusable && resp.buf.is_empty() {
+    let mut waits = Waits::new(timeouts);
+    let w = &mut waits;
+    match resp.head.framing {
+        Framing::Empty => w.send(client, &out).await?,
+        Framing::Length(n) => copy_length(client, &mut resp, out, n, w).await?,
+        Framing::Chunked => copy_chunked(client, &mut resp, out, w).await?,
+        Framing::Close => copy_to_close(client, &mut resp, out, rechunk, w).await?,
+    }
+    if resp.head.reusable && resp.buf.is_empty() {
         pool_put(backend, resp.conn, now);
     }
-    done && keep_alive
+    Ok(keep_alive)
 }
 
 /// `n` body bytes, the first with the head in one write.
@@ -135,40 +246,39 @@ pub(super) async fn copy_length(
     resp: &mut UpstreamResponse,
     mut out: Vec<u8>,
     n: u64,
-) -> bool {
+    w: &mut Waits,
+) -> Result<(), Cut> {
     let mut left = n;
     let take = (left as usize).min(resp.buf.len());
     out.extend_from_slice(&resp.buf.split_to(take));
     left -= take as u64;
-    if client.write_all(&out).await.is_err() {
-        return false;
-    }
+    w.send(client, &out).await?;
     drop(out);
     let mut chunk = Buf::with_capacity(READ_CHUNK.min(left as usize).max(1));
     while left > 0 {
         chunk.clear();
         let mut limited = (&mut resp.conn).take(left.min(READ_CHUNK as u64 * 8));
-        match limited.read_buf(&mut chunk).await {
-            Ok(0) | Err(_) => return false,
-            Ok(got) => left -= got as u64,
+        match w.read(&mut limited, &mut chunk).await? {
+            0 => return Err(Cut::BackendBroke),
+            got => left -= got as u64,
         }
-        if client.write_all(&chunk).await.is_err() {
-            return false;
-        }
+        w.send(client, &chunk).await?;
         if chunk.capacity() < READ_CHUNK * 8 && left > chunk.capacity() as u64 {
             chunk.reserve(READ_CHUNK * 8);
         }
     }
-    true
+    Ok(())
 }
 
-/// Until the backend closes, re-chunked for an HTTP/1.1 response.
+/// Until the backend closes, re-chunked for an HTTP/1.1 response (an
+/// HTTP/1.0 one ends with the client connection's close: see [`relay`]).
 pub(super) async fn copy_to_close(
     client: &mut TcpStream,
     resp: &mut UpstreamResponse,
     mut out: Vec<u8>,
     rechunk: bool,
-) -> bool {
+    w: &mut Waits,
+) -> Result<(), Cut> {
     let mut pending = std::mem::take(&mut resp.buf);
     loop {
         if !pending.is_empty() {
@@ -179,25 +289,22 @@ pub(super) async fn copy_to_close(
             }
             pending.clear();
         }
-        if !out.is_empty() && client.write_all(&out).await.is_err() {
-            return false;
+        if !out.is_empty() {
+            w.send(client, &out).await?;
         }
         out.clear();
         if pending.capacity() < READ_CHUNK {
             pending.reserve(READ_CHUNK * 8);
         }
-        match resp.conn.read_buf(&mut pending).await {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(_) => return false,
+        if w.read(&mut resp.conn, &mut pending).await? == 0 {
+            break;
         }
     }
     resp.head.reusable = false;
     if rechunk {
-        client.write_all(b"0\r\n\r\n").await.is_ok()
-    } else {
-        false
+        w.send(client, b"0\r\n\r\n").await?;
     }
+    Ok(())
 }
 
 pub(super) fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
@@ -207,21 +314,24 @@ pub(super) fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// A chunked body, decoded and re-chunked (extensions and trailers dropped,
-/// as hyper does).
+/// as hyper does). What is decoded goes out before each wait for more, so
+/// a streamed body streams and a stalled one is cut where it stalled.
 pub(super) async fn copy_chunked(
     client: &mut TcpStream,
     resp: &mut UpstreamResponse,
     mut out: Vec<u8>,
-) -> bool {
+    w: &mut Waits,
+) -> Result<(), Cut> {
     loop {
         // The size line.
         let line_end = loop {
             if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
                 break i;
             }
-            if resp.buf.len() > 4096 || !fill(resp).await {
-                return false;
+            if resp.buf.len() > 4096 {
+                return Err(Cut::BackendBroke);
             }
+            w.fill_after(client, resp, &mut out).await?;
         };
         let line = &resp.buf[..line_end];
         let digits = line
@@ -234,7 +344,7 @@ pub(super) async fn copy_chunked(
             .filter(|d| !d.is_empty() && d.len() <= 16)
             .and_then(|d| u64::from_str_radix(d, 16).ok())
         else {
-            return false;
+            return Err(Cut::BackendBroke);
         };
         let _ = resp.buf.split_to(line_end + 2);
         if size == 0 {
@@ -244,56 +354,37 @@ pub(super) async fn copy_chunked(
                     let _ = resp.buf.split_to(i + 2);
                     if i == 0 {
                         out.extend_from_slice(b"0\r\n\r\n");
-                        return client.write_all(&out).await.is_ok();
+                        return w.send(client, &out).await;
                     }
                     continue;
                 }
-                if resp.buf.len() > 64 * 1024 || !fill(resp).await {
-                    return false;
+                if resp.buf.len() > 64 * 1024 {
+                    return Err(Cut::BackendBroke);
                 }
+                w.fill_after(client, resp, &mut out).await?;
             }
         }
         let mut left = size;
         while left > 0 {
             if resp.buf.is_empty() {
-                if !out.is_empty() {
-                    if client.write_all(&out).await.is_err() {
-                        return false;
-                    }
-                    out.clear();
-                }
-                if !fill(resp).await {
-                    return false;
-                }
+                w.fill_after(client, resp, &mut out).await?;
             }
             let take = (left as usize).min(resp.buf.len());
             write_chunk(&mut out, &resp.buf.split_to(take));
             left -= take as u64;
         }
         while resp.buf.len() < 2 {
-            if !fill(resp).await {
-                return false;
-            }
+            w.fill_after(client, resp, &mut out).await?;
         }
         if &resp.buf[..2] != b"\r\n" {
-            return false;
+            return Err(Cut::BackendBroke);
         }
         let _ = resp.buf.split_to(2);
         if out.len() >= READ_CHUNK * 8 {
-            if client.write_all(&out).await.is_err() {
-                return false;
-            }
+            w.send(client, &out).await?;
             out.clear();
         }
     }
-}
-
-/// Reads more of the backend's body; false on EOF or error.
-pub(super) async fn fill(resp: &mut UpstreamResponse) -> bool {
-    if resp.buf.capacity() - resp.buf.len() < 1024 {
-        resp.buf.reserve(READ_CHUNK * 8);
-    }
-    matches!(resp.conn.read_buf(&mut resp.buf).await, Ok(n) if n > 0)
 }
 
 /// One of lb's own responses (built by the same functions as on the hyper

@@ -120,7 +120,6 @@ struct Upstream {
 /// failed or timed-out connect. `None` closes the client connection.
 async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upstream> {
     let policy = &snap.config.retry;
-    let outlier = &snap.config.outlier_detection;
     let limit = snap.config.timeouts.connect;
     rt.budget.deposit(&policy.budget);
     // consistent_hash keys a TCP connection by its client's address.
@@ -167,7 +166,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
             }
         };
         drop(in_flight);
-        note_failure(rt, snap, index, outlier, &why);
+        note_failure(rt, snap, &backend.state, &why);
         tracing::debug!(%peer, backend = %backend.addr, %why, attempt, "tcp connect failed");
         last_failure = Some((index, why));
     }
