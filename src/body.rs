@@ -150,26 +150,23 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => {
-                this.watch.waiting_on_client.store(true, Relaxed);
-                let limit = this.limit;
-                if this.stall.expired(cx, || limit) {
-                    this.watch.set_fault(ClientFault::Stalled);
-                    return Poll::Ready(Some(Err(Box::new(Stalled(limit)))));
-                }
-                Poll::Pending
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.watch
+            .waiting_on_client
+            .store(polled.is_pending(), Relaxed);
+        let limit = this.limit;
+        match this.stall.poll(cx, polled, || limit) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.watch.set_fault(ClientFault::Stalled);
+                Poll::Ready(Some(Err(Box::new(Stalled(limit)))))
             }
-            Poll::Ready(frame) => {
-                this.stall.progressed();
-                this.watch.waiting_on_client.store(false, Relaxed);
-                Poll::Ready(frame.map(|f| {
-                    f.map_err(|e| {
-                        this.watch.set_fault(ClientFault::of(&e));
-                        BoxError::from(e)
-                    })
-                }))
-            }
+            Poll::Ready(Some(frame)) => Poll::Ready(frame.map(|f| {
+                f.map_err(|e| {
+                    this.watch.set_fault(ClientFault::of(&e));
+                    BoxError::from(e)
+                })
+            })),
         }
     }
 
@@ -421,20 +418,16 @@ impl Body for RelayedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Pending => {
-                let limit = this.limit;
-                if this.stall.expired(cx, || limit) {
-                    let state = this.in_flight.state();
-                    crate::retry::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
-                    return Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))));
-                }
-                Poll::Pending
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let limit = this.limit;
+        match this.stall.poll(cx, polled, || limit) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                let state = this.in_flight.state();
+                crate::retry::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
+                Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))))
             }
-            Poll::Ready(frame) => {
-                this.stall.progressed();
-                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
-            }
+            Poll::Ready(Some(frame)) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
         }
     }
 

@@ -15,7 +15,8 @@
 //! first byte of each head within `timeouts.client_header` of the
 //! connection's start, the whole head within `client_header` of its first
 //! byte, and the next request within `timeouts.client_idle` of the last
-//! response (see [`Activity`]).
+//! response (see [`Activity`]); a client that takes no response bytes for
+//! `timeouts.client_send` is closed (see [`Watched`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ use crate::body::{BoxError, ResponseBody};
 use crate::config::{Config, Mode, Timeouts};
 use crate::proxy;
 use crate::runtime::Runtime;
-use crate::stall::{self, Stall};
+use crate::stall::Stall;
 use crate::state::Clock;
 use crate::upgrade::Hold;
 use crate::workers::Workers;
@@ -673,10 +674,6 @@ impl Watched {
             [one] => Pin::new(&mut self.stream).poll_write(cx, one),
             _ => Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
         };
-        if !polled.is_pending() {
-            self.send.progressed();
-            return polled;
-        }
         if self.activity.upgraded.load(Relaxed) {
             return polled;
         }
@@ -685,12 +682,13 @@ impl Watched {
             *send_limit = runtime.worker_snapshot().config.timeouts.client_send;
             *send_limit
         };
-        if !self.send.expired(cx, limit) {
-            return Poll::Pending;
+        match self.send.poll(cx, polled, limit) {
+            Poll::Ready(Some(written)) => return Poll::Ready(written),
+            Poll::Pending => return Poll::Pending,
+            // The wait ran out: the client may have made room all the same.
+            Poll::Ready(None) => {}
         }
-        let sent = stall::send_now(&self.stream, bufs);
-        if !stall::still_blocked(&sent) {
-            self.send.progressed();
+        if let Some(sent) = self.send.send_now(&self.stream, bufs) {
             return Poll::Ready(sent);
         }
         let limit = self.send_limit;

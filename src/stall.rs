@@ -43,7 +43,7 @@ impl Stall {
     /// The watched I/O is pending: true once this wait has lasted `limit`
     /// (read only when a new wait begins). Otherwise the timer wakes `cx`
     /// when it would.
-    pub fn expired(&mut self, cx: &mut Context<'_>, limit: impl FnOnce() -> Duration) -> bool {
+    fn expired(&mut self, cx: &mut Context<'_>, limit: impl FnOnce() -> Duration) -> bool {
         if !self.armed {
             let deadline = Instant::now() + limit();
             match &mut self.timer {
@@ -57,31 +57,50 @@ impl Stall {
             .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 
-    /// `io`, unless it keeps lb waiting for `limit` (then `None`).
-    pub async fn bound<F: Future>(&mut self, limit: Duration, io: F) -> Option<F::Output> {
-        let mut io = pin!(io);
-        std::future::poll_fn(|cx| match io.as_mut().poll(cx) {
+    /// One poll of the watched I/O, judged: its result when ready (progress),
+    /// `Ready(None)` once the wait it is in has lasted `limit`.
+    pub fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<T>,
+        limit: impl FnOnce() -> Duration,
+    ) -> Poll<Option<T>> {
+        match polled {
             Poll::Ready(out) => {
                 self.progressed();
                 Poll::Ready(Some(out))
             }
-            Poll::Pending if self.expired(cx, || limit) => Poll::Ready(None),
+            Poll::Pending if self.expired(cx, limit) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// After a wait for a client to take bytes ran out: writes what fits of
+    /// `bufs` to `stream` now, past tokio's readiness tracking (see the
+    /// module doc). `None` when the client made no room at all: a stall.
+    pub fn send_now(
+        &mut self,
+        stream: &TcpStream,
+        bufs: &[IoSlice<'_>],
+    ) -> Option<io::Result<usize>> {
+        match socket2::SockRef::from(stream).send_vectored(bufs) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            sent => {
+                self.progressed();
+                Some(sent)
+            }
+        }
+    }
+
+    /// `io`, unless it keeps lb waiting for `limit` (then `None`).
+    pub async fn bound<F: Future>(&mut self, limit: Duration, io: F) -> Option<F::Output> {
+        let mut io = pin!(io);
+        std::future::poll_fn(|cx| {
+            let polled = io.as_mut().poll(cx);
+            self.poll(cx, polled, || limit)
         })
         .await
     }
-}
-
-/// Writes what fits of `bufs` to `stream` now, past tokio's readiness
-/// tracking (see the module doc); `WouldBlock` when the client made no room
-/// at all since the send buffer filled.
-pub fn send_now(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    socket2::SockRef::from(stream).send_vectored(bufs)
-}
-
-/// True when a [`send_now`] result says the client still takes nothing.
-pub fn still_blocked<T>(sent: &io::Result<T>) -> bool {
-    matches!(sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]

@@ -14,9 +14,16 @@ use tokio::net::TcpStream;
 
 /// Sends `request` and reads until lb closes the connection (or 10 s pass).
 async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let (out, _) = exchange_within(addr, request, 10).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends `request`; everything read until lb closes the connection (then
+/// `true`) or `secs` pass.
+async fn exchange_within(addr: SocketAddr, request: &[u8], secs: u64) -> (Vec<u8>, bool) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
-    read_to_close(&mut s).await
+    read_within(&mut s, secs).await
 }
 
 /// Everything until EOF, a reset, or a 10 s deadline.
@@ -594,17 +601,10 @@ async fn big_backend(len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
             if s.write_all(head.as_bytes()).await.is_err() {
                 return;
             }
-            let block = vec![b'x'; 64 * 1024];
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(block.len());
-                if s.write_all(&block[..n]).await.is_err() {
-                    closed.fetch_add(1, SeqCst);
-                    return;
-                }
-                left -= n;
+            match write_filler(&mut s, len as u64).await {
+                Ok(()) => hold_until_closed(s, &closed).await,
+                Err(_) => _ = closed.fetch_add(1, SeqCst),
             }
-            hold_until_closed(s, &closed).await;
         }
     })
     .await;
@@ -629,11 +629,8 @@ async fn stalled_backend_is_cut(partial: &'static [u8], complete: &[u8]) {
         "timeouts:\n  backend_body: 500ms\nbackends:\n  - address: {backend}\n"
     ))
     .await;
-    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
-    s.write_all(b"GET /stalls HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (resp, was_closed) = read_within(&mut s, WAIT).await;
+    let request = b"GET /stalls HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (resp, was_closed) = exchange_within(lb.lb.local_addr(), request, WAIT).await;
     let text = String::from_utf8_lossy(&resp);
     assert!(was_closed, "client connection kept: {text}");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -703,11 +700,8 @@ async fn slow_but_steady_backend_body_is_not_cut() {
         "timeouts:\n  backend_body: 500ms\nbackends:\n  - address: {addr}\n"
     ))
     .await;
-    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let (resp, was_closed) = read_within(&mut s, WAIT).await;
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let (resp, was_closed) = exchange_within(lb.lb.local_addr(), request, WAIT).await;
     let text = String::from_utf8_lossy(&resp);
     assert!(was_closed, "{text}");
     assert_eq!(text.matches("5\r\nchunk\r\n").count(), 10, "{text}");

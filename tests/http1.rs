@@ -55,14 +55,8 @@ async fn streaming_backend() -> SocketAddr {
                 if s.write_all(resp.as_bytes()).await.is_err() {
                     return;
                 }
-                let piece = vec![b'x'; 64 * 1024];
-                let mut left = n;
-                while left > 0 {
-                    let k = left.min(piece.len() as u64) as usize;
-                    if s.write_all(&piece[..k]).await.is_err() {
-                        return;
-                    }
-                    left -= k as u64;
+                if write_filler(&mut s, n).await.is_err() {
+                    return;
                 }
             } else if path == "/count" {
                 let len: u64 = h

@@ -24,7 +24,7 @@ use super::{date, dropped_hop, lower, Buf, READ_CHUNK};
 use crate::body::ResponseBody;
 use crate::config::{BackendAddr, Timeouts};
 use crate::proxy;
-use crate::stall::{self, Stall};
+use crate::stall::Stall;
 
 /// The response head lb writes to the client, the way hyper's server
 /// writes a relayed response (lower-case names, framing, `date`).
@@ -150,14 +150,10 @@ impl Waits {
         while !buf.is_empty() {
             let sent = match self.client.bound(self.client_send, client.write(buf)).await {
                 Some(sent) => sent,
-                None => {
-                    let sent = stall::send_now(client, &[IoSlice::new(buf)]);
-                    if stall::still_blocked(&sent) {
-                        return Err(Cut::ClientStalled);
-                    }
-                    self.client.progressed();
-                    sent
-                }
+                None => self
+                    .client
+                    .send_now(client, &[IoSlice::new(buf)])
+                    .ok_or(Cut::ClientStalled)?,
             };
             match sent {
                 Ok(0) | Err(_) => return Err(Cut::ClientGone),

@@ -529,6 +529,20 @@ where
     addr
 }
 
+/// Writes `n` filler bytes (`x`) to `s`, 64 KiB at a time, as the socket
+/// takes them: a large response body from a raw backend.
+pub async fn write_filler(s: &mut tokio::net::TcpStream, n: u64) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let piece = vec![b'x'; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(piece.len() as u64) as usize;
+        s.write_all(&piece[..k]).await?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
 /// Infallible helper for services in tests.
 pub fn ok<T>(t: T) -> Result<T, Infallible> {
     Ok(t)
