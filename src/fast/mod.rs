@@ -222,7 +222,7 @@ async fn serve_one(
                 request,
                 method_head,
                 idempotent: retry::is_idempotent(&head.method),
-                now,
+                now: Some(now),
             };
             let steer = Steer::default();
             let path = head.uri.path();
