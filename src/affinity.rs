@@ -24,6 +24,7 @@ use hyper::Response;
 use sha2::{Digest, Sha256};
 
 use crate::config::{BackendAddr, HashKey, SessionAffinity, Strategy};
+use crate::proxy::HeadView;
 use crate::runtime::Snapshot;
 use crate::selection::hash;
 use crate::selection::{Backend, Steer};
@@ -157,40 +158,38 @@ pub fn on_response<B>(snap: &Snapshot, steer: &Steer, resp: &mut Response<B>) {
 }
 
 /// Stable hash of the request's `hash_key`, or `None` when it has none
-/// (then the strategy falls back to round robin).
-pub fn request_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
+/// (then the strategy falls back to round robin). Either HTTP/1 path's head.
+pub(crate) fn request_key(key: &HashKey, head: &impl HeadView, client_ip: IpAddr) -> Option<u64> {
     let h = |bytes: &[u8]| (!bytes.is_empty()).then(|| hash::stable(bytes, 0));
     match key {
         HashKey::ClientIp => Some(hash::client_ip(client_ip)),
-        HashKey::Path => h(parts.uri.path().as_bytes()),
+        HashKey::Path => h(head.uri().path().as_bytes()),
         HashKey::Header(name) => {
-            let mut values = parts.headers.get_all(name).iter();
+            let mut values = head.values(name.as_str());
             let first = values.next()?;
             match values.next() {
-                None => h(first.as_bytes()),
+                None => h(first),
                 Some(second) => {
-                    let mut all = first.as_bytes().to_vec();
+                    let mut all = first.to_vec();
                     for v in std::iter::once(second).chain(values) {
                         all.extend_from_slice(b", ");
-                        all.extend_from_slice(v.as_bytes());
+                        all.extend_from_slice(v);
                     }
                     h(&all)
                 }
             }
         }
-        HashKey::Cookie(name) => parts
-            .headers
-            .get_all(COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        HashKey::Cookie(name) => head
+            .values("cookie")
+            .filter_map(visible_ascii)
             .flat_map(|v| v.split(';'))
             .find_map(|pair| {
                 let (n, v) = pair.split_once('=')?;
                 (n.trim() == name).then(|| v.trim())
             })
             .and_then(|v| h(v.as_bytes())),
-        HashKey::Query(name) => parts
-            .uri
+        HashKey::Query(name) => head
+            .uri()
             .query()?
             .split('&')
             .find_map(|pair| {
@@ -199,6 +198,16 @@ pub fn request_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u6
             })
             .and_then(|v| h(v.as_bytes())),
     }
+}
+
+/// A header value as text when it is visible ASCII (and tabs), the test
+/// `HeaderValue::to_str` makes: a cookie is read the same from either path.
+fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (32..127).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
 }
 
 #[cfg(test)]

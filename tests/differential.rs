@@ -337,15 +337,18 @@ async fn send(addr: SocketAddr, request: Vec<u8>, head: bool) -> String {
 }
 
 async fn start_lb(backend: SocketAddr, http1: Http1) -> (lb::Lb, tempfile::TempDir) {
+    start_lb_with(
+        &format!("timeouts:\n  client_body: 1s\n  client_header: 2s\nbackends:\n  - address: {backend}\n"),
+        http1,
+    )
+    .await
+}
+
+/// lb on 127.0.0.1:0 with `yaml` (everything but `listen`), on `http1`.
+async fn start_lb_with(yaml: &str, http1: Http1) -> (lb::Lb, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen: 127.0.0.1:0\ntimeouts:\n  client_body: 1s\n  client_header: 2s\nbackends:\n  - address: {backend}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("listen: 127.0.0.1:0\n{yaml}")).unwrap();
     let (config, hash) = lb::config::Config::load(&path).unwrap();
     let mut s = settings(
         &path,
@@ -407,6 +410,62 @@ async fn fast_path_answers_as_hyper_does() {
         h.len(),
         "a request reached only the fast path's backend"
     );
+}
+
+/// `consistent_hash` keys are read by one function over either path's
+/// head: for every kind of key, each request goes to the same backend on
+/// both paths (repeated headers, several cookies, odd values included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_keys_pick_the_same_backend_on_both_paths() {
+    let backends = Backend::start_many(5).await;
+    let pool = backends_yaml(&backends.iter().collect::<Vec<_>>());
+    let mut rng = fastrand::Rng::with_seed(20_261_122);
+    for key in [
+        "header:x-user",
+        "cookie:sid",
+        "query:u",
+        "path",
+        "client_ip",
+    ] {
+        let yaml = format!("strategy: consistent_hash\nhash_key: {key}\n{pool}");
+        let (fast, _d1) = start_lb_with(&yaml, Http1::Fast).await;
+        let (hyper, _d2) = start_lb_with(&yaml, Http1::Hyper).await;
+        let mut picked = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let v: String = (0..rng.usize(1..12))
+                .map(|_| {
+                    rng.choice(b"abcXYZ019-_.~%".iter())
+                        .map_or('a', |&c| c as char)
+                })
+                .collect();
+            let extra = match rng.usize(0..3) {
+                0 => String::new(),
+                1 => format!("x-user: {v}2\r\n"),
+                _ => "Cookie: other=1\r\n".to_owned(),
+            };
+            let request = format!(
+                "GET /p/{v}?a=1&u={v} HTTP/1.1\r\nHost: x\r\nx-user: {v}\r\n{extra}\
+                 Cookie: a=b; sid={v}\r\nConnection: close\r\n\r\n"
+            );
+            let f = send(fast.local_addr(), request.clone().into_bytes(), false).await;
+            let h = send(hyper.local_addr(), request.clone().into_bytes(), false).await;
+            assert!(
+                f.starts_with("HTTP/1.1 200"),
+                "{key}: {f}\nrequest: {request}"
+            );
+            assert_eq!(
+                f, h,
+                "{key}: the paths chose differently\nrequest: {request}"
+            );
+            picked.insert(f);
+        }
+        let spread = if key == "client_ip" { 1 } else { 3 };
+        assert!(
+            picked.len() >= spread,
+            "{key}: only {} backends",
+            picked.len()
+        );
+    }
 }
 
 fn compare(id: usize, request: &[u8], fast: &str, hyper: &str) {

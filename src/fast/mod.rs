@@ -14,9 +14,10 @@
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
 //! most `retry.buffer_body_limit` (read whole before it is sent), no
-//! `Upgrade` or `Expect`, and no steering (`consistent_hash` keys and
-//! `session_affinity` cookies are read from hyper's heads). Anything else — an h2c preface, HTTP/1.0, chunked
-//! or large uploads, every malformed or refused head (the request-smuggling
+//! `Upgrade` or `Expect`, and no `session_affinity` (its cookie is taken
+//! from and set on hyper's heads; `consistent_hash` keys are read here by
+//! the hyper path's function). Anything else — an h2c preface, HTTP/1.0,
+//! chunked or large uploads, every malformed or refused head (the request-smuggling
 //! matrix included), a head over `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
 //! connection: the answer is hyper's by construction.
@@ -59,6 +60,7 @@ use relay::{encode_own, relay};
 use request::{parse_request, read_body, Parsed};
 use upstream::FastAttempts;
 
+use crate::affinity;
 use crate::config::Strategy;
 use crate::proxy;
 use crate::retry::{self, Outcome, Trace};
@@ -177,9 +179,10 @@ async fn serve_one(
     snap: &Snapshot,
     drain: &watch::Receiver<bool>,
 ) -> Step {
-    // Hash keys and affinity cookies are read from (and written to) hyper's
-    // heads: a steered config is served by hyper.
-    if snap.config.strategy == Strategy::ConsistentHash || snap.affinity.is_some() {
+    // The affinity cookie is taken out of (and set on) hyper's heads: a
+    // config with session_affinity is served by hyper. Hash keys are read
+    // here, by the same function as on the hyper path.
+    if snap.affinity.is_some() {
         return Step::Hyper(std::mem::take(buf).freeze());
     }
     let timeouts = &snap.config.timeouts;
@@ -224,7 +227,15 @@ async fn serve_one(
                 idempotent: retry::is_idempotent(&head.method),
                 now: Some(now),
             };
-            let steer = Steer::default();
+            let steer = Steer {
+                key: match snap.config.strategy {
+                    Strategy::ConsistentHash => {
+                        affinity::request_key(&snap.config.steering.hash_key, &head, peer.ip())
+                    }
+                    _ => None,
+                },
+                pinned: None,
+            };
             let path = head.uri.path();
             retry::run(
                 rt,
