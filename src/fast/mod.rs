@@ -14,9 +14,9 @@
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
 //! most `retry.buffer_body_limit` (read whole before it is sent), no
-//! `Upgrade` or `Expect`, and no `session_affinity` (its cookie is taken
-//! from and set on hyper's heads; `consistent_hash` keys are read here by
-//! the hyper path's function). Anything else — an h2c preface, HTTP/1.0,
+//! `Upgrade` or `Expect`. Steering reads the head through the hyper path's
+//! own functions (`consistent_hash` keys, the `session_affinity` cookie and
+//! its `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0,
 //! chunked or large uploads, every malformed or refused head (the request-smuggling
 //! matrix included), a head over `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
@@ -179,12 +179,6 @@ async fn serve_one(
     snap: &Snapshot,
     drain: &watch::Receiver<bool>,
 ) -> Step {
-    // The affinity cookie is taken out of (and set on) hyper's heads: a
-    // config with session_affinity is served by hyper. Hash keys are read
-    // here, by the same function as on the hyper path.
-    if snap.affinity.is_some() {
-        return Step::Hyper(std::mem::take(buf).freeze());
-    }
     let timeouts = &snap.config.timeouts;
     // The one clock reading before the answer: the head's deadline, the
     // request's arrival and the pool's idle check all use it.
@@ -208,7 +202,7 @@ async fn serve_one(
             Parsed::Fast(head) => break head,
         }
     };
-    let Some(request) = head.rewrite(peer.ip()) else {
+    let Some((request, pinned)) = head.rewrite(peer.ip(), snap.affinity.as_ref()) else {
         // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
         let mut all = Buf::from(&head.bytes[..]);
         all.extend_from_slice(buf);
@@ -234,7 +228,7 @@ async fn serve_one(
                     }
                     _ => None,
                 },
-                pinned: None,
+                pinned,
             };
             let path = head.uri.path();
             retry::run(
@@ -265,6 +259,12 @@ async fn serve_one(
                 keep_alive,
                 &snap.backends[index].addr,
                 answered,
+                // Set when the backend that answered is not the one the
+                // cookie named, as on the hyper path.
+                snap.affinity
+                    .as_ref()
+                    .filter(|_| pinned != Some(index))
+                    .and_then(|cookies| cookies.set_cookie(index)),
             )
             .await;
             drop(in_flight);

@@ -5,6 +5,7 @@
 use std::io::Write as _;
 
 use hyper::body::Bytes;
+use hyper::header::HeaderValue;
 use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +26,7 @@ pub(super) fn encode_relayed(
     method_head: bool,
     keep_alive: bool,
     now: Instant,
+    set_cookie: Option<&HeaderValue>,
 ) {
     let head = &resp.head;
     let b = &resp.buf[..];
@@ -76,6 +78,11 @@ pub(super) fn encode_relayed(
         out.extend_from_slice(&b[v.clone()]);
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(cookie) = set_cookie {
+        out.extend_from_slice(b"set-cookie: ");
+        out.extend_from_slice(cookie.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -107,6 +114,7 @@ pub(super) async fn relay(
     keep_alive: bool,
     backend: &BackendAddr,
     now: Instant,
+    set_cookie: Option<&HeaderValue>,
 ) -> bool {
     let method_head = head.method == Method::HEAD;
     // hyper's server ends a response whose length only the close tells
@@ -114,7 +122,7 @@ pub(super) async fn relay(
     let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
     let keep_alive = keep_alive && !close_delimited;
     let mut out = Vec::with_capacity(resp.head.head_len + 128);
-    encode_relayed(&mut out, &resp, method_head, keep_alive, now);
+    encode_relayed(&mut out, &resp, method_head, keep_alive, now, set_cookie);
     let _ = resp.buf.split_to(resp.head.head_len);
     let rechunk = resp.head.http11;
     let done = match resp.head.framing {
