@@ -50,6 +50,7 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;
 pub mod workers;
