@@ -15,6 +15,7 @@
 //! * lb's cookie is removed from the `Cookie` header before forwarding;
 //!   the other cookies are passed on unchanged.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -24,6 +25,7 @@ use hyper::Response;
 use sha2::{Digest, Sha256};
 
 use crate::config::{BackendAddr, HashKey, SessionAffinity, Strategy};
+use crate::proxy::HeadView;
 use crate::runtime::Snapshot;
 use crate::selection::hash;
 use crate::selection::{Backend, Steer};
@@ -80,48 +82,71 @@ impl AffinityCookies {
     /// Removes lb's cookie from `headers` and returns the backend it names,
     /// if it names one of this pool.
     pub fn take(&self, headers: &mut HeaderMap) -> Option<usize> {
-        let ours = |pair: &str| {
-            pair.split_once('=')
-                .is_some_and(|(n, _)| n.trim() == self.name)
-        };
-        let present = headers
+        if !headers
             .get_all(COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(';').any(ours));
-        if !present {
+            .any(|v| self.carries(v.as_bytes()))
+        {
             return None;
         }
         let mut pinned = None;
-        let mut kept: Vec<HeaderValue> = Vec::new();
-        for value in headers.get_all(COOKIE) {
-            let Ok(text) = value.to_str() else {
-                kept.push(value.clone());
-                continue;
-            };
-            let mut others = Vec::new();
-            for pair in text.split(';') {
-                if ours(pair) {
-                    if pinned.is_none() {
-                        let token = pair.split_once('=').map_or("", |(_, v)| v.trim());
-                        pinned = self.by_token.get(token.trim_matches('"')).copied();
-                    }
-                } else if !pair.trim().is_empty() {
-                    others.push(pair.trim());
-                }
-            }
-            if !others.is_empty() {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| match self.strip(v.as_bytes(), &mut pinned)? {
+                Cow::Borrowed(_) => Some(v.clone()),
                 // Pieces of a valid header value joined by "; ": still valid.
-                if let Ok(v) = HeaderValue::from_str(&others.join("; ")) {
-                    kept.push(v);
-                }
-            }
-        }
+                Cow::Owned(rest) => HeaderValue::from_bytes(&rest).ok(),
+            })
+            .collect();
         headers.remove(COOKIE);
         for v in kept {
             headers.append(COOKIE, v);
         }
         pinned
+    }
+
+    /// Whether one `Cookie` value carries lb's cookie.
+    pub(crate) fn carries(&self, value: &[u8]) -> bool {
+        visible_ascii(value).is_some_and(|v| v.split(';').any(|pair| self.is_ours(pair)))
+    }
+
+    fn is_ours(&self, pair: &str) -> bool {
+        pair.split_once('=')
+            .is_some_and(|(n, _)| n.trim() == self.name)
+    }
+
+    /// One `Cookie` value without lb's cookie, for a request where some
+    /// value [`carries`](Self::carries) it (every value then goes through
+    /// here, as both HTTP/1 paths must forward the same bytes): the other
+    /// pairs trimmed and joined by `"; "`, the value as is when it is not
+    /// text, `None` when nothing is left. The first of lb's tokens sets
+    /// `pinned` to the backend it names, if one of this pool.
+    pub(crate) fn strip<'v>(
+        &self,
+        value: &'v [u8],
+        pinned: &mut Option<usize>,
+    ) -> Option<Cow<'v, [u8]>> {
+        let Some(text) = visible_ascii(value) else {
+            return Some(Cow::Borrowed(value));
+        };
+        let mut others = Vec::new();
+        for pair in text.split(';') {
+            if self.is_ours(pair) {
+                if pinned.is_none() {
+                    let token = pair.split_once('=').map_or("", |(_, v)| v.trim());
+                    *pinned = self.by_token.get(token.trim_matches('"')).copied();
+                }
+            } else if !pair.trim().is_empty() {
+                others.push(pair.trim());
+            }
+        }
+        (!others.is_empty()).then(|| Cow::Owned(others.join("; ").into_bytes()))
+    }
+
+    /// The `Set-Cookie` value that pins a client to backend `index`.
+    pub(crate) fn set_cookie(&self, index: usize) -> Option<&HeaderValue> {
+        self.set_cookie.get(index)
     }
 }
 
@@ -150,47 +175,45 @@ pub fn on_response<B>(snap: &Snapshot, steer: &Steer, resp: &mut Response<B>) {
         return;
     };
     if steer.pinned != Some(i) {
-        if let Some(v) = cookies.set_cookie.get(i) {
+        if let Some(v) = cookies.set_cookie(i) {
             resp.headers_mut().append(SET_COOKIE, v.clone());
         }
     }
 }
 
 /// Stable hash of the request's `hash_key`, or `None` when it has none
-/// (then the strategy falls back to round robin).
-pub fn request_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
+/// (then the strategy falls back to round robin). Either HTTP/1 path's head.
+pub(crate) fn request_key(key: &HashKey, head: &impl HeadView, client_ip: IpAddr) -> Option<u64> {
     let h = |bytes: &[u8]| (!bytes.is_empty()).then(|| hash::stable(bytes, 0));
     match key {
         HashKey::ClientIp => Some(hash::client_ip(client_ip)),
-        HashKey::Path => h(parts.uri.path().as_bytes()),
+        HashKey::Path => h(head.uri().path().as_bytes()),
         HashKey::Header(name) => {
-            let mut values = parts.headers.get_all(name).iter();
+            let mut values = head.values(name.as_str());
             let first = values.next()?;
             match values.next() {
-                None => h(first.as_bytes()),
+                None => h(first),
                 Some(second) => {
-                    let mut all = first.as_bytes().to_vec();
+                    let mut all = first.to_vec();
                     for v in std::iter::once(second).chain(values) {
                         all.extend_from_slice(b", ");
-                        all.extend_from_slice(v.as_bytes());
+                        all.extend_from_slice(v);
                     }
                     h(&all)
                 }
             }
         }
-        HashKey::Cookie(name) => parts
-            .headers
-            .get_all(COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        HashKey::Cookie(name) => head
+            .values("cookie")
+            .filter_map(visible_ascii)
             .flat_map(|v| v.split(';'))
             .find_map(|pair| {
                 let (n, v) = pair.split_once('=')?;
                 (n.trim() == name).then(|| v.trim())
             })
             .and_then(|v| h(v.as_bytes())),
-        HashKey::Query(name) => parts
-            .uri
+        HashKey::Query(name) => head
+            .uri()
             .query()?
             .split('&')
             .find_map(|pair| {
@@ -199,6 +222,16 @@ pub fn request_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u6
             })
             .and_then(|v| h(v.as_bytes())),
     }
+}
+
+/// A header value as text when it is visible ASCII (and tabs), the test
+/// `HeaderValue::to_str` makes: a cookie is read the same from either path.
+fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (32..127).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
 }
 
 #[cfg(test)]

@@ -28,13 +28,15 @@ use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::config::{BackendAddr, HealthCheck};
+use crate::config::{BackendAddr, HealthCheck, ProxyProtocol};
 use crate::runtime::Runtime;
 use crate::state::BackendState;
+use crate::tcp::proxy_protocol::local_header;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -128,14 +130,17 @@ async fn probe_loop(
             tokio::select! {
                 () = sleep_until(due) => break,
                 changed = changes.changed() => {
-                    let Some(hc) = changed.ok().and_then(|()| current(&runtime)) else { return };
-                    due = due.min(Instant::now() + hc.interval);
+                    let Some(now) = changed.ok().and_then(|()| current(&runtime)) else { return };
+                    due = due.min(Instant::now() + now.check.interval);
                 }
             }
         }
         let started = Instant::now();
-        let Some(hc) = current(&runtime) else { return };
-        let result = probe(&client, &authority, &hc).await;
+        let Some(settings) = current(&runtime) else {
+            return;
+        };
+        let result = probe(&client, &authority, &settings).await;
+        let hc = &settings.check;
         state.metrics.health_check(result.is_ok());
         match result {
             Ok(()) => {
@@ -163,27 +168,51 @@ async fn probe_loop(
     }
 }
 
-/// The health-check settings of the current config, if lb still runs and checks.
-fn current(runtime: &std::sync::Weak<Runtime>) -> Option<HealthCheck> {
-    runtime.upgrade()?.snapshot().config.health_check.clone()
+/// What a probe needs from the current config, if lb still runs and checks.
+struct ProbeSettings {
+    check: HealthCheck,
+    /// `send_proxy_protocol` (tcp mode): a TCP probe opens with the header.
+    proxy_protocol: Option<ProxyProtocol>,
+}
+
+fn current(runtime: &std::sync::Weak<Runtime>) -> Option<ProbeSettings> {
+    let snap = runtime.upgrade()?.snapshot();
+    Some(ProbeSettings {
+        check: snap.config.health_check.clone()?,
+        proxy_protocol: snap.config.send_proxy_protocol,
+    })
 }
 
 /// One probe of the kind the config asks for.
 async fn probe(
     client: &ProbeClient,
     authority: &Authority,
-    hc: &HealthCheck,
+    settings: &ProbeSettings,
 ) -> Result<(), String> {
+    let hc = &settings.check;
     match &hc.path {
         Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
-        None => tcp_probe(authority, hc.timeout).await,
+        None => tcp_probe(authority, hc.timeout, settings.proxy_protocol).await,
     }
 }
 
-/// A TCP connect within the timeout passes; the connection is closed at once.
-async fn tcp_probe(authority: &Authority, limit: Duration) -> Result<(), String> {
-    match timeout(limit, TcpStream::connect(authority.as_str())).await {
-        Ok(Ok(_stream)) => Ok(()),
+/// A TCP connect within the timeout passes (after writing the PROXY
+/// protocol's `LOCAL` header, when backends get one); the connection is
+/// closed at once.
+async fn tcp_probe(
+    authority: &Authority,
+    limit: Duration,
+    proxy_protocol: Option<ProxyProtocol>,
+) -> Result<(), String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(authority.as_str()).await?;
+        if let Some(version) = proxy_protocol {
+            stream.write_all(&local_header(version)).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match timeout(limit, exchange).await {
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("health check failed: {e}")),
         Err(_) => Err(format!("health check timed out after {limit:?}")),
     }

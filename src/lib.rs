@@ -53,6 +53,7 @@ pub mod server;
 pub mod stall;
 pub mod state;
 pub mod tcp;
+pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;
 pub mod workers;

@@ -189,7 +189,7 @@ pub(crate) trait HeadView {
     fn uri(&self) -> &Uri;
     fn version(&self) -> Version;
     /// Every value of header `name` (given in lower case), in order.
-    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a;
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
 }
 
 impl HeadView for Parts {
@@ -205,7 +205,7 @@ impl HeadView for Parts {
         self.version
     }
 
-    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers.get_all(name).iter().map(HeaderValue::as_bytes)
     }
 }

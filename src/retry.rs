@@ -279,7 +279,8 @@ pub async fn forward(
                 // wants_upgrade() said so: not reached.
                 return text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned());
             };
-            let mut resp = crate::upgrade::relay(&rt.upgrades, resp, client, hold, in_flight);
+            let idle = snap.config.timeouts.tcp_idle;
+            let mut resp = crate::upgrade::relay(rt, idle, resp, client, hold, in_flight);
             // A handshake sets the affinity cookie like any response.
             resp.extensions_mut()
                 .insert(crate::affinity::ServedBy(index));

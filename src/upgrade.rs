@@ -5,7 +5,10 @@
 //! them, see `proxy`). When the backend answers 101, the retry loop hands
 //! the response to [`relay`]: the client gets the 101 with the backend's
 //! `Upgrade`/`Connection`, and once hyper has switched both connections a
-//! task copies bytes both ways until either side closes.
+//! task copies bytes both ways ([`crate::tunnel`], as `mode: tcp` does)
+//! until both sides close, one fails, or no byte moved for
+//! `timeouts.tcp_idle` (nginx's `proxy_read_timeout`, HAProxy's `timeout
+//! tunnel`): a peer that vanished without a FIN releases the other.
 //!
 //! The relay task holds what the connection held: the client connection's
 //! [`Hold`] (its `max_connections` slot and its shutdown drain receiver) and
@@ -17,6 +20,7 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -27,7 +31,9 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::body::ResponseBody;
+use crate::runtime::Runtime;
 use crate::state::InFlight;
+use crate::tunnel::{copy_both_ways, Ended};
 
 /// Keeps a client connection's resources (its `ConnectionCount` slot, its
 /// drain receiver) alive while any of its clones exists. The server puts one
@@ -95,7 +101,8 @@ pub fn restore_headers(headers: &mut HeaderMap, upgrade: HeaderValue) {
 /// in a task of their own. `client` is the client request's pending
 /// upgrade, `hold` its connection's resources.
 pub fn relay(
-    upgrades: &Upgrades,
+    rt: &Runtime,
+    idle: Duration,
     mut resp: Response<Incoming>,
     client: OnUpgrade,
     hold: Option<Hold>,
@@ -108,8 +115,9 @@ pub fn relay(
     if let Some(upgrade) = upgrade {
         restore_headers(&mut parts.headers, upgrade);
     }
-    let open = Arc::clone(&upgrades.open);
-    let mut closing = upgrades.closing.subscribe();
+    let open = Arc::clone(&rt.upgrades.open);
+    let mut closing = rt.upgrades.closing.subscribe();
+    let clock = rt.clock;
     open.fetch_add(1, Relaxed);
     tokio::spawn(async move {
         let _guards = (hold, in_flight);
@@ -121,12 +129,18 @@ pub fn relay(
                     return;
                 }
             };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => {
+            let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            match copy_both_ways(client, upstream, None, clock, idle).await {
+                Ended::Done { up, down } => {
                     tracing::debug!(up, down, "upgraded connection closed")
                 }
-                Err(e) => tracing::debug!(error = %e, "upgraded connection ended"),
+                Ended::Idle => {
+                    tracing::debug!(
+                        "upgraded connection idle for {idle:?} (timeouts.tcp_idle): closed"
+                    )
+                }
+                Ended::Error(e) => tracing::debug!(error = %e, "upgraded connection ended"),
+                Ended::Shutdown => {}
             }
         };
         tokio::select! {

@@ -337,15 +337,18 @@ async fn send(addr: SocketAddr, request: Vec<u8>, head: bool) -> String {
 }
 
 async fn start_lb(backend: SocketAddr, http1: Http1) -> (lb::Lb, tempfile::TempDir) {
+    start_lb_with(
+        &format!("timeouts:\n  client_body: 1s\n  client_header: 2s\nbackends:\n  - address: {backend}\n"),
+        http1,
+    )
+    .await
+}
+
+/// lb on 127.0.0.1:0 with `yaml` (everything but `listen`), on `http1`.
+async fn start_lb_with(yaml: &str, http1: Http1) -> (lb::Lb, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen: 127.0.0.1:0\ntimeouts:\n  client_body: 1s\n  client_header: 2s\nbackends:\n  - address: {backend}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("listen: 127.0.0.1:0\n{yaml}")).unwrap();
     let (config, hash) = lb::config::Config::load(&path).unwrap();
     let mut s = settings(
         &path,
@@ -407,6 +410,139 @@ async fn fast_path_answers_as_hyper_does() {
         h.len(),
         "a request reached only the fast path's backend"
     );
+}
+
+/// `consistent_hash` keys are read by one function over either path's
+/// head: for every kind of key, each request goes to the same backend on
+/// both paths (repeated headers, several cookies, odd values included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_keys_pick_the_same_backend_on_both_paths() {
+    let backends = Backend::start_many(5).await;
+    let pool = backends_yaml(&backends.iter().collect::<Vec<_>>());
+    let mut rng = fastrand::Rng::with_seed(20_261_122);
+    for key in [
+        "header:x-user",
+        "cookie:sid",
+        "query:u",
+        "path",
+        "client_ip",
+    ] {
+        let yaml = format!("strategy: consistent_hash\nhash_key: {key}\n{pool}");
+        let (fast, _d1) = start_lb_with(&yaml, Http1::Fast).await;
+        let (hyper, _d2) = start_lb_with(&yaml, Http1::Hyper).await;
+        let mut picked = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let v: String = (0..rng.usize(1..12))
+                .map(|_| {
+                    rng.choice(b"abcXYZ019-_.~%".iter())
+                        .map_or('a', |&c| c as char)
+                })
+                .collect();
+            let extra = match rng.usize(0..3) {
+                0 => String::new(),
+                1 => format!("x-user: {v}2\r\n"),
+                _ => "Cookie: other=1\r\n".to_owned(),
+            };
+            let request = format!(
+                "GET /p/{v}?a=1&u={v} HTTP/1.1\r\nHost: x\r\nx-user: {v}\r\n{extra}\
+                 Cookie: a=b; sid={v}\r\nConnection: close\r\n\r\n"
+            );
+            let f = send(fast.local_addr(), request.clone().into_bytes(), false).await;
+            let h = send(hyper.local_addr(), request.clone().into_bytes(), false).await;
+            assert!(
+                f.starts_with("HTTP/1.1 200"),
+                "{key}: {f}\nrequest: {request}"
+            );
+            assert_eq!(
+                f, h,
+                "{key}: the paths chose differently\nrequest: {request}"
+            );
+            picked.insert(f);
+        }
+        let spread = if key == "client_ip" { 1 } else { 3 };
+        assert!(
+            picked.len() >= spread,
+            "{key}: only {} backends",
+            picked.len()
+        );
+    }
+}
+
+/// `session_affinity` on both paths: the same backend, the same
+/// `Set-Cookie` for the client and the same `Cookie` bytes at the backend,
+/// for lb's cookie alone, among others, quoted, unknown, in a second
+/// `Cookie` header, next to a look-alike name and next to bytes that are not
+/// text. (consistent_hash on the path, so that a request the cookie does not
+/// pin goes to the same backend on both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_cookies_are_read_and_set_alike_on_both_paths() {
+    let backends = Backend::start_many(3).await;
+    let yaml = format!(
+        "strategy: consistent_hash\nhash_key: path\nsession_affinity: {{cookie: lbsid, ttl: 1h}}\n{}",
+        backends_yaml(&backends.iter().collect::<Vec<_>>())
+    );
+    let (fast, _d1) = start_lb_with(&yaml, Http1::Fast).await;
+    let (hyper, _d2) = start_lb_with(&yaml, Http1::Hyper).await;
+    let tokens: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            let addr = b.addr.to_string();
+            lb::affinity::token(&lb::config::BackendAddr::from_static(addr.leak()))
+        })
+        .collect();
+    let mut cases: Vec<Vec<u8>> = vec![b"".to_vec(), b"Cookie: lbsid=unknown\r\n".to_vec()];
+    for t in &tokens {
+        for cookie in [
+            format!("Cookie: lbsid={t}\r\n"),
+            format!("Cookie: a=1; lbsid={t};  b=2;;\r\n"),
+            format!("Cookie: lbsid=\"{t}\"\r\n"),
+            format!("Cookie: a=1\r\nCookie: lbsid={t}\r\n"),
+            format!("Cookie: xlbsid=1;  y=2; lbsid={t}\r\n"),
+            format!("Cookie: lbsid=unknown; lbsid={t}\r\n"),
+        ] {
+            cases.push(cookie.into_bytes());
+        }
+        let mut odd = b"Cookie: c=\xff\r\nCookie: lbsid=".to_vec();
+        odd.extend_from_slice(t.as_bytes());
+        odd.extend_from_slice(b"\r\n");
+        cases.push(odd);
+    }
+    let cookie_seen = |id: &str| -> Vec<Vec<u8>> {
+        backends
+            .iter()
+            .flat_map(|b| b.seen())
+            .filter(|s| s.headers.get("x-id").is_some_and(|v| v == id))
+            .flat_map(|s| {
+                s.headers
+                    .get_all("cookie")
+                    .iter()
+                    .map(|v| v.as_bytes().to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (i, cookie) in cases.iter().enumerate() {
+        for path in ["/a", "/b", "/c"] {
+            let request = |id: &str| {
+                let mut r =
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nx-id: {id}\r\n").into_bytes();
+                r.extend_from_slice(cookie);
+                r.extend_from_slice(b"Connection: close\r\n\r\n");
+                r
+            };
+            let (fid, hid) = (format!("f{i}{path}"), format!("h{i}{path}"));
+            let f = send(fast.local_addr(), request(&fid), false).await;
+            let h = send(hyper.local_addr(), request(&hid), false).await;
+            let shown = String::from_utf8_lossy(cookie);
+            assert!(f.starts_with("HTTP/1.1 200"), "{shown}: {f}");
+            assert_eq!(f, h, "answers differ for {shown}");
+            assert_eq!(
+                cookie_seen(&fid),
+                cookie_seen(&hid),
+                "backend's Cookie differs for {shown}"
+            );
+        }
+    }
 }
 
 fn compare(id: usize, request: &[u8], fast: &str, hyper: &str) {

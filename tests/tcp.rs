@@ -6,6 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -376,6 +377,45 @@ async fn send_proxy_protocol_tells_the_backend_who_the_client_is() {
     assert_eq!(&out[24..26], &client.port().to_be_bytes());
     assert_eq!(&out[26..28], &lb.port().to_be_bytes());
     assert_eq!(&out[28..], b"a");
+}
+
+/// With `send_proxy_protocol`, a health probe opens with the spec's header
+/// for connections of the proxy's own (v1 `UNKNOWN`, v2 `LOCAL`), so a
+/// backend that requires the header sees a well-formed probe.
+#[tokio::test]
+async fn health_probes_send_the_local_proxy_header() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The first bytes of every connection, until the prober closes it.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let _ = timeout(LIMIT, s.read_to_end(&mut bytes)).await;
+                record.lock().unwrap().push(bytes);
+            });
+        }
+    });
+    let probes = "health_check: {interval: 100ms, timeout: 100ms}\n";
+    let tlb = TestLb::start(&tcp_yaml(
+        &[(addr, 1)],
+        &format!("send_proxy_protocol: v1\n{probes}"),
+    ))
+    .await;
+    let has = |header: &[u8]| seen.lock().unwrap().iter().any(|b| b == header);
+    eventually!(10, has(b"PROXY UNKNOWN\r\n"), "no v1 probe header");
+    tlb.rewrite(&tcp_yaml(
+        &[(addr, 1)],
+        &format!("send_proxy_protocol: v2\n{probes}"),
+    ));
+    eventually!(
+        10,
+        has(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
+        "no v2 LOCAL probe header"
+    );
 }
 
 fn parse(yaml: &str) -> Result<lb::config::Config, String> {

@@ -119,6 +119,33 @@ async fn websocket_echo_through_lb_counts_in_flight_and_connection() {
     );
 }
 
+/// `timeouts.tcp_idle` bounds an upgraded connection as it bounds a tcp
+/// one: a socket nobody writes to is closed and its backend released; one
+/// in use for longer than the bound is not.
+#[tokio::test]
+async fn an_idle_websocket_is_closed_after_tcp_idle() {
+    let a = EchoBackend::start("a").await;
+    let t = TestLb::start(&format!("timeouts:\n  tcp_idle: 1s\n{}", config(&[&a]))).await;
+    let rt = t.lb.runtime();
+    let in_flight = || rt.snapshot().backends[0].state.in_flight();
+    // Busy for twice the bound, in short gaps: kept.
+    let mut busy = connect(&t).await;
+    for i in 0..8 {
+        assert_eq!(echo(&mut busy, &format!("m{i}")).await, format!("a:m{i}"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(busy);
+    eventually!(10, rt.upgrades.open() == 0);
+    // Silent: closed by lb, the backend's in-flight count released.
+    let mut idle = connect(&t).await;
+    assert_eq!(echo(&mut idle, "once").await, "a:once");
+    let ended = tokio::time::timeout(Duration::from_secs(20), idle.next())
+        .await
+        .expect("lb kept an idle upgraded connection open");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    eventually!(10, in_flight() == 0 && rt.upgrades.open() == 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_sockets_survive_a_reload_that_removes_their_backends() {
     let (a, b, c) = (

@@ -14,9 +14,10 @@
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
 //! most `retry.buffer_body_limit` (read whole before it is sent), no
-//! `Upgrade` or `Expect`, and no steering (`consistent_hash` keys and
-//! `session_affinity` cookies are read from hyper's heads). Anything else — an h2c preface, HTTP/1.0, chunked
-//! or large uploads, every malformed or refused head (the request-smuggling
+//! `Upgrade` or `Expect`. Steering reads the head through the hyper path's
+//! own functions (`consistent_hash` keys, the `session_affinity` cookie and
+//! its `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0,
+//! chunked or large uploads, every malformed or refused head (the request-smuggling
 //! matrix included), a head over `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
 //! connection: the answer is hyper's by construction.
@@ -59,6 +60,7 @@ use relay::{encode_own, relay, Cut};
 use request::{parse_request, read_body, Parsed};
 use upstream::FastAttempts;
 
+use crate::affinity;
 use crate::config::Strategy;
 use crate::proxy;
 use crate::retry::{self, Outcome, Trace};
@@ -178,11 +180,6 @@ async fn serve_one(
     snap: &Snapshot,
     drain: &watch::Receiver<bool>,
 ) -> Step {
-    // Hash keys and affinity cookies are read from (and written to) hyper's
-    // heads: a steered config is served by hyper.
-    if snap.config.strategy == Strategy::ConsistentHash || snap.affinity.is_some() {
-        return Step::Hyper(std::mem::take(buf).freeze());
-    }
     let timeouts = &snap.config.timeouts;
     // The one clock reading before the answer: the head's deadline, the
     // request's arrival and the pool's idle check all use it.
@@ -206,7 +203,7 @@ async fn serve_one(
             Parsed::Fast(head) => break head,
         }
     };
-    let Some(request) = head.rewrite(peer.ip()) else {
+    let Some((request, pinned)) = head.rewrite(peer.ip(), snap.affinity.as_ref()) else {
         // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
         let mut all = Buf::from(&head.bytes[..]);
         all.extend_from_slice(buf);
@@ -223,9 +220,17 @@ async fn serve_one(
                 request,
                 method_head,
                 idempotent: retry::is_idempotent(&head.method),
-                now,
+                now: Some(now),
             };
-            let steer = Steer::default();
+            let steer = Steer {
+                key: match snap.config.strategy {
+                    Strategy::ConsistentHash => {
+                        affinity::request_key(&snap.config.steering.hash_key, &head, peer.ip())
+                    }
+                    _ => None,
+                },
+                pinned,
+            };
             let path = head.uri.path();
             retry::run(
                 rt,
@@ -256,6 +261,12 @@ async fn serve_one(
                 keep_alive,
                 &backend.addr,
                 answered,
+                // Set when the backend that answered is not the one the
+                // cookie named, as on the hyper path.
+                snap.affinity
+                    .as_ref()
+                    .filter(|_| pinned != Some(index))
+                    .and_then(|cookies| cookies.set_cookie(index)),
                 timeouts,
             )
             .await;

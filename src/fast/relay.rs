@@ -9,11 +9,11 @@
 //! clock and sets no timer.
 
 use std::io::{IoSlice, Write as _};
-
-use hyper::body::Bytes;
-use hyper::Method;
 use std::time::Duration;
 
+use hyper::body::Bytes;
+use hyper::header::HeaderValue;
+use hyper::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -34,6 +34,7 @@ pub(super) fn encode_relayed(
     method_head: bool,
     keep_alive: bool,
     now: Instant,
+    set_cookie: Option<&HeaderValue>,
 ) {
     let head = &resp.head;
     let b = &resp.buf[..];
@@ -83,6 +84,11 @@ pub(super) fn encode_relayed(
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(&b[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(cookie) = set_cookie {
+        out.extend_from_slice(b"set-cookie: ");
+        out.extend_from_slice(cookie.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if !keep_alive {
@@ -204,6 +210,8 @@ impl Waits {
 
 /// Writes the response to the client and streams its body; `Ok(true)`
 /// when the client connection can serve another request.
+// Each argument is one fact about this exchange; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
     client: &mut TcpStream,
     mut resp: UpstreamResponse,
@@ -211,6 +219,7 @@ pub(super) async fn relay(
     keep_alive: bool,
     backend: &BackendAddr,
     now: Instant,
+    set_cookie: Option<&HeaderValue>,
     timeouts: &Timeouts,
 ) -> Result<bool, Cut> {
     let method_head = head.method == Method::HEAD;
@@ -219,7 +228,7 @@ pub(super) async fn relay(
     let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
     let keep_alive = keep_alive && !close_delimited;
     let mut out = Vec::with_capacity(resp.head.head_len + 128);
-    encode_relayed(&mut out, &resp, method_head, keep_alive, now);
+    encode_relayed(&mut out, &resp, method_head, keep_alive, now, set_cookie);
     let _ = resp.buf.split_to(resp.head.head_len);
     let rechunk = resp.head.http11;
     let mut waits = Waits::new(timeouts);

@@ -1,6 +1,7 @@
 //! Request heads on the fast path: parsed with httparse, checked by the
 //! hyper path's own rules, rewritten for the backend; the body read whole.
 
+use std::borrow::Cow;
 use std::io::Write as _;
 use std::ops::Range;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio::time::timeout;
 use super::{
     content_length, dropped_hop, has_token, lower, range_in, Buf, MAX_HEADERS, MAX_URI_LEN,
 };
+use crate::affinity::AffinityCookies;
 use crate::body::ClientFault;
 use crate::proxy::{self, HeadView};
 
@@ -57,7 +59,7 @@ impl HeadView for Head {
         Version::HTTP_11
     }
 
-    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers
             .iter()
             .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
@@ -146,7 +148,16 @@ pub(super) fn unread(buf: &mut Buf, head: &[u8]) -> Parsed {
 impl Head {
     /// The head lb sends upstream, as the hyper path's rewrite and hyper's
     /// client would write it; `None` when the hyper path would refuse it.
-    pub(super) fn rewrite(&self, client_ip: std::net::IpAddr) -> Option<Vec<u8>> {
+    /// With `affinity`, lb's cookie is taken out of `Cookie` (as
+    /// [`AffinityCookies::take`] does on the hyper path) and the backend it
+    /// names is returned with the head.
+    pub(super) fn rewrite(
+        &self,
+        client_ip: std::net::IpAddr,
+        affinity: Option<&AffinityCookies>,
+    ) -> Option<(Vec<u8>, Option<usize>)> {
+        let cookies = affinity.filter(|c| self.values("cookie").any(|v| c.carries(v)));
+        let mut pinned = None;
         // With a prior X-Forwarded-For, the hyper path's rules (and refusal).
         let prior = match self.values("x-forwarded-for").next() {
             Some(prior) => Some(proxy::forwarded_for(Some(prior), client_ip).ok()?),
@@ -164,6 +175,13 @@ impl Head {
         for (n, v) in &self.headers {
             let name = lower(&self.bytes[n.clone()], &mut scratch, &mut long);
             let name_str = std::str::from_utf8(name).unwrap_or("");
+            let mut value = Cow::Borrowed(&self.bytes[v.clone()]);
+            if let (Some(cookies), "cookie") = (cookies, name_str) {
+                match cookies.strip(&self.bytes[v.clone()], &mut pinned) {
+                    Some(rest) => value = rest,
+                    None => continue,
+                }
+            }
             if dropped_hop(name_str, &named)
                 || matches!(
                     name_str,
@@ -177,7 +195,7 @@ impl Head {
             }
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            out.extend_from_slice(&self.bytes[v.clone()]);
+            out.extend_from_slice(&value);
             out.extend_from_slice(b"\r\n");
         }
         if let Some(host) = host {
@@ -191,7 +209,7 @@ impl Head {
             None => write_ip(&mut out, client_ip),
         }
         out.extend_from_slice(b"\r\n\r\n");
-        Some(out)
+        Some((out, pinned))
     }
 }
 

@@ -82,8 +82,10 @@ pub(super) struct FastAttempts {
     pub(super) method_head: bool,
     /// The method may be sent twice (a stale pooled connection is retried).
     pub(super) idempotent: bool,
-    /// When the request arrived: judges how long pooled connections idled.
-    pub(super) now: Instant,
+    /// When the request arrived: judges how long pooled connections idled,
+    /// for the first attempt only (a retry reads the clock: the first may
+    /// have taken up to the request timeout).
+    pub(super) now: Option<Instant>,
 }
 
 impl Attempts for FastAttempts {
@@ -103,7 +105,8 @@ impl Attempts for FastAttempts {
         // A pooled connection the backend closed meanwhile fails before any
         // byte of an answer: then the request goes once more on a new one
         // (hyper's pool does the same).
-        if let Some(conn) = pool_take(backend, !self.idempotent, self.now) {
+        let now = self.now.take().unwrap_or_else(Instant::now);
+        if let Some(conn) = pool_take(backend, !self.idempotent, now) {
             match exchange(conn, &self.request, self.method_head).await {
                 Ok(resp) => return Ok(resp),
                 Err(Exchange::Unsent) => {}

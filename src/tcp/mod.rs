@@ -12,6 +12,6 @@
 //! tells the backend who the client is.
 
 mod proxy;
-mod proxy_protocol;
+pub(crate) mod proxy_protocol;
 
 pub(crate) use proxy::serve;

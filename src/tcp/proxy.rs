@@ -6,11 +6,10 @@
 //!   detection) and, within `retry.attempts` and the retry budget, tried on
 //!   another eligible backend, never the same one twice. Once connected,
 //!   nothing is retried: bytes may have reached the backend.
-//! * Each direction ends on its own: a FIN read from one side is passed on
-//!   as a write shutdown to the other, and the other direction keeps
-//!   flowing (a client that shuts its write side still reads the whole
-//!   response). The connection ends when both directions have, or at the
-//!   first error on either side.
+//! * Bytes go both ways through [`crate::tunnel`] (which upgraded HTTP
+//!   connections use too): each direction ends on its own, a FIN passed on
+//!   as a write shutdown (a client that shuts its write side still reads
+//!   the whole response).
 //! * With `send_proxy_protocol`, the backend connection starts with a PROXY
 //!   protocol header naming the client and the address it connected to.
 //! * `timeouts.tcp_idle`: no byte read either way for that long closes both.
@@ -18,14 +17,10 @@
 //!   snapshot. Shutdown lets it run until lb's drain sender is dropped
 //!   (after `--shutdown-grace`), then closes it.
 
-use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -36,16 +31,10 @@ use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::server::ConnectionGuard;
-use crate::state::{BackendState, Clock, InFlight};
+use crate::state::InFlight;
+use crate::tunnel::{copy_both_ways, Ended};
 
 use super::proxy_protocol;
-
-/// Bytes read at once per direction to start with (nginx's and HAProxy's
-/// default buffer size): two per connection, allocated while it is open.
-const BUFFER: usize = 16 * 1024;
-/// A direction whose reads fill [`BUFFER`] is a bulk transfer: it reads this
-/// much at once from then on, for a quarter of the system calls.
-const BULK_BUFFER: usize = 64 * 1024;
 
 /// Proxies `client` (accepted from `peer` while `snap` was current) in its
 /// own task. The task holds `drain` until the connection is closed, which is
@@ -82,7 +71,14 @@ pub(crate) fn serve(
                 let header = proxy_protocol::header(version, peer, local);
                 backend.write_all(&header).await.map_err(Ended::Error)?;
             }
-            Ok(copy_both_ways(&mut client, &mut backend, &backend_state, rt.clock, idle).await)
+            Ok(copy_both_ways(
+                &mut client,
+                &mut backend,
+                Some(&backend_state.metrics),
+                rt.clock,
+                idle,
+            )
+            .await)
         };
         let ended = tokio::select! {
             ended = proxied => ended.unwrap_or_else(|e| e),
@@ -181,107 +177,6 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
         None => tracing::debug!(%peer, "tcp connection closed: no healthy backend available"),
     }
     None
-}
-
-/// How a proxied connection ended.
-enum Ended {
-    /// Both sides finished; bytes client→backend and backend→client.
-    Done { up: u64, down: u64 },
-    /// No byte either way for `timeouts.tcp_idle`.
-    Idle,
-    /// A read, write or shutdown failed on either side.
-    Error(io::Error),
-    /// lb's shutdown grace ran out.
-    Shutdown,
-}
-
-/// Copies both ways until both directions are done, one fails, or nothing
-/// moved for `idle`.
-async fn copy_both_ways(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    state: &BackendState,
-    clock: Clock,
-    idle: Duration,
-) -> Ended {
-    let (to_backend, to_client) = (state.metrics.bytes(true), state.metrics.bytes(false));
-    let last_read_ms = AtomicU64::new(clock.now_ms());
-    let one_done = AtomicBool::new(false);
-    let (mut client_rx, mut client_tx) = client.split();
-    let (mut backend_rx, mut backend_tx) = backend.split();
-    let both = async {
-        tokio::try_join!(
-            pipe(
-                &mut client_rx,
-                &mut backend_tx,
-                to_backend,
-                &last_read_ms,
-                &one_done,
-                clock
-            ),
-            pipe(
-                &mut backend_rx,
-                &mut client_tx,
-                to_client,
-                &last_read_ms,
-                &one_done,
-                clock
-            ),
-        )
-    };
-    tokio::select! {
-        copied = both => match copied {
-            Ok((up, down)) => Ended::Done { up, down },
-            Err(e) => Ended::Error(e),
-        },
-        () = quiet_for(&last_read_ms, clock, idle) => Ended::Idle,
-    }
-}
-
-/// One direction: copies until EOF, then shuts `to`'s write side (the
-/// half-close), returning the bytes copied. The second direction to end
-/// skips the shutdown: closing both sockets right after sends that FIN.
-async fn pipe(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    relayed: &AtomicU64,
-    last_read_ms: &AtomicU64,
-    one_done: &AtomicBool,
-    clock: Clock,
-) -> io::Result<u64> {
-    // Read into spare capacity: no zeroing of a buffer per connection.
-    let mut buf = Vec::with_capacity(BUFFER);
-    let mut copied = 0u64;
-    loop {
-        buf.clear();
-        let n = from.read_buf(&mut buf).await?;
-        if n == 0 {
-            if !one_done.swap(true, Relaxed) {
-                to.shutdown().await?;
-            }
-            return Ok(copied);
-        }
-        last_read_ms.store(clock.now_ms(), Relaxed);
-        to.write_all(&buf).await?;
-        copied += n as u64;
-        relayed.fetch_add(n as u64, Relaxed);
-        if n == BUFFER {
-            buf.clear();
-            buf.reserve_exact(BULK_BUFFER);
-        }
-    }
-}
-
-/// Resolves once no read happened for `idle`.
-async fn quiet_for(last_read_ms: &AtomicU64, clock: Clock, idle: Duration) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let quiet = clock.now_ms().saturating_sub(last_read_ms.load(Relaxed));
-        if quiet >= idle_ms {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
-    }
 }
 
 /// Resolves when lb drops its drain sender: the end of shutdown's grace (or

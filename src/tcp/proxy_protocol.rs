@@ -18,6 +18,23 @@ pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
     }
 }
 
+/// The header for a connection lb opens on its own behalf (a health
+/// probe): the spec's `UNKNOWN` (v1) and `LOCAL` command (v2), which tell
+/// the backend to use the connection's own addresses. HAProxy sends the same
+/// with `check-send-proxy`; a backend that requires the header then sees a
+/// well-formed probe, not a protocol error.
+pub fn local_header(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => {
+            let mut h = V2_SIGNATURE.to_vec();
+            // Version 2, command LOCAL; UNSPEC family; no address block.
+            h.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+            h
+        }
+    }
+}
+
 fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let family = match (client, local) {
         (SocketAddr::V4(_), SocketAddr::V4(_)) => "TCP4",
@@ -70,6 +87,14 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn local_headers_carry_no_address() {
+        assert_eq!(local_header(ProxyProtocol::V1), b"PROXY UNKNOWN\r\n");
+        let v2 = local_header(ProxyProtocol::V2);
+        assert_eq!(&v2[..12], &V2_SIGNATURE);
+        assert_eq!(&v2[12..], &[0x20, 0x00, 0x00, 0x00]);
     }
 
     #[test]
