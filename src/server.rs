@@ -455,7 +455,7 @@ pub(crate) fn serve_hyper(
         async move {
             let resp = response.await?;
             if resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
-                // The upgraded relay has its own idle handling.
+                // The upgraded relay has its own bound (`timeouts.tcp_idle`).
                 request.activity.upgraded.store(true, Relaxed);
             }
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
@@ -641,9 +641,10 @@ impl Body for Tracked {
 
 /// The client socket, noting reads in the connection's [`Activity`] and
 /// bounding each wait for the client to take response bytes by
-/// `timeouts.client_send`. A socket write pends only when the client's
-/// receive window is full (HTTP/2 flow control waits above the socket), so
-/// a client that stops reading fails its connection and nothing else does.
+/// `timeouts.client_send`. A socket write pends only when the client has
+/// stopped taking bytes and lb's send buffer is full (HTTP/2 flow control
+/// waits above the socket, without writing), so a client that stops reading
+/// fails its connection and nothing else does.
 #[derive(Debug)]
 struct Watched {
     /// Bytes read before hyper took the connection over; read first.

@@ -13,7 +13,7 @@
 //! the socket's writability: the kernel signals a full send buffer writable
 //! only once a good part of it is free again (a third), so a client reading
 //! slowly but steadily can leave a write pending far longer than it pauses.
-//! When such a wait runs out, [`send_now`] tries the write once more
+//! When such a wait runs out, [`Stall::send_now`] tries the write once more
 //! directly: any room the client made counts as progress.
 
 use std::future::Future;
@@ -36,7 +36,7 @@ pub struct Stall {
 
 impl Stall {
     /// The watched I/O made progress: the next wait starts a new count.
-    pub fn progressed(&mut self) {
+    fn progressed(&mut self) {
         self.armed = false;
     }
 
