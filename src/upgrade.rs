@@ -97,6 +97,23 @@ pub fn restore_headers(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
+/// One open upgraded connection in [`Upgrades::open`], for as long as this
+/// lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Relaxed);
+        Counted(Arc::clone(open))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Answers the client with the backend's 101 and bridges both connections
 /// in a task of their own. `client` is the client request's pending
 /// upgrade, `hold` its connection's resources.
@@ -115,12 +132,13 @@ pub fn relay(
     if let Some(upgrade) = upgrade {
         restore_headers(&mut parts.headers, upgrade);
     }
-    let open = Arc::clone(&rt.upgrades.open);
+    let open = Counted::new(&rt.upgrades.open);
     let mut closing = rt.upgrades.closing.subscribe();
     let clock = rt.clock;
-    open.fetch_add(1, Relaxed);
     tokio::spawn(async move {
-        let _guards = (hold, in_flight);
+        // Dropped with the task, however it ends: the runtime dropping it at
+        // shutdown included.
+        let _guards = (hold, in_flight, open);
         let bridge = async {
             let (client, upstream) = match tokio::try_join!(client, upstream) {
                 Ok(both) => both,
@@ -149,7 +167,6 @@ pub fn relay(
                 tracing::debug!("closing an upgraded connection: shutdown grace period over");
             }
         }
-        open.fetch_sub(1, Relaxed);
     });
     Response::from_parts(parts, ResponseBody::Text(None))
 }
