@@ -24,7 +24,9 @@
 //!   the backend client and its error classes; [`stall`]: the bound on
 //!   each wait for a client or backend mid-exchange (request body, response
 //!   body, response bytes the client must take).
-//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool.
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;
+//!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
+//!   connections (half-close, idle bound).
 //! * [`health`]: active health checks; passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
