@@ -15,8 +15,8 @@
 //! first byte of each head within `timeouts.client_header` of the
 //! connection's start, the whole head within `client_header` of its first
 //! byte, and the next request within `timeouts.client_idle` of the last
-//! response (see [`Activity`]); a client that takes no response bytes for
-//! `timeouts.client_send` is closed (see [`Watched`]).
+//! response (see `Activity`); a client that takes no response bytes for
+//! `timeouts.client_send` is closed (see `Watched`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -89,7 +89,7 @@ fn per_worker(first: std::net::TcpListener, workers: usize) -> Vec<std::net::Tcp
 /// The hyper server settings for client connections; part of each snapshot
 /// because the limits are reloadable. hyper's own header-read timeout is off:
 /// it runs from the moment a connection goes idle, which would cut idle
-/// keep-alive at `client_header`; [`Activity`] times heads and idleness.
+/// keep-alive at `client_header`; `Activity` times heads and idleness.
 pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

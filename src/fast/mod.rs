@@ -9,7 +9,7 @@
 //! same way, rewritten the way hyper would write it, and the body streamed
 //! to the client with backpressure (re-chunked when the backend chunks).
 //! Attempts, retries, budgets, passive health and timeouts are decided by
-//! [`retry::run`], the loop the hyper path uses.
+//! `retry::run`, the loop the hyper path uses.
 //!
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
@@ -31,9 +31,9 @@
 //! backend's shared counters and the round-robin cursor.
 //!
 //! # Layout
-//! * this file: the connection loop ([`serve`]) and one exchange;
+//! * this file: the connection loop (`serve`) and one exchange;
 //! * `request`: the client's head parsed, checked and rewritten, its body;
-//! * `upstream`: attempts for [`retry::run`], response heads, the pool;
+//! * `upstream`: attempts for `retry::run`, response heads, the pool;
 //! * `relay`: the answer written to the client, body streamed;
 //! * `date`: the `date` header, formatted once a second.
 
