@@ -56,7 +56,7 @@ mod upstream;
 
 pub(crate) use upstream::sweep_pool;
 
-use relay::{encode_own, relay, Cut};
+use relay::{encode_own, relay, Answer, Cut};
 use request::{parse_request, read_body, Parsed};
 use upstream::FastAttempts;
 
@@ -254,22 +254,18 @@ async fn serve_one(
             // A body that came whole with the head goes in the head's write.
             let whole = resp.is_whole();
             let backend = &snap.backends[index];
-            let relayed = relay(
-                stream,
-                resp,
-                &head,
+            let answer = Answer {
                 keep_alive,
-                &backend.addr,
-                answered,
+                now: answered,
                 // Set when the backend that answered is not the one the
                 // cookie named, as on the hyper path.
-                snap.affinity
+                set_cookie: snap
+                    .affinity
                     .as_ref()
                     .filter(|_| pinned != Some(index))
                     .and_then(|cookies| cookies.set_cookie(index)),
-                timeouts,
-            )
-            .await;
+            };
+            let relayed = relay(stream, resp, &head, &backend.addr, answer, timeouts).await;
             drop(in_flight);
             return match relayed {
                 Ok(true) if whole => Step::Next(answered),

@@ -32,9 +32,7 @@ pub(super) fn encode_relayed(
     out: &mut Vec<u8>,
     resp: &UpstreamResponse,
     method_head: bool,
-    keep_alive: bool,
-    now: Instant,
-    set_cookie: Option<&HeaderValue>,
+    answer: &Answer<'_>,
 ) {
     let head = &resp.head;
     let b = &resp.buf[..];
@@ -86,12 +84,12 @@ pub(super) fn encode_relayed(
         out.extend_from_slice(&b[v.clone()]);
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(cookie) = set_cookie {
+    if let Some(cookie) = answer.set_cookie {
         out.extend_from_slice(b"set-cookie: ");
         out.extend_from_slice(cookie.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
+    if !answer.keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     }
     if !wrote_len {
@@ -107,7 +105,7 @@ pub(super) fn encode_relayed(
     }
     if !wrote_date {
         out.extend_from_slice(b"date: ");
-        date::extend(out, now);
+        date::extend(out, answer.now);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -208,27 +206,37 @@ impl Waits {
     }
 }
 
+/// What lb adds to a backend's response head for this client.
+pub(super) struct Answer<'a> {
+    /// The client connection stays open after this response.
+    pub(super) keep_alive: bool,
+    /// A clock reading already taken: the `date` header, and when the
+    /// upstream connection went idle if it goes back to the pool.
+    pub(super) now: Instant,
+    /// The affinity cookie to (re-)issue, if any.
+    pub(super) set_cookie: Option<&'a HeaderValue>,
+}
+
 /// Writes the response to the client and streams its body; `Ok(true)`
 /// when the client connection can serve another request.
-// Each argument is one fact about this exchange; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn relay(
     client: &mut TcpStream,
     mut resp: UpstreamResponse,
     head: &Head,
-    keep_alive: bool,
     backend: &BackendAddr,
-    now: Instant,
-    set_cookie: Option<&HeaderValue>,
+    answer: Answer<'_>,
     timeouts: &Timeouts,
 ) -> Result<bool, Cut> {
     let method_head = head.method == Method::HEAD;
     // hyper's server ends a response whose length only the close tells
     // (HTTP/1.0 backend) by closing.
     let close_delimited = resp.head.framing == Framing::Close && !resp.head.http11;
-    let keep_alive = keep_alive && !close_delimited;
+    let answer = Answer {
+        keep_alive: answer.keep_alive && !close_delimited,
+        ..answer
+    };
     let mut out = Vec::with_capacity(resp.head.head_len + 128);
-    encode_relayed(&mut out, &resp, method_head, keep_alive, now, set_cookie);
+    encode_relayed(&mut out, &resp, method_head, &answer);
     let _ = resp.buf.split_to(resp.head.head_len);
     let rechunk = resp.head.http11;
     let mut waits = Waits::new(timeouts);
@@ -240,9 +248,9 @@ pub(super) async fn relay(
         Framing::Close => copy_to_close(client, &mut resp, out, rechunk, w).await?,
     }
     if resp.head.reusable && resp.buf.is_empty() {
-        pool_put(backend, resp.conn, now);
+        pool_put(backend, resp.conn, answer.now);
     }
-    Ok(keep_alive)
+    Ok(answer.keep_alive)
 }
 
 /// `n` body bytes, the first with the head in one write.
