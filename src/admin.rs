@@ -126,7 +126,7 @@ impl Admin {
             *bound = Bound::default();
             return;
         };
-        match crate::server::bind(addr).and_then(TcpListener::from_std) {
+        match crate::listen::bind(addr).and_then(TcpListener::from_std) {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
                 let stop = self.spawn_accept_loop(listener);

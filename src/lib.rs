@@ -15,8 +15,9 @@
 //!   sticky-session cookie.
 //! * [`workers`]: `--workers N` threads, each a `current_thread` runtime with
 //!   its own listening socket and upstream pools.
-//! * [`server`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
-//!   loops, the connection cap, hyper client connections.
+//! * [`listen`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
+//!   loops, the connection cap; [`server`]: one client connection (hyper,
+//!   the fast path, or tcp) and its timeouts.
 //! * [`fast`]: the HTTP/1 fast path (`httparse`), which hands anything it does
 //!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
@@ -45,6 +46,7 @@ pub mod body;
 pub mod config;
 pub mod fast;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -77,9 +79,10 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
+use crate::listen::Listeners;
 use crate::reload::{ReloadHandle, WatchSettings};
 use crate::runtime::Runtime;
-use crate::server::{Http1, Listeners};
+use crate::server::Http1;
 use crate::workers::Workers;
 
 /// How a running lb finds and follows its config file.
@@ -125,7 +128,7 @@ pub struct Lb {
 }
 
 impl Lb {
-    /// Starts serving `listener` (bound by [`server::bind`]) with `config`
+    /// Starts serving `listener` (bound by [`listen::bind`]) with `config`
     /// (loaded from `settings.config_path`, whose content hash is `hash`) on
     /// `settings.workers` worker threads. Health checks and the reloader run
     /// on the calling tokio runtime.

@@ -45,8 +45,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{self, Config, ContentHash};
+use crate::listen::Listeners;
 use crate::runtime::{LastReload, Runtime};
-use crate::server::Listeners;
 
 /// A burst of events is over when none came for this long.
 const QUIET: Duration = Duration::from_millis(20);
@@ -329,7 +329,7 @@ impl Reloader {
             return;
         }
         let new_listener = if config.listen != self.listeners.configured() {
-            match crate::server::bind(config.listen) {
+            match crate::listen::bind(config.listen) {
                 Ok(listener) => Some(listener),
                 Err(e) => {
                     // Every lb socket has SO_REUSEPORT: a busy address is someone else's.

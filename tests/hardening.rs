@@ -290,6 +290,7 @@ async fn keep_alive_busy_past_client_idle_is_not_cut() {
             .unwrap();
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "request {i} was cut");
+        // The gap between requests is what is tested.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

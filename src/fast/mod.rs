@@ -62,11 +62,12 @@ use upstream::FastAttempts;
 
 use crate::affinity;
 use crate::config::Strategy;
+use crate::listen::ConnectionGuard;
 use crate::proxy;
 use crate::retry::{self, Outcome, Trace};
 use crate::runtime::Snapshot;
 use crate::selection::Steer;
-use crate::server::{ConnContext, ConnectionGuard};
+use crate::server::ConnContext;
 use crate::stall::Stall;
 
 /// httparse's header slots; hyper's default cap too (more is hyper's 431).

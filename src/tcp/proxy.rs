@@ -26,11 +26,11 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::{BackendAddr, Strategy};
+use crate::listen::ConnectionGuard;
 use crate::metrics::AttemptOutcome;
 use crate::retry::note_failure;
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
-use crate::server::ConnectionGuard;
 use crate::state::InFlight;
 use crate::tunnel::{copy_both_ways, Ended};
 
