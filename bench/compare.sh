@@ -5,6 +5,7 @@
 #   bash bench/compare.sh                 # 10 s per target and concurrency (~4 min)
 #   DURATION=30s CONNECTIONS="64 256" IDLE="2000 10000" bash bench/compare.sh
 #   BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
+#   FLOOR=1 bash bench/compare.sh         # also the floor (bench/floor.rs)
 #   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
 #
 # The tcp scenario measures connections per second (connect, 1 KiB echo,
@@ -19,6 +20,9 @@
 # IDLE (idle keep-alive connections held to measure RSS per connection,
 # default "2000 10000"; empty skips it), BASELINE (another lb binary,
 # reported as lb-base: e.g. main's, for a before/after table in one run),
+# FLOOR=1 (also measures bench/floor.rs, the least a tokio thread-per-core
+# HTTP/1 proxy does per request: what this machine allows before any proxy
+# logic; it holds a 16 KiB buffer per connection, so it skips the RSS runs),
 # PROXY_THREADS (nginx workers, haproxy nbthread; default: the number of
 # CPUs, which is what lb's tokio runtime uses), KEEP_TMP=1 keeps the
 # generated configs, BACKEND=/path/to/server uses another upstream binary
@@ -41,6 +45,8 @@ NGINX_PORT=18081
 HAPROXY_PORT=18082
 LB_HYPER_PORT=18083
 LB_BASE_PORT=18084
+FLOOR_PORT=18085
+FLOOR=${FLOOR:-}
 
 SCENARIO=${1:-http}
 case $SCENARIO in
@@ -137,7 +143,7 @@ to_ms() {
 }
 
 
-for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT; do
+for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT $FLOOR_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
@@ -226,10 +232,12 @@ fi
 # --- build -----------------------------------------------------------------
 if [[ -n ${BACKEND:-} ]]; then
     log "building lb (release); backends: $BACKEND"
-    (cd "$ROOT" && cargo build --release --quiet --bin lb --example idle_clients) || die "cargo build failed"
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example idle_clients ${FLOOR:+--example floor}) ||
+        die "cargo build failed"
 else
     log "building lb and the example backend (release)"
-    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend --example idle_clients) ||
+    (cd "$ROOT" && cargo build --release --quiet --bin lb --example backend --example idle_clients \
+        ${FLOOR:+--example floor}) ||
         die "cargo build failed"
     BACKEND="$ROOT/target/release/examples/backend"
 fi
@@ -365,12 +373,19 @@ if [[ -n $BASELINE ]]; then
     PIDS+=("$LB_BASE_PID")
     TARGETS+=("lb-base:$LB_BASE_PORT:$LB_BASE_PID")
 fi
+if [[ -n $FLOOR ]]; then
+    "$ROOT/target/release/examples/floor" "127.0.0.1:$FLOOR_PORT" \
+        $(for port in "${BACKEND_PORTS[@]}"; do echo "127.0.0.1:$port"; done) >"$TMP/floor.log" 2>&1 &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+    TARGETS+=("floor:$FLOOR_PORT:$FLOOR_PID")
+fi
 TARGETS+=("nginx:$NGINX_PORT:$NGINX_PID" "haproxy:$HAPROXY_PORT:$HAPROXY_PID")
 for t in "${TARGETS[@]}"; do
     IFS=: read -r name port pid <<<"$t"
     wait_port "$port" "$pid" "$name"
 done
-for port in "${BACKEND_PORTS[0]}" $LB_PORT $LB_HYPER_PORT ${LB_BASE_PID:+$LB_BASE_PORT} $NGINX_PORT $HAPROXY_PORT; do
+for port in "${BACKEND_PORTS[0]}" $LB_PORT $LB_HYPER_PORT ${LB_BASE_PID:+$LB_BASE_PORT} ${FLOOR_PID:+$FLOOR_PORT} $NGINX_PORT $HAPROXY_PORT; do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/" || die "127.0.0.1:$port does not answer 200"
 done
 
@@ -384,6 +399,10 @@ for n in $IDLE; do
         IFS=: read -r name port pid <<<"$t"
         if [[ $name == haproxy ]] && ((n > 9980)); then
             echo "$name $n -" >>"$IDLE_RESULTS" # beyond its maxconn (fd limit)
+            continue
+        fi
+        if [[ $name == floor ]]; then
+            echo "$name $n -" >>"$IDLE_RESULTS" # a 16 KiB buffer per connection by design
             continue
         fi
         log "$name: RSS with $n idle keep-alive connections"
@@ -427,6 +446,7 @@ echo "$NCPU CPUs: wrk, the backends and the proxy share them, so req/s measures 
 echo "not the proxy alone; CPU µs/req is the proxy's own CPU time (user+sys) per request."
 echo "Proxies: lb (--workers $PROXY_THREADS, HTTP/1 fast path), lb-hyper (same binary, --http1 hyper),"
 [[ -n $BASELINE ]] && echo "lb-base ($BASELINE, its defaults),"
+[[ -n $FLOOR ]] && echo "floor (bench/floor.rs: one thread-per-core tokio worker per CPU, heads relayed unchanged),"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
 echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited)."
