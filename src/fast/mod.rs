@@ -35,7 +35,8 @@
 //! * `request`: the client's head parsed, checked and rewritten, its body;
 //! * `upstream`: attempts for `retry::run`, response heads, the pool;
 //! * `relay`: the answer written to the client, body streamed;
-//! * `date`: the `date` header, formatted once a second.
+//! * `date`: the `date` header, formatted once a second;
+//! * `spare`: this worker's spare message buffers.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -52,6 +53,7 @@ use tokio::time::{timeout_at, Instant};
 mod date;
 mod relay;
 mod request;
+mod spare;
 mod upstream;
 
 pub(crate) use upstream::sweep_pool;
@@ -87,13 +89,17 @@ const POOL_MAX_IDLE: usize = 256;
 /// A growable byte buffer (hyper's own).
 type Buf = bytes::BytesMut;
 
+/// A parsed head's `(name, value)` ranges into its bytes, in order (from
+/// and back to [`spare`]).
+type HeaderRanges = Vec<(Range<usize>, Range<usize>)>;
+
 /// Serves one client connection on the fast path, handing it to hyper
 /// when a message needs hyper.
 pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     ctx: ConnContext,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
     guard: ConnectionGuard,
 ) {
     let rt = Arc::clone(&ctx.runtime);
@@ -109,6 +115,11 @@ pub(crate) async fn serve(
     let first_wait = rt.worker_snapshot().config.timeouts.client_header;
     let idle_timer = tokio::time::sleep_until(idle_since + first_wait);
     tokio::pin!(idle_timer);
+    // One wait for the drain for the connection's life, on its own receiver:
+    // a wait made per request registers and unregisters a waiter each time.
+    let mut drain_wait = drain.clone();
+    let drained = async move { crate::server::draining(&mut drain_wait).await };
+    tokio::pin!(drained);
     loop {
         if buf.is_empty() {
             // Read per wait (reloadable), not held: an idle connection pins no config.
@@ -127,7 +138,7 @@ pub(crate) async fn serve(
             loop {
                 tokio::select! {
                     biased;
-                    () = crate::server::draining(&mut drain) => return,
+                    () = &mut drained => return,
                     ready = stream.readable() => match ready {
                         Ok(()) => break,
                         Err(_) => return,
@@ -158,7 +169,7 @@ pub(crate) async fn serve(
         }
         if buf.is_empty() {
             // Idle from here: give the buffer back.
-            buf = Buf::new();
+            spare::give_buf(std::mem::take(&mut buf));
         }
     }
 }
@@ -191,7 +202,9 @@ async fn serve_one(
     let head = loop {
         match parse_request(buf, max_head, body_limit) {
             Parsed::Partial if buf.len() < max_head => {
-                if buf.capacity() - buf.len() < 1024 {
+                if buf.capacity() == 0 {
+                    *buf = spare::buf();
+                } else if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(READ_CHUNK.max(buf.len()));
                 }
                 match timeout_at(head_deadline, stream.read_buf(buf)).await {
@@ -213,6 +226,9 @@ async fn serve_one(
     let method_head = head.method == Method::HEAD;
     let arrival = proxy::Arrival::new(now, snap, &head.method, head.uri.path());
     let mut trace = Trace::default();
+    // The rewritten request's buffer, once the attempts are over: the
+    // answer's head is written into it.
+    let mut spent = Vec::new();
     // The body, whole, before anything is sent (it is at most
     // `buffer_body_limit`): every attempt can replay it.
     let outcome = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
@@ -233,7 +249,7 @@ async fn serve_one(
                 pinned,
             };
             let path = head.uri.path();
-            retry::run(
+            let outcome = retry::run(
                 rt,
                 snap,
                 &steer,
@@ -242,7 +258,9 @@ async fn serve_one(
                 &mut attempts,
                 &mut trace,
             )
-            .await
+            .await;
+            spent = attempts.request;
+            outcome
         }
         Err(fault) => Outcome::ClientFault(fault),
     };
@@ -266,7 +284,7 @@ async fn serve_one(
                     .filter(|_| pinned != Some(index))
                     .and_then(|cookies| cookies.set_cookie(index)),
             };
-            let relayed = relay(stream, resp, &head, &backend.addr, answer, timeouts).await;
+            let relayed = relay(stream, resp, &head, &backend.addr, answer, timeouts, spent).await;
             drop(in_flight);
             return match relayed {
                 Ok(true) if whole => Step::Next(answered),
@@ -301,10 +319,13 @@ async fn serve_one(
     arrival.done(rt, snap, peer.ip(), own.status().as_u16(), &trace);
     // lb's own answers that end the exchange say `Connection: close`.
     let keep_alive = keep_alive && !own.headers().contains_key(hyper::header::CONNECTION);
-    let mut out = Vec::with_capacity(256);
+    let mut out = spent;
+    out.clear();
     encode_own(&mut out, &own, keep_alive, method_head, answered);
     let limit = timeouts.client_send;
-    match Stall::default().bound(limit, stream.write_all(&out)).await {
+    let written = Stall::default().bound(limit, stream.write_all(&out)).await;
+    spare::give_vec(out);
+    match written {
         Some(Ok(())) if keep_alive => Step::Next(Instant::now()),
         Some(_) => Step::Close,
         None => {

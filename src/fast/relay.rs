@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::request::Head;
 use super::upstream::{pool_put, Framing, UpstreamResponse};
-use super::{date, dropped_hop, lower, Buf, READ_CHUNK};
+use super::{date, dropped_hop, lower, spare, Buf, READ_CHUNK};
 use crate::body::ResponseBody;
 use crate::config::{BackendAddr, Timeouts};
 use crate::proxy;
@@ -226,6 +226,7 @@ pub(super) async fn relay(
     backend: &BackendAddr,
     answer: Answer<'_>,
     timeouts: &Timeouts,
+    mut out: Vec<u8>,
 ) -> Result<bool, Cut> {
     let method_head = head.method == Method::HEAD;
     // hyper's server ends a response whose length only the close tells
@@ -235,21 +236,26 @@ pub(super) async fn relay(
         keep_alive: answer.keep_alive && !close_delimited,
         ..answer
     };
-    let mut out = Vec::with_capacity(resp.head.head_len + 128);
+    out.clear();
+    out.reserve(resp.buf.len() + 128);
     encode_relayed(&mut out, &resp, method_head, &answer);
-    let _ = resp.buf.split_to(resp.head.head_len);
+    bytes::Buf::advance(&mut resp.buf, resp.head.head_len);
     let rechunk = resp.head.http11;
     let mut waits = Waits::new(timeouts);
     let w = &mut waits;
     match resp.head.framing {
         Framing::Empty => w.send(client, &out).await?,
-        Framing::Length(n) => copy_length(client, &mut resp, out, n, w).await?,
-        Framing::Chunked => copy_chunked(client, &mut resp, out, w).await?,
-        Framing::Close => copy_to_close(client, &mut resp, out, rechunk, w).await?,
+        Framing::Length(n) => copy_length(client, &mut resp, &mut out, n, w).await?,
+        Framing::Chunked => copy_chunked(client, &mut resp, std::mem::take(&mut out), w).await?,
+        Framing::Close => {
+            copy_to_close(client, &mut resp, std::mem::take(&mut out), rechunk, w).await?
+        }
     }
+    spare::give_vec(out);
     if resp.head.reusable && resp.buf.is_empty() {
         pool_put(backend, resp.conn, answer.now);
     }
+    spare::give_buf(resp.buf);
     Ok(answer.keep_alive)
 }
 
@@ -257,17 +263,21 @@ pub(super) async fn relay(
 pub(super) async fn copy_length(
     client: &mut TcpStream,
     resp: &mut UpstreamResponse,
-    mut out: Vec<u8>,
+    out: &mut Vec<u8>,
     n: u64,
     w: &mut Waits,
 ) -> Result<(), Cut> {
     let mut left = n;
     let take = (left as usize).min(resp.buf.len());
-    out.extend_from_slice(&resp.buf.split_to(take));
+    out.extend_from_slice(&resp.buf[..take]);
+    bytes::Buf::advance(&mut resp.buf, take);
     left -= take as u64;
-    w.send(client, &out).await?;
-    drop(out);
-    let mut chunk = Buf::with_capacity(READ_CHUNK.min(left as usize).max(1));
+    w.send(client, out).await?;
+    if left == 0 {
+        // The common case: the body came with the head.
+        return Ok(());
+    }
+    let mut chunk = Buf::with_capacity(READ_CHUNK.min(left as usize));
     while left > 0 {
         chunk.clear();
         let mut limited = (&mut resp.conn).take(left.min(READ_CHUNK as u64 * 8));
@@ -359,12 +369,12 @@ pub(super) async fn copy_chunked(
         else {
             return Err(Cut::BackendBroke);
         };
-        let _ = resp.buf.split_to(line_end + 2);
+        bytes::Buf::advance(&mut resp.buf, line_end + 2);
         if size == 0 {
             // Trailers, up to the empty line.
             loop {
                 if let Some(i) = resp.buf.windows(2).position(|w| w == b"\r\n") {
-                    let _ = resp.buf.split_to(i + 2);
+                    bytes::Buf::advance(&mut resp.buf, i + 2);
                     if i == 0 {
                         out.extend_from_slice(b"0\r\n\r\n");
                         return w.send(client, &out).await;
@@ -383,7 +393,8 @@ pub(super) async fn copy_chunked(
                 w.fill_after(client, resp, &mut out).await?;
             }
             let take = (left as usize).min(resp.buf.len());
-            write_chunk(&mut out, &resp.buf.split_to(take));
+            write_chunk(&mut out, &resp.buf[..take]);
+            bytes::Buf::advance(&mut resp.buf, take);
             left -= take as u64;
         }
         while resp.buf.len() < 2 {
@@ -392,7 +403,7 @@ pub(super) async fn copy_chunked(
         if &resp.buf[..2] != b"\r\n" {
             return Err(Cut::BackendBroke);
         }
-        let _ = resp.buf.split_to(2);
+        bytes::Buf::advance(&mut resp.buf, 2);
         if out.len() >= READ_CHUNK * 8 {
             w.send(client, &out).await?;
             out.clear();

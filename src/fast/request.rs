@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::{
-    content_length, dropped_hop, has_token, lower, range_in, Buf, MAX_HEADERS, MAX_URI_LEN,
+    content_length, dropped_hop, has_token, lower, range_in, Buf, HeaderRanges, MAX_HEADERS,
+    MAX_URI_LEN,
 };
 use crate::affinity::AffinityCookies;
 use crate::body::ClientFault;
@@ -39,11 +40,17 @@ pub(super) struct Head {
     /// The origin-form target, sharing `bytes`.
     pub(super) uri: Uri,
     /// `(name, value)` ranges into `bytes`, in order.
-    pub(super) headers: Vec<(Range<usize>, Range<usize>)>,
+    pub(super) headers: HeaderRanges,
     /// `Content-Length`, 0 when absent.
     pub(super) body_len: u64,
     /// Neither `Connection: close` nor anything else ends the connection.
     pub(super) keep_alive: bool,
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        super::spare::give_ranges(std::mem::take(&mut self.headers));
+    }
 }
 
 impl HeadView for Head {
@@ -93,7 +100,7 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
     let range = |s: &[u8]| range_in(buf, s);
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
-    let mut headers = Vec::with_capacity(req.headers.len());
+    let mut headers = super::spare::ranges(req.headers.len());
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -165,7 +172,7 @@ impl Head {
         };
         let named = proxy::connection_named(self.values("connection"));
         let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut out = Vec::with_capacity(self.bytes.len() + 128 + self.body_len as usize);
+        let mut out = super::spare::vec(self.bytes.len() + 128 + self.body_len as usize);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(pq.as_bytes());
@@ -248,7 +255,8 @@ pub(super) async fn read_body(
 ) -> Result<Vec<u8>, ClientFault> {
     let mut left = len as usize;
     let take = left.min(buf.len());
-    request.extend_from_slice(&buf.split_to(take));
+    request.extend_from_slice(&buf[..take]);
+    bytes::Buf::advance(buf, take);
     left -= take;
     while left > 0 {
         let before = request.len();

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use super::{
-    content_length, has_token, range_in, Buf, MAX_HEADERS, MAX_RESPONSE_HEAD, POOL_IDLE,
-    POOL_MAX_IDLE, READ_CHUNK,
+    content_length, has_token, range_in, Buf, HeaderRanges, MAX_HEADERS, MAX_RESPONSE_HEAD,
+    POOL_IDLE, POOL_MAX_IDLE, READ_CHUNK,
 };
 use crate::body::ClientFault;
 use crate::config::BackendAddr;
@@ -44,11 +44,17 @@ pub(super) struct ResponseHead {
     /// The reason phrase as sent.
     pub(super) reason: Range<usize>,
     /// `(name, value)` ranges into the read buffer, in order.
-    pub(super) headers: Vec<(Range<usize>, Range<usize>)>,
+    pub(super) headers: HeaderRanges,
     /// How the body is delimited (RFC 9112 §6.3).
     pub(super) framing: Framing,
     /// The backend may keep the connection open after this response.
     pub(super) reusable: bool,
+}
+
+impl Drop for ResponseHead {
+    fn drop(&mut self) {
+        super::spare::give_ranges(std::mem::take(&mut self.headers));
+    }
 }
 
 /// A backend's response head, with the connection its body comes on.
@@ -189,14 +195,14 @@ pub(super) async fn exchange(
     if conn.write_all(request).await.is_err() {
         return Err(Exchange::Unsent);
     }
-    let mut buf = Buf::with_capacity(READ_CHUNK);
+    let mut buf = super::spare::buf();
     let mut answered = false;
     loop {
         match parse_response(&buf, method_head) {
             Ok(Some(head)) => {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
-                    let _ = buf.split_to(head.head_len);
+                    bytes::Buf::advance(&mut buf, head.head_len);
                     answered = true;
                     continue;
                 }
@@ -250,7 +256,7 @@ pub(super) fn parse_response(
     let (mut te, mut chunked, mut close) = (false, false, !http11);
     let mut length: Option<u64> = None;
     let mut bad_length = false;
-    let mut headers = Vec::with_capacity(res.headers.len());
+    let mut headers = super::spare::ranges(res.headers.len());
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
