@@ -126,7 +126,12 @@ impl Admin {
             *bound = Bound::default();
             return;
         };
-        match crate::listen::bind(addr).and_then(TcpListener::from_std) {
+        // A port the admin listener is not on yet cannot be its own.
+        let bind = match bound.local {
+            Some(local) if local.port() == addr.port() => crate::listen::bind,
+            _ => crate::listen::bind_alone,
+        };
+        match bind(addr).and_then(TcpListener::from_std) {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
                 let stop = self.spawn_accept_loop(listener);

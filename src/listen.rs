@@ -44,6 +44,35 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// [`bind`], refusing an address another process already listens on.
+///
+/// `SO_REUSEPORT` lets any process of the same user bind a port lb listens
+/// on: a second lb started by mistake (a stale unit, a second terminal)
+/// would silently take a share of the first one's new connections, each
+/// serving with its own config. A probe bind without `SO_REUSEPORT` fails
+/// on such an address, as nginx's bind does. Only for an address no socket
+/// of this lb may share (at startup, or a port it does not listen on):
+/// the probe would also fail on lb's own listener.
+pub fn bind_alone(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // Sockets in TIME_WAIT from an earlier run do not count.
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            return Err(if e.kind() == io::ErrorKind::AddrInUse {
+                io::Error::new(
+                    e.kind(),
+                    "address already in use by another process (another lb?)",
+                )
+            } else {
+                e
+            });
+        }
+    }
+    bind(addr)
+}
+
 /// One listening socket per worker on the address `first` is bound to:
 /// `first` itself for worker 0, a new `SO_REUSEPORT` socket for each other
 /// one. When `first` was bound without `SO_REUSEPORT` the others share it.

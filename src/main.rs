@@ -155,7 +155,7 @@ async fn serve(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match lb::listen::bind(config.listen) {
+    let listener = match lb::listen::bind_alone(config.listen) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("cannot listen on {}: {e}", config.listen);

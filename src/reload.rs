@@ -328,11 +328,17 @@ impl Reloader {
             ));
             return;
         }
-        let new_listener = if config.listen != self.listeners.configured() {
-            match crate::listen::bind(config.listen) {
+        let current = self.listeners.configured();
+        let new_listener = if config.listen != current {
+            // On another port, no socket of this lb can be in the way.
+            let bind = if config.listen.port() == current.port() {
+                crate::listen::bind
+            } else {
+                crate::listen::bind_alone
+            };
+            match bind(config.listen) {
                 Ok(listener) => Some(listener),
                 Err(e) => {
-                    // Every lb socket has SO_REUSEPORT: a busy address is someone else's.
                     self.reject(format_args!("cannot listen on {}: {e}", config.listen));
                     return;
                 }

@@ -399,3 +399,47 @@ async fn startup_with_a_bad_config_exits_1() {
         p.log_text()
     );
 }
+
+/// A second lb started on the address a first one listens on refuses to
+/// start: `SO_REUSEPORT` would otherwise have it silently take a share of
+/// the first one's connections.
+#[tokio::test]
+async fn a_second_lb_on_a_busy_address_exits_1() {
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("listen: 127.0.0.1:0\n{}", backends_yaml(&[&b])),
+    );
+    let first = LbProcess::spawn(&["--config", path.to_str().unwrap()], &[]);
+    let addr = first.wait_listening().await;
+    let listen = addr.to_string();
+    let mut second = LbProcess::spawn(
+        &["--config", path.to_str().unwrap()],
+        &[("LB_LISTEN", listen.as_str())],
+    );
+    // Bounded: without the check, the second one would serve for ever.
+    let mut status = None;
+    eventually!(
+        WAIT,
+        {
+            status = second.child.try_wait().unwrap();
+            status.is_some()
+        },
+        "the second lb is still running: {}",
+        second.log_text()
+    );
+    let status = status.unwrap();
+    assert_eq!(status.code(), Some(1));
+    eventually!(
+        WAIT,
+        second.log_text().contains("already in use"),
+        "{}",
+        second.log_text()
+    );
+    // Every connection still reaches the first.
+    let c = client();
+    for _ in 0..20 {
+        assert_eq!(get(&c, &format!("http://{addr}/")).await.text(), "b");
+    }
+}
