@@ -841,6 +841,26 @@ async fn listen_change_keeping_the_port() {
     assert_eq!(answer.text(), "a");
 }
 
+/// A `listen` change to a port another process listens on with
+/// `SO_REUSEPORT` (as another lb does) is refused: lb would otherwise join
+/// that port and take a share of its connections. The old listener keeps
+/// serving.
+#[tokio::test]
+async fn listen_change_to_another_lbs_port_is_refused() {
+    let a = Backend::start("a").await;
+    let lb = TestLb::start(&backends_yaml(&[&a])).await;
+    let before = lb.lb.local_addr();
+    // Another process's lb socket, bound as lb binds.
+    let other = lb::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let taken = other.local_addr().unwrap();
+    lb.rewrite(&format!("listen: {taken}\n{}", backends_yaml(&[&a])));
+    eventually!(WAIT, lb.rejected() == 1);
+    assert_eq!(lb.applied(), 1);
+    assert_eq!(lb.lb.local_addr(), before);
+    assert_eq!(get(&client(), &lb.url("/")).await.text(), "a");
+    drop(other);
+}
+
 // ---------------------------------------------------------------------------
 // 8. Hostile and unlucky files (issue 7)
 // ---------------------------------------------------------------------------
