@@ -374,10 +374,10 @@ pub struct RelayedBody {
     limit: Duration,
     /// Counts the current wait for the backend.
     stall: Stall,
-    /// The request's method and path, for the stall's log line.
+    /// The request's method and path, for the log line of a stall or a break.
     method: Method,
     path: String,
-    /// Whose current snapshot judges the stall's passive-health failure.
+    /// Whose current snapshot judges the passive-health failure of a stall or a break.
     rt: Arc<Runtime>,
 }
 
@@ -426,6 +426,15 @@ impl Body for RelayedBody {
                 let state = this.in_flight.state();
                 crate::retry::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
                 Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))))
+            }
+            Poll::Ready(Some(Some(Err(e)))) => {
+                // Not the backend's doing: lb gave up on the request body
+                // (the client's upload failed) or dropped the exchange.
+                if !(e.is_user() || e.is_body_write_aborted() || e.is_canceled()) {
+                    let state = this.in_flight.state();
+                    crate::retry::backend_broke(&this.rt, state, &this.method, &this.path, &e);
+                }
+                Poll::Ready(Some(Err(BoxError::from(e))))
             }
             Poll::Ready(Some(frame)) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
         }

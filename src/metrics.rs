@@ -154,6 +154,9 @@ pub struct BackendMetrics {
     /// `timeouts.backend_body`: its attempt counted as a success when the
     /// head came, so this is where the stall shows.
     body_stalls: AtomicU64,
+    /// Responses cut because the backend closed, reset or mis-framed the
+    /// body after its head: otherwise only a debug line would show it.
+    body_errors: AtomicU64,
     /// Active probes passed (`[0]`) and failed (`[1]`).
     health_checks: [AtomicU64; 2],
     /// tcp mode: bytes relayed client → backend (`[0]`) and backend →
@@ -172,6 +175,10 @@ impl BackendMetrics {
 
     pub fn body_stalled(&self) {
         self.body_stalls.fetch_add(1, Relaxed);
+    }
+
+    pub fn body_broke(&self) {
+        self.body_errors.fetch_add(1, Relaxed);
     }
 
     /// The counter of bytes relayed toward the backend (`to_backend`) or
@@ -423,6 +430,15 @@ impl Collector for Exporter {
             backends
                 .iter()
                 .map(|b| (backend(b), count(&b.state.metrics.body_stalls))),
+        )?;
+        family(
+            &mut enc,
+            "lb_response_body_errors",
+            "Responses cut because the backend closed, reset or broke the framing of the body",
+            MetricType::Counter,
+            backends
+                .iter()
+                .map(|b| (backend(b), count(&b.state.metrics.body_errors))),
         )?;
         counter(
             &mut enc,

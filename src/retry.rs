@@ -584,6 +584,26 @@ pub(crate) fn backend_stalled(
     note_failure(rt, &rt.snapshot(), state, "stalled mid-body");
 }
 
+/// A backend's response body ended early: closed, reset, or framed
+/// wrongly (`why`), on either HTTP/1 path or HTTP/2. The response is being
+/// cut. Logged, counted, and charged to the backend like a failed attempt,
+/// as a stall is: the head counted as a success, so without this a backend
+/// that breaks every body would look healthy.
+pub(crate) fn backend_broke(
+    rt: &Runtime,
+    state: &BackendState,
+    method: &Method,
+    path: &str,
+    why: &dyn std::fmt::Display,
+) {
+    tracing::warn!(
+        backend = %state.addr,
+        "{method} {path}: backend broke the response body ({why}): response cut"
+    );
+    state.metrics.body_broke();
+    note_failure(rt, &rt.snapshot(), state, "broke a response body");
+}
+
 fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);

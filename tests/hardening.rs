@@ -675,6 +675,72 @@ async fn backend_stalled_mid_chunked_body_is_cut_and_charged() {
     .await;
 }
 
+/// A backend that answers `partial` (a head and a broken body), then
+/// closes its connection.
+async fn breaking_backend(partial: &'static [u8]) -> SocketAddr {
+    raw_server(move |mut s| async move {
+        if read_head(&mut s).await {
+            let _ = s.write_all(partial).await;
+        }
+    })
+    .await
+}
+
+/// A backend that breaks its body after the head (closes early, or frames
+/// it wrongly) has the client connection closed (the response visibly
+/// incomplete), a failure charged to it and the break counted: the head
+/// alone counted as a success.
+async fn broken_body_is_cut_and_charged(partial: &'static [u8]) {
+    let backend = breaking_backend(partial).await;
+    let lb = TestLb::start(&format!("backends:\n  - address: {backend}\n")).await;
+    let request = b"GET /breaks HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (resp, was_closed) = exchange_within(lb.lb.local_addr(), request, WAIT).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(was_closed, "client connection kept: {text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("0\r\n\r\n"), "looks complete: {text}");
+    let runtime = lb.lb.runtime();
+    let state = Arc::clone(&runtime.snapshot().backends[0].state);
+    eventually!(
+        WAIT,
+        state.failures() == 1,
+        "failures: {}",
+        state.failures()
+    );
+    eventually!(WAIT, state.in_flight() == 0);
+    let metrics = lb::metrics::render(runtime);
+    assert!(
+        metrics.contains(&format!(
+            "lb_response_body_errors_total{{backend=\"{backend}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn backend_closing_mid_length_body_is_cut_and_charged() {
+    broken_body_is_cut_and_charged(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\nfirst half of body..",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backend_closing_mid_chunked_body_is_cut_and_charged() {
+    broken_body_is_cut_and_charged(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nfirst half of body..\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backend_mis_chunking_a_body_is_cut_and_charged() {
+    broken_body_is_cut_and_charged(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nfirst half of body..\r\nzz\r\n",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn slow_but_steady_backend_body_is_not_cut() {
     let addr = raw_server(|mut s| async move {

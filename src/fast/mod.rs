@@ -303,7 +303,10 @@ async fn serve_one(
                         Cut::ClientStalled => {
                             crate::server::client_stalled(rt, peer, timeouts.client_send)
                         }
-                        Cut::ClientGone | Cut::BackendBroke => {}
+                        Cut::BackendBroke(why) => {
+                            retry::backend_broke(rt, &backend.state, &head.method, path, &why)
+                        }
+                        Cut::ClientGone => {}
                     }
                     Step::Close
                 }

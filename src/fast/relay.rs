@@ -120,8 +120,8 @@ pub(super) enum Cut {
     ClientGone,
     /// The client took no bytes for `timeouts.client_send`.
     ClientStalled,
-    /// The backend closed, reset or broke the body's framing.
-    BackendBroke,
+    /// The backend closed, reset or broke the body's framing (which).
+    BackendBroke(&'static str),
     /// The backend sent no body byte for `timeouts.backend_body`.
     BackendStalled,
 }
@@ -180,7 +180,7 @@ impl Waits {
         {
             None => Err(Cut::BackendStalled),
             Some(Ok(n)) => Ok(n),
-            Some(Err(_)) => Err(Cut::BackendBroke),
+            Some(Err(_)) => Err(Cut::BackendBroke("read error")),
         }
     }
 
@@ -200,7 +200,7 @@ impl Waits {
             resp.buf.reserve(READ_CHUNK * 8);
         }
         match self.read(&mut resp.conn, &mut resp.buf).await? {
-            0 => Err(Cut::BackendBroke),
+            0 => Err(Cut::BackendBroke("closed before the end")),
             _ => Ok(()),
         }
     }
@@ -282,7 +282,7 @@ pub(super) async fn copy_length(
         chunk.clear();
         let mut limited = (&mut resp.conn).take(left.min(READ_CHUNK as u64 * 8));
         match w.read(&mut limited, &mut chunk).await? {
-            0 => return Err(Cut::BackendBroke),
+            0 => return Err(Cut::BackendBroke("closed before the end")),
             got => left -= got as u64,
         }
         w.send(client, &chunk).await?;
@@ -345,6 +345,22 @@ pub(super) async fn copy_chunked(
     mut out: Vec<u8>,
     w: &mut Waits,
 ) -> Result<(), Cut> {
+    let copied = decode_chunked(client, resp, &mut out, w).await;
+    if matches!(copied, Err(Cut::BackendBroke(_))) && !out.is_empty() {
+        // What was decoded before the break goes out first, as hyper's relay
+        // does: the client sees the response end early, not no response.
+        let _ = w.send(client, &out).await;
+    }
+    copied
+}
+
+/// [`copy_chunked`]'s loop; `out` holds what is decoded and not yet sent.
+async fn decode_chunked(
+    client: &mut TcpStream,
+    resp: &mut UpstreamResponse,
+    out: &mut Vec<u8>,
+    w: &mut Waits,
+) -> Result<(), Cut> {
     loop {
         // The size line.
         let line_end = loop {
@@ -352,9 +368,9 @@ pub(super) async fn copy_chunked(
                 break i;
             }
             if resp.buf.len() > 4096 {
-                return Err(Cut::BackendBroke);
+                return Err(Cut::BackendBroke("chunk size line too long"));
             }
-            w.fill_after(client, resp, &mut out).await?;
+            w.fill_after(client, resp, out).await?;
         };
         let line = &resp.buf[..line_end];
         let digits = line
@@ -367,7 +383,7 @@ pub(super) async fn copy_chunked(
             .filter(|d| !d.is_empty() && d.len() <= 16)
             .and_then(|d| u64::from_str_radix(d, 16).ok())
         else {
-            return Err(Cut::BackendBroke);
+            return Err(Cut::BackendBroke("invalid chunk size"));
         };
         bytes::Buf::advance(&mut resp.buf, line_end + 2);
         if size == 0 {
@@ -377,35 +393,35 @@ pub(super) async fn copy_chunked(
                     bytes::Buf::advance(&mut resp.buf, i + 2);
                     if i == 0 {
                         out.extend_from_slice(b"0\r\n\r\n");
-                        return w.send(client, &out).await;
+                        return w.send(client, out).await;
                     }
                     continue;
                 }
                 if resp.buf.len() > 64 * 1024 {
-                    return Err(Cut::BackendBroke);
+                    return Err(Cut::BackendBroke("trailers too long"));
                 }
-                w.fill_after(client, resp, &mut out).await?;
+                w.fill_after(client, resp, out).await?;
             }
         }
         let mut left = size;
         while left > 0 {
             if resp.buf.is_empty() {
-                w.fill_after(client, resp, &mut out).await?;
+                w.fill_after(client, resp, out).await?;
             }
             let take = (left as usize).min(resp.buf.len());
-            write_chunk(&mut out, &resp.buf[..take]);
+            write_chunk(out, &resp.buf[..take]);
             bytes::Buf::advance(&mut resp.buf, take);
             left -= take as u64;
         }
         while resp.buf.len() < 2 {
-            w.fill_after(client, resp, &mut out).await?;
+            w.fill_after(client, resp, out).await?;
         }
         if &resp.buf[..2] != b"\r\n" {
-            return Err(Cut::BackendBroke);
+            return Err(Cut::BackendBroke("no CRLF after a chunk"));
         }
         bytes::Buf::advance(&mut resp.buf, 2);
         if out.len() >= READ_CHUNK * 8 {
-            w.send(client, &out).await?;
+            w.send(client, out).await?;
             out.clear();
         }
     }
