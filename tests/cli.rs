@@ -419,17 +419,13 @@ async fn a_second_lb_on_a_busy_address_exits_1() {
         &[("LB_LISTEN", listen.as_str())],
     );
     // Bounded: without the check, the second one would serve for ever.
-    let mut status = None;
     eventually!(
         WAIT,
-        {
-            status = second.child.try_wait().unwrap();
-            status.is_some()
-        },
+        second.child.try_wait().unwrap().is_some(),
         "the second lb is still running: {}",
         second.log_text()
     );
-    let status = status.unwrap();
+    let status = second.child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
     eventually!(
         WAIT,

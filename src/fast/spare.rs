@@ -98,22 +98,30 @@ mod tests {
         b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
         let ptr = b.as_ptr();
         give_buf(b);
-        let b = buf();
+        let mut b = buf();
         assert_eq!(b.as_ptr(), ptr, "the same memory back");
         assert!(b.is_empty() && b.capacity() >= READ_CHUNK);
         // A part still shared elsewhere: not kept.
-        let mut b = b;
         b.extend_from_slice(b"head");
         let head = b.split_to(2).freeze();
         give_buf(b);
-        assert_ne!(buf().as_ptr(), ptr);
+        let other = buf();
+        assert_ne!(other.as_ptr(), ptr);
         drop(head);
         // Too large to keep.
         give_vec(Vec::with_capacity(MAX_KEPT * 4));
-        assert!(vec(1).capacity() < MAX_KEPT * 4);
+        let small = vec(1);
+        assert!(small.capacity() < MAX_KEPT * 4);
         let v = vec(READ_CHUNK);
         let p = v.as_ptr();
         give_vec(v);
-        assert_eq!(vec(10).as_ptr(), p);
+        let again = vec(10);
+        assert_eq!(again.as_ptr(), p);
+        // Header lists too.
+        let r = ranges(4);
+        let rp = r.as_ptr();
+        give_ranges(r);
+        let again = ranges(2);
+        assert_eq!(again.as_ptr(), rp);
     }
 }
