@@ -340,8 +340,21 @@ fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
 }
 
 /// Whether `name` (lower case) describes the connection, not the message.
+/// The names of [`HOP_BY_HOP`], matched as strings: this runs for every
+/// header of every message on the fast path.
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.as_str() == name)
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// The headers `Connection` values name (lower case), except those that
@@ -390,6 +403,34 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_hop_by_hop_headers() {
+        for h in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(h.as_str()), "{h}");
+        }
+        let matched = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        assert_eq!(matched.len(), HOP_BY_HOP.len());
+        for name in [
+            "host",
+            "content-length",
+            "x-te",
+            "Connection",
+            "upgrade-insecure-requests",
+        ] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
     }
 
     /// The allocation-free Host check answers as the `Authority` parse

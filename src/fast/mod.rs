@@ -136,13 +136,17 @@ pub(crate) async fn serve(
                 idle_timer.as_mut().reset(deadline);
             }
             loop {
+                // The socket first: woken by a request, the drain wait is not
+                // polled again (a registered wait's poll takes a lock); a
+                // request that arrived as the drain began is answered, with
+                // `Connection: close`.
                 tokio::select! {
                     biased;
-                    () = &mut drained => return,
                     ready = stream.readable() => match ready {
                         Ok(()) => break,
                         Err(_) => return,
                     },
+                    () = &mut drained => return,
                     () = &mut idle_timer => {
                         if idle_timer.deadline() >= deadline {
                             return;
