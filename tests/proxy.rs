@@ -124,7 +124,10 @@ async fn power_of_two_choices_spreads_and_avoids_slow() {
         hits[1..].iter().all(|&h| h >= 15),
         "fast backends all used: {hits:?}"
     );
-    assert!(hits[0] < 20, "slow backend avoided: {hits:?}");
+    // Less than the even share (30 of 120): how much less depends on how
+    // long the fast backends take, which a loaded machine stretches (20
+    // failed about once in 15 runs there).
+    assert!(hits[0] < 30, "slow backend avoided: {hits:?}");
 }
 
 #[tokio::test]
