@@ -14,10 +14,14 @@ use std::cell::RefCell;
 use super::{Buf, HeaderRanges, READ_CHUNK};
 
 /// Buffers kept per kind and worker: about the exchanges a worker has in
-/// flight at a time under load.
-const MAX_SPARE: usize = 64;
+/// flight at a time under load (at 64 a worker serving 128 busy
+/// connections still allocated for many of its exchanges).
+const MAX_SPARE: usize = 256;
 /// A larger buffer (a long head or a big body went through it) is freed.
 const MAX_KEPT: usize = 2 * READ_CHUNK;
+/// The least a write buffer is made with, so that one sized for a short
+/// head can be kept and serve a longer one next.
+const MIN_VEC: usize = READ_CHUNK / 8;
 /// A longer header list is freed.
 const MAX_KEPT_HEADERS: usize = 64;
 
@@ -72,13 +76,13 @@ pub(super) fn give_buf(mut buf: Buf) {
 /// An empty write buffer with room for at least `len` bytes.
 pub(super) fn vec(len: usize) -> Vec<u8> {
     let mut v = VECS.with_borrow_mut(Vec::pop).unwrap_or_default();
-    v.reserve(len);
+    v.reserve(len.max(MIN_VEC));
     v
 }
 
 /// Keeps `v` for a later [`vec`] if it is of a usual size; else frees it.
 pub(super) fn give_vec(mut v: Vec<u8>) {
-    if (READ_CHUNK / 8..=MAX_KEPT).contains(&v.capacity()) {
+    if (MIN_VEC..=MAX_KEPT).contains(&v.capacity()) {
         v.clear();
         VECS.with_borrow_mut(|spare| {
             if spare.len() < MAX_SPARE {
