@@ -59,7 +59,7 @@ mod upstream;
 pub(crate) use upstream::sweep_pool;
 
 use relay::{encode_own, relay, Answer, Cut};
-use request::{parse_request, read_body, Parsed};
+use request::{parse_request, skip_unread_body, Parsed, PendingBody};
 use upstream::FastAttempts;
 
 use crate::affinity;
@@ -230,18 +230,40 @@ async fn serve_one(
     let method_head = head.method == Method::HEAD;
     let arrival = proxy::Arrival::new(now, snap, &head.method, head.uri.path());
     let mut trace = Trace::default();
-    // The rewritten request's buffer, once the attempts are over: the
-    // answer's head is written into it.
-    let mut spent = Vec::new();
-    // The body, whole, before anything is sent (it is at most
-    // `buffer_body_limit`): every attempt can replay it.
-    let outcome = match read_body(stream, buf, request, head.body_len, timeouts.client_body).await {
-        Ok(request) => {
+    let mut request = request;
+    let idempotent = retry::is_idempotent(&head.method);
+    // The body is read whole before it is sent (it is at most
+    // `buffer_body_limit`): every attempt can replay it. When the client
+    // waits for `100 Continue`, it is read (and the `100` sent) when the
+    // hyper path reads it: before the attempts if they may replay it (hyper's
+    // path buffers it then), else once the first attempt has a backend
+    // connection (hyper's client streams it from there).
+    let body = PendingBody {
+        client: &mut *stream,
+        buf: &mut *buf,
+        len: head.body_len,
+        expect_continue: head.expect_continue,
+        stall: timeouts.client_body,
+    };
+    let replay = snap.config.retry.attempts.get() > 1 && idempotent;
+    let (read, awaited) = if head.expect_continue && !replay {
+        (Ok(()), Some(body))
+    } else {
+        (body.read_into(&mut request).await, None)
+    };
+    // `spent`: the rewritten request's buffer, once the attempts are over
+    // (the answer's head is written into it); `unread`: lb answered without
+    // ever reading the body.
+    let (outcome, spent, unread) = match read {
+        Ok(()) => {
             let mut attempts = FastAttempts {
                 request,
                 method_head,
-                idempotent: retry::is_idempotent(&head.method),
+                idempotent,
                 now: Some(now),
+                awaited,
+                body_fault: None,
+                reading_body: false,
             };
             let steer = Steer {
                 key: match snap.config.strategy {
@@ -263,10 +285,9 @@ async fn serve_one(
                 &mut trace,
             )
             .await;
-            spent = attempts.request;
-            outcome
+            (outcome, attempts.request, attempts.awaited.is_some())
         }
-        Err(fault) => Outcome::ClientFault(fault),
+        Err(fault) => (Outcome::ClientFault(fault), request, false),
     };
     // When the answer's head was ready (the retry loop's last reading).
     let answered = trace.ended.unwrap_or(now);
@@ -332,6 +353,9 @@ async fn serve_one(
     let limit = timeouts.client_send;
     let written = Stall::default().bound(limit, stream.write_all(&out)).await;
     spare::give_vec(out);
+    // As hyper's server: its answer did not say so, but the connection ends
+    // unless the unread body is all in already.
+    let keep_alive = keep_alive && (!unread || skip_unread_body(stream, buf, head.body_len));
     match written {
         Some(Ok(())) if keep_alive => Step::Next(Instant::now()),
         Some(_) => Step::Close,

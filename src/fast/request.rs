@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::body::Bytes;
 use hyper::http::uri::Uri;
 use hyper::{Method, Version};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -45,6 +45,10 @@ pub(super) struct Head {
     pub(super) body_len: u64,
     /// Neither `Connection: close` nor anything else ends the connection.
     pub(super) keep_alive: bool,
+    /// The client waits for `100 Continue` before it sends its body: one
+    /// `Expect` whose value is `100-continue` in any case (hyper's test),
+    /// and a body (hyper ignores the expectation without one).
+    pub(super) expect_continue: bool,
 }
 
 impl Drop for Head {
@@ -100,6 +104,7 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
     let range = |s: &[u8]| range_in(buf, s);
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
+    let mut expect: Option<bool> = None;
     let mut headers = super::spare::ranges(req.headers.len());
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -112,9 +117,15 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
         {
             return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            // Any other expectation, or several `Expect` (hyper reads the
+            // last), stays hyper's.
+            if expect.is_some() || !h.value.eq_ignore_ascii_case(b"100-continue") {
+                return Parsed::Hyper;
+            }
+            expect = Some(true);
         } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, "close") {
             keep_alive = false;
         }
@@ -136,6 +147,7 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
         headers,
         body_len,
         keep_alive,
+        expect_continue: expect.is_some() && body_len > 0,
     };
     if proxy::check_request(&head).is_err() {
         return unread(buf, &head.bytes);
@@ -244,31 +256,69 @@ pub(super) fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     }
 }
 
-/// Appends the request body (`len` bytes: what `buf` holds, then reads)
-/// to `request`. Each wait for the client is bounded by `stall`.
-pub(super) async fn read_body(
-    stream: &mut TcpStream,
-    buf: &mut Buf,
-    mut request: Vec<u8>,
-    len: u64,
-    stall: Duration,
-) -> Result<Vec<u8>, ClientFault> {
-    let mut left = len as usize;
-    let take = left.min(buf.len());
-    request.extend_from_slice(&buf[..take]);
-    bytes::Buf::advance(buf, take);
-    left -= take;
-    while left > 0 {
-        let before = request.len();
-        request.reserve(left);
-        let mut limited = (&mut *stream).take(left as u64);
-        match timeout(stall, limited.read_buf(&mut request)).await {
-            Err(_) => return Err(ClientFault::Stalled),
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(ClientFault::Aborted),
-            Ok(Ok(_)) => left -= request.len() - before,
+/// The request body, still on the client's side of the connection.
+pub(super) struct PendingBody<'a> {
+    /// The client's connection, for the `100 Continue` and the body.
+    pub(super) client: &'a mut TcpStream,
+    /// Bytes read after the head: the body starts here.
+    pub(super) buf: &'a mut Buf,
+    /// `Content-Length`.
+    pub(super) len: u64,
+    /// The client waits for `100 Continue` before sending the body.
+    pub(super) expect_continue: bool,
+    /// `timeouts.client_body`: the longest wait for the client.
+    pub(super) stall: Duration,
+}
+
+/// hyper's interim answer, byte for byte.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl PendingBody<'_> {
+    /// Sends `100 Continue` when the client waits for it (as hyper's server
+    /// does when the body is first asked for, even if it is already in),
+    /// then appends the body (what `buf` holds, then reads) to `request`.
+    pub(super) async fn read_into(self, request: &mut Vec<u8>) -> Result<(), ClientFault> {
+        if self.expect_continue {
+            match timeout(self.stall, self.client.write_all(CONTINUE)).await {
+                Err(_) => return Err(ClientFault::Stalled),
+                Ok(Err(_)) => return Err(ClientFault::Aborted),
+                Ok(Ok(())) => {}
+            }
         }
+        let mut left = self.len as usize;
+        let take = left.min(self.buf.len());
+        request.extend_from_slice(&self.buf[..take]);
+        bytes::Buf::advance(self.buf, take);
+        left -= take;
+        while left > 0 {
+            let before = request.len();
+            request.reserve(left);
+            let mut limited = (&mut *self.client).take(left as u64);
+            match timeout(self.stall, limited.read_buf(request)).await {
+                Err(_) => return Err(ClientFault::Stalled),
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(ClientFault::Aborted),
+                Ok(Ok(_)) => left -= request.len() - before,
+            }
+        }
+        Ok(())
     }
-    Ok(request)
+}
+
+/// After lb answered without reading a body of `len` bytes, whether the
+/// connection can serve another request: as hyper's server decides
+/// (`poll_drain_or_close_read`), only if the body is in already — what was
+/// read, else one read that does not wait — and then it is skipped.
+pub(super) fn skip_unread_body(client: &TcpStream, buf: &mut Buf, len: u64) -> bool {
+    let len = len as usize;
+    if buf.is_empty() {
+        buf.reserve(len);
+        let _ = client.try_read_buf(buf);
+    }
+    if buf.len() < len {
+        return false;
+    }
+    bytes::Buf::advance(buf, len);
+    true
 }
 
 #[cfg(test)]

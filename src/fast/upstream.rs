@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+use super::request::PendingBody;
 use super::{
     content_length, has_token, range_in, Buf, HeaderRanges, MAX_HEADERS, MAX_RESPONSE_HEAD,
     POOL_IDLE, POOL_MAX_IDLE, READ_CHUNK,
@@ -81,7 +82,7 @@ impl UpstreamResponse {
 
 /// The fast path's attempts: the whole request in one buffer, sent on a
 /// connection from this worker's pool.
-pub(super) struct FastAttempts {
+pub(super) struct FastAttempts<'a> {
     /// Rewritten head and body.
     pub(super) request: Vec<u8>,
     /// The request is a HEAD: its response has no body.
@@ -92,9 +93,36 @@ pub(super) struct FastAttempts {
     /// for the first attempt only (a retry reads the clock: the first may
     /// have taken up to the request timeout).
     pub(super) now: Option<Instant>,
+    /// A body the client sends only after `100 Continue`, when the hyper
+    /// path would stream it: read by the first attempt that has a backend
+    /// connection, when hyper's client would first ask for it, so that lb's
+    /// own answers (no backend, none reachable) come without a `100`.
+    pub(super) awaited: Option<PendingBody<'a>>,
+    /// How reading `awaited` failed: the client's fault, not the backend's.
+    pub(super) body_fault: Option<ClientFault>,
+    /// An attempt is waiting for the client's body: a timeout then is the
+    /// client's stall.
+    pub(super) reading_body: bool,
 }
 
-impl Attempts for FastAttempts {
+impl FastAttempts<'_> {
+    /// Appends the awaited body, if any, to the request.
+    async fn receive_body(&mut self) -> Result<(), (FailureKind, String)> {
+        let Some(body) = self.awaited.take() else {
+            return Ok(());
+        };
+        self.reading_body = true;
+        let read = body.read_into(&mut self.request).await;
+        self.reading_body = false;
+        read.map_err(|fault| {
+            self.body_fault = Some(fault);
+            // Not judged: `client_fault` tells the retry loop first.
+            (FailureKind::Reset, "the client's body failed".to_owned())
+        })
+    }
+}
+
+impl Attempts for FastAttempts<'_> {
     type Response = UpstreamResponse;
 
     fn next_attempt(&mut self) -> bool {
@@ -113,6 +141,7 @@ impl Attempts for FastAttempts {
         // (hyper's pool does the same).
         let now = self.now.take().unwrap_or_else(Instant::now);
         if let Some(conn) = pool_take(backend, !self.idempotent, now) {
+            self.receive_body().await?;
             match exchange(conn, &self.request, self.method_head).await {
                 Ok(resp) => return Ok(resp),
                 Err(Exchange::Unsent) => {}
@@ -121,6 +150,7 @@ impl Attempts for FastAttempts {
             }
         }
         let conn = connect(backend, snap.config.timeouts.connect).await?;
+        self.receive_body().await?;
         exchange(conn, &self.request, self.method_head)
             .await
             .map_err(Exchange::failure)
@@ -138,8 +168,9 @@ impl Attempts for FastAttempts {
         true
     }
 
-    fn client_fault(&self, _timed_out: bool) -> Option<ClientFault> {
-        None
+    fn client_fault(&self, timed_out: bool) -> Option<ClientFault> {
+        self.body_fault
+            .or((timed_out && self.reading_body).then_some(ClientFault::Stalled))
     }
 
     fn wants_upgrade(&self) -> bool {
