@@ -563,3 +563,277 @@ fn compare(id: usize, request: &[u8], fast: &str, hyper: &str) {
         String::from_utf8_lossy(request)
     );
 }
+
+/// One step of a scripted conversation with lb.
+enum Step {
+    /// Write these bytes.
+    Send(Vec<u8>),
+    /// Read one message (an interim `100` counts), or see the close.
+    Hear,
+}
+
+/// Runs `script` on a new connection to `addr`: what the client heard.
+async fn converse(addr: SocketAddr, script: &[Step]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let mut out = String::new();
+    for step in script {
+        match step {
+            Step::Send(bytes) => {
+                if s.write_all(bytes).await.is_err() {
+                    out.push_str("<write failed>\n");
+                }
+            }
+            Step::Hear => match read_message(&mut s, &mut buf, Some(false)).await {
+                None => out.push_str("<closed>\n"),
+                Some((h, body, framing)) => out.push_str(&format!(
+                    "{}\n[{framing}] {:?}\n",
+                    normalise(&h),
+                    String::from_utf8_lossy(&body)
+                )),
+            },
+        }
+    }
+    out
+}
+
+/// `Expect: 100-continue` conversations (the client sends the body only
+/// after the `100`, or with the head, or never) through both paths, to a
+/// backend that answers and to one that is down: the same interim and final
+/// answers, the same close, the same bytes at the backend. Covers the fast
+/// path's own `100` (read before the attempts for a replayable method,
+/// after the backend connection otherwise), an answer given without
+/// reading the body, pipelining, and what stays hyper's (other or repeated
+/// expectations, chunked and over-limit bodies, refused heads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_conversations_match() {
+    use Step::{Hear, Send};
+    let head = |method: &str, id: &str, extra: &str| -> Vec<u8> {
+        format!("{method} /r/0 HTTP/1.1\r\nHost: x\r\nX-Id: {id}\r\n{extra}\r\n").into_bytes()
+    };
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let expect5 = "Content-Length: 5\r\nExpect: 100-continue\r\n";
+    let get = |id: &str| head("GET", id, "");
+    let big = vec![b'b'; 2000];
+    let up: Vec<(&str, Vec<Step>)> = vec![
+        (
+            "POST, body after the 100",
+            vec![
+                Send(head("POST", "u1", expect5)),
+                Hear,
+                Send(b"hello".to_vec()),
+                Hear,
+                Send(get("u1g")),
+                Hear,
+            ],
+        ),
+        (
+            "PUT (replayable), body after the 100",
+            vec![
+                Send(head("PUT", "u2", expect5)),
+                Hear,
+                Send(b"hello".to_vec()),
+                Hear,
+                Send(get("u2g")),
+                Hear,
+            ],
+        ),
+        (
+            "mixed case 100-Continue, body in two writes",
+            vec![
+                Send(head(
+                    "POST",
+                    "u3",
+                    "Content-Length: 5\r\nExpect: 100-Continue\r\n",
+                )),
+                Hear,
+                Send(b"hel".to_vec()),
+                Send(b"lo".to_vec()),
+                Hear,
+            ],
+        ),
+        (
+            "zero-length body",
+            vec![
+                Send(head(
+                    "POST",
+                    "u4",
+                    "Content-Length: 0\r\nExpect: 100-continue\r\n",
+                )),
+                Hear,
+                Send(get("u4g")),
+                Hear,
+            ],
+        ),
+        (
+            "body with the head",
+            vec![
+                Send(cat(&[&head("POST", "u5", expect5), b"hello"])),
+                Hear,
+                Hear,
+                Send(get("u5g")),
+                Hear,
+            ],
+        ),
+        (
+            "pipelined",
+            vec![
+                Send(cat(&[
+                    &head("POST", "u6a", expect5),
+                    b"hello",
+                    &get("u6b"),
+                    &head("PUT", "u6c", expect5),
+                    b"hello",
+                    &get("u6d"),
+                ])),
+                Hear,
+                Hear,
+                Hear,
+                Hear,
+                Hear,
+                Hear,
+            ],
+        ),
+        (
+            "unknown expectation",
+            vec![
+                Send(cat(&[
+                    &head(
+                        "POST",
+                        "u7",
+                        "Content-Length: 5\r\nExpect: 100-continue, x\r\n",
+                    ),
+                    b"hello",
+                ])),
+                Hear,
+                Send(get("u7g")),
+                Hear,
+            ],
+        ),
+        (
+            "two Expect headers",
+            vec![
+                Send(head(
+                    "POST",
+                    "u8",
+                    "Content-Length: 5\r\nExpect: 100-continue\r\nExpect: 100-continue\r\n",
+                )),
+                Hear,
+                Send(b"hello".to_vec()),
+                Hear,
+            ],
+        ),
+        (
+            "chunked",
+            vec![
+                Send(head(
+                    "POST",
+                    "u9",
+                    "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n",
+                )),
+                Hear,
+                Send(b"5\r\nhello\r\n0\r\n\r\n".to_vec()),
+                Hear,
+            ],
+        ),
+        (
+            "over buffer_body_limit",
+            vec![
+                Send(head(
+                    "POST",
+                    "u10",
+                    "Content-Length: 2000\r\nExpect: 100-continue\r\n",
+                )),
+                Hear,
+                Send(big.clone()),
+                Hear,
+            ],
+        ),
+        (
+            "refused head",
+            vec![
+                Send(
+                    format!("POST /r/0 HTTP/1.1\r\nHost: a b\r\nX-Id: u11\r\n{expect5}\r\n")
+                        .into_bytes(),
+                ),
+                Hear,
+                Hear,
+            ],
+        ),
+        (
+            "body never comes after the 100",
+            vec![Send(head("PUT", "u12", expect5)), Hear, Hear, Hear],
+        ),
+    ];
+    let down: Vec<(&str, Vec<Step>)> = vec![
+        (
+            "down: POST, body not sent",
+            vec![Send(head("POST", "d1", expect5)), Hear, Hear],
+        ),
+        (
+            "down: POST, body with the head",
+            vec![
+                Send(cat(&[&head("POST", "d2", expect5), b"hello"])),
+                Hear,
+                Send(get("d2g")),
+                Hear,
+            ],
+        ),
+        (
+            "down: POST, part of the body with the head",
+            vec![
+                Send(cat(&[&head("POST", "d3", expect5), b"hel"])),
+                Hear,
+                Hear,
+            ],
+        ),
+        (
+            "down: PUT (replayable), body after the 100",
+            vec![
+                Send(head("PUT", "d4", expect5)),
+                Hear,
+                Send(b"hello".to_vec()),
+                Hear,
+                Send(get("d4g")),
+                Hear,
+            ],
+        ),
+    ];
+    let config = |backend: SocketAddr| {
+        format!(
+            "timeouts:\n  client_body: 1s\n  client_header: 2s\nretry:\n  buffer_body_limit: 1KiB\n\
+             backends:\n  - address: {backend}\n"
+        )
+    };
+    let (fast_backend, fast_seen) = recording_backend().await;
+    let (hyper_backend, hyper_seen) = recording_backend().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (fast, _d1) = start_lb_with(&config(fast_backend), Http1::Fast).await;
+    let (hyper, _d2) = start_lb_with(&config(hyper_backend), Http1::Hyper).await;
+    let (fast_down, _d3) = start_lb_with(&config(dead), Http1::Fast).await;
+    let (hyper_down, _d4) = start_lb_with(&config(dead), Http1::Hyper).await;
+    let scripts = up
+        .into_iter()
+        .map(|s| (s, fast.local_addr(), hyper.local_addr()))
+        .chain(
+            down.into_iter()
+                .map(|s| (s, fast_down.local_addr(), hyper_down.local_addr())),
+        );
+    let mut tasks = tokio::task::JoinSet::new();
+    for ((name, script), f, h) in scripts {
+        tasks.spawn(async move {
+            let (fast, hyper) = tokio::join!(converse(f, &script), converse(h, &script));
+            (name, fast, hyper)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (name, fast, hyper) = done.unwrap();
+        assert_eq!(fast, hyper, "{name}: the client heard differently");
+    }
+    let (f, h) = (fast_seen.lock().unwrap(), hyper_seen.lock().unwrap());
+    assert_eq!(*f, *h, "the backends saw different bytes");
+    assert!(f.len() >= 12, "too few requests reached a backend: {f:?}");
+}
