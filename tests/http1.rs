@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -328,4 +329,100 @@ async fn expect_100_continue_gets_its_interim_answer() {
         out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\n5"),
         "{out}"
     );
+}
+
+/// After a 100-continue upload the connection stays on the fast path. The
+/// signal: the next request's repeated header reaches the backend
+/// interleaved as sent, where hyper's `HeaderMap` groups a name's values (no
+/// metric or admin figure tells the paths apart). Under
+/// `TEST_LB_HTTP1=hyper` the grouped order is expected, which shows the
+/// signal tells them apart.
+#[tokio::test]
+async fn a_100_continue_upload_leaves_the_connection_on_the_fast_path() {
+    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&heads);
+    let backend = raw_server(move |mut s| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let head = text(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < end + 4 + len {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..end + 4 + len);
+                seen.lock().unwrap().push(head);
+                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let lb = lb_for(backend).await;
+    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    // Until `want` is at the end of what came.
+    async fn answer(s: &mut TcpStream, want: &str) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !text(&got).ends_with(want) {
+            match tokio::time::timeout(Duration::from_secs(WAIT), s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                _ => panic!("no {want:?}, got {:?}", text(&got)),
+            }
+        }
+        text(&got)
+    }
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answer(&mut s, "\r\n\r\n").await,
+        "HTTP/1.1 100 Continue\r\n\r\n"
+    );
+    s.write_all(b"hello").await.unwrap();
+    let out = answer(&mut s, "\r\n\r\nok").await;
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-B: 2\r\nX-A: 3\r\n\r\n")
+        .await
+        .unwrap();
+    let out = answer(&mut s, "\r\n\r\nok").await;
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    // `Expect` is not hop-by-hop: the backend sees it on both paths.
+    assert!(
+        heads[0].contains("\r\nexpect: 100-continue"),
+        "{}",
+        heads[0]
+    );
+    let order: Vec<&str> = heads[1]
+        .lines()
+        .filter(|l| l.starts_with("x-a:") || l.starts_with("x-b:"))
+        .collect();
+    let want = match http1_under_test() {
+        lb::server::Http1::Fast => ["x-a: 1", "x-b: 2", "x-a: 3"],
+        lb::server::Http1::Hyper => ["x-a: 1", "x-a: 3", "x-b: 2"],
+    };
+    assert_eq!(order, want, "{}", heads[1]);
 }

@@ -325,6 +325,48 @@ pub(super) fn skip_unread_body(client: &TcpStream, buf: &mut Buf, len: u64) -> b
 mod tests {
     use super::*;
 
+    /// `Some(expect_continue)` when the fast path takes the head, `None`
+    /// when hyper does.
+    fn taken(extra: &str) -> Option<bool> {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        let mut buf = Buf::from(head.as_bytes());
+        match parse_request(&mut buf, 64 * 1024, 1024) {
+            Parsed::Fast(head) => Some(head.expect_continue),
+            Parsed::Hyper => None,
+            Parsed::Partial => panic!("partial: {extra}"),
+        }
+    }
+
+    #[test]
+    fn only_a_lone_100_continue_expectation_stays_on_the_fast_path() {
+        let cl = "Content-Length: 5\r\n";
+        assert_eq!(taken(&format!("{cl}Expect: 100-continue\r\n")), Some(true));
+        assert_eq!(taken(&format!("Expect: 100-Continue\r\n{cl}")), Some(true));
+        assert_eq!(taken(cl), Some(false));
+        // No body: hyper sends no 100 either.
+        assert_eq!(
+            taken("Content-Length: 0\r\nExpect: 100-continue\r\n"),
+            Some(false)
+        );
+        assert_eq!(taken("Expect: 100-continue\r\n"), Some(false));
+        for hyper in [
+            "Expect: 100-continue, x\r\n",
+            "Expect: x\r\n",
+            "Expect: 100-continue\r\nExpect: 100-continue\r\n",
+        ] {
+            assert_eq!(taken(&format!("{cl}{hyper}")), None, "{hyper}");
+        }
+        // Over `buffer_body_limit`, or chunked: hyper's.
+        assert_eq!(
+            taken("Content-Length: 2000\r\nExpect: 100-continue\r\n"),
+            None
+        );
+        assert_eq!(
+            taken("Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n"),
+            None
+        );
+    }
+
     #[test]
     fn write_ip_matches_display() {
         let ips = [
