@@ -14,10 +14,20 @@
 //! The fast path takes only what it can answer exactly as hyper would:
 //! HTTP/1.1, an origin-form target, no body or a `Content-Length` body of at
 //! most `retry.buffer_body_limit` (read whole before it is sent), no
-//! `Upgrade` or `Expect`. Steering reads the head through the hyper path's
+//! `Upgrade`, and no `Expect` but a single `Expect: 100-continue` (any case).
+//! For that one it sends hyper's `HTTP/1.1 100 Continue` when the hyper path
+//! would first read the body: before the attempts when they may replay it
+//! (`retry.attempts` > 1 and an idempotent method), else once the first
+//! attempt has a backend connection; never for an empty body. lb's own
+//! answer given before that (no backend, none reachable) comes without a
+//! `100`, and, as from hyper's server, without `Connection: close` but the
+//! connection then ends unless the whole body had come with the head. The
+//! `Expect` header is forwarded, and the body sent with the head, without
+//! waiting for the backend's own `100` (hyper's client neither waits nor
+//! relays it; the fast path skips it). Steering reads the head through the hyper path's
 //! own functions (`consistent_hash` keys, the `session_affinity` cookie and
-//! its `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0,
-//! chunked or large uploads, every malformed or refused head (the request-smuggling
+//! its `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0, another or
+//! a repeated `Expect`, chunked or large uploads, every malformed or refused head (the request-smuggling
 //! matrix included), a head over `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
 //! connection: the answer is hyper's by construction.
