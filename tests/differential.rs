@@ -615,28 +615,22 @@ async fn expect_continue_conversations_match() {
     let expect5 = "Content-Length: 5\r\nExpect: 100-continue\r\n";
     let get = |id: &str| head("GET", id, "");
     let big = vec![b'b'; 2000];
+    // The body after the `100`, then a GET on the same connection.
+    let upload_after_100 = |method: &str, id: &str| {
+        vec![
+            Send(head(method, id, expect5)),
+            Hear,
+            Send(b"hello".to_vec()),
+            Hear,
+            Send(get(&format!("{id}g"))),
+            Hear,
+        ]
+    };
     let up: Vec<(&str, Vec<Step>)> = vec![
-        (
-            "POST, body after the 100",
-            vec![
-                Send(head("POST", "u1", expect5)),
-                Hear,
-                Send(b"hello".to_vec()),
-                Hear,
-                Send(get("u1g")),
-                Hear,
-            ],
-        ),
+        ("POST, body after the 100", upload_after_100("POST", "u1")),
         (
             "PUT (replayable), body after the 100",
-            vec![
-                Send(head("PUT", "u2", expect5)),
-                Hear,
-                Send(b"hello".to_vec()),
-                Hear,
-                Send(get("u2g")),
-                Hear,
-            ],
+            upload_after_100("PUT", "u2"),
         ),
         (
             "mixed case 100-Continue, body in two writes",
@@ -789,14 +783,7 @@ async fn expect_continue_conversations_match() {
         ),
         (
             "down: PUT (replayable), body after the 100",
-            vec![
-                Send(head("PUT", "d4", expect5)),
-                Hear,
-                Send(b"hello".to_vec()),
-                Hear,
-                Send(get("d4g")),
-                Hear,
-            ],
+            upload_after_100("PUT", "d4"),
         ),
     ];
     let config = |backend: SocketAddr| {
