@@ -637,6 +637,13 @@ async fn stalled_backend_is_cut(partial: &'static [u8], complete: &[u8]) {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("first half"), "{text}");
     assert!(!resp.ends_with(complete), "looks complete: {text}");
+    charged_once(&lb, backend, "lb_response_body_stalls_total").await;
+    eventually!(WAIT, closed.load(SeqCst) == 1, "backend connection kept");
+}
+
+/// The only backend of `lb` (at `backend`) was charged one failure, holds
+/// no request, and `counter` counted it once.
+async fn charged_once(lb: &TestLb, backend: SocketAddr, counter: &str) {
     let runtime = lb.lb.runtime();
     let state = Arc::clone(&runtime.snapshot().backends[0].state);
     eventually!(
@@ -645,13 +652,10 @@ async fn stalled_backend_is_cut(partial: &'static [u8], complete: &[u8]) {
         "failures: {}",
         state.failures()
     );
-    eventually!(WAIT, closed.load(SeqCst) == 1, "backend connection kept");
     eventually!(WAIT, state.in_flight() == 0);
     let metrics = lb::metrics::render(runtime);
     assert!(
-        metrics.contains(&format!(
-            "lb_response_body_stalls_total{{backend=\"{backend}\"}} 1"
-        )),
+        metrics.contains(&format!("{counter}{{backend=\"{backend}\"}} 1")),
         "{metrics}"
     );
 }
@@ -699,22 +703,7 @@ async fn broken_body_is_cut_and_charged(partial: &'static [u8]) {
     assert!(was_closed, "client connection kept: {text}");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(!text.contains("0\r\n\r\n"), "looks complete: {text}");
-    let runtime = lb.lb.runtime();
-    let state = Arc::clone(&runtime.snapshot().backends[0].state);
-    eventually!(
-        WAIT,
-        state.failures() == 1,
-        "failures: {}",
-        state.failures()
-    );
-    eventually!(WAIT, state.in_flight() == 0);
-    let metrics = lb::metrics::render(runtime);
-    assert!(
-        metrics.contains(&format!(
-            "lb_response_body_errors_total{{backend=\"{backend}\"}} 1"
-        )),
-        "{metrics}"
-    );
+    charged_once(&lb, backend, "lb_response_body_errors_total").await;
 }
 
 #[tokio::test]
