@@ -24,11 +24,14 @@
 //! connection then ends unless the whole body had come with the head. The
 //! `Expect` header is forwarded, and the body sent with the head, without
 //! waiting for the backend's own `100` (hyper's client neither waits nor
-//! relays it; the fast path skips it). Steering reads the head through the hyper path's
-//! own functions (`consistent_hash` keys, the `session_affinity` cookie and
-//! its `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0, another or
-//! a repeated `Expect`, chunked or large uploads, every malformed or refused head (the request-smuggling
-//! matrix included), a head over `limits.max_header_bytes` — is handed to
+//! relays it; the fast path skips it).
+//!
+//! Steering reads the head through the hyper path's own functions
+//! (`consistent_hash` keys, the `session_affinity` cookie and its
+//! `Set-Cookie`). Anything else — an h2c preface, HTTP/1.0, another or a
+//! repeated `Expect`, chunked or large uploads, every malformed or refused
+//! head (the request-smuggling matrix included), a head over
+//! `limits.max_header_bytes` — is handed to
 //! hyper with the bytes read so far, and hyper serves the rest of that
 //! connection: the answer is hyper's by construction.
 //!
