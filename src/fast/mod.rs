@@ -169,6 +169,22 @@ pub(crate) async fn serve(
                     }
                 }
             }
+            // The first bytes are read here, not in the exchange: readiness
+            // can be stale (a read that filled its buffer, as a body read
+            // limited to `Content-Length` does, leaves it set), and a
+            // connection with nothing to say must go back to the idle wait
+            // (`client_idle`, the drain) without a buffer, not wait for a
+            // head on `client_header` holding one.
+            let mut first = spare::buf();
+            match stream.try_read_buf(&mut first) {
+                Ok(0) => return,
+                Ok(_) => buf = first,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    spare::give_buf(first);
+                    continue;
+                }
+                Err(_) => return,
+            }
         }
         let snap = rt.worker_snapshot();
         // Boxed: an idle connection's task then holds only the state above.
