@@ -231,25 +231,42 @@ async fn silent_connection_is_closed_after_client_header() {
     eventually!(10, lb.lb.runtime().connections.open() == 0);
 }
 
-#[tokio::test]
-async fn idle_keep_alive_lasts_client_idle_not_client_header() {
+/// lb (one backend) with a short `client_header` and a long
+/// `client_idle`, and a client connection to it.
+async fn short_header_long_idle() -> (TestLb, Backend, TcpStream) {
     let b = Backend::start("b").await;
     let lb = TestLb::start(&format!(
         "timeouts:\n  client_header: 200ms\n  client_idle: 60s\n{}",
         backends_yaml(&[&b])
     ))
     .await;
-    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
-    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    s.write_all(req).await.unwrap();
+    let s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    (lb, b, s)
+}
+
+/// Idles `s` for several `client_header` periods, then checks that a
+/// request on it is still answered.
+async fn still_answers_after_idling(s: &mut TcpStream) {
+    // The idleness is what is tested.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "keep-alive was cut");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_lasts_client_idle_not_client_header() {
+    let (_lb, _b, mut s) = short_header_long_idle().await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    // Idle for several client_header periods: the idleness is what is tested.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    s.write_all(req).await.unwrap();
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "keep-alive was cut");
+    still_answers_after_idling(&mut s).await;
 }
 
 /// After an upload whose body came after its head (here after `100
@@ -260,13 +277,7 @@ async fn idle_keep_alive_lasts_client_idle_not_client_header() {
 /// a buffer (7 KiB per idle connection instead of 1.4) and deaf to a drain.
 #[tokio::test]
 async fn idle_keep_alive_after_a_late_body_lasts_client_idle() {
-    let b = Backend::start("b").await;
-    let lb = TestLb::start(&format!(
-        "timeouts:\n  client_header: 200ms\n  client_idle: 60s\n{}",
-        backends_yaml(&[&b])
-    ))
-    .await;
-    let mut s = TcpStream::connect(lb.lb.local_addr()).await.unwrap();
+    let (_lb, _b, mut s) = short_header_long_idle().await;
     s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
@@ -284,13 +295,7 @@ async fn idle_keep_alive_after_a_late_body_lasts_client_idle() {
         "{:?}",
         String::from_utf8_lossy(&buf[..n])
     );
-    // Idle for several client_header periods: the idleness is what is tested.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "keep-alive was cut");
+    still_answers_after_idling(&mut s).await;
 }
 
 #[tokio::test]
