@@ -16,7 +16,7 @@ use lb::metrics::{AttemptOutcome, BackendMetrics, Metrics};
 /// What the request path records for one request that one attempt served.
 fn one_request(m: &Metrics, b: &BackendMetrics, took: Duration) {
     b.attempt(AttemptOutcome::Success);
-    m.request(Some(b), 200, took);
+    m.request(Some(b), None, 200, took);
 }
 
 /// Mean ns per request over `secs` seconds on `threads` threads.

@@ -238,19 +238,36 @@ impl Admin {
         let rt = &self.runtime;
         let snap = rt.snapshot();
         let now_ms = rt.clock.now_ms();
-        let backends: Vec<_> = snap
-            .backends
+        let backend_json = |b: &crate::selection::Backend| {
+            json!({
+                "address": b.addr.as_str(),
+                "pool": b.state.pool.as_str(),
+                "weight": b.weight,
+                "healthy": b.state.is_healthy(),
+                "ejected": b.state.is_ejected(now_ms),
+                "in_flight": b.state.in_flight(),
+                "requests": b.state.requests(),
+                "failures": b.state.failures(),
+            })
+        };
+        let backends: Vec<_> = snap.all_backends().map(backend_json).collect();
+        let pools: serde_json::Map<String, serde_json::Value> = snap
+            .pools
             .iter()
-            .map(|b| {
-                json!({
-                    "address": b.addr.as_str(),
-                    "weight": b.weight,
-                    "healthy": b.state.is_healthy(),
-                    "ejected": b.state.is_ejected(now_ms),
-                    "in_flight": b.state.in_flight(),
-                    "requests": b.state.requests(),
-                    "failures": b.state.failures(),
-                })
+            .map(|p| {
+                let routes: Vec<String> = snap
+                    .config
+                    .routes
+                    .iter()
+                    .filter(|r| snap.config.pools[r.pool].name == *p.name())
+                    .map(ToString::to_string)
+                    .collect();
+                let value = json!({
+                    "strategy": p.config.strategy.name(),
+                    "routes": routes,
+                    "backends": p.backends.iter().map(backend_json).collect::<Vec<_>>(),
+                });
+                (p.name().to_string(), value)
             })
             .collect();
         let last = rt.reloads.last();
@@ -263,7 +280,7 @@ impl Admin {
                 "loaded_at": rfc3339(last.applied_at),
                 "loaded_at_unix": unix_seconds(last.applied_at),
                 "listen": snap.config.listen.to_string(),
-                "strategy": snap.config.strategy.name(),
+                "strategy": snap.first_pool().config.strategy.name(),
             },
             "last_reload": reload_json(&last),
             "reloads": {
@@ -277,6 +294,7 @@ impl Admin {
                 "upgraded": rt.upgrades.open(),
             },
             "backends": backends,
+            "pools": pools,
         })
     }
 }

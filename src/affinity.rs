@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{BackendAddr, HashKey, SessionAffinity, Strategy};
 use crate::proxy::HeadView;
-use crate::runtime::Snapshot;
+use crate::runtime::Pool;
 use crate::selection::hash;
 use crate::selection::{Backend, Steer};
 
@@ -153,12 +153,12 @@ impl AffinityCookies {
 /// Request side: the hash key (for `consistent_hash`) and the backend the
 /// affinity cookie names, which is taken out of the headers. Call before
 /// the head is rewritten, so a `header:` key sees what the client sent.
-pub fn steer(snap: &Snapshot, parts: &mut Parts, client_ip: IpAddr) -> Steer {
-    let key = match snap.config.strategy {
-        Strategy::ConsistentHash => request_key(&snap.config.steering.hash_key, parts, client_ip),
+pub fn steer(pool: &Pool, parts: &mut Parts, client_ip: IpAddr) -> Steer {
+    let key = match pool.config.strategy {
+        Strategy::ConsistentHash => request_key(&pool.config.steering.hash_key, parts, client_ip),
         _ => None,
     };
-    let pinned = snap
+    let pinned = pool
         .affinity
         .as_ref()
         .and_then(|c| c.take(&mut parts.headers));
@@ -167,8 +167,8 @@ pub fn steer(snap: &Snapshot, parts: &mut Parts, client_ip: IpAddr) -> Steer {
 
 /// Response side: (re-)issues the cookie when the backend that answered is
 /// not the one the request's cookie named.
-pub fn on_response<B>(snap: &Snapshot, steer: &Steer, resp: &mut Response<B>) {
-    let Some(cookies) = &snap.affinity else {
+pub fn on_response<B>(pool: &Pool, steer: &Steer, resp: &mut Response<B>) {
+    let Some(cookies) = &pool.affinity else {
         return;
     };
     let Some(&ServedBy(i)) = resp.extensions().get::<ServedBy>() else {

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::config::{BackendAddr, HealthCheck, ProxyProtocol};
+use crate::config::{BackendAddr, HealthCheck, PoolName, ProxyProtocol};
 use crate::runtime::Runtime;
 use crate::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
@@ -56,31 +56,36 @@ fn probe_client() -> ProbeClient {
 pub async fn supervise(runtime: Arc<Runtime>) {
     let mut changes = runtime.subscribe();
     let client = probe_client();
-    let mut probes: HashMap<BackendAddr, JoinHandle<()>> = HashMap::new();
+    // One probe task per (pool, address): the same address in two pools is
+    // probed by each, with each pool's settings.
+    let mut probes: HashMap<(PoolName, BackendAddr), JoinHandle<()>> = HashMap::new();
     let mut startup = true;
     loop {
         let snap = runtime.snapshot();
-        match &snap.config.health_check {
-            None => {
-                for (_, task) in probes.drain() {
-                    task.abort();
-                }
-                for b in &snap.backends {
+        probes.retain(|(pool, addr), task| {
+            let keep = snap.pools.iter().any(|p| {
+                p.name() == pool
+                    && p.config.health_check.is_some()
+                    && p.backends.iter().any(|b| &b.addr == addr)
+            });
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for pool in &snap.pools {
+            let Some(hc) = &pool.config.health_check else {
+                for b in &pool.backends {
                     if b.state.set_healthy(true) {
                         tracing::info!("backend {} is up (health checks turned off)", b.addr);
                     }
                 }
-            }
-            Some(hc) => {
-                probes.retain(|addr, task| {
-                    let keep = snap.backends.iter().any(|b| &b.addr == addr);
-                    if !keep {
-                        task.abort();
-                    }
-                    keep
-                });
-                for (b, authority) in snap.backends.iter().zip(&snap.authorities) {
-                    if probes.contains_key(&b.addr) {
+                continue;
+            };
+            {
+                for (b, authority) in pool.backends.iter().zip(&pool.authorities) {
+                    let key = (pool.name().clone(), b.addr.clone());
+                    if probes.contains_key(&key) {
                         continue;
                     }
                     let first_delay = if startup {
@@ -95,7 +100,7 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                         client.clone(),
                         first_delay,
                     ));
-                    probes.insert(b.addr.clone(), task);
+                    probes.insert(key, task);
                 }
             }
         }
@@ -130,13 +135,13 @@ async fn probe_loop(
             tokio::select! {
                 () = sleep_until(due) => break,
                 changed = changes.changed() => {
-                    let Some(now) = changed.ok().and_then(|()| current(&runtime)) else { return };
+                    let Some(now) = changed.ok().and_then(|()| current(&runtime, &state.pool)) else { return };
                     due = due.min(Instant::now() + now.check.interval);
                 }
             }
         }
         let started = Instant::now();
-        let Some(settings) = current(&runtime) else {
+        let Some(settings) = current(&runtime, &state.pool) else {
             return;
         };
         let result = probe(&client, &authority, &settings).await;
@@ -175,10 +180,11 @@ struct ProbeSettings {
     proxy_protocol: Option<ProxyProtocol>,
 }
 
-fn current(runtime: &std::sync::Weak<Runtime>) -> Option<ProbeSettings> {
+fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeSettings> {
     let snap = runtime.upgrade()?.snapshot();
+    let pool = snap.pools.iter().find(|p| p.name() == pool)?;
     Some(ProbeSettings {
-        check: snap.config.health_check.clone()?,
+        check: pool.config.health_check.clone()?,
         proxy_protocol: snap.config.send_proxy_protocol,
     })
 }

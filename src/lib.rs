@@ -44,6 +44,7 @@ pub mod admin;
 pub mod affinity;
 pub mod body;
 pub mod config;
+pub mod core;
 pub mod fast;
 pub mod health;
 pub mod listen;

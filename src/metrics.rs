@@ -226,8 +226,9 @@ impl DurationHistogram {
 /// Process-wide counters (those not tied to a backend).
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Client requests lb answered without a backend's response (no
-    /// backend available, refused request, broken body, every attempt failed).
+    /// Client requests lb answered before any pool was chosen (refused
+    /// request, no route); a routed request lb answers itself (no backend
+    /// available, every attempt failed) counts in its pool's `PoolShared`.
     unrouted: StatusCounts,
     /// Client request durations, arrival to response head.
     duration: DurationHistogram,
@@ -243,10 +244,17 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one answered client request. `backend` is the one whose
     /// response the client got, if any.
-    pub fn request(&self, backend: Option<&BackendMetrics>, code: u16, took: Duration) {
-        match backend {
-            Some(b) => b.response(code),
-            None => self.unrouted.count(code),
+    pub fn request(
+        &self,
+        backend: Option<&BackendMetrics>,
+        pool: Option<&StatusCounts>,
+        code: u16,
+        took: Duration,
+    ) {
+        match (backend, pool) {
+            (Some(b), _) => b.response(code),
+            (None, Some(pool)) => pool.count(code),
+            (None, None) => self.unrouted.count(code),
         }
         self.duration.observe(took);
     }
@@ -291,11 +299,16 @@ const NO_BACKEND: &str = "none";
 type Labels = Vec<(&'static str, String)>;
 
 fn backend(b: &Backend) -> Labels {
-    vec![("backend", b.addr.to_string())]
+    vec![
+        ("pool", b.state.pool.to_string()),
+        ("backend", b.addr.to_string()),
+    ]
 }
 
 fn backend_and(b: &Backend, key: &'static str, value: impl ToString) -> Labels {
-    vec![("backend", b.addr.to_string()), (key, value.to_string())]
+    let mut labels = backend(b);
+    labels.push((key, value.to_string()));
+    labels
 }
 
 /// One family and its series.
@@ -317,7 +330,7 @@ impl Collector for Exporter {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rt = &self.0;
         let snap = rt.snapshot();
-        let backends = &snap.backends;
+        let backends: Vec<&Backend> = snap.all_backends().collect();
         let now_ms = rt.clock.now_ms();
         let m = &rt.metrics;
         let count = |n: &AtomicU64| ConstCounter::new(n.load(Relaxed));
@@ -330,19 +343,31 @@ impl Collector for Exporter {
                 .nonzero()
                 .map(move |(code, n)| (backend_and(b, "code", code), ConstCounter::new(n)))
         });
-        let unrouted = m.unrouted.nonzero().map(|(code, n)| {
-            let labels = vec![
-                ("backend", NO_BACKEND.to_owned()),
-                ("code", code.to_string()),
-            ];
-            (labels, ConstCounter::new(n))
-        });
+        // lb's own answers: per pool once routed, `pool="none"` before.
+        let own = |pool: String, counts: &StatusCounts| {
+            counts
+                .nonzero()
+                .map(move |(code, n)| {
+                    let labels = vec![
+                        ("pool", pool.clone()),
+                        ("backend", NO_BACKEND.to_owned()),
+                        ("code", code.to_string()),
+                    ];
+                    (labels, ConstCounter::new(n))
+                })
+                .collect::<Vec<_>>()
+        };
+        let pooled = snap
+            .pools
+            .iter()
+            .flat_map(|p| own(p.name().to_string(), &p.shared.own_answers));
+        let unrouted = own(NO_BACKEND.to_owned(), &m.unrouted);
         family(
             &mut enc,
             "lb_requests",
             "Client requests answered, by the backend whose response was relayed and status code",
             MetricType::Counter,
-            routed.chain(unrouted),
+            routed.chain(pooled).chain(unrouted),
         )?;
         {
             let mut e = enc.encode_descriptor(

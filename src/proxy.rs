@@ -101,9 +101,14 @@ impl Arrival {
         let took = trace
             .ended
             .map_or_else(|| self.at.elapsed(), |ended| ended - self.at);
-        let backend = trace.relayed.and_then(|i| snap.backends.get(i));
-        rt.metrics
-            .request(backend.map(|b| &b.state.metrics), status, took);
+        let pool = trace.pool.and_then(|p| snap.pools.get(p));
+        let backend = pool.and_then(|pool| trace.relayed.and_then(|i| pool.backends.get(i)));
+        rt.metrics.request(
+            backend.map(|b| &b.state.metrics),
+            pool.map(|p| &p.shared.own_answers),
+            status,
+            took,
+        );
         if let Some((time, method, path)) = self.logged {
             rt.access_log.log(Entry {
                 time,
@@ -132,15 +137,32 @@ async fn respond(
     let upgrade = upgrade::requested(&parts)
         .then(|| parts.headers.get(header::UPGRADE).cloned())
         .flatten();
-    let steer = affinity::steer(snap, &mut parts, client_ip);
-    if let Err(refusal) = check_request(&parts).and_then(|()| rewrite_head(&mut parts, client_ip)) {
+    if let Err(refusal) = check_request(&parts) {
+        tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
+        return refusal.response();
+    }
+    let uri = parts.uri.clone();
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(routed) = snap.route(route_host(&parts), path_and_query) else {
+        return no_route(client_ip, &parts.method, path_and_query).response();
+    };
+    let pool = routed.pool;
+    trace.pool = Some(routed.index);
+    if let Some(path) = routed.rewritten {
+        match rewrite_path(&uri, &path) {
+            Some(uri) => parts.uri = uri,
+            None => return Refusal::new(StatusCode::BAD_REQUEST, "400 Bad Request").response(),
+        }
+    }
+    let steer = affinity::steer(pool, &mut parts, client_ip);
+    if let Err(refusal) = rewrite_head(&mut parts, client_ip) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
         return refusal.response();
     }
     if let Some(value) = upgrade {
         upgrade::restore_headers(&mut parts.headers, value);
     }
-    let policy = &snap.config.retry;
+    let policy = &pool.config.retry;
     let replay = policy.attempts.get() > 1 && is_idempotent(&parts.method);
     let stall = snap.config.timeouts.client_body;
     let body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
@@ -150,9 +172,35 @@ async fn respond(
             return retry::client_fault(e.fault);
         }
     };
-    let mut resp = retry::forward(rt, snap, worker, &steer, parts, body, trace).await;
-    affinity::on_response(snap, &steer, &mut resp);
+    let mut resp = retry::forward(rt, snap, pool, worker, &steer, parts, body, trace).await;
+    affinity::on_response(pool, &steer, &mut resp);
     resp
+}
+
+/// The host a request is routed by: the authority of an absolute-form or
+/// HTTP/2 target, else the `Host` header (either HTTP/1 path's head).
+pub(crate) fn route_host(head: &impl HeadView) -> Option<&str> {
+    match head.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => head
+            .values("host")
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok()),
+    }
+}
+
+/// The 404 of a request no route matches: nothing was sent to any backend.
+pub(crate) fn no_route(client_ip: IpAddr, method: &Method, path: &str) -> Refusal {
+    tracing::debug!(%client_ip, %method, path, "no route matches: 404");
+    Refusal::not_found()
+}
+
+/// `uri` with its path and query replaced by `path_and_query` (a route
+/// that strips its prefix); `None` if the result is not a valid target.
+fn rewrite_path(uri: &Uri, path_and_query: &str) -> Option<Uri> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// A request lb answers itself, with why.
@@ -167,6 +215,12 @@ impl Refusal {
         Refusal { status, reason }
     }
 
+    /// No route matches the request. The connection stays usable: the
+    /// request was well formed.
+    pub(crate) fn not_found() -> Self {
+        Refusal::new(StatusCode::NOT_FOUND, "404 Not Found")
+    }
+
     pub fn response(&self) -> Response<ResponseBody> {
         let mut resp = retry::text(self.status, format!("lb: {}\n", self.reason));
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
@@ -175,9 +229,12 @@ impl Refusal {
                 HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
             );
         }
-        // After a refused head the rest of the connection cannot be trusted.
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // After a refused head the rest of the connection cannot be trusted;
+        // a 404 refuses nothing of the message.
+        if self.status != StatusCode::NOT_FOUND {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

@@ -26,7 +26,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
 use crate::metrics::{AttemptOutcome, RetryReason};
-use crate::runtime::{Runtime, Snapshot};
+use crate::runtime::{Pool, Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::state::{BackendState, Clock, Ejection, InFlight};
 use crate::upgrade::Hold;
@@ -120,6 +120,7 @@ pub(crate) trait Attempts {
     fn send(
         &mut self,
         snap: &Snapshot,
+        pool: &Pool,
         index: usize,
         last: bool,
     ) -> impl std::future::Future<Output = Result<Self::Response, (FailureKind, String)>> + Send;
@@ -172,7 +173,9 @@ enum Failed<R> {
 /// What the retry loop did with one request, for metrics and the access log.
 #[derive(Debug, Default)]
 pub struct Trace {
-    /// The backend (index in the snapshot) whose response the client gets;
+    /// The request's pool (index in the snapshot), once routed.
+    pub pool: Option<usize>,
+    /// The backend (index in the pool) whose response the client gets;
     /// `None` when lb answers itself.
     pub relayed: Option<usize>,
     /// Attempts sent upstream.
@@ -244,6 +247,7 @@ const NO_BACKEND: &str = "lb: no healthy backend available\n";
 pub async fn forward(
     rt: &Arc<Runtime>,
     snap: &Snapshot,
+    pool: &Pool,
     worker: usize,
     steer: &Steer,
     mut parts: Parts,
@@ -267,7 +271,7 @@ pub async fn forward(
         body,
         pending: None,
     };
-    match run(rt, snap, steer, &method, &path, &mut attempts, trace).await {
+    match run(rt, snap, pool, steer, &method, &path, &mut attempts, trace).await {
         Outcome::Relay(resp, in_flight, index) => {
             let relayed = |body| {
                 RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
@@ -296,6 +300,7 @@ pub async fn forward(
 pub(crate) async fn run<A: Attempts>(
     rt: &Runtime,
     snap: &Snapshot,
+    pool: &Pool,
     steer: &Steer,
     method: &Method,
     path: &str,
@@ -305,18 +310,18 @@ pub(crate) async fn run<A: Attempts>(
     let started = Instant::now();
     // `return` in the block ends the decisions; the trace is finished below.
     let outcome = async {
-        let policy: &RetryPolicy = &snap.config.retry;
+        let policy: &RetryPolicy = &pool.config.retry;
         let deadline = started + snap.config.timeouts.request;
         let idempotent = is_idempotent(method);
-        rt.budget.deposit(&policy.budget);
+        pool.shared.budget.deposit(&policy.budget);
 
         let mut tried = Tried::default();
         let mut last: Option<Failed<A::Response>> = None;
         // Only peak_ewma reads the latency estimate: the others skip the
         // clock readings and the shared writes of recording it.
-        let record_latency = snap.config.strategy == Strategy::PeakEwma;
+        let record_latency = pool.config.strategy == Strategy::PeakEwma;
         for attempt in 0..policy.attempts.get() {
-            if attempt > 0 && !rt.budget.try_withdraw(&policy.budget) {
+            if attempt > 0 && !pool.shared.budget.try_withdraw(&policy.budget) {
                 tracing::debug!("retry budget exhausted");
                 rt.metrics.budget_exhausted();
                 break;
@@ -327,8 +332,8 @@ pub(crate) async fn run<A: Attempts>(
                 rt.clock.now_ms()
             };
             let eligible =
-                |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-            let Some(index) = snap.select_for(steer, &eligible) else {
+                |i: usize| !tried.contains(&i) && pool.backends[i].state.is_available(now_ms);
+            let Some(index) = pool.select_for(steer, &eligible) else {
                 if attempt == 0 {
                     return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
                 }
@@ -345,7 +350,7 @@ pub(crate) async fn run<A: Attempts>(
             }
             tried.push(index);
             trace.attempts += 1;
-            let backend = &snap.backends[index];
+            let backend = &pool.backends[index];
             let in_flight = backend.state.start();
             let try_deadline = policy
                 .per_try_timeout
@@ -356,10 +361,10 @@ pub(crate) async fn run<A: Attempts>(
             } else {
                 started
             };
-            let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
+            let outcome = timeout_at(try_deadline, attempts.send(snap, pool, index, last_try)).await;
             // peak_ewma's sample: time to the response head (a refused connect says nothing).
             if record_latency && !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
-                let decay = snap.config.steering.peak_ewma_decay;
+                let decay = pool.config.steering.peak_ewma_decay;
                 backend.state.record_latency(sent.elapsed(), decay);
             }
             // The client's side failed (bad framing, stall, gone): not the backend's doing.
@@ -386,7 +391,7 @@ pub(crate) async fn run<A: Attempts>(
                     let status = A::status(&resp);
                     if status.is_server_error() {
                         metrics.attempt(AttemptOutcome::ServerError);
-                        note_failure(rt, snap, &backend.state, &format!("answered {status}"));
+                        note_failure(rt, pool, &backend.state, &format!("answered {status}"));
                     } else {
                         metrics.attempt(AttemptOutcome::Success);
                         backend.state.record_success();
@@ -409,7 +414,7 @@ pub(crate) async fn run<A: Attempts>(
             drop(in_flight);
             metrics.attempt(AttemptOutcome::of_failure(kind));
             trace.relayed = None;
-            note_failure(rt, snap, &backend.state, &detail);
+            note_failure(rt, pool, &backend.state, &detail);
             tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
             let retry_allowed = may_retry(
                 kind,
@@ -434,7 +439,7 @@ pub(crate) async fn run<A: Attempts>(
                 backend,
                 detail,
             }) => {
-                let addr = &snap.backends[backend].addr;
+                let addr = &pool.backends[backend].addr;
                 let tries = tried.len();
                 let (status, what) = final_status(kind);
                 tracing::warn!(backend = %addr, %detail, tries, "{method} {path} {what}: {status}");
@@ -477,6 +482,7 @@ impl Attempts for HyperAttempts {
     async fn send(
         &mut self,
         snap: &Snapshot,
+        pool: &Pool,
         index: usize,
         last: bool,
     ) -> Result<Response<Incoming>, (FailureKind, String)> {
@@ -485,7 +491,7 @@ impl Attempts for HyperAttempts {
         };
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = upstream_uri(&self.parts.uri, &snap.authorities[index]);
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.authorities[index]);
         *req.version_mut() = Version::HTTP_11;
         // Only a later attempt needs the headers again: the last one takes them.
         *req.headers_mut() = if last {
@@ -527,16 +533,16 @@ impl Attempts for HyperAttempts {
 /// take more than `max_ejection_percent` of `snap`'s pool out (but always
 /// allows one) does not happen: a pool-wide problem must not leave clients
 /// with nothing.
-pub(crate) fn note_failure(rt: &Runtime, snap: &Snapshot, state: &BackendState, why: &str) {
-    let outlier = &snap.config.outlier_detection;
+pub(crate) fn note_failure(rt: &Runtime, pool: &Pool, state: &BackendState, why: &str) {
+    let outlier = &pool.config.outlier_detection;
     let now_ms = rt.clock.now_ms();
     let may_eject = || {
-        let out = snap
+        let out = pool
             .backends
             .iter()
             .filter(|b| b.state.is_ejected(now_ms))
             .count();
-        let cap = (snap.backends.len() * outlier.max_ejection_percent as usize / 100).max(1);
+        let cap = (pool.backends.len() * outlier.max_ejection_percent as usize / 100).max(1);
         out < cap
     };
     let ejected = state.record_failure(
@@ -581,7 +587,7 @@ pub(crate) fn backend_stalled(
         "{method} {path}: backend stalled mid-body (no byte for {limit:?}, timeouts.backend_body): response cut"
     );
     state.metrics.body_stalled();
-    note_failure(rt, &rt.snapshot(), state, "stalled mid-body");
+    note_failure_in_current(rt, state, "stalled mid-body");
 }
 
 /// A backend's response body ended early: closed, reset, or framed
@@ -601,7 +607,7 @@ pub(crate) fn backend_broke(
         "{method} {path}: backend broke the response body ({why}): response cut"
     );
     state.metrics.body_broke();
-    note_failure(rt, &rt.snapshot(), state, "broke a response body");
+    note_failure_in_current(rt, state, "broke a response body");
 }
 
 fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
@@ -687,5 +693,15 @@ mod tests {
         // The next second brings the floor back.
         tokio::time::advance(Duration::from_millis(1000)).await;
         assert!(budget.try_withdraw(&cfg));
+    }
+}
+
+/// [`note_failure`] for a backend met outside the attempt loop (a response
+/// body that broke after its head): judged by its pool in the current
+/// snapshot, and not at all if a reload removed it meanwhile.
+fn note_failure_in_current(rt: &Runtime, state: &BackendState, why: &str) {
+    let snap = rt.snapshot();
+    if let Some(pool) = snap.pools.iter().find(|p| p.name() == &state.pool) {
+        note_failure(rt, pool, state, why);
     }
 }

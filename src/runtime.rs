@@ -22,7 +22,8 @@ use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
 use crate::affinity::AffinityCookies;
-use crate::config::{Config, ContentHash};
+use crate::config::{Config, ContentHash, PoolConfig, PoolName};
+use crate::core::route::{Route, Router};
 use crate::listen::ConnectionCount;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
@@ -38,30 +39,117 @@ pub struct Snapshot {
     pub config: Config,
     /// Hash of the file this config came from, for logs.
     pub hash: ContentHash,
-    /// The pool in config order, each with its runtime state.
-    pub backends: Vec<Backend>,
-    /// The configured strategy, built over `backends`; shared with the
-    /// previous snapshot when neither the pool nor the strategy changed.
-    pub selector: Arc<dyn Selector>,
-    /// Cookie tokens per backend when `session_affinity` is on.
-    pub affinity: Option<AffinityCookies>,
+    /// The pools, in the config's order (`config.pools[i]` is `pools[i]`).
+    pub pools: Vec<Pool>,
+    /// (Host, path) → pool, built once per config.
+    pub router: Router<RouteTarget>,
     /// Backend connection pools, one per worker (a worker never shares its
     /// pool, so no lock or cross-thread wake-up); carried over between
-    /// snapshots when the connect timeout is unchanged.
+    /// snapshots when the connect timeout is unchanged. Shared by every pool
+    /// (connections are kept per backend address).
     pub clients: Vec<UpstreamClient>,
-    /// Pre-parsed `host:port` of each backend, for building upstream URIs.
-    pub authorities: Vec<Authority>,
     /// Settings for client connections accepted while this snapshot is current.
     pub server: auto::Builder<TokioExecutor>,
+    /// The largest `retry.buffer_body_limit` of any pool: what the fast
+    /// path may read before it knows the request's pool.
+    pub max_buffer_body_limit: u64,
+}
+
+/// What a route sends to: a pool, and whether its prefix is removed.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteTarget {
+    /// Index into [`Snapshot::pools`].
+    pub pool: usize,
+    pub strip_prefix: bool,
+}
+
+/// A request's route: its pool and the path to send upstream when the
+/// route strips its prefix.
+#[derive(Debug)]
+pub struct Routed<'a> {
+    /// Index of `pool` in the snapshot.
+    pub index: usize,
+    pub pool: &'a Pool,
+    /// `Some` when the route strips a prefix: the rewritten path and query.
+    pub rewritten: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl Snapshot {
+    /// The pool that serves a request for `host` (Host header or
+    /// `:authority`, as sent) and `path_and_query`; `None` when no route
+    /// matches (the client gets 404).
+    pub fn route<'a>(&'a self, host: Option<&str>, path_and_query: &'a str) -> Option<Routed<'a>> {
+        let found = self.router.find(host, path_and_query)?;
+        let target = found.route.target;
+        let rewritten = target
+            .strip_prefix
+            .then(|| crate::core::route::strip_prefix(&found.route.path_prefix, path_and_query));
+        Some(Routed {
+            index: target.pool,
+            pool: &self.pools[target.pool],
+            rewritten,
+        })
+    }
+
+    /// The pool `mode: tcp` serves, and a single-pool file's only pool.
+    pub fn first_pool(&self) -> &Pool {
+        // A config has at least one pool (validate).
+        &self.pools[0]
+    }
+
+    /// The upstream pool of `worker`.
+    pub fn client(&self, worker: usize) -> &UpstreamClient {
+        &self.clients[worker % self.clients.len()]
+    }
+
+    /// Every backend of every pool.
+    pub fn all_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.pools.iter().flat_map(|p| p.backends.iter())
+    }
+}
+
+/// One pool as a request sees it: its members joined with their runtime
+/// state, the strategy built over them, its cookies and its retry budget.
+#[derive(Debug)]
+pub struct Pool {
+    /// This pool's settings (strategy, retry, health, steering).
+    pub config: Arc<PoolConfig>,
+    /// The members in config order, each with its runtime state.
+    pub backends: Vec<Backend>,
+    /// The configured strategy, built over `backends`; shared with the
+    /// previous snapshot when neither the members nor the strategy changed.
+    pub selector: Arc<dyn Selector>,
+    /// Cookie tokens per backend when `session_affinity` is on.
+    pub affinity: Option<AffinityCookies>,
+    /// Pre-parsed `host:port` of each backend, for building upstream URIs.
+    pub authorities: Vec<Authority>,
+    /// What outlives snapshots with the pool's name: its retry budget and
+    /// the counts of lb's own answers for it.
+    pub shared: Arc<PoolShared>,
+}
+
+/// Per-pool state that survives reloads (kept by pool name, as backend
+/// state is kept by pool and address).
+#[derive(Debug)]
+pub struct PoolShared {
+    /// Retry tokens of this pool (Envoy keeps one per cluster).
+    pub budget: RetryBudget,
+    /// Requests routed here that lb answered itself (no backend available,
+    /// every attempt failed), by status.
+    pub own_answers: crate::metrics::StatusCounts,
+}
+
+impl Pool {
+    pub fn name(&self) -> &PoolName {
+        &self.config.name
+    }
+
     /// The backend picked for an attempt, skipping those `eligible` rejects.
     pub fn select(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
         self.select_for(&Steer::default(), eligible)
     }
 
-    /// As [`Snapshot::select`], for a request with a hash key or an affinity
+    /// As [`Pool::select`], for a request with a hash key or an affinity
     /// cookie: the pinned backend while it is eligible, else the strategy.
     pub fn select_for(&self, steer: &Steer, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
         if let Some(i) = steer.pinned.filter(|&i| eligible(i)) {
@@ -72,11 +160,6 @@ impl Snapshot {
             eligible,
         };
         self.selector.select(&self.backends, &pick)
-    }
-
-    /// The upstream pool of `worker`.
-    pub fn client(&self, worker: usize) -> &UpstreamClient {
-        &self.clients[worker % self.clients.len()]
     }
 }
 
@@ -223,8 +306,9 @@ pub struct Runtime {
     states: StateTable,
     /// Time base for ejections, on tokio's clock.
     pub clock: Clock,
-    /// Retry tokens; the budget's parameters come from each request's snapshot.
-    pub budget: RetryBudget,
+    /// Retry tokens per pool; the budget's parameters come from each
+    /// request's snapshot.
+    pools: Mutex<HashMap<PoolName, Arc<PoolShared>>>,
     pub reloads: ReloadStats,
     /// Open client connections, against `limits.max_connections`.
     pub connections: Arc<ConnectionCount>,
@@ -248,11 +332,12 @@ impl Runtime {
         let workers = workers.max(1);
         let clock = Clock::new();
         let states = StateTable::new(clock);
-        let snapshot = build(config, hash, &states, None, workers);
+        let pools = Mutex::default();
+        let snapshot = build(config, hash, &states, &pools, None, workers);
         let runtime = Runtime {
             current: ArcSwap::from_pointee(snapshot),
             states,
-            budget: RetryBudget::new(clock),
+            pools,
             clock,
             reloads: ReloadStats::default(),
             connections: Arc::default(),
@@ -294,7 +379,14 @@ impl Runtime {
     /// stays keep their state; the summary says what changed.
     pub fn apply(&self, config: Config, hash: ContentHash) -> ReloadSummary {
         let old = self.current.load_full();
-        let next = build(config, hash, &self.states, Some(&old), self.workers);
+        let next = build(
+            config,
+            hash,
+            &self.states,
+            &self.pools,
+            Some(&old),
+            self.workers,
+        );
         let summary = ReloadSummary::between(&old, &next);
         self.current.store(Arc::new(next));
         self.reloads.record_applied();
@@ -312,13 +404,81 @@ fn build(
     config: Config,
     hash: ContentHash,
     states: &StateTable,
+    shared: &Mutex<HashMap<PoolName, Arc<PoolShared>>>,
     old: Option<&Snapshot>,
     workers: usize,
 ) -> Snapshot {
+    let clients = match old {
+        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.clients.clone(),
+        _ => (0..workers)
+            .map(|_| upstream::client(config.timeouts.connect))
+            .collect(),
+    };
+    let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
+    shared.retain(|name, _| config.pool(name.as_str()).is_some());
+    let pools = config
+        .pools
+        .iter()
+        .zip(states.sync(&config))
+        .map(|(pool_config, states_of_pool)| {
+            let old_pool = old.and_then(|o| o.pools.iter().find(|p| p.name() == &pool_config.name));
+            let pool_shared = Arc::clone(shared.entry(pool_config.name.clone()).or_insert_with(|| {
+                Arc::new(PoolShared {
+                    budget: RetryBudget::new(states.clock()),
+                    own_answers: Default::default(),
+                })
+            }));
+            build_pool(
+                Arc::clone(pool_config),
+                states_of_pool,
+                old_pool,
+                pool_shared,
+                states.clock(),
+            )
+        })
+        .collect();
+    let router = Router::new(
+        config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.as_str().into(),
+                target: RouteTarget {
+                    pool: r.pool,
+                    strip_prefix: r.strip_prefix,
+                },
+            })
+            .collect(),
+    );
+    let max_buffer_body_limit = config
+        .pools
+        .iter()
+        .map(|p| p.retry.buffer_body_limit)
+        .max()
+        .unwrap_or(0);
+    Snapshot {
+        max_buffer_body_limit,
+        server: crate::server::http_server(&config),
+        pools,
+        router,
+        clients,
+        hash,
+        config,
+    }
+}
+
+fn build_pool(
+    config: Arc<PoolConfig>,
+    states: Vec<Arc<crate::state::BackendState>>,
+    old: Option<&Pool>,
+    shared: Arc<PoolShared>,
+    clock: Clock,
+) -> Pool {
     let backends: Vec<Backend> = config
         .backends
         .iter()
-        .zip(states.sync(&config))
+        .zip(states)
         .map(|(b, state)| Backend {
             addr: b.address.clone(),
             weight: b.weight,
@@ -336,12 +496,6 @@ fn build(
                 .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"))
         })
         .collect();
-    let clients = match old {
-        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.clients.clone(),
-        _ => (0..workers)
-            .map(|_| upstream::client(config.timeouts.connect))
-            .collect(),
-    };
     let selector = match old {
         Some(old)
             if selection::same_build(
@@ -351,22 +505,20 @@ fn build(
         {
             Arc::clone(&old.selector)
         }
-        _ => selection::build(config.strategy, &config.steering, &backends, states.clock()),
+        _ => selection::build(config.strategy, &config.steering, &backends, clock),
     };
     let affinity = config
         .steering
         .session_affinity
         .as_ref()
         .map(|a| AffinityCookies::build(a, &backends));
-    Snapshot {
+    Pool {
+        config,
+        backends,
         selector,
         affinity,
-        server: crate::server::http_server(&config),
-        backends,
         authorities,
-        clients,
-        hash,
-        config,
+        shared,
     }
 }
 
@@ -377,7 +529,12 @@ pub struct ReloadSummary {
     pub removed: Vec<String>,
     /// `address old→new`.
     pub reweighted: Vec<String>,
-    pub strategy: Option<(String, String)>,
+    /// `[pool ]old→new`, per pool whose strategy changed.
+    pub strategy: Vec<String>,
+    pub pools_added: Vec<String>,
+    pub pools_removed: Vec<String>,
+    /// The route table differs.
+    pub routes_changed: bool,
     pub listen: Option<(String, String)>,
     /// Anything else (timeouts, health checks, retry policy) differs.
     pub other_settings: bool,
@@ -386,47 +543,83 @@ pub struct ReloadSummary {
 
 impl ReloadSummary {
     fn between(old: &Snapshot, new: &Snapshot) -> Self {
-        let before: HashMap<_, _> = old.backends.iter().map(|b| (&b.addr, b.weight)).collect();
-        let after: HashMap<_, _> = new.backends.iter().map(|b| (&b.addr, b.weight)).collect();
+        // A backend is named by its address alone while the file has the one
+        // implicit pool, and as `pool/address` once it has named pools.
+        let named = |snap: &Snapshot, b: &Backend| {
+            if snap.pools.len() == 1 && snap.pools[0].name().as_str() == PoolName::DEFAULT {
+                b.addr.to_string()
+            } else {
+                format!("{}/{}", b.state.pool, b.addr)
+            }
+        };
+        let key = |b: &Backend| (b.state.pool.clone(), b.addr.clone());
+        let before: HashMap<_, _> = old.all_backends().map(|b| (key(b), b.weight)).collect();
+        let after: HashMap<_, _> = new.all_backends().map(|b| (key(b), b.weight)).collect();
         let mut s = ReloadSummary {
             hash: new.hash.to_string(),
             ..Default::default()
         };
-        for b in &new.backends {
-            match before.get(&b.addr) {
-                None => s.added.push(b.addr.to_string()),
+        for b in new.all_backends() {
+            match before.get(&key(b)) {
+                None => s.added.push(named(new, b)),
                 Some(&w) if w != b.weight => {
-                    s.reweighted.push(format!("{} {}→{}", b.addr, w, b.weight))
+                    s.reweighted.push(format!("{} {}→{}", named(new, b), w, b.weight))
                 }
                 Some(_) => {}
             }
         }
         s.removed = old
-            .backends
-            .iter()
-            .filter(|b| !after.contains_key(&b.addr))
-            .map(|b| b.addr.to_string())
+            .all_backends()
+            .filter(|b| !after.contains_key(&key(b)))
+            .map(|b| named(old, b))
             .collect();
-        let (o, n) = (&old.config, &new.config);
-        if o.strategy != n.strategy {
-            s.strategy = Some((o.strategy.to_string(), n.strategy.to_string()));
+        let pool_names = |snap: &Snapshot| -> Vec<PoolName> {
+            snap.pools.iter().map(|p| p.name().clone()).collect()
+        };
+        let (old_names, new_names) = (pool_names(old), pool_names(new));
+        s.pools_added = new_names
+            .iter()
+            .filter(|n| !old_names.contains(n))
+            .map(ToString::to_string)
+            .collect();
+        s.pools_removed = old_names
+            .iter()
+            .filter(|n| !new_names.contains(n))
+            .map(ToString::to_string)
+            .collect();
+        for pool in &new.pools {
+            let Some(before) = old.pools.iter().find(|p| p.name() == pool.name()) else {
+                continue;
+            };
+            let (o, n) = (&before.config, &pool.config);
+            if o.strategy != n.strategy {
+                let which = if new.pools.len() == 1 {
+                    String::new()
+                } else {
+                    format!("{} ", pool.name())
+                };
+                s.strategy.push(format!("{which}{}→{}", o.strategy, n.strategy));
+            }
+            s.other_settings |= o.health_check != n.health_check
+                || o.outlier_detection != n.outlier_detection
+                || o.retry != n.retry
+                || o.steering != n.steering
+                || (before.backends.len() == pool.backends.len()
+                    && o.backends != n.backends
+                    && s.added.is_empty()
+                    && s.removed.is_empty()
+                    && s.reweighted.is_empty());
         }
+        let (o, n) = (&old.config, &new.config);
+        s.routes_changed = o.routes != n.routes && !(old.pools.len() == 1 && new.pools.len() == 1);
         if o.listen != n.listen {
             s.listen = Some((o.listen.to_string(), n.listen.to_string()));
         }
-        s.other_settings = o.timeouts != n.timeouts
+        s.other_settings |= o.timeouts != n.timeouts
             || o.limits != n.limits
-            || o.health_check != n.health_check
-            || o.outlier_detection != n.outlier_detection
-            || o.retry != n.retry
             || o.admin != n.admin
             || o.access_log != n.access_log
-            || o.steering != n.steering
-            || o.send_proxy_protocol != n.send_proxy_protocol
-            || (s.added.is_empty()
-                && s.removed.is_empty()
-                && s.reweighted.is_empty()
-                && o.backends != n.backends);
+            || o.send_proxy_protocol != n.send_proxy_protocol;
         s
     }
 }
@@ -444,8 +637,17 @@ impl fmt::Display for ReloadSummary {
         if !self.reweighted.is_empty() {
             parts.push(format!("reweighted {}", list(&self.reweighted)));
         }
-        if let Some((a, b)) = &self.strategy {
-            parts.push(format!("strategy {a}→{b}"));
+        if !self.pools_added.is_empty() {
+            parts.push(format!("pools added {}", list(&self.pools_added)));
+        }
+        if !self.pools_removed.is_empty() {
+            parts.push(format!("pools removed {}", list(&self.pools_removed)));
+        }
+        if !self.strategy.is_empty() {
+            parts.push(format!("strategy {}", list(&self.strategy)));
+        }
+        if self.routes_changed {
+            parts.push("routes changed".to_owned());
         }
         if let Some((a, b)) = &self.listen {
             parts.push(format!("listen {a}→{b}"));

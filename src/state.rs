@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{BackendAddr, Config};
+use crate::config::{BackendAddr, Config, PoolName};
 use crate::metrics::BackendMetrics;
 
 /// Monotonic milliseconds since the table was created, on tokio's clock (so
@@ -57,8 +57,11 @@ impl Default for Clock {
 /// Everything lb knows about one backend at run time.
 #[derive(Debug)]
 pub struct BackendState {
-    /// Identity; also used in logs and error bodies.
+    /// Identity, with `pool`; also used in logs and error bodies.
     pub addr: BackendAddr,
+    /// The pool this backend serves in: the same address in two pools is
+    /// two backends, each with its own health and counters.
+    pub pool: PoolName,
     /// Requests sent and not yet finished (response body included); read by
     /// least_connections and power_of_two_choices.
     in_flight: AtomicU32,
@@ -120,12 +123,18 @@ impl BackendState {
     /// Fresh state: healthy, nothing in flight, counters at zero, serving
     /// since startup (no slow start).
     pub fn new(addr: BackendAddr) -> Self {
-        Self::joining(addr, Clock::new(), 0)
+        Self::joining(
+            PoolName::from_static(PoolName::DEFAULT),
+            addr,
+            Clock::new(),
+            0,
+        )
     }
 
     /// Fresh state on `clock`, ramping from `ramp_from_ms` (0 = no ramp).
-    fn joining(addr: BackendAddr, clock: Clock, ramp_from_ms: u64) -> Self {
+    fn joining(pool: PoolName, addr: BackendAddr, clock: Clock, ramp_from_ms: u64) -> Self {
         BackendState {
+            pool,
             clock,
             ramp_from_ms: AtomicU64::new(ramp_from_ms),
             latency_ns: AtomicU64::new(0f64.to_bits()),
@@ -287,11 +296,11 @@ fn weight_of_past(elapsed_ms: u64, decay: Duration) -> f64 {
     (-(elapsed_ms as f64) / tau).exp()
 }
 
-/// Address → state for every backend of the current config.
+/// (pool, address) → state for every backend of the current config.
 #[derive(Debug, Default)]
 pub struct StateTable {
     /// Touched only when a config is applied, never per request.
-    states: Mutex<HashMap<BackendAddr, Arc<BackendState>>>,
+    states: Mutex<HashMap<(PoolName, BackendAddr), Arc<BackendState>>>,
     /// Time base given to every state, so their stamps compare.
     clock: Clock,
     /// Set by the first `sync`: backends of the startup config have been up
@@ -313,29 +322,39 @@ impl StateTable {
         self.clock
     }
 
-    /// Returns the state of each backend of `config`, in config order, keeping
-    /// existing ones and creating fresh ones; forgets backends no longer listed.
-    pub fn sync(&self, config: &Config) -> Vec<Arc<BackendState>> {
+    /// Returns the state of each backend of each pool of `config`, in
+    /// config order, keeping existing ones (by pool and address) and creating
+    /// fresh ones; forgets backends no longer listed.
+    pub fn sync(&self, config: &Config) -> Vec<Vec<Arc<BackendState>>> {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let joined_at = if self.synced.swap(true, Relaxed) {
             self.clock.now_ms()
         } else {
             0
         };
-        let current: Vec<Arc<BackendState>> = config
-            .backends
+        let mut listed = std::collections::HashSet::new();
+        let current = config
+            .pools
             .iter()
-            .map(|b| {
-                Arc::clone(states.entry(b.address.clone()).or_insert_with(|| {
-                    Arc::new(BackendState::joining(
-                        b.address.clone(),
-                        self.clock,
-                        joined_at,
-                    ))
-                }))
+            .map(|pool| {
+                pool.backends
+                    .iter()
+                    .map(|b| {
+                        let key = (pool.name.clone(), b.address.clone());
+                        listed.insert(key.clone());
+                        Arc::clone(states.entry(key).or_insert_with(|| {
+                            Arc::new(BackendState::joining(
+                                pool.name.clone(),
+                                b.address.clone(),
+                                self.clock,
+                                joined_at,
+                            ))
+                        }))
+                    })
+                    .collect()
             })
             .collect();
-        states.retain(|addr, _| config.backends.iter().any(|b| &b.address == addr));
+        states.retain(|key, _| listed.contains(key));
         current
     }
 }
@@ -399,10 +418,10 @@ mod tests {
             .unwrap()
         };
         let table = StateTable::new(Clock::new());
-        let first = table.sync(&yaml(1));
+        let first = table.sync(&yaml(1)).remove(0);
         assert_eq!(first[0].ramp_start_ms(), 0);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let second = table.sync(&yaml(2));
+        let second = table.sync(&yaml(2)).remove(0);
         assert_eq!(second[0].ramp_start_ms(), 0);
         assert!(second[1].ramp_start_ms() >= 5000);
         second[0].set_healthy(false);

@@ -129,17 +129,18 @@ impl Scrape {
             .any(|(_, labels)| labels.get(label).map(String::as_str) == Some(value))
     }
 
+    /// The one series of `name` whose labels include `with` (`None` if
+    /// there is none; more than one is a test bug).
     fn get(&self, name: &str, with: &[(&str, &str)]) -> Option<f64> {
-        self.0
-            .iter()
-            .find(|((n, labels), _)| {
-                n == name
-                    && labels.len() == with.len()
-                    && with
-                        .iter()
-                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, v)| *v)
+        let mut found = self.0.iter().filter(|((n, labels), _)| {
+            n == name
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        });
+        let first = found.next().map(|(_, v)| *v);
+        assert!(found.next().is_none(), "{name} {with:?} names several series");
+        first
     }
 }
 

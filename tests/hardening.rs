@@ -59,7 +59,7 @@ fn status(resp: &str) -> &str {
 fn nobody_blamed(lb: &TestLb) {
     let snap = lb.lb.runtime().snapshot();
     let now = lb.lb.runtime().clock.now_ms();
-    for b in &snap.backends {
+    for b in &snap.first_pool().backends {
         assert_eq!(b.state.failures(), 0, "{} was blamed", b.addr);
         assert!(b.state.is_available(now), "{} was ejected", b.addr);
     }
@@ -135,7 +135,7 @@ async fn aborted_uploads_blame_no_backend() {
     // The aborted requests may still be unwinding: judge once they are done.
     let idle = || {
         let snap = lb.lb.runtime().snapshot();
-        snap.backends.iter().all(|b| b.state.in_flight() == 0)
+        snap.first_pool().backends.iter().all(|b| b.state.in_flight() == 0)
     };
     eventually!(10, idle());
     nobody_blamed(&lb);
@@ -203,6 +203,7 @@ async fn passive_ejection_never_takes_more_than_max_ejection_percent() {
     let snap = lb.lb.runtime().snapshot();
     let now = lb.lb.runtime().clock.now_ms();
     let out = snap
+        .first_pool()
         .backends
         .iter()
         .filter(|b| b.state.is_ejected(now))
@@ -691,7 +692,7 @@ async fn stalled_backend_is_cut(partial: &'static [u8], complete: &[u8]) {
 /// no request, and `counter` counted it once.
 async fn charged_once(lb: &TestLb, backend: SocketAddr, counter: &str) {
     let runtime = lb.lb.runtime();
-    let state = Arc::clone(&runtime.snapshot().backends[0].state);
+    let state = Arc::clone(&runtime.snapshot().first_pool().backends[0].state);
     eventually!(
         WAIT,
         state.failures() == 1,
@@ -701,7 +702,7 @@ async fn charged_once(lb: &TestLb, backend: SocketAddr, counter: &str) {
     eventually!(WAIT, state.in_flight() == 0);
     let metrics = lb::metrics::render(runtime);
     assert!(
-        metrics.contains(&format!("{counter}{{backend=\"{backend}\"}} 1")),
+        metrics.contains(&format!("{counter}{{pool=\"default\",backend=\"{backend}\"}} 1")),
         "{metrics}"
     );
 }
@@ -828,7 +829,7 @@ async fn client_that_stops_reading_is_closed_and_blames_no_backend() {
         .unwrap();
     // Reads nothing until lb has let go of both sides.
     let runtime = lb.lb.runtime();
-    let state = Arc::clone(&runtime.snapshot().backends[0].state);
+    let state = Arc::clone(&runtime.snapshot().first_pool().backends[0].state);
     eventually!(WAIT, state.requests() == 1);
     eventually!(WAIT, state.in_flight() == 0, "backend still held");
     eventually!(WAIT, runtime.connections.open() == 0, "client kept");

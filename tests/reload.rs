@@ -498,7 +498,7 @@ async fn backend_state_survives_reload() {
     for _ in 0..5 {
         assert_eq!(get(&c, &u).await.text(), "a");
     }
-    let a_state = Arc::clone(&lb.lb.runtime().snapshot().backends[0].state);
+    let a_state = Arc::clone(&lb.lb.runtime().snapshot().first_pool().backends[0].state);
     assert_eq!(a_state.requests(), 5);
 
     // New backend first, so a's index changes as well as its weight.
@@ -506,11 +506,11 @@ async fn backend_state_survives_reload() {
         "strategy: least_connections\nbackends:\n  - address: {}\n    weight: 1\n  - address: {}\n    weight: 3\n",
         n.addr, a.addr
     ));
-    eventually!(WAIT, lb.lb.runtime().snapshot().backends.len() == 2);
+    eventually!(WAIT, lb.lb.runtime().snapshot().first_pool().backends.len() == 2);
     let snap = lb.lb.runtime().snapshot();
-    assert_eq!(snap.config.strategy, Strategy::LeastConnections);
+    assert_eq!(snap.first_pool().config.strategy, Strategy::LeastConnections);
     let find = |addr: SocketAddr| {
-        snap.backends
+        snap.first_pool().backends
             .iter()
             .find(|b| b.addr.as_str() == addr.to_string())
             .unwrap()
@@ -554,6 +554,7 @@ async fn removed_backend_finishes_in_flight_request() {
         lb.lb
             .runtime()
             .snapshot()
+            .first_pool()
             .backends
             .iter()
             .all(|b| b.addr.as_str() != slow_addr)

@@ -128,7 +128,7 @@ async fn keys_of_a_down_backend_move_and_come_back() {
     }
     assert!(home.iter().any(|h| h == "b1"));
     bs[1].set_health(500);
-    let b1 = lb.lb.runtime().snapshot().backends[1].state.clone();
+    let b1 = lb.lb.runtime().snapshot().first_pool().backends[1].state.clone();
     eventually!(5, !b1.is_healthy(), "health checks never took b1 down");
     for (p, h) in paths.iter().zip(&home) {
         let (now, _) = get_with(&c, &lb.url(p), &[]).await;
@@ -242,7 +242,7 @@ async fn affinity_cookie_is_issued_reused_and_not_forwarded() {
 /// The cookie lb issues for the backend named `name` (b0, b1, …).
 fn cookie_for(lb: &TestLb, name: &str) -> String {
     let i: usize = name[1..].parse().unwrap();
-    let addr = lb.lb.runtime().snapshot().backends[i].addr.clone();
+    let addr = lb.lb.runtime().snapshot().first_pool().backends[i].addr.clone();
     format!("lb_sticky={}", lb::affinity::token(&addr))
 }
 
@@ -258,7 +258,7 @@ async fn affinity_cookie_is_reissued_when_its_backend_is_down() {
         "b0"
     );
     bs[0].set_health(500);
-    let b0 = lb.lb.runtime().snapshot().backends[0].state.clone();
+    let b0 = lb.lb.runtime().snapshot().first_pool().backends[0].state.clone();
     eventually!(5, !b0.is_healthy());
     let (moved, a) = get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await;
     assert_ne!(moved, "b0");
@@ -451,20 +451,20 @@ async fn selector_is_rebuilt_only_when_the_pool_changes() {
     let bs = Backend::start_many(3).await;
     let refs: Vec<&Backend> = bs.iter().collect();
     let lb = TestLb::start(&format!("{HASH_BY_USER}{}", backends_yaml(&refs))).await;
-    let first = lb.lb.runtime().snapshot().selector.clone();
+    let first = lb.lb.runtime().snapshot().first_pool().selector.clone();
     lb.rewrite(&format!(
         "{HASH_BY_USER}timeouts:\n  connect: 2s\n{}",
         backends_yaml(&refs)
     ));
     eventually!(10, lb.applied() == 2);
-    let same = lb.lb.runtime().snapshot().selector.clone();
+    let same = lb.lb.runtime().snapshot().first_pool().selector.clone();
     assert!(
         Arc::ptr_eq(&first, &same),
         "a timeout change rebuilt the table"
     );
     lb.rewrite(&format!("{HASH_BY_USER}{}", weighted(&refs, &[1, 1, 2])));
     eventually!(10, lb.applied() == 3);
-    let rebuilt = lb.lb.runtime().snapshot().selector.clone();
+    let rebuilt = lb.lb.runtime().snapshot().first_pool().selector.clone();
     assert!(
         !Arc::ptr_eq(&first, &rebuilt),
         "a weight change kept the old table"

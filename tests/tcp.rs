@@ -171,7 +171,7 @@ async fn tcp_health_checks_find_a_stopped_backend_which_gets_no_connect() {
     eventually!(10, a.accepted() >= 2 && b.accepted() >= 2);
     b.stop().await;
     let snap = tlb.lb.runtime().snapshot();
-    let state_b = &snap.backends[1].state;
+    let state_b = &snap.first_pool().backends[1].state;
     eventually!(10, !state_b.is_healthy(), "b never marked down");
     let attempts_before = state_b.requests();
     for i in 0..10 {
@@ -210,10 +210,10 @@ async fn a_failed_connect_goes_to_the_next_backend() {
     }
     let snap = tlb.lb.runtime().snapshot();
     assert!(
-        snap.backends[0].state.failures() >= 1,
+        snap.first_pool().backends[0].state.failures() >= 1,
         "the dead backend was never tried"
     );
-    assert_eq!(snap.backends[1].state.failures(), 0);
+    assert_eq!(snap.first_pool().backends[1].state.failures(), 0);
 }
 
 #[tokio::test]
@@ -238,7 +238,7 @@ async fn a_connect_timeout_goes_to_the_next_backend() {
     for i in 0..4 {
         assert_eq!(exchange(lb, format!("hello {i}").as_bytes()).await, "a");
     }
-    let failures = tlb.lb.runtime().snapshot().backends[0].state.failures();
+    let failures = tlb.lb.runtime().snapshot().first_pool().backends[0].state.failures();
     assert!(failures >= 1, "the stuck backend was never tried");
 }
 
@@ -277,11 +277,11 @@ async fn least_connections_counts_open_connections() {
     }
     assert_eq!((a.open(), b.open()), (3, 3));
     let snap = tlb.lb.runtime().snapshot();
-    assert_eq!(snap.backends[0].state.in_flight(), 3);
+    assert_eq!(snap.first_pool().backends[0].state.in_flight(), 3);
     // Client connections count against limits.max_connections as in http mode.
     assert_eq!(tlb.lb.runtime().connections.open(), 6);
     drop(held);
-    eventually!(10, snap.backends.iter().all(|b| b.state.in_flight() == 0));
+    eventually!(10, snap.first_pool().backends.iter().all(|b| b.state.in_flight() == 0));
     eventually!(10, tlb.lb.runtime().connections.open() == 0);
 }
 
@@ -427,12 +427,12 @@ fn tcp_config_keys_defaults_and_errors() {
     let c = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\n").unwrap();
     assert_eq!(c.mode, lb::config::Mode::Tcp);
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(3600));
-    assert_eq!(c.health_check.unwrap().path, None);
+    assert_eq!(c.first_pool().health_check.clone().unwrap().path, None);
     let c = parse(
         "backends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\ntimeouts: {tcp_idle: 5m}\n",
     )
     .unwrap();
-    assert_eq!(c.health_check.unwrap().path.unwrap().as_str(), "/health");
+    assert_eq!(c.first_pool().health_check.clone().unwrap().path.unwrap().as_str(), "/health");
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(300));
     let e = parse(
         "mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check:\n  path: /health\n",

@@ -106,7 +106,7 @@ async fn websocket_echo_through_lb_counts_in_flight_and_connection() {
     assert_eq!(echo(&mut ws, "hello").await, "a:hello");
     assert_eq!(echo(&mut ws, "again").await, "a:again");
     let rt = t.lb.runtime();
-    let state = || rt.snapshot().backends[0].state.in_flight();
+    let state = || rt.snapshot().first_pool().backends[0].state.in_flight();
     // An open socket is in flight on its backend and holds a connection slot.
     assert_eq!(state(), 1);
     assert_eq!(rt.connections.open(), 1);
@@ -127,7 +127,7 @@ async fn an_idle_websocket_is_closed_after_tcp_idle() {
     let a = EchoBackend::start("a").await;
     let t = TestLb::start(&format!("timeouts:\n  tcp_idle: 1s\n{}", config(&[&a]))).await;
     let rt = t.lb.runtime();
-    let in_flight = || rt.snapshot().backends[0].state.in_flight();
+    let in_flight = || rt.snapshot().first_pool().backends[0].state.in_flight();
     // Busy for twice the bound, in short gaps: kept.
     let mut busy = connect(&t).await;
     for i in 0..8 {
@@ -170,7 +170,7 @@ async fn six_sockets_survive_a_reload_that_removes_their_backends() {
     let applied = t.applied();
     t.rewrite(&config(&[&c]));
     eventually!(10, t.applied() > applied);
-    assert_eq!(rt.snapshot().backends.len(), 1);
+    assert_eq!(rt.snapshot().first_pool().backends.len(), 1);
 
     for round in 0..3 {
         for (i, ws) in sockets.iter_mut().enumerate() {
@@ -182,7 +182,7 @@ async fn six_sockets_survive_a_reload_that_removes_their_backends() {
     let mut fresh = connect(&t).await;
     assert_eq!(echo(&mut fresh, "new").await, "c:new");
     assert_eq!(rt.connections.open(), 7);
-    assert_eq!(rt.snapshot().backends[0].state.in_flight(), 1);
+    assert_eq!(rt.snapshot().first_pool().backends[0].state.in_flight(), 1);
     for mut ws in sockets {
         ws.close(None).await.unwrap();
     }

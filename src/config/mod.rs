@@ -33,6 +33,7 @@
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
 //! (see [`crate::runtime`]).
 
+pub mod pools;
 mod raw;
 mod steering;
 mod validate;
@@ -49,6 +50,7 @@ use figment::Figment;
 use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
+pub use pools::{PoolConfig, PoolName, RouteConfig};
 pub use raw::RawConfig;
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 
@@ -59,21 +61,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// What the listener speaks.
     pub mode: Mode,
-    /// How a backend is chosen for each request.
-    pub strategy: Strategy,
-    /// The pool, in file order (order matters for round robin).
-    pub backends: Vec<BackendConfig>,
     /// Connect, request and client-header limits.
     pub timeouts: Timeouts,
-    /// Active probing; `None` means every backend is eligible unless passive
-    /// detection has ejected it.
-    pub health_check: Option<HealthCheck>,
-    /// Passive health: ejection after consecutive failed requests.
-    pub outlier_detection: OutlierDetection,
-    /// When and how a failed request is tried on another backend.
-    pub retry: RetryPolicy,
-    /// Hash key, sticky cookie, peak-EWMA decay and slow start.
-    pub steering: Steering,
     /// Caps that keep one client (or many) from exhausting lb.
     pub limits: Limits,
     /// Where the admin listener (metrics, status, probes, reload) serves;
@@ -84,6 +73,11 @@ pub struct Config {
     /// tcp mode: the PROXY protocol header each backend connection starts
     /// with, so backends see the client's address; `None` sends none.
     pub send_proxy_protocol: Option<ProxyProtocol>,
+    /// The pools by name (a file without `pools:` has one, `default`).
+    pub pools: Vec<Arc<PoolConfig>>,
+    /// Which pool serves a request, in file order (a file without `routes:`
+    /// has one catch-all route).
+    pub routes: Vec<RouteConfig>,
 }
 
 /// Resource caps on the client side.
@@ -680,12 +674,67 @@ impl Config {
         })
     }
 
-    /// Sum of all weights; > 0 in a valid config.
-    pub fn total_weight(&self) -> u64 {
-        self.backends.iter().map(|b| u64::from(b.weight)).sum()
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolConfig>> {
+        self.pools.iter().find(|p| p.name.as_str() == name)
+    }
+
+    /// The first pool: the only one of a file without `pools:`, and the
+    /// one `mode: tcp` serves.
+    pub fn first_pool(&self) -> &Arc<PoolConfig> {
+        // validate() refuses a config without a pool.
+        &self.pools[0]
+    }
+
+    /// Every backend of every pool, with its pool.
+    pub fn all_backends(&self) -> impl Iterator<Item = (&PoolConfig, &BackendConfig)> {
+        self.pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(move |b| (&**p, b)))
+    }
+
+    /// Pools that no route reaches (for a warning at load and in `--check`).
+    pub fn warnings(&self) -> Vec<String> {
+        pools::unreachable_pools(&self.pools, &self.routes)
+            .into_iter()
+            .map(|name| format!("pools.{name}: no route sends requests to this pool"))
+            .collect()
     }
 
     /// One line for `lb --check` and the startup log.
+    pub fn summary(&self) -> String {
+        let pools: Vec<String> = self.pools.iter().map(|p| p.summary()).collect();
+        if self.pools.len() == 1 {
+            return format!("listen {} ({}), {}", self.listen, self.mode, pools[0]);
+        }
+        format!(
+            "listen {} ({}), {} pools, {} routes: {}",
+            self.listen,
+            self.mode,
+            self.pools.len(),
+            self.routes.len(),
+            pools.join("; ")
+        )
+    }
+
+    /// The route table, one line per route in file order, for `lb --check`.
+    pub fn route_table(&self) -> String {
+        let mut out = String::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
+            out.push_str(&format!(
+                "  routes[{i}]  host {host:<24} path {:<16} -> pool {}{}\n",
+                r.path_prefix,
+                self.pools[r.pool].name,
+                if r.strip_prefix { " (strip prefix)" } else { "" }
+            ));
+        }
+        out
+    }
+}
+
+impl PoolConfig {
+    /// One line about this pool, for the summary.
     pub fn summary(&self) -> String {
         let health = match &self.health_check {
             Some(HealthCheck {
@@ -696,10 +745,13 @@ impl Config {
             Some(h) => format!("health checks tcp connect every {:?}", h.interval),
             None => "health checks off".to_owned(),
         };
+        let prefix = if self.name.as_str() == PoolName::DEFAULT {
+            String::new()
+        } else {
+            format!("pool {}: ", self.name)
+        };
         format!(
-            "listen {} ({}), strategy {}, {} backends (total weight {}), {}, retry {} attempts",
-            self.listen,
-            self.mode,
+            "{prefix}strategy {}, {} backends (total weight {}), {}, retry {} attempts",
             self.strategy,
             self.backends.len(),
             self.total_weight(),

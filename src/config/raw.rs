@@ -49,6 +49,10 @@ pub struct RawConfig {
     pub access_log: Option<bool>,
     /// tcp mode: PROXY protocol header sent to backends (`v1` or `v2`).
     pub send_proxy_protocol: Option<RawProxyProtocol>,
+    /// Named pools; the top-level pool keys are their defaults.
+    pub pools: Option<std::collections::BTreeMap<String, super::pools::RawPool>>,
+    /// Which pool serves a request, by Host and path.
+    pub routes: Option<Vec<super::pools::RawRoute>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,7 +88,7 @@ pub enum RawStrategy {
     PeakEwma,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: String,
@@ -104,7 +108,7 @@ pub struct RawTimeouts {
     pub tcp_idle: Option<HumanDuration>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     pub path: Option<String>,
@@ -114,7 +118,7 @@ pub struct RawHealthCheck {
     pub unhealthy_threshold: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOutlierDetection {
     pub consecutive_failures: Option<i64>,
@@ -122,7 +126,7 @@ pub struct RawOutlierDetection {
     pub max_ejection_percent: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<i64>,
@@ -132,7 +136,7 @@ pub struct RawRetry {
     pub budget: Option<RawRetryBudget>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetryBudget {
     pub ratio: Option<f64>,

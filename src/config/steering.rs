@@ -15,7 +15,7 @@ use super::Strategy;
 type Invalid = (String, String);
 
 /// `session_affinity:` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSessionAffinity {
     /// Cookie name; required.
@@ -25,7 +25,7 @@ pub struct RawSessionAffinity {
 }
 
 /// `peak_ewma:` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPeakEwma {
     /// Time constant of the latency estimate; 10s when absent.

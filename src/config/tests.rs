@@ -21,18 +21,18 @@ const MINIMAL: &str = "backends:\n  - address: 127.0.0.1:9001\n";
 fn minimal_config_gets_defaults() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-    assert_eq!(c.strategy, Strategy::RoundRobin);
-    assert_eq!(c.backends[0].weight, 1);
+    assert_eq!(c.first_pool().strategy, Strategy::RoundRobin);
+    assert_eq!(c.first_pool().backends[0].weight, 1);
     assert_eq!(c.timeouts.connect, Duration::from_secs(1));
     assert_eq!(c.timeouts.request, Duration::from_secs(30));
     assert_eq!(c.timeouts.backend_body, Duration::from_secs(60));
     assert_eq!(c.timeouts.client_send, Duration::from_secs(60));
-    assert!(c.health_check.is_none());
-    assert_eq!(c.retry.attempts.get(), 3);
-    assert_eq!(c.retry.buffer_body_limit, 64 * 1024);
-    assert!(c.retry.retry_on.status(503) && c.retry.retry_on.connect_failure);
+    assert!(c.first_pool().health_check.is_none());
+    assert_eq!(c.first_pool().retry.attempts.get(), 3);
+    assert_eq!(c.first_pool().retry.buffer_body_limit, 64 * 1024);
+    assert!(c.first_pool().retry.retry_on.status(503) && c.first_pool().retry.retry_on.connect_failure);
     assert_eq!(
-        c.outlier_detection.consecutive_failures.map(|n| n.get()),
+        c.first_pool().outlier_detection.consecutive_failures.map(|n| n.get()),
         Some(5)
     );
 }
@@ -43,16 +43,16 @@ fn full_example_parses() {
         "listen: 0.0.0.0:80\nstrategy: weighted_round_robin\nbackends:\n  - address: App.Internal:9001\n    weight: 3\n  - address: 127.0.0.1:9002\n    weight: 0\ntimeouts:\n  connect: 250ms\n  request: 2s\nhealth_check:\n  path: /healthz\n  interval: 1s\n  timeout: 500ms\n  healthy_threshold: 3\n  unhealthy_threshold: 1\nretry:\n  attempts: 2\n  per_try_timeout: 1s\n  retry_on: [connect_failure, 503]\n  buffer_body_limit: 1MiB\n  budget:\n    ratio: 0.5\n    min_retries_per_second: 3\noutlier_detection:\n  consecutive_failures: 0\n  ejection_time: 30s\n",
     )
     .unwrap();
-    assert_eq!(c.strategy, Strategy::RoundRobin);
-    assert_eq!(c.backends[0].address.as_str(), "app.internal:9001");
-    assert_eq!(c.backends[1].weight, 0);
+    assert_eq!(c.first_pool().strategy, Strategy::RoundRobin);
+    assert_eq!(c.first_pool().backends[0].address.as_str(), "app.internal:9001");
+    assert_eq!(c.first_pool().backends[1].weight, 0);
     assert_eq!(c.timeouts.connect, Duration::from_millis(250));
-    let hc = c.health_check.unwrap();
+    let hc = c.first_pool().health_check.clone().unwrap();
     assert_eq!(hc.path.unwrap().as_str(), "/healthz");
     assert_eq!(hc.unhealthy_threshold.get(), 1);
-    assert!(!c.retry.retry_on.reset && !c.retry.retry_on.status(502));
-    assert_eq!(c.retry.buffer_body_limit, 1 << 20);
-    assert_eq!(c.outlier_detection.consecutive_failures, None);
+    assert!(!c.first_pool().retry.retry_on.reset && !c.first_pool().retry.retry_on.status(502));
+    assert_eq!(c.first_pool().retry.buffer_body_limit, 1 << 20);
+    assert_eq!(c.first_pool().outlier_detection.consecutive_failures, None);
 }
 
 #[test]
@@ -197,24 +197,24 @@ fn listen_and_section_errors() {
 fn steering_keys_parse_with_defaults() {
     use super::{HashKey, DEFAULT_PEAK_EWMA_DECAY};
     let c = parse(MINIMAL).unwrap();
-    assert_eq!(c.steering.hash_key, HashKey::ClientIp);
-    assert_eq!(c.steering.peak_ewma_decay, DEFAULT_PEAK_EWMA_DECAY);
-    assert!(c.steering.session_affinity.is_none() && c.steering.slow_start.is_none());
+    assert_eq!(c.first_pool().steering.hash_key, HashKey::ClientIp);
+    assert_eq!(c.first_pool().steering.peak_ewma_decay, DEFAULT_PEAK_EWMA_DECAY);
+    assert!(c.first_pool().steering.session_affinity.is_none() && c.first_pool().steering.slow_start.is_none());
     let c = parse(&format!(
         "strategy: consistent_hash\nhash_key: header:X-User\nsession_affinity:\n  cookie: lb_id\n  ttl: 1h\nslow_start: 30s\n{MINIMAL}"
     ))
     .unwrap();
-    assert_eq!(c.strategy, Strategy::ConsistentHash);
+    assert_eq!(c.first_pool().strategy, Strategy::ConsistentHash);
     assert_eq!(
-        c.steering.hash_key,
+        c.first_pool().steering.hash_key,
         HashKey::Header("x-user".parse().unwrap())
     );
-    let a = c.steering.session_affinity.unwrap();
+    let a = c.first_pool().steering.session_affinity.clone().unwrap();
     assert_eq!(
         (a.cookie.as_str(), a.ttl),
         ("lb_id", Some(Duration::from_secs(3600)))
     );
-    assert_eq!(c.steering.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(c.first_pool().steering.slow_start, Some(Duration::from_secs(30)));
     for (key, want) in [
         ("path", HashKey::Path),
         ("client_ip", HashKey::ClientIp),
@@ -225,14 +225,14 @@ fn steering_keys_parse_with_defaults() {
             "strategy: consistent_hash\nhash_key: {key}\n{MINIMAL}"
         ))
         .unwrap();
-        assert_eq!(c.steering.hash_key, want);
+        assert_eq!(c.first_pool().steering.hash_key, want);
     }
     let c = parse(&format!(
         "strategy: peak_ewma\npeak_ewma:\n  decay: 2s\nslow_start: 0s\n{MINIMAL}"
     ))
     .unwrap();
-    assert_eq!(c.steering.peak_ewma_decay, Duration::from_secs(2));
-    assert_eq!(c.steering.slow_start, None);
+    assert_eq!(c.first_pool().steering.peak_ewma_decay, Duration::from_secs(2));
+    assert_eq!(c.first_pool().steering.slow_start, None);
 }
 
 #[test]

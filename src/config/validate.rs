@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use hyper::http::uri::{Authority, PathAndQuery};
 
+use super::pools::{self, PoolConfig, PoolName, RawPool};
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
     RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
@@ -27,7 +28,7 @@ fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T,
 /// HAProxy's range; it keeps the round-robin schedule small (see selection).
 pub const MAX_WEIGHT: i64 = 256;
 
-pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
+pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
     let listen = match raw.listen.as_deref() {
         None => SocketAddr::from(([127, 0, 0, 1], 8080)),
         Some(s) => s.trim().parse().or_else(|_| {
@@ -37,19 +38,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
             )
         })?,
     };
-    let strategy = match raw.strategy.unwrap_or(RawStrategy::RoundRobin) {
-        RawStrategy::RoundRobin => Strategy::RoundRobin,
-        RawStrategy::LeastConnections => Strategy::LeastConnections,
-        RawStrategy::Random => Strategy::Random,
-        RawStrategy::PowerOfTwoChoices => Strategy::PowerOfTwoChoices,
-        RawStrategy::ConsistentHash => Strategy::ConsistentHash,
-        RawStrategy::PeakEwma => Strategy::PeakEwma,
-    };
     let mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
         RawMode::Tcp => Mode::Tcp,
     };
-    let backends = backends(raw.backends)?;
     let timeouts = Timeouts {
         connect: positive("timeouts.connect", raw.timeouts.connect, 1_000)?,
         request: positive("timeouts.request", raw.timeouts.request, 30_000)?,
@@ -60,7 +52,71 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         client_send: positive("timeouts.client_send", raw.timeouts.client_send, 60_000)?,
         tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
-    let limits = limits(raw.limits)?;
+    let limits = limits(std::mem::take(&mut raw.limits))?;
+    let defaults = pools::defaults(&mut raw);
+    let raw_routes = raw.routes.take();
+    let mut pool_configs = Vec::new();
+    for (name, pool_raw, prefix) in pools::merged(defaults, raw.pools.take(), &raw_routes)? {
+        let pool = pool(name, pool_raw, mode).map_err(|(field, message)| match &prefix {
+            Some(prefix) => (format!("{prefix}{field}"), message),
+            None => (field, message),
+        })?;
+        pool_configs.push(Arc::new(pool));
+    }
+    if mode == Mode::Tcp && raw_routes.is_some() {
+        return invalid(
+            "routes",
+            "mode: tcp has no Host or path to route by: use one pool (without routes:)",
+        );
+    }
+    let routes = pools::routes(raw_routes, &pool_configs)?;
+    let admin = match raw.admin.as_deref() {
+        None => None,
+        Some(s) => Some(s.trim().parse().or_else(|_| {
+            invalid(
+                "admin",
+                format!("{s:?} is not an IP:port address (like 127.0.0.1:9901)"),
+            )
+        })?),
+    };
+    if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
+        return invalid("admin", "must differ from listen");
+    }
+    let send_proxy_protocol =
+        match (raw.send_proxy_protocol, mode) {
+            (None, _) => None,
+            (Some(_), Mode::Http) => return invalid(
+                "send_proxy_protocol",
+                "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
+            ),
+            (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
+            (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
+        };
+    Ok(Config {
+        listen,
+        mode,
+        timeouts,
+        limits,
+        admin,
+        access_log: raw.access_log.unwrap_or(false),
+        send_proxy_protocol,
+        pools: pool_configs,
+        routes,
+    })
+}
+
+/// One pool's keys (already merged over the top-level defaults) → its
+/// validated settings. Field paths are relative to the pool.
+fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid> {
+    let strategy = match raw.strategy.unwrap_or(RawStrategy::RoundRobin) {
+        RawStrategy::RoundRobin => Strategy::RoundRobin,
+        RawStrategy::LeastConnections => Strategy::LeastConnections,
+        RawStrategy::Random => Strategy::Random,
+        RawStrategy::PowerOfTwoChoices => Strategy::PowerOfTwoChoices,
+        RawStrategy::ConsistentHash => Strategy::ConsistentHash,
+        RawStrategy::PeakEwma => Strategy::PeakEwma,
+    };
+    let backends = backends(raw.backends)?;
     let health_check = raw
         .health_check
         .map(|hc| health_check(hc, mode))
@@ -76,18 +132,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
         },
         strategy,
     )?;
-    let admin = match raw.admin.as_deref() {
-        None => None,
-        Some(s) => Some(s.trim().parse().or_else(|_| {
-            invalid(
-                "admin",
-                format!("{s:?} is not an IP:port address (like 127.0.0.1:9901)"),
-            )
-        })?),
-    };
-    if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
-        return invalid("admin", "must differ from listen");
-    }
     if mode == Mode::Tcp {
         // A TCP connection has no headers, cookies or paths: only its peer.
         if steering.session_affinity.is_some() {
@@ -100,30 +144,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
             return invalid("hash_key", "only client_ip can be hashed with mode: tcp");
         }
     }
-    let send_proxy_protocol =
-        match (raw.send_proxy_protocol, mode) {
-            (None, _) => None,
-            (Some(_), Mode::Http) => return invalid(
-                "send_proxy_protocol",
-                "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
-            ),
-            (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
-            (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
-        };
-    Ok(Config {
-        listen,
-        mode,
+    Ok(PoolConfig {
+        name,
         strategy,
         backends,
-        timeouts,
         health_check,
         outlier_detection,
         retry,
         steering,
-        limits,
-        admin,
-        access_log: raw.access_log.unwrap_or(false),
-        send_proxy_protocol,
     })
 }
 

@@ -231,7 +231,9 @@ async fn serve_one(
     let now = Instant::now();
     let head_deadline = now + timeouts.client_header;
     let max_head = snap.config.limits.max_header_bytes;
-    let body_limit = snap.config.retry.buffer_body_limit;
+    // The pool is known once the head is in: parse against the largest
+    // limit, and hand a body over its own pool's limit to hyper below.
+    let body_limit = snap.max_buffer_body_limit;
     let head = loop {
         match parse_request(buf, max_head, body_limit) {
             Parsed::Partial if buf.len() < max_head => {
@@ -250,15 +252,33 @@ async fn serve_one(
             Parsed::Fast(head) => break head,
         }
     };
-    let Some((request, pinned)) = head.rewrite(peer.ip(), snap.affinity.as_ref()) else {
-        // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
+    let to_hyper = |buf: &mut Buf| {
         let mut all = Buf::from(&head.bytes[..]);
         all.extend_from_slice(buf);
-        return Step::Hyper(all.freeze());
+        Step::Hyper(all.freeze())
+    };
+    let path_and_query = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(routed) = snap.route(proxy::route_host(&head), path_and_query) else {
+        // hyper's path answers it alike (404, nothing sent upstream); the
+        // fast path has no own-answer writer for a request with a body.
+        return to_hyper(buf);
+    };
+    let pool = routed.pool;
+    if head.body_len > pool.config.retry.buffer_body_limit {
+        // Larger than this pool replays: hyper streams it.
+        return to_hyper(buf);
+    }
+    let rewrite = head.rewrite(peer.ip(), pool.affinity.as_ref(), routed.rewritten.as_deref());
+    let Some((request, pinned)) = rewrite else {
+        // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
+        return to_hyper(buf);
     };
     let method_head = head.method == Method::HEAD;
     let arrival = proxy::Arrival::new(now, snap, &head.method, head.uri.path());
-    let mut trace = Trace::default();
+    let mut trace = Trace {
+        pool: Some(routed.index),
+        ..Trace::default()
+    };
     let mut request = request;
     let idempotent = retry::is_idempotent(&head.method);
     // The body is read whole before it is sent (it is at most
@@ -274,7 +294,7 @@ async fn serve_one(
         expect_continue: head.expect_continue,
         stall: timeouts.client_body,
     };
-    let replay = snap.config.retry.attempts.get() > 1 && idempotent;
+    let replay = pool.config.retry.attempts.get() > 1 && idempotent;
     let (read, awaited) = if head.expect_continue && !replay {
         (Ok(()), Some(body))
     } else {
@@ -295,9 +315,9 @@ async fn serve_one(
                 reading_body: false,
             };
             let steer = Steer {
-                key: match snap.config.strategy {
+                key: match pool.config.strategy {
                     Strategy::ConsistentHash => {
-                        affinity::request_key(&snap.config.steering.hash_key, &head, peer.ip())
+                        affinity::request_key(&pool.config.steering.hash_key, &head, peer.ip())
                     }
                     _ => None,
                 },
@@ -307,6 +327,7 @@ async fn serve_one(
             let outcome = retry::run(
                 rt,
                 snap,
+                pool,
                 &steer,
                 &head.method,
                 path,
@@ -326,13 +347,13 @@ async fn serve_one(
             arrival.done(rt, snap, peer.ip(), resp.head.status.as_u16(), &trace);
             // A body that came whole with the head goes in the head's write.
             let whole = resp.is_whole();
-            let backend = &snap.backends[index];
+            let backend = &pool.backends[index];
             let answer = Answer {
                 keep_alive,
                 now: answered,
                 // Set when the backend that answered is not the one the
                 // cookie named, as on the hyper path.
-                set_cookie: snap
+                set_cookie: pool
                     .affinity
                     .as_ref()
                     .filter(|_| pinned != Some(index))

@@ -174,6 +174,7 @@ impl Head {
         &self,
         client_ip: std::net::IpAddr,
         affinity: Option<&AffinityCookies>,
+        rewritten_target: Option<&str>,
     ) -> Option<(Vec<u8>, Option<usize>)> {
         let cookies = affinity.filter(|c| self.values("cookie").any(|v| c.carries(v)));
         let mut pinned = None;
@@ -183,7 +184,9 @@ impl Head {
             None => None,
         };
         let named = proxy::connection_named(self.values("connection"));
-        let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        // A route that strips its prefix sends its own target.
+        let pq = rewritten_target
+            .unwrap_or_else(|| self.uri.path_and_query().map_or("/", |p| p.as_str()));
         let mut out = super::spare::vec(self.bytes.len() + 128 + self.body_len as usize);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');

@@ -20,7 +20,7 @@ use super::{
 use crate::body::ClientFault;
 use crate::config::BackendAddr;
 use crate::retry::Attempts;
-use crate::runtime::Snapshot;
+use crate::runtime::{Pool, Snapshot};
 use crate::upstream::FailureKind;
 
 /// How a backend's response body is delimited.
@@ -132,10 +132,11 @@ impl Attempts for FastAttempts<'_> {
     async fn send(
         &mut self,
         snap: &Snapshot,
+        pool: &Pool,
         index: usize,
         _last: bool,
     ) -> Result<UpstreamResponse, (FailureKind, String)> {
-        let backend = &snap.backends[index].addr;
+        let backend = &pool.backends[index].addr;
         // A pooled connection the backend closed meanwhile fails before any
         // byte of an answer: then the request goes once more on a new one
         // (hyper's pool does the same).

@@ -115,12 +115,14 @@ struct Upstream {
 /// Picks and connects a backend, trying the next eligible one after a
 /// failed or timed-out connect. `None` closes the client connection.
 async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upstream> {
-    let policy = &snap.config.retry;
+    // mode: tcp has one pool (validate refuses routes there).
+    let pool = snap.first_pool();
+    let policy = &pool.config.retry;
     let limit = snap.config.timeouts.connect;
-    rt.budget.deposit(&policy.budget);
+    pool.shared.budget.deposit(&policy.budget);
     // consistent_hash keys a TCP connection by its client's address.
     let steer = Steer {
-        key: (snap.config.strategy == Strategy::ConsistentHash)
+        key: (pool.config.strategy == Strategy::ConsistentHash)
             .then(|| crate::selection::hash::client_ip(peer.ip())),
         pinned: None,
     };
@@ -128,18 +130,18 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
     let mut last_failure: Option<(usize, String)> = None;
     for attempt in 0..policy.attempts.get() {
         if attempt > 0
-            && !(policy.retry_on.connect_failure && rt.budget.try_withdraw(&policy.budget))
+            && !(policy.retry_on.connect_failure && pool.shared.budget.try_withdraw(&policy.budget))
         {
             break;
         }
         let now_ms = rt.clock.now_ms();
         let eligible =
-            |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
-        let Some(index) = snap.select_for(&steer, &eligible) else {
+            |i: usize| !tried.contains(&i) && pool.backends[i].state.is_available(now_ms);
+        let Some(index) = pool.select_for(&steer, &eligible) else {
             break;
         };
         tried.push(index);
-        let backend = &snap.backends[index];
+        let backend = &pool.backends[index];
         let in_flight = backend.state.start();
         let why = match timeout(limit, TcpStream::connect(backend.addr.as_str())).await {
             Ok(Ok(stream)) => {
@@ -162,7 +164,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
             }
         };
         drop(in_flight);
-        note_failure(rt, snap, &backend.state, &why);
+        note_failure(rt, pool, &backend.state, &why);
         tracing::debug!(%peer, backend = %backend.addr, %why, attempt, "tcp connect failed");
         last_failure = Some((index, why));
     }
@@ -170,7 +172,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
         Some((index, why)) => tracing::warn!(
             %peer,
             "tcp connection closed: backend {} unreachable: {why} ({} tried)",
-            snap.backends[index].addr,
+            pool.backends[index].addr,
             tried.len()
         ),
         // Like HTTP's 503, not logged: health checks already said why.

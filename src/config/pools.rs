@@ -1,0 +1,316 @@
+//! `pools:` and `routes:`: several named pools behind one listener, and the
+//! table that picks one per request by Host and path.
+//!
+//! The top-level pool keys (`backends`, `strategy`, `health_check`, `retry`,
+//! `outlier_detection`, `hash_key`, `session_affinity`, `peak_ewma`,
+//! `slow_start`) are each pool's defaults: a pool that sets a key replaces
+//! the default's value for that key whole (as an nginx `location` replaces
+//! a `server`'s directive), one that does not inherits it. A file without
+//! `pools` is one pool named `default` with a catch-all route, so every
+//! single-pool file keeps its meaning.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::raw::{
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawOutlierDetection, RawRetry,
+    RawStrategy,
+};
+use super::steering::{RawPeakEwma, RawSessionAffinity};
+use super::{
+    BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy,
+};
+use crate::core::route::{check_path_prefix, HostMatch};
+
+type Invalid = (String, String);
+
+/// One entry of `pools:` as written: every key optional, defaulting to the
+/// top-level key of the same name.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub backends: Option<Vec<RawBackend>>,
+    pub strategy: Option<RawStrategy>,
+    pub health_check: Option<RawHealthCheck>,
+    pub outlier_detection: Option<RawOutlierDetection>,
+    pub retry: Option<RawRetry>,
+    pub hash_key: Option<String>,
+    pub session_affinity: Option<RawSessionAffinity>,
+    pub peak_ewma: Option<RawPeakEwma>,
+    pub slow_start: Option<HumanDuration>,
+}
+
+/// One entry of `routes:` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `api.example.com` or `*.example.com`; absent matches any host.
+    pub host: Option<String>,
+    /// Whole-segment path prefix; absent is `/`.
+    pub path_prefix: Option<String>,
+    /// Remove the prefix before forwarding (`/admin/users` → `/users`).
+    pub strip_prefix: Option<bool>,
+    /// The pool that serves what this route matches.
+    pub pool: Option<String>,
+}
+
+/// A pool's name: `[A-Za-z0-9_-]+`, the key of its runtime state together
+/// with each backend's address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolName(Arc<str>);
+
+impl PoolName {
+    /// The pool of a file without `pools:`.
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// For tests and examples; real names come from `validate`.
+    pub fn from_static(s: &'static str) -> Self {
+        PoolName(Arc::from(s))
+    }
+}
+
+impl fmt::Display for PoolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One validated pool: its members and every policy that decides how a
+/// request is served by them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: PoolName,
+    /// How a backend is chosen for each request.
+    pub strategy: Strategy,
+    /// The members, in file order (order matters for round robin).
+    pub backends: Vec<BackendConfig>,
+    /// Active probing; `None` means every backend is eligible unless passive
+    /// detection has ejected it.
+    pub health_check: Option<HealthCheck>,
+    /// Passive health: ejection after consecutive failed requests.
+    pub outlier_detection: OutlierDetection,
+    /// When and how a failed request is tried on another backend of this pool.
+    pub retry: RetryPolicy,
+    /// Hash key, sticky cookie, peak-EWMA decay and slow start.
+    pub steering: Steering,
+}
+
+impl PoolConfig {
+    /// Sum of all weights; > 0 in a valid config.
+    pub fn total_weight(&self) -> u64 {
+        self.backends.iter().map(|b| u64::from(b.weight)).sum()
+    }
+}
+
+/// One validated route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// `None` matches every host.
+    pub host: Option<HostMatch>,
+    /// Starts with `/`; `/` matches every path.
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+}
+
+impl fmt::Display for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Some(host) => write!(f, "{host}{}", self.path_prefix)?,
+            None => write!(f, "*{}", self.path_prefix)?,
+        }
+        if self.strip_prefix {
+            f.write_str(" (strip prefix)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The pool keys of `RawConfig`, taken out so they can serve as defaults.
+pub(super) fn defaults(raw: &mut RawConfig) -> RawPool {
+    RawPool {
+        backends: raw.backends.take(),
+        strategy: raw.strategy.take(),
+        health_check: raw.health_check.take(),
+        outlier_detection: raw.outlier_detection.take(),
+        retry: raw.retry.take(),
+        hash_key: raw.hash_key.take(),
+        session_affinity: raw.session_affinity.take(),
+        peak_ewma: raw.peak_ewma.take(),
+        slow_start: raw.slow_start.take(),
+    }
+}
+
+/// The pools as written, each merged over the defaults, with the key-path
+/// prefix its own errors carry: `None` for the implicit `default` pool
+/// (errors name top-level keys, as they did before pools existed).
+pub(super) fn merged(
+    defaults: RawPool,
+    pools: Option<BTreeMap<String, RawPool>>,
+    routes: &Option<Vec<RawRoute>>,
+) -> Result<Vec<(PoolName, RawPool, Option<String>)>, Invalid> {
+    let Some(pools) = pools else {
+        if routes.is_some() {
+            return Err((
+                "routes".to_owned(),
+                "needs pools: a route names the pool it sends to (define pools:, or drop routes:)"
+                    .to_owned(),
+            ));
+        }
+        return Ok(vec![(PoolName::from_static(PoolName::DEFAULT), defaults, None)]);
+    };
+    if defaults.backends.is_some() {
+        return Err((
+            "backends".to_owned(),
+            "cannot be used with pools: list each pool's backends under pools.NAME.backends"
+                .to_owned(),
+        ));
+    }
+    if pools.is_empty() {
+        return Err((
+            "pools".to_owned(),
+            "is empty: define at least one pool".to_owned(),
+        ));
+    }
+    let mut out = Vec::with_capacity(pools.len());
+    for (name, pool) in pools {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err((
+                format!("pools.{name}"),
+                format!("{name:?} is not a pool name (letters, digits, _ and - only)"),
+            ));
+        }
+        let merged = inherit(pool, &defaults);
+        out.push((PoolName(Arc::from(name.as_str())), merged, Some(format!("pools.{name}."))));
+    }
+    Ok(out)
+}
+
+/// `pool` with every key it leaves out taken from `defaults`. A default
+/// steering key that applies only to another strategy than the pool's is
+/// left out instead of being an error: it was meant for other pools.
+fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
+    let strategy = pool.strategy.or(defaults.strategy);
+    let applies = |wanted: RawStrategy| strategy == Some(wanted);
+    RawPool {
+        backends: pool.backends,
+        health_check: pool.health_check.or_else(|| defaults.health_check.clone()),
+        outlier_detection: pool
+            .outlier_detection
+            .or_else(|| defaults.outlier_detection.clone()),
+        retry: pool.retry.or_else(|| defaults.retry.clone()),
+        hash_key: pool.hash_key.or_else(|| {
+            defaults
+                .hash_key
+                .clone()
+                .filter(|_| applies(RawStrategy::ConsistentHash))
+        }),
+        session_affinity: pool
+            .session_affinity
+            .or_else(|| defaults.session_affinity.clone()),
+        peak_ewma: pool.peak_ewma.or_else(|| {
+            defaults
+                .peak_ewma
+                .clone()
+                .filter(|_| applies(RawStrategy::PeakEwma))
+        }),
+        slow_start: pool.slow_start.or(defaults.slow_start),
+        strategy,
+    }
+}
+
+/// Routes validated against the pools, or the implicit catch-all when the
+/// file has one pool and no `routes:`.
+pub(super) fn routes(
+    raw: Option<Vec<RawRoute>>,
+    pools: &[Arc<PoolConfig>],
+) -> Result<Vec<RouteConfig>, Invalid> {
+    let Some(raw) = raw else {
+        if pools.len() > 1 {
+            return Err((
+                "routes".to_owned(),
+                format!(
+                    "missing: with {} pools, routes must say which pool serves a request",
+                    pools.len()
+                ),
+            ));
+        }
+        return Ok(vec![RouteConfig {
+            host: None,
+            path_prefix: "/".to_owned(),
+            strip_prefix: false,
+            pool: 0,
+        }]);
+    };
+    if raw.is_empty() {
+        return Err((
+            "routes".to_owned(),
+            "is empty: list at least one route".to_owned(),
+        ));
+    }
+    let mut out: Vec<RouteConfig> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let at = |key: &str| format!("routes[{i}].{key}");
+        let host = r
+            .host
+            .as_deref()
+            .map(HostMatch::parse)
+            .transpose()
+            .map_err(|m| (at("host"), m))?;
+        let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_owned());
+        check_path_prefix(&path_prefix).map_err(|m| (at("path_prefix"), m))?;
+        let Some(name) = r.pool else {
+            return Err((at("pool"), "missing: name the pool this route sends to".to_owned()));
+        };
+        let Some(pool) = pools.iter().position(|p| p.name.as_str() == name) else {
+            let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            return Err((
+                at("pool"),
+                format!("no pool named {name:?} (pools: {})", known.join(", ")),
+            ));
+        };
+        let route = RouteConfig {
+            host,
+            path_prefix,
+            strip_prefix: r.strip_prefix.unwrap_or(false),
+            pool,
+        };
+        if let Some(first) = out
+            .iter()
+            .position(|o| o.host == route.host && o.path_prefix == route.path_prefix)
+        {
+            return Err((
+                format!("routes[{i}]"),
+                format!(
+                    "duplicates routes[{first}] (same host and path_prefix: {}); the second could never match",
+                    route
+                ),
+            ));
+        }
+        out.push(route);
+    }
+    Ok(out)
+}
+
+/// Pools that no route reaches: a warning, not an error (a pool may be
+/// kept while its routes are edited).
+pub fn unreachable_pools(pools: &[Arc<PoolConfig>], routes: &[RouteConfig]) -> Vec<PoolName> {
+    pools
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !routes.iter().any(|r| r.pool == *i))
+        .map(|(_, p)| p.name.clone())
+        .collect()
+}

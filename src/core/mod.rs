@@ -1,0 +1,2 @@
+//! The protocol-free core.
+pub mod route;
