@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use hyper::Method;
 
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, PoolName};
 
 /// Entries waiting for the writer thread, at most.
 const QUEUE: usize = 16 * 1024;
@@ -42,6 +42,9 @@ pub struct Entry {
     pub status: u16,
     /// The backend whose response was relayed; `None` when lb answered.
     pub backend: Option<BackendAddr>,
+    /// The pool the request was routed to; `None` when no route matched or
+    /// it was refused before routing.
+    pub pool: Option<PoolName>,
     /// Upstream attempts made (0 when none was).
     pub attempts: u32,
     /// From the first attempt to the response head; `None` without attempts.
@@ -190,7 +193,8 @@ pub fn format_entry(line: &mut String, e: &Entry, format: Format) {
                 }
                 None => line.push('-'),
             }
-            let _ = writeln!(line, " duration_ms={}", millis(e.duration));
+            let pool = e.pool.as_ref().map_or("-", PoolName::as_str);
+            let _ = writeln!(line, " duration_ms={} pool={pool}", millis(e.duration));
         }
         Format::Json => {
             let value = serde_json::json!({
@@ -200,6 +204,7 @@ pub fn format_entry(line: &mut String, e: &Entry, format: Format) {
                 "path": e.path,
                 "status": e.status,
                 "backend": e.backend.as_ref().map(BackendAddr::as_str),
+                "pool": e.pool.as_ref().map(PoolName::as_str),
                 "attempts": e.attempts,
                 "upstream_ms": e.upstream.map(millis),
                 "duration_ms": millis(e.duration),
@@ -221,6 +226,7 @@ mod tests {
             path: "/a b".replace(' ', "%20"),
             status: 200,
             backend: Some(BackendAddr::from_static("127.0.0.1:9001")),
+            pool: Some(PoolName::from_static("default")),
             attempts: 2,
             upstream: Some(Duration::from_micros(1_234)),
             duration: Duration::from_micros(2_000),
@@ -233,7 +239,7 @@ mod tests {
         format_entry(&mut s, &entry(), Format::Text);
         assert_eq!(
             s,
-            "1970-01-01T00:00:01.500Z 127.0.0.1 GET /a%20b 200 backend=127.0.0.1:9001 attempts=2 upstream_ms=1.234 duration_ms=2\n"
+            "1970-01-01T00:00:01.500Z 127.0.0.1 GET /a%20b 200 backend=127.0.0.1:9001 attempts=2 upstream_ms=1.234 duration_ms=2 pool=default\n"
         );
         s.clear();
         format_entry(&mut s, &entry(), Format::Json);

@@ -154,6 +154,9 @@ impl Lb {
     ) -> std::io::Result<Lb> {
         let configured = config.listen;
         tracing::info!(%hash, "config loaded: {}", config.summary());
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let workers = Arc::new(Workers::start(settings.workers)?);
         let runtime = Runtime::new(config, hash, workers.len());
         if let Some((format, out)) = access_log {

@@ -104,6 +104,10 @@ fn main() -> ExitCode {
                     cli.config.display(),
                     config.summary()
                 );
+                print!("{}", config.route_table());
+                for warning in config.warnings() {
+                    eprintln!("warning: {}: {warning}", cli.config.display());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

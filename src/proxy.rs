@@ -117,6 +117,7 @@ impl Arrival {
                 path,
                 status,
                 backend: backend.map(|b| b.addr.clone()),
+                pool: pool.map(|p| p.name().clone()),
                 attempts: trace.attempts,
                 upstream: trace.upstream,
                 duration: took,
@@ -172,7 +173,12 @@ async fn respond(
             return retry::client_fault(e.fault);
         }
     };
-    let mut resp = retry::forward(rt, snap, pool, worker, &steer, parts, body, trace).await;
+    let call = retry::Call {
+        snap,
+        pool,
+        steer: &steer,
+    };
+    let mut resp = retry::forward(rt, call, worker, parts, body, trace).await;
     affinity::on_response(pool, &steer, &mut resp);
     resp
 }

@@ -347,6 +347,9 @@ impl Reloader {
             None
         };
         let listen = config.listen;
+        for warning in config.warnings() {
+            tracing::warn!("{}: {warning}", self.path.display());
+        }
         // Building a snapshot is CPU work (a consistent_hash table over
         // 10,000 backends takes tens of ms): keep it off the async workers.
         let runtime = Arc::clone(&self.runtime);

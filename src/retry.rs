@@ -144,6 +144,15 @@ pub(crate) trait Attempts {
 }
 
 /// What [`run`] concluded: the client gets one of these.
+/// Where a request goes: the snapshot it loaded, the pool its route chose
+/// in that snapshot, and what steers it to a backend of that pool.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub snap: &'a Snapshot,
+    pub pool: &'a Pool,
+    pub steer: &'a Steer,
+}
+
 pub(crate) enum Outcome<R> {
     /// A backend's response, relayed; the guard keeps the backend counted
     /// in flight until the body is done; the index says which backend.
@@ -246,10 +255,8 @@ const NO_BACKEND: &str = "lb: no healthy backend available\n";
 /// affinity cookie), and notes in `trace` what it did.
 pub async fn forward(
     rt: &Arc<Runtime>,
-    snap: &Snapshot,
-    pool: &Pool,
+    call: Call<'_>,
     worker: usize,
-    steer: &Steer,
     mut parts: Parts,
     body: RequestBody,
     trace: &mut Trace,
@@ -263,6 +270,7 @@ pub async fn forward(
         .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
     let hold = parts.extensions.remove::<Hold>();
+    let Call { snap, .. } = call;
     let backend_body = snap.config.timeouts.backend_body;
     let mut attempts = HyperAttempts {
         worker,
@@ -271,7 +279,7 @@ pub async fn forward(
         body,
         pending: None,
     };
-    match run(rt, snap, pool, steer, &method, &path, &mut attempts, trace).await {
+    match run(rt, call, &method, &path, &mut attempts, trace).await {
         Outcome::Relay(resp, in_flight, index) => {
             let relayed = |body| {
                 RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
@@ -299,14 +307,13 @@ pub async fn forward(
 /// `trace` notes what it did.
 pub(crate) async fn run<A: Attempts>(
     rt: &Runtime,
-    snap: &Snapshot,
-    pool: &Pool,
-    steer: &Steer,
+    call: Call<'_>,
     method: &Method,
     path: &str,
     attempts: &mut A,
     trace: &mut Trace,
 ) -> Outcome<A::Response> {
+    let Call { snap, pool, steer } = call;
     let started = Instant::now();
     // `return` in the block ends the decisions; the trace is finished below.
     let outcome = async {
@@ -667,6 +674,16 @@ pub fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
     resp
 }
 
+/// [`note_failure`] for a backend met outside the attempt loop (a response
+/// body that broke after its head): judged by its pool in the current
+/// snapshot, and not at all if a reload removed it meanwhile.
+fn note_failure_in_current(rt: &Runtime, state: &BackendState, why: &str) {
+    let snap = rt.snapshot();
+    if let Some(pool) = snap.pools.iter().find(|p| p.name() == &state.pool) {
+        note_failure(rt, pool, state, why);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,15 +710,5 @@ mod tests {
         // The next second brings the floor back.
         tokio::time::advance(Duration::from_millis(1000)).await;
         assert!(budget.try_withdraw(&cfg));
-    }
-}
-
-/// [`note_failure`] for a backend met outside the attempt loop (a response
-/// body that broke after its head): judged by its pool in the current
-/// snapshot, and not at all if a reload removed it meanwhile.
-fn note_failure_in_current(rt: &Runtime, state: &BackendState, why: &str) {
-    let snap = rt.snapshot();
-    if let Some(pool) = snap.pools.iter().find(|p| p.name() == &state.pool) {
-        note_failure(rt, pool, state, why);
     }
 }

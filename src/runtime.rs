@@ -422,12 +422,13 @@ fn build(
         .zip(states.sync(&config))
         .map(|(pool_config, states_of_pool)| {
             let old_pool = old.and_then(|o| o.pools.iter().find(|p| p.name() == &pool_config.name));
-            let pool_shared = Arc::clone(shared.entry(pool_config.name.clone()).or_insert_with(|| {
-                Arc::new(PoolShared {
-                    budget: RetryBudget::new(states.clock()),
-                    own_answers: Default::default(),
-                })
-            }));
+            let pool_shared =
+                Arc::clone(shared.entry(pool_config.name.clone()).or_insert_with(|| {
+                    Arc::new(PoolShared {
+                        budget: RetryBudget::new(states.clock()),
+                        own_answers: Default::default(),
+                    })
+                }));
             build_pool(
                 Arc::clone(pool_config),
                 states_of_pool,
@@ -563,7 +564,8 @@ impl ReloadSummary {
             match before.get(&key(b)) {
                 None => s.added.push(named(new, b)),
                 Some(&w) if w != b.weight => {
-                    s.reweighted.push(format!("{} {}→{}", named(new, b), w, b.weight))
+                    s.reweighted
+                        .push(format!("{} {}→{}", named(new, b), w, b.weight))
                 }
                 Some(_) => {}
             }
@@ -598,7 +600,8 @@ impl ReloadSummary {
                 } else {
                     format!("{} ", pool.name())
                 };
-                s.strategy.push(format!("{which}{}→{}", o.strategy, n.strategy));
+                s.strategy
+                    .push(format!("{which}{}→{}", o.strategy, n.strategy));
             }
             s.other_settings |= o.health_check != n.health_check
                 || o.outlier_detection != n.outlier_detection

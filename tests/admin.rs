@@ -139,7 +139,10 @@ impl Scrape {
                     .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
         });
         let first = found.next().map(|(_, v)| *v);
-        assert!(found.next().is_none(), "{name} {with:?} names several series");
+        assert!(
+            found.next().is_none(),
+            "{name} {with:?} names several series"
+        );
         first
     }
 }

@@ -135,7 +135,10 @@ async fn aborted_uploads_blame_no_backend() {
     // The aborted requests may still be unwinding: judge once they are done.
     let idle = || {
         let snap = lb.lb.runtime().snapshot();
-        snap.first_pool().backends.iter().all(|b| b.state.in_flight() == 0)
+        snap.first_pool()
+            .backends
+            .iter()
+            .all(|b| b.state.in_flight() == 0)
     };
     eventually!(10, idle());
     nobody_blamed(&lb);
@@ -702,7 +705,9 @@ async fn charged_once(lb: &TestLb, backend: SocketAddr, counter: &str) {
     eventually!(WAIT, state.in_flight() == 0);
     let metrics = lb::metrics::render(runtime);
     assert!(
-        metrics.contains(&format!("{counter}{{pool=\"default\",backend=\"{backend}\"}} 1")),
+        metrics.contains(&format!(
+            "{counter}{{pool=\"default\",backend=\"{backend}\"}} 1"
+        )),
         "{metrics}"
     );
 }

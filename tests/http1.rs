@@ -268,9 +268,19 @@ async fn client_closing_mid_body_leaves_lb_serving() {
         .await
         .unwrap();
     assert!(text(&read_to_close(&mut s).await).ends_with("/after\n"));
-    let idle = || lb.lb.runtime().snapshot().first_pool().backends[0].state.in_flight() == 0;
+    let idle = || {
+        lb.lb.runtime().snapshot().first_pool().backends[0]
+            .state
+            .in_flight()
+            == 0
+    };
     eventually!(10, idle());
-    assert_eq!(lb.lb.runtime().snapshot().first_pool().backends[0].state.failures(), 0);
+    assert_eq!(
+        lb.lb.runtime().snapshot().first_pool().backends[0]
+            .state
+            .failures(),
+        0
+    );
 }
 
 #[tokio::test]

@@ -506,11 +506,18 @@ async fn backend_state_survives_reload() {
         "strategy: least_connections\nbackends:\n  - address: {}\n    weight: 1\n  - address: {}\n    weight: 3\n",
         n.addr, a.addr
     ));
-    eventually!(WAIT, lb.lb.runtime().snapshot().first_pool().backends.len() == 2);
+    eventually!(
+        WAIT,
+        lb.lb.runtime().snapshot().first_pool().backends.len() == 2
+    );
     let snap = lb.lb.runtime().snapshot();
-    assert_eq!(snap.first_pool().config.strategy, Strategy::LeastConnections);
+    assert_eq!(
+        snap.first_pool().config.strategy,
+        Strategy::LeastConnections
+    );
     let find = |addr: SocketAddr| {
-        snap.first_pool().backends
+        snap.first_pool()
+            .backends
             .iter()
             .find(|b| b.addr.as_str() == addr.to_string())
             .unwrap()

@@ -21,7 +21,9 @@ async fn with_fast_checks(backends: &[&Backend]) -> TestLb {
 }
 
 fn state(lb: &TestLb, i: usize) -> Arc<lb::state::BackendState> {
-    lb.lb.runtime().snapshot().first_pool().backends[i].state.clone()
+    lb.lb.runtime().snapshot().first_pool().backends[i]
+        .state
+        .clone()
 }
 
 /// Clients sending GETs until stopped; counts answers that were not 200.

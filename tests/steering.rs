@@ -128,7 +128,9 @@ async fn keys_of_a_down_backend_move_and_come_back() {
     }
     assert!(home.iter().any(|h| h == "b1"));
     bs[1].set_health(500);
-    let b1 = lb.lb.runtime().snapshot().first_pool().backends[1].state.clone();
+    let b1 = lb.lb.runtime().snapshot().first_pool().backends[1]
+        .state
+        .clone();
     eventually!(5, !b1.is_healthy(), "health checks never took b1 down");
     for (p, h) in paths.iter().zip(&home) {
         let (now, _) = get_with(&c, &lb.url(p), &[]).await;
@@ -242,7 +244,9 @@ async fn affinity_cookie_is_issued_reused_and_not_forwarded() {
 /// The cookie lb issues for the backend named `name` (b0, b1, …).
 fn cookie_for(lb: &TestLb, name: &str) -> String {
     let i: usize = name[1..].parse().unwrap();
-    let addr = lb.lb.runtime().snapshot().first_pool().backends[i].addr.clone();
+    let addr = lb.lb.runtime().snapshot().first_pool().backends[i]
+        .addr
+        .clone();
     format!("lb_sticky={}", lb::affinity::token(&addr))
 }
 
@@ -258,7 +262,9 @@ async fn affinity_cookie_is_reissued_when_its_backend_is_down() {
         "b0"
     );
     bs[0].set_health(500);
-    let b0 = lb.lb.runtime().snapshot().first_pool().backends[0].state.clone();
+    let b0 = lb.lb.runtime().snapshot().first_pool().backends[0]
+        .state
+        .clone();
     eventually!(5, !b0.is_healthy());
     let (moved, a) = get_with(&c, &lb.url("/"), &[("cookie", &pinned)]).await;
     assert_ne!(moved, "b0");

@@ -238,7 +238,9 @@ async fn a_connect_timeout_goes_to_the_next_backend() {
     for i in 0..4 {
         assert_eq!(exchange(lb, format!("hello {i}").as_bytes()).await, "a");
     }
-    let failures = tlb.lb.runtime().snapshot().first_pool().backends[0].state.failures();
+    let failures = tlb.lb.runtime().snapshot().first_pool().backends[0]
+        .state
+        .failures();
     assert!(failures >= 1, "the stuck backend was never tried");
 }
 
@@ -281,7 +283,13 @@ async fn least_connections_counts_open_connections() {
     // Client connections count against limits.max_connections as in http mode.
     assert_eq!(tlb.lb.runtime().connections.open(), 6);
     drop(held);
-    eventually!(10, snap.first_pool().backends.iter().all(|b| b.state.in_flight() == 0));
+    eventually!(
+        10,
+        snap.first_pool()
+            .backends
+            .iter()
+            .all(|b| b.state.in_flight() == 0)
+    );
     eventually!(10, tlb.lb.runtime().connections.open() == 0);
 }
 
@@ -432,7 +440,16 @@ fn tcp_config_keys_defaults_and_errors() {
         "backends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\ntimeouts: {tcp_idle: 5m}\n",
     )
     .unwrap();
-    assert_eq!(c.first_pool().health_check.clone().unwrap().path.unwrap().as_str(), "/health");
+    assert_eq!(
+        c.first_pool()
+            .health_check
+            .clone()
+            .unwrap()
+            .path
+            .unwrap()
+            .as_str(),
+        "/health"
+    );
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(300));
     let e = parse(
         "mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check:\n  path: /health\n",

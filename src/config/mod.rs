@@ -717,16 +717,24 @@ impl Config {
         )
     }
 
-    /// The route table, one line per route in file order, for `lb --check`.
+    /// The route table, one line per route in file order, for `lb --check`;
+    /// empty for a file without `pools:` (its one route takes everything).
     pub fn route_table(&self) -> String {
         let mut out = String::new();
+        if self.pools.len() == 1 && self.pools[0].name.as_str() == PoolName::DEFAULT {
+            return out;
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
             out.push_str(&format!(
                 "  routes[{i}]  host {host:<24} path {:<16} -> pool {}{}\n",
                 r.path_prefix,
                 self.pools[r.pool].name,
-                if r.strip_prefix { " (strip prefix)" } else { "" }
+                if r.strip_prefix {
+                    " (strip prefix)"
+                } else {
+                    ""
+                }
             ));
         }
         out

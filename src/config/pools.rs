@@ -20,9 +20,7 @@ use super::raw::{
     RawStrategy,
 };
 use super::steering::{RawPeakEwma, RawSessionAffinity};
-use super::{
-    BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy,
-};
+use super::{BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy};
 use crate::core::route::{check_path_prefix, HostMatch};
 
 type Invalid = (String, String);
@@ -165,7 +163,11 @@ pub(super) fn merged(
                     .to_owned(),
             ));
         }
-        return Ok(vec![(PoolName::from_static(PoolName::DEFAULT), defaults, None)]);
+        return Ok(vec![(
+            PoolName::from_static(PoolName::DEFAULT),
+            defaults,
+            None,
+        )]);
     };
     if defaults.backends.is_some() {
         return Err((
@@ -193,7 +195,11 @@ pub(super) fn merged(
             ));
         }
         let merged = inherit(pool, &defaults);
-        out.push((PoolName(Arc::from(name.as_str())), merged, Some(format!("pools.{name}."))));
+        out.push((
+            PoolName(Arc::from(name.as_str())),
+            merged,
+            Some(format!("pools.{name}.")),
+        ));
     }
     Ok(out)
 }
@@ -272,7 +278,10 @@ pub(super) fn routes(
         let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_owned());
         check_path_prefix(&path_prefix).map_err(|m| (at("path_prefix"), m))?;
         let Some(name) = r.pool else {
-            return Err((at("pool"), "missing: name the pool this route sends to".to_owned()));
+            return Err((
+                at("pool"),
+                "missing: name the pool this route sends to".to_owned(),
+            ));
         };
         let Some(pool) = pools.iter().position(|p| p.name.as_str() == name) else {
             let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();

@@ -30,9 +30,14 @@ fn minimal_config_gets_defaults() {
     assert!(c.first_pool().health_check.is_none());
     assert_eq!(c.first_pool().retry.attempts.get(), 3);
     assert_eq!(c.first_pool().retry.buffer_body_limit, 64 * 1024);
-    assert!(c.first_pool().retry.retry_on.status(503) && c.first_pool().retry.retry_on.connect_failure);
+    assert!(
+        c.first_pool().retry.retry_on.status(503) && c.first_pool().retry.retry_on.connect_failure
+    );
     assert_eq!(
-        c.first_pool().outlier_detection.consecutive_failures.map(|n| n.get()),
+        c.first_pool()
+            .outlier_detection
+            .consecutive_failures
+            .map(|n| n.get()),
         Some(5)
     );
 }
@@ -44,7 +49,10 @@ fn full_example_parses() {
     )
     .unwrap();
     assert_eq!(c.first_pool().strategy, Strategy::RoundRobin);
-    assert_eq!(c.first_pool().backends[0].address.as_str(), "app.internal:9001");
+    assert_eq!(
+        c.first_pool().backends[0].address.as_str(),
+        "app.internal:9001"
+    );
     assert_eq!(c.first_pool().backends[1].weight, 0);
     assert_eq!(c.timeouts.connect, Duration::from_millis(250));
     let hc = c.first_pool().health_check.clone().unwrap();
@@ -198,8 +206,14 @@ fn steering_keys_parse_with_defaults() {
     use super::{HashKey, DEFAULT_PEAK_EWMA_DECAY};
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.first_pool().steering.hash_key, HashKey::ClientIp);
-    assert_eq!(c.first_pool().steering.peak_ewma_decay, DEFAULT_PEAK_EWMA_DECAY);
-    assert!(c.first_pool().steering.session_affinity.is_none() && c.first_pool().steering.slow_start.is_none());
+    assert_eq!(
+        c.first_pool().steering.peak_ewma_decay,
+        DEFAULT_PEAK_EWMA_DECAY
+    );
+    assert!(
+        c.first_pool().steering.session_affinity.is_none()
+            && c.first_pool().steering.slow_start.is_none()
+    );
     let c = parse(&format!(
         "strategy: consistent_hash\nhash_key: header:X-User\nsession_affinity:\n  cookie: lb_id\n  ttl: 1h\nslow_start: 30s\n{MINIMAL}"
     ))
@@ -214,7 +228,10 @@ fn steering_keys_parse_with_defaults() {
         (a.cookie.as_str(), a.ttl),
         ("lb_id", Some(Duration::from_secs(3600)))
     );
-    assert_eq!(c.first_pool().steering.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!(
+        c.first_pool().steering.slow_start,
+        Some(Duration::from_secs(30))
+    );
     for (key, want) in [
         ("path", HashKey::Path),
         ("client_ip", HashKey::ClientIp),
@@ -231,7 +248,10 @@ fn steering_keys_parse_with_defaults() {
         "strategy: peak_ewma\npeak_ewma:\n  decay: 2s\nslow_start: 0s\n{MINIMAL}"
     ))
     .unwrap();
-    assert_eq!(c.first_pool().steering.peak_ewma_decay, Duration::from_secs(2));
+    assert_eq!(
+        c.first_pool().steering.peak_ewma_decay,
+        Duration::from_secs(2)
+    );
     assert_eq!(c.first_pool().steering.slow_start, None);
 }
 

@@ -64,18 +64,30 @@ impl<T> Router<T> {
     }
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<Found<'_, T>> {
         let host = host.map(|h| {
-            let h = h.rsplit_once(':').map_or(h, |(a, p)| if p.bytes().all(|b| b.is_ascii_digit()) { a } else { h });
+            let h = h.rsplit_once(':').map_or(h, |(a, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    a
+                } else {
+                    h
+                }
+            });
             h.trim_end_matches('.').to_ascii_lowercase()
         });
         let rank = |r: &Route<T>| -> Option<(usize, usize)> {
             let hs = match (&r.host, &host) {
                 (None, _) => 0,
                 (Some(HostMatch::Exact(e)), Some(h)) if **e == **h => usize::MAX,
-                (Some(HostMatch::Wildcard(s)), Some(h)) if h.ends_with(&**s) && h.len() > s.len() => s.len(),
+                (Some(HostMatch::Wildcard(s)), Some(h))
+                    if h.ends_with(&**s) && h.len() > s.len() =>
+                {
+                    s.len()
+                }
                 _ => return None,
             };
             let p = &*r.path_prefix;
-            let ok = p == "/" || (path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/') | Some(b'?')));
+            let ok = p == "/"
+                || (path.starts_with(p)
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/') | Some(b'?')));
             ok.then_some((hs, p.len()))
         };
         let mut best: Option<(usize, (usize, usize))> = None;
@@ -86,7 +98,10 @@ impl<T> Router<T> {
                 }
             }
         }
-        best.map(|(i, _)| Found { route: &self.routes[i], index: i })
+        best.map(|(i, _)| Found {
+            route: &self.routes[i],
+            index: i,
+        })
     }
 }
 

@@ -268,7 +268,11 @@ async fn serve_one(
         // Larger than this pool replays: hyper streams it.
         return to_hyper(buf);
     }
-    let rewrite = head.rewrite(peer.ip(), pool.affinity.as_ref(), routed.rewritten.as_deref());
+    let rewrite = head.rewrite(
+        peer.ip(),
+        pool.affinity.as_ref(),
+        routed.rewritten.as_deref(),
+    );
     let Some((request, pinned)) = rewrite else {
         // The rewrite refused it (bad X-Forwarded-For): hyper's answer.
         return to_hyper(buf);
@@ -324,17 +328,12 @@ async fn serve_one(
                 pinned,
             };
             let path = head.uri.path();
-            let outcome = retry::run(
-                rt,
+            let call = retry::Call {
                 snap,
                 pool,
-                &steer,
-                &head.method,
-                path,
-                &mut attempts,
-                &mut trace,
-            )
-            .await;
+                steer: &steer,
+            };
+            let outcome = retry::run(rt, call, &head.method, path, &mut attempts, &mut trace).await;
             (outcome, attempts.request, attempts.awaited.is_some())
         }
         Err(fault) => (Outcome::ClientFault(fault), request, false),

@@ -57,6 +57,8 @@ macro_rules! eventually {
 pub struct Seen {
     pub method: String,
     pub path: String,
+    /// The path with its query, as the request line had them.
+    pub target: String,
     pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
@@ -252,6 +254,10 @@ async fn handle(
     seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         headers: parts.headers.clone(),
         body: body.clone(),
     });
