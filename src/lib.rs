@@ -5,6 +5,8 @@
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
 //!   (raw serde structs → `validate()`, with env overrides).
+//! * [`core`]: protocol-free logic; [`core::route`]: the route table that
+//!   picks a route (pool) from a request's Host and path.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
 //!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
 //!   in a new one.
@@ -44,6 +46,7 @@ pub mod admin;
 pub mod affinity;
 pub mod body;
 pub mod config;
+pub mod core;
 pub mod fast;
 pub mod health;
 pub mod listen;
