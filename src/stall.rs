@@ -36,14 +36,18 @@ pub struct Stall {
 
 impl Stall {
     /// The watched I/O made progress: the next wait starts a new count.
-    fn progressed(&mut self) {
+    pub(crate) fn progressed(&mut self) {
         self.armed = false;
     }
 
     /// The watched I/O is pending: true once this wait has lasted `limit`
     /// (read only when a new wait begins). Otherwise the timer wakes `cx`
     /// when it would.
-    fn expired(&mut self, cx: &mut Context<'_>, limit: impl FnOnce() -> Duration) -> bool {
+    pub(crate) fn expired(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: impl FnOnce() -> Duration,
+    ) -> bool {
         if !self.armed {
             let deadline = Instant::now() + limit();
             match &mut self.timer {
