@@ -11,7 +11,10 @@
 //! connection's start, the whole head within `client_header` of its first
 //! byte, and the next request within `timeouts.client_idle` of the last
 //! response (see `Activity`); a client that takes no response bytes for
-//! `timeouts.client_send` is closed (see `Watched`).
+//! `timeouts.client_send` is closed (see `Watched`), and an HTTP/2 stream
+//! whose window it does not open for as long is reset (see
+//! [`crate::h2_stream`]). One HTTP/2 connection holds at most
+//! `limits.h2_max_concurrent_streams` streams.
 
 use std::io;
 use std::net::SocketAddr;
@@ -344,8 +347,9 @@ impl Body for Tracked {
 /// bounding each wait for the client to take response bytes by
 /// `timeouts.client_send`. A socket write pends only when the client has
 /// stopped taking bytes and lb's send buffer is full (HTTP/2 flow control
-/// waits above the socket, without writing), so a client that stops reading
-/// fails its connection and nothing else does.
+/// waits above the socket, without writing: [`crate::h2_stream`] bounds
+/// that per stream), so a client that stops reading fails its connection
+/// and nothing else does.
 #[derive(Debug)]
 struct Watched {
     /// Bytes read before hyper took the connection over; read first.

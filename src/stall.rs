@@ -15,6 +15,9 @@
 //! slowly but steadily can leave a write pending far longer than it pauses.
 //! When such a wait runs out, [`Stall::send_now`] tries the write once more
 //! directly: any room the client made counts as progress.
+//!
+//! An HTTP/2 stream held by flow control waits above the socket: its
+//! watchdog in [`crate::h2_stream`] counts that wait with a `Stall` too.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
