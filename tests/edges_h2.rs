@@ -175,23 +175,24 @@ async fn h2_stream_whose_window_never_opens_is_reset_and_frees_the_backend() {
 
 #[tokio::test]
 async fn h2_client_opening_its_window_slowly_gets_the_whole_body() {
-    const LEN: usize = 1 << 20;
+    const LEN: usize = 2 << 20;
     let backend = BigBackend::start(LEN).await;
     let lb = TestLb::start(&format!(
-        "timeouts:\n  client_send: 2s\n  backend_body: 2s\nbackends:\n  - address: {}\n",
+        "timeouts:\n  client_send: 3s\n  backend_body: 3s\nbackends:\n  - address: {}\n",
         backend.addr
     ))
     .await;
-    let client = h2c_connect(lb.lb.local_addr(), 16 * 1024).await;
+    const WINDOW: usize = 16 * 1024;
+    let client = h2c_connect(lb.lb.local_addr(), WINDOW as u32).await;
     let (_client, resp) = h2_get(client, &lb, "/big").await;
     let resp = tokio::time::timeout(Duration::from_secs(WAIT), resp)
         .await
         .expect("no response head")
         .expect("stream failed");
     let mut body = resp.into_body();
-    let mut got = 0;
-    // About 64 windows of 16 KiB, one every 50 ms: the whole transfer takes
-    // longer than client_send, no wait comes near it.
+    let (mut got, mut unreleased) = (0, 0);
+    // 128 windows of 16 KiB, each opened 50 ms after the last one filled:
+    // the whole transfer takes longer than client_send, no wait comes near it.
     loop {
         let chunk = match tokio::time::timeout(Duration::from_secs(WAIT), body.data()).await {
             Ok(Some(chunk)) => chunk.unwrap_or_else(|e| panic!("cut after {got} bytes: {e}")),
@@ -199,8 +200,12 @@ async fn h2_client_opening_its_window_slowly_gets_the_whole_body() {
             Err(_) => panic!("stuck after {got} bytes"),
         };
         got += chunk.len();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        body.flow_control().release_capacity(chunk.len()).unwrap();
+        unreleased += chunk.len();
+        if unreleased >= WINDOW {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            body.flow_control().release_capacity(unreleased).unwrap();
+            unreleased = 0;
+        }
     }
     assert_eq!(got, LEN);
     nobody_blamed(&lb);
