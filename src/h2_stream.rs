@@ -188,3 +188,90 @@ impl Pacer {
         data
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::config::{Config, ContentHash};
+
+    const PEER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        1,
+    ));
+
+    fn runtime() -> Arc<Runtime> {
+        let yaml = b"timeouts:\n  client_send: 1s\nbackends:\n  - address: 127.0.0.1:9\n";
+        let config = Config::parse(yaml, Path::new("test.yaml")).unwrap();
+        Runtime::new(config, ContentHash::of(yaml), 1)
+    }
+
+    fn cut_streams(rt: &Arc<Runtime>) -> bool {
+        let text = crate::metrics::render(rt);
+        !text.contains("lb_client_send_timeouts_total 0")
+    }
+
+    /// A stream as hyper drives it: a piece, then hyper comes back for
+    /// the next only after `window_opens_every` (the client's window).
+    async fn stream(rt: Arc<Runtime>, len: usize, window_opens_every: Option<Duration>) -> usize {
+        let mut pacer = Pacer::for_current_stream(&rt, PEER).expect("in a stream's task");
+        let mut body = Full::new(Bytes::from(vec![b'x'; len]));
+        let mut sent = 0;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| pacer.poll_frame(Pin::new(&mut body), cx)).await
+        {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= PIECE);
+            sent += data.len();
+            match window_opens_every {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending().await,
+            }
+        }
+        sent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_waiting_for_window_for_client_send_is_dropped() {
+        let rt = runtime();
+        let started = tokio::time::Instant::now();
+        let never_opens = stream(Arc::clone(&rt), 40_000, None);
+        tokio::time::timeout(Duration::from_secs(60), watch(never_opens))
+            .await
+            .expect("stream never cut");
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert!(cut_streams(&rt));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_window_opens_in_time_runs_to_its_end() {
+        let rt = runtime();
+        let (done, sent) = tokio::sync::oneshot::channel();
+        let len = 10 * PIECE + 1;
+        // 11 pieces, 900 ms apart: 10 s in all, each wait under client_send.
+        let stream = stream(Arc::clone(&rt), len, Some(Duration::from_millis(900)));
+        watch(async move {
+            let _ = done.send(stream.await);
+        })
+        .await;
+        assert_eq!(sent.await.expect("stream dropped"), len);
+        assert!(!cut_streams(&rt));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_future_without_a_pacer_is_never_cut() {
+        let rt = runtime();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        watch(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let _ = done.send(());
+        })
+        .await;
+        assert!(finished.await.is_ok());
+        assert!(!cut_streams(&rt));
+    }
+}
