@@ -102,12 +102,13 @@ async fn watch<F: Future>(stream: F) {
         let Some(bound) = progress.bound.get() else {
             return Poll::Pending;
         };
-        if progress.moved.swap(false, Relaxed) || !progress.waiting.load(Relaxed) {
+        let waiting = progress.waiting.load(Relaxed);
+        if progress.moved.swap(false, Relaxed) || !waiting {
             // A new wait starts now, or none is going on (hyper is waiting
             // for the backend, whose bounds apply).
             stall.progressed();
         }
-        if !progress.waiting.load(Relaxed) {
+        if !waiting {
             return Poll::Pending;
         }
         let limit = || bound.runtime.worker_snapshot().config.timeouts.client_send;
