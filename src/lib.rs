@@ -19,7 +19,9 @@
 //!   its own listening socket and upstream pools.
 //! * [`listen`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
 //!   loops, the connection cap; [`server`]: one client connection (hyper,
-//!   the fast path, or tcp) and its timeouts.
+//!   the fast path, or tcp) and its timeouts; [`h2_stream`]: the
+//!   `client_send` bound on each HTTP/2 stream, which flow control hides
+//!   from the socket.
 //! * [`fast`]: the HTTP/1 fast path (`httparse`), which hands anything it does
 //!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
@@ -48,6 +50,7 @@ pub mod body;
 pub mod config;
 pub mod core;
 pub mod fast;
+pub mod h2_stream;
 pub mod health;
 pub mod listen;
 pub mod metrics;

@@ -236,7 +236,8 @@ pub struct Metrics {
     /// Retries the budget refused.
     budget_exhausted: AtomicU64,
     /// Client connections closed because the client took no response
-    /// bytes for `timeouts.client_send` (no backend is blamed: global).
+    /// bytes for `timeouts.client_send`, and HTTP/2 streams reset for it
+    /// (no backend is blamed: global).
     client_send_timeouts: AtomicU64,
 }
 
@@ -443,7 +444,7 @@ impl Collector for Exporter {
         counter(
             &mut enc,
             "lb_client_send_timeouts",
-            "Client connections closed because the client took no response bytes for timeouts.client_send",
+            "Client connections closed, and HTTP/2 streams reset, because the client took no response bytes for timeouts.client_send",
             m.client_send_timeouts.load(Relaxed),
         )?;
         family(

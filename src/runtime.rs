@@ -16,13 +16,13 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
 use crate::affinity::AffinityCookies;
 use crate::config::{Config, ContentHash};
+use crate::h2_stream::StreamExecutor;
 use crate::listen::ConnectionCount;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
@@ -52,7 +52,7 @@ pub struct Snapshot {
     /// Pre-parsed `host:port` of each backend, for building upstream URIs.
     pub authorities: Vec<Authority>,
     /// Settings for client connections accepted while this snapshot is current.
-    pub server: auto::Builder<TokioExecutor>,
+    pub server: auto::Builder<StreamExecutor>,
 }
 
 impl Snapshot {

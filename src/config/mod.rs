@@ -95,6 +95,10 @@ pub struct Limits {
     /// Largest request head (request line and headers) accepted; a bigger
     /// one gets 431. Also bounds each connection's read buffer.
     pub max_header_bytes: usize,
+    /// HTTP/2 streams one client connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`; more are refused), so one
+    /// connection holds at most this many backend requests.
+    pub h2_max_concurrent_streams: u32,
 }
 
 /// HAProxy's PROXY protocol versions: v1 is a text line, v2 binary.

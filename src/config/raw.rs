@@ -56,6 +56,7 @@ pub struct RawConfig {
 pub struct RawLimits {
     pub max_connections: Option<i64>,
     pub max_header_bytes: Option<ByteSize>,
+    pub h2_max_concurrent_streams: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

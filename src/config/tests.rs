@@ -169,6 +169,28 @@ fn response_relay_timeouts_load_and_name_their_key() {
 }
 
 #[test]
+fn h2_stream_cap_defaults_to_100_and_is_bounded() {
+    assert_eq!(
+        parse(MINIMAL).unwrap().limits.h2_max_concurrent_streams,
+        100
+    );
+    let c = parse(&format!(
+        "{MINIMAL}limits:\n  h2_max_concurrent_streams: 8\n"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.h2_max_concurrent_streams, 8);
+    for bad in ["0", "10001", "-1"] {
+        let e = error(&format!(
+            "{MINIMAL}limits:\n  h2_max_concurrent_streams: {bad}\n"
+        ));
+        assert_eq!(
+            e,
+            format!("conf/lb.yaml: limits.h2_max_concurrent_streams: {bad} is out of range (1 to 10000)")
+        );
+    }
+}
+
+#[test]
 fn listen_and_section_errors() {
     let e = error(&format!("listen: localhost\n{MINIMAL}"));
     assert!(

@@ -145,9 +145,16 @@ fn limits(raw: RawLimits) -> Result<Limits, Invalid> {
             format!("{max_header_bytes} is out of range (8KiB to 16MiB)"),
         );
     }
+    let h2_max_concurrent_streams = count(
+        "limits.h2_max_concurrent_streams",
+        raw.h2_max_concurrent_streams,
+        100,
+        10_000,
+    )?;
     Ok(Limits {
         max_connections: max_connections as usize,
         max_header_bytes: max_header_bytes as usize,
+        h2_max_concurrent_streams: h2_max_concurrent_streams.get(),
     })
 }
 
