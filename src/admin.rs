@@ -341,7 +341,9 @@ mod tests {
             (Some(4), Some(7))
         );
         assert_eq!(
-            line_column("environment variable LB_RETRY__ATTEMPTS: retry.attempts: expected an integer"),
+            line_column(
+                "environment variable LB_RETRY__ATTEMPTS: retry.attempts: expected an integer"
+            ),
             (None, None)
         );
         assert_eq!(line_column("cannot listen on 1.2.3.4:80"), (None, None));

@@ -110,7 +110,9 @@ impl Problem {
         let found = found_in_words(found);
         if expected == "an integer" {
             // `as u128`: a number too big for any integer type.
-            if let Some(number) = found.strip_suffix(" as u128").or(found.strip_suffix(" as i128"))
+            if let Some(number) = found
+                .strip_suffix(" as u128")
+                .or(found.strip_suffix(" as i128"))
             {
                 return Problem::plain(format!("{number} is too large"));
             }
@@ -156,11 +158,17 @@ impl Problem {
         }
         if let Some(rest) = message.strip_prefix("unknown field ") {
             let (key, expected) = name_and_list(rest);
-            return Problem::unknown_key(&key, &expected.iter().map(String::as_str).collect::<Vec<_>>());
+            return Problem::unknown_key(
+                &key,
+                &expected.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
         }
         if let Some(rest) = message.strip_prefix("unknown variant ") {
             let (name, expected) = name_and_list(rest);
-            return Problem::unknown_name(&name, &expected.iter().map(String::as_str).collect::<Vec<_>>());
+            return Problem::unknown_name(
+                &name,
+                &expected.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
         }
         if let Some(key) = message.strip_prefix("missing field ") {
             return Problem::missing(key.trim_matches('`'));
@@ -214,8 +222,8 @@ fn name_and_list(rest: &str) -> (String, Vec<String>) {
 /// serde's "expected" side in words a config author knows.
 fn expected_in_words(expected: &str) -> String {
     match expected {
-        "i8" | "i16" | "i32" | "i64" | "i128" | "u8" | "u16" | "u32" | "u64" | "u128"
-        | "isize" | "usize" => "an integer".to_owned(),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "u8" | "u16" | "u32" | "u64" | "u128" | "isize"
+        | "usize" => "an integer".to_owned(),
         "f32" | "f64" => "a number".to_owned(),
         "a boolean" | "bool" => "true or false".to_owned(),
         "a sequence" => "a list".to_owned(),
@@ -274,9 +282,8 @@ mod tests {
         assert_eq!(p.message, r#"expected an integer, found "three""#);
         let p = Problem::from_serde_message("invalid type: sequence, expected a boolean");
         assert_eq!(p.message, "expected true or false, found a list");
-        let p = Problem::from_serde_message(
-            "unknown field `wieght`, expected `address` or `weight`",
-        );
+        let p =
+            Problem::from_serde_message("unknown field `wieght`, expected `address` or `weight`");
         assert_eq!(p.key.as_deref(), Some("wieght"));
         assert_eq!(p.message, "unknown key; expected address or weight");
         let p = Problem::from_serde_message("missing field `address`");

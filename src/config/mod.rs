@@ -355,10 +355,12 @@ impl Format for YamlSerde {
 /// its position and key path taken out of the message, serde's wording
 /// replaced (see [`error::Problem`]).
 fn yaml_diagnostic(err: &yaml_serde::Error, text: &str, file: &Path) -> Diagnostic {
-    let mut position = err.location().map_or(Position { line: 1, column: 1 }, |l| Position {
-        line: l.line(),
-        column: l.column(),
-    });
+    let mut position = err
+        .location()
+        .map_or(Position { line: 1, column: 1 }, |l| Position {
+            line: l.line(),
+            column: l.column(),
+        });
     let mut message = err.to_string();
     // The position is printed by the diagnostic, in front.
     let at = format!(" at line {} column {}", position.line, position.column);
@@ -384,6 +386,14 @@ fn yaml_diagnostic(err: &yaml_serde::Error, text: &str, file: &Path) -> Diagnost
                 message = format!("{message} (first at line {})", first.line);
             }
         }
+    }
+    let at_tab = text
+        .lines()
+        .nth(position.line - 1)
+        .and_then(|line| line.chars().nth(position.column - 1))
+        == Some('\t');
+    if field.is_empty() && at_tab {
+        message.push_str(" (a tab: YAML is indented with spaces only)");
     }
     Diagnostic {
         file: file.to_owned(),
@@ -426,7 +436,11 @@ fn variable_for(keys: &[&str]) -> String {
     (1..=keys.len())
         .rev()
         .map(|len| format!("{ENV_PREFIX}{}", keys[..len].join("__")))
-        .find_map(|wanted| set.iter().find(|n| n.eq_ignore_ascii_case(&wanted)).cloned())
+        .find_map(|wanted| {
+            set.iter()
+                .find(|n| n.eq_ignore_ascii_case(&wanted))
+                .cloned()
+        })
         .unwrap_or_else(|| format!("{ENV_PREFIX}{}", keys.join("__")).to_ascii_uppercase())
 }
 
@@ -512,10 +526,16 @@ impl Placer<'_> {
 /// Line and column of byte `index` of `bytes`.
 fn position_of_byte(bytes: &[u8], index: usize) -> Position {
     let before = &bytes[..index.min(bytes.len())];
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
     Position {
         line: before.iter().filter(|&&b| b == b'\n').count() + 1,
-        column: String::from_utf8_lossy(&before[line_start..]).chars().count() + 1,
+        column: String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1,
     }
 }
 
@@ -947,13 +967,13 @@ fn unresolved_backends(config: &Config) -> Vec<(String, String)> {
         if host.parse::<std::net::IpAddr>().is_ok() {
             continue;
         }
-        let failure = looked_up.entry(address).or_insert_with(|| {
-            match address.to_socket_addrs() {
+        let failure = looked_up
+            .entry(address)
+            .or_insert_with(|| match address.to_socket_addrs() {
                 Ok(addrs) if addrs.len() > 0 => None,
                 Ok(_) => Some("no address".to_owned()),
                 Err(e) => Some(e.to_string()),
-            }
-        });
+            });
         if let Some(why) = failure {
             warnings.push((
                 format!("backends[{i}].address"),

@@ -318,9 +318,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
 fn duration_error(v: &str, e: &humantime::DurationError) -> String {
     use humantime::DurationError;
     match e {
-        DurationError::UnknownUnit { unit, .. } => format!(
-            "{v:?} has an unknown unit {unit:?}; write it like 250ms, 2s, 5m or 1h"
-        ),
+        DurationError::UnknownUnit { unit, .. } => {
+            format!("{v:?} has an unknown unit {unit:?}; write it like 250ms, 2s, 5m or 1h")
+        }
         DurationError::NumberOverflow => format!("{v:?} is too long a duration"),
         _ => format!("{v:?} is not a duration; write it like 250ms, 2s or 1m 30s"),
     }
