@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides).
+//!   (raw serde structs → `validate()`, with env overrides); every error a
+//!   [`config::Diagnostic`], `file:line:col: key: message`.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
 //!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
 //!   in a new one.

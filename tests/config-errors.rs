@@ -185,6 +185,31 @@ fn check_warns_about_a_backend_name_that_does_not_resolve() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+/// The warning `--check` prints is logged at startup too.
+#[tokio::test]
+async fn startup_logs_the_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("listen: 127.0.0.1:0\n{ONE_BACKEND}retry:\n  per_try_timeout: 31s\n"),
+    );
+    let p = LbProcess::spawn(&["--config", path.to_str().unwrap()], &[]);
+    let want = format!(
+        "{}:5:20: retry.per_try_timeout: 31s is longer than timeouts.request (30s)",
+        path.display()
+    );
+    eventually!(
+        WAIT,
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains(&want)),
+        "{}",
+        p.log_text()
+    );
+}
+
 #[test]
 fn check_summary_names_admin_and_access_log() {
     let dir = tempfile::tempdir().unwrap();

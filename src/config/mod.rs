@@ -22,8 +22,8 @@
 //! ```
 //!
 //! Every error, whichever step finds it, is one [`Diagnostic`] printed as
-//! `file:line:col: key.path: what is wrong` (see [`error`]); an error found
-//! after parsing gets its position from [`locate`], or the name of the
+//! `file:line:col: key.path: what is wrong` (see `error.rs`); an error found
+//! after parsing gets its position from `locate.rs`, or the name of the
 //! `LB_*` variable when the value came from the environment. The same text
 //! is what startup, `--check`, the reload log line and `/status` show.
 //!
