@@ -176,6 +176,11 @@ impl Problem {
         if let Some(key) = message.strip_prefix("duplicate field ") {
             return Problem::duplicate(key.trim_matches('`'));
         }
+        if message == "unknown anchor" {
+            return Problem::plain(
+                "unknown anchor: an alias *NAME refers to an &NAME written before it",
+            );
+        }
         Problem::plain(message)
     }
 

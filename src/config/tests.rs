@@ -111,7 +111,12 @@ fn steering_keys_parse_with_defaults() {
 /// `(config text, the whole error message)`. Every kind of mistake, at each
 /// step that finds it: YAML syntax, unknown keys, wrong types, value checks
 /// and rules between keys, each at the line and column of the value.
+#[rustfmt::skip]
 const BAD_CONFIGS: &[(&str, &str)] = &[
+    ("backends:\n  - address: *nope\n",
+     "conf/lb.yaml:2:14: unknown anchor: an alias *NAME refers to an &NAME written before it"),
+    ("backends:\n  - address: 127.0.0.1:9001\n    weight: 1.5\n",
+     "conf/lb.yaml:3:13: backends[0].weight: expected an integer, found 1.5"),
     ("backends: [127.0.0.1:9001]\n",
      "conf/lb.yaml:1:12: backends[0]: expected a mapping like {address: host:port, weight: 1}, found \"127.0.0.1:9001\""),
     ("backends: 127.0.0.1:9001\n",
