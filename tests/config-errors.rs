@@ -92,6 +92,13 @@ fn environment_override_errors_name_the_variable() {
             "environment variable LB_LISTEN: listen: \"localhost\" is not an IP:port address \
              (like 127.0.0.1:8080 or [::]:80)",
         ),
+        // A key missing from a mapping the environment set.
+        (
+            "LB_SESSION_AFFINITY",
+            "{ttl=1h}",
+            "environment variable LB_SESSION_AFFINITY: session_affinity.cookie: missing: name \
+             the cookie lb sets (like lb_backend)",
+        ),
         (
             "LB_HASH_KEY",
             "path",

@@ -473,15 +473,15 @@ impl Placer<'_> {
             })
             .collect();
         let env = env_overrides().metadata().name;
-        let from_env = !keys.is_empty()
-            && self
-                .figment
-                .find_metadata(&keys.join("."))
-                .is_some_and(|m| m.name == env);
-        if from_env {
-            Origin::Env(variable_for(&keys))
-        } else {
-            Origin::File(locate::value_position(self.text, field))
+        // The deepest key that has a value says where it came from (a
+        // missing `session_affinity.cookie` belongs to whoever wrote
+        // `session_affinity`).
+        let source = (1..=keys.len())
+            .rev()
+            .find_map(|len| self.figment.find_metadata(&keys[..len].join(".")));
+        match source {
+            Some(m) if m.name == env => Origin::Env(variable_for(&keys)),
+            _ => Origin::File(locate::value_position(self.text, field)),
         }
     }
 
