@@ -298,17 +298,20 @@ fn reload_json(r: &LastReload) -> serde_json::Value {
     })
 }
 
-/// `(line, column)` from a message containing `line N column M`.
+/// `(line, column)` from a config error, which starts `file:LINE:COLUMN: `
+/// (see `config::Diagnostic`).
 fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
-    let number_after = |key: &str| {
-        let at = message.rfind(key)? + key.len();
-        let digits: String = message[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
-    };
-    (number_after("line "), number_after("column "))
+    let mut rest = message;
+    while let Some(colon) = rest.find(':') {
+        rest = &rest[colon + 1..];
+        let mut parts = rest.splitn(3, ':');
+        if let (Some(line), Some(column), Some(_)) = (parts.next(), parts.next(), parts.next()) {
+            if let (Ok(line), Ok(column)) = (line.parse(), column.parse()) {
+                return (Some(line), Some(column));
+            }
+        }
+    }
+    (None, None)
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -334,8 +337,14 @@ mod tests {
     #[test]
     fn finds_line_and_column() {
         assert_eq!(
-            line_column("c.yaml: backends[0]: invalid type at line 4 column 7"),
+            line_column("c.yaml:4:7: backends[0]: expected a mapping, found \"x:1\""),
             (Some(4), Some(7))
+        );
+        assert_eq!(
+            line_column(
+                "environment variable LB_RETRY__ATTEMPTS: retry.attempts: expected an integer"
+            ),
+            (None, None)
         );
         assert_eq!(line_column("cannot listen on 1.2.3.4:80"), (None, None));
     }

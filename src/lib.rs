@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides).
+//!   (raw serde structs → `validate()`, with env overrides); every error a
+//!   [`config::Diagnostic`], `file:line:col: key: message`.
 //! * [`core`]: protocol-free logic; [`core::route`]: the route table that
 //!   picks a route (pool) from a request's Host and path.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +

@@ -34,7 +34,7 @@ struct Cli {
     shutdown_grace: Duration,
     /// Worker threads serving clients, each with its own listening socket
     /// and upstream pools [default: one per core].
-    #[arg(long)]
+    #[arg(long, value_parser = worker_count)]
     workers: Option<NonZeroUsize>,
     /// Which code serves HTTP/1: `fast` (lb's own, hyper for the rest) or
     /// `hyper` (everything through hyper, for comparison and debugging).
@@ -97,8 +97,15 @@ fn main() -> ExitCode {
         for warning in lb::config::env_warnings() {
             eprintln!("warning: {warning}");
         }
-        return match Config::load(&cli.config) {
-            Ok((config, hash)) => {
+        return match Config::check(&cli.config) {
+            Ok(lb::config::Loaded {
+                config,
+                hash,
+                warnings,
+            }) => {
+                for warning in warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "{}: ok (sha256 {hash}…): {}",
                     cli.config.display(),
@@ -148,8 +155,13 @@ async fn serve(cli: Cli) -> ExitCode {
     for warning in lb::config::env_warnings() {
         tracing::warn!("{warning}");
     }
-    let (config, hash) = match Config::load(&cli.config) {
-        Ok(loaded) => loaded,
+    let (config, hash) = match Config::load_with_warnings(&cli.config) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                tracing::warn!("{warning}");
+            }
+            (loaded.config, loaded.hash)
+        }
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
@@ -247,6 +259,16 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--workers`: a thread count of at least one (clap's own parser for
+/// `NonZeroUsize` says `number would be zero for non-zero type`).
+fn worker_count(s: &str) -> Result<NonZeroUsize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) => NonZeroUsize::new(n)
+            .ok_or_else(|| "must be at least 1 (leave it out for one per core)".to_owned()),
+        Err(_) => Err(format!("`{s}` is not a number of threads")),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `RawConfig` → `Config`: defaults, ranges and cross-field rules. Each error
-//! is `(field path, message)`; the caller adds the file name.
+//! (and each [`warnings`] entry) is `(field path, message)`; the caller adds
+//! the file name and the position.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -398,4 +399,25 @@ fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
             min_retries_per_second,
         },
     })
+}
+
+/// Settings that are valid but cannot do what they say, as `(field, message)`.
+pub fn warnings(config: &Config) -> Vec<Invalid> {
+    let mut warnings = Vec::new();
+    if let Some(per_try) = config.retry.per_try_timeout {
+        let request = config.timeouts.request;
+        if per_try > request {
+            warnings.push((
+                "retry.per_try_timeout".to_owned(),
+                format!(
+                    "{} is longer than timeouts.request ({}), which bounds all tries together: \
+                     a try is cut at {} anyway",
+                    humantime::format_duration(per_try),
+                    humantime::format_duration(request),
+                    humantime::format_duration(request),
+                ),
+            ));
+        }
+    }
+    warnings
 }
