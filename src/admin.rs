@@ -298,8 +298,20 @@ fn reload_json(r: &LastReload) -> serde_json::Value {
     })
 }
 
-/// `(line, column)` from a message containing `line N column M`.
-fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+/// `(line, column)` from a message containing `line N column M`, or
+/// starting with the editor-clickable `FILE:LINE:COLUMN:`.
+pub(crate) fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+    if !message.contains(" line ") {
+        let segments: Vec<&str> = message.split(':').collect();
+        let number = |s: &str| s.parse::<u64>().ok().filter(|_| !s.starts_with('+'));
+        // A number pair followed by more text: `FILE:4:7: message`.
+        for pair in segments.windows(3) {
+            if let (Some(line), Some(column)) = (number(pair[0]), number(pair[1])) {
+                return (Some(line), Some(column));
+            }
+        }
+        return (None, None);
+    }
     let number_after = |key: &str| {
         let at = message.rfind(key)? + key.len();
         let digits: String = message[at..]
@@ -338,5 +350,13 @@ mod tests {
             (Some(4), Some(7))
         );
         assert_eq!(line_column("cannot listen on 1.2.3.4:80"), (None, None));
+        assert_eq!(
+            line_column("/etc/lb/c.yaml:12:5: timeouts.connect: must be greater than zero"),
+            (Some(12), Some(5))
+        );
+        assert_eq!(
+            line_column("cannot listen on [::1]:80: address in use"),
+            (None, None)
+        );
     }
 }

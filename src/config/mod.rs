@@ -33,6 +33,7 @@
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
 //! (see [`crate::runtime`]).
 
+mod diff;
 mod raw;
 mod steering;
 mod validate;
@@ -49,6 +50,7 @@ use figment::Figment;
 use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
+pub use diff::{Changed, ConfigDiff, ListDiff};
 pub use raw::RawConfig;
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 
@@ -308,8 +310,11 @@ impl ContentHash {
     }
 }
 
+/// `sha256:` and the first 12 hex digits, the one form lb shows (logs,
+/// `--check`, `/status`, `POST /reload`).
 impl fmt::Display for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
         for b in &self.0[..6] {
             write!(f, "{b:02x}")?;
         }
