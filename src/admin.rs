@@ -271,6 +271,7 @@ impl Admin {
                 "rejected": rt.reloads.rejected.load(Relaxed),
             },
             "shutting_down": rt.shutting_down.load(Relaxed),
+            "pool_down": rt.pool_down.load().as_deref(),
             "connections": {
                 "active": rt.connections.open(),
                 "total": rt.connections.total(),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::http::uri::Authority;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
@@ -234,6 +234,10 @@ pub struct Runtime {
     pub upgrades: Upgrades,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub shutting_down: AtomicBool,
+    /// Why the pool is dead, while health checks hold every backend down
+    /// (`all 3 backends fail GET /health (404 Not Found): …`); written by
+    /// the health checker, read by the 503 answer and `/status`.
+    pub pool_down: ArcSwapOption<String>,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
     /// Worker threads serving clients: one upstream pool is built for each.
@@ -258,6 +262,7 @@ impl Runtime {
             access_log: AccessLog::default(),
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
+            pool_down: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
             workers,
         };
