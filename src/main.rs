@@ -249,8 +249,8 @@ async fn serve(cli: Cli) -> ExitCode {
 /// error (lb run outside the directory holding `config.yaml`): it is named
 /// by its absolute path, with how to point lb at the right one.
 fn load_error(path: &Path, error: &lb::config::ConfigError) -> String {
-    let missing = std::fs::symlink_metadata(path)
-        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    let missing =
+        std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
     if !missing {
         return error.to_string();
     }

@@ -74,7 +74,9 @@ const SECTIONS: &[Section] = &[
             ("admin", |c| opt(c.admin.as_ref())),
             ("access_log", |c| c.access_log.to_string()),
             ("send_proxy_protocol", |c| {
-                opt(c.send_proxy_protocol.map(|v| format!("{v:?}").to_lowercase()))
+                opt(c
+                    .send_proxy_protocol
+                    .map(|v| format!("{v:?}").to_lowercase()))
             }),
             ("hash_key", |c| hash_key(&c.steering.hash_key)),
             ("peak_ewma.decay", |c| dur(c.steering.peak_ewma_decay)),
@@ -171,7 +173,12 @@ const SECTIONS: &[Section] = &[
                 opt(c.steering.session_affinity.as_ref().map(|a| &a.cookie))
             }),
             ("session_affinity.ttl", |c| {
-                opt(c.steering.session_affinity.as_ref().and_then(|a| a.ttl).map(dur))
+                opt(c
+                    .steering
+                    .session_affinity
+                    .as_ref()
+                    .and_then(|a| a.ttl)
+                    .map(dur))
             }),
         ],
     },
@@ -369,7 +376,8 @@ health_check:
 
     #[test]
     fn a_removed_or_added_section_is_named_as_a_whole() {
-        let without_admin_and_checks = "backends:\n  - address: 127.0.0.1:9001\n  - address: 127.0.0.1:9002\n";
+        let without_admin_and_checks =
+            "backends:\n  - address: 127.0.0.1:9001\n  - address: 127.0.0.1:9002\n";
         assert_eq!(
             diff(BASE, without_admin_and_checks),
             "changed admin 127.0.0.1:9901→none, health_check removed"
@@ -400,7 +408,10 @@ health_check:
             diff(BASE, new),
             "backends +1 -1 (added 127.0.0.1:9003; removed 127.0.0.1:9002; 127.0.0.1:9001 weight 1→3)"
         );
-        let swapped = BASE.replace("9001", "900X").replace("9002", "9001").replace("900X", "9002");
+        let swapped = BASE
+            .replace("9001", "900X")
+            .replace("9002", "9001")
+            .replace("900X", "9002");
         assert_eq!(diff(BASE, &swapped), "backends +0 -0 (order)");
     }
 
