@@ -256,7 +256,7 @@ fn load_error(path: &Path, error: &lb::config::ConfigError) -> String {
     }
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     format!(
-        "{}: no such file; lb reads ./config.yaml unless --config PATH (or LB_CONFIG) names another",
+        "{}: cannot read: no such file; lb reads ./config.yaml unless --config PATH (or LB_CONFIG) names another",
         absolute.display()
     )
 }
