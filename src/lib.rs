@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides).
+//!   (raw serde structs → `validate()`, with env overrides), and
+//!   [`config::ConfigDiff`]: what a reload changes, key by key.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
 //!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
 //!   in a new one.
@@ -28,7 +29,8 @@
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;
 //!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
 //!   connections (half-close, idle bound).
-//! * [`health`]: active health checks; passive detection lives in `state`.
+//! * [`health`]: active health checks, and the verdict when they hold the
+//!   whole pool down (`Runtime::pool_down`); passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
 //!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
