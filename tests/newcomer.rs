@@ -148,7 +148,10 @@ async fn a_missing_config_is_named_by_its_absolute_path_with_a_hint() {
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains(&format!("{}: cannot read: no such file", expected.display())),
+            stderr.contains(&format!(
+                "{}: cannot read: no such file",
+                expected.display()
+            )),
             "{args:?}: {stderr}"
         );
         assert!(stderr.contains("--config PATH"), "{args:?}: {stderr}");
