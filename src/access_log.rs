@@ -193,8 +193,10 @@ pub fn format_entry(line: &mut String, e: &Entry, format: Format) {
             let _ = writeln!(line, " duration_ms={}", millis(e.duration));
         }
         Format::Json => {
+            // The field name tracing-subscriber's JSON log lines use, so
+            // one query finds both kinds of line.
             let value = serde_json::json!({
-                "time": time.to_string(),
+                "timestamp": time.to_string(),
                 "client": e.client.to_string(),
                 "method": e.method.as_str(),
                 "path": e.path,
@@ -241,5 +243,6 @@ mod tests {
         assert_eq!(v["backend"], "127.0.0.1:9001");
         assert_eq!(v["upstream_ms"], 1.234);
         assert_eq!(v["status"], 200);
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:01.500Z");
     }
 }

@@ -271,6 +271,7 @@ impl Admin {
                 "rejected": rt.reloads.rejected.load(Relaxed),
             },
             "shutting_down": rt.shutting_down.load(Relaxed),
+            "pool_down": rt.pool_down.load().as_deref(),
             "connections": {
                 "active": rt.connections.open(),
                 "total": rt.connections.total(),
@@ -298,20 +299,29 @@ fn reload_json(r: &LastReload) -> serde_json::Value {
     })
 }
 
-/// `(line, column)` from a config error, which starts `file:LINE:COLUMN: `
-/// (see `config::Diagnostic`).
-fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
-    let mut rest = message;
-    while let Some(colon) = rest.find(':') {
-        rest = &rest[colon + 1..];
-        let mut parts = rest.splitn(3, ':');
-        if let (Some(line), Some(column), Some(_)) = (parts.next(), parts.next(), parts.next()) {
-            if let (Ok(line), Ok(column)) = (line.parse(), column.parse()) {
+/// `(line, column)` from a message containing `line N column M`, or
+/// starting with the editor-clickable `FILE:LINE:COLUMN:`.
+pub(crate) fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+    if !message.contains(" line ") {
+        let segments: Vec<&str> = message.split(':').collect();
+        let number = |s: &str| s.parse::<u64>().ok().filter(|_| !s.starts_with('+'));
+        // A number pair followed by more text: `FILE:4:7: message`.
+        for pair in segments.windows(3) {
+            if let (Some(line), Some(column)) = (number(pair[0]), number(pair[1])) {
                 return (Some(line), Some(column));
             }
         }
+        return (None, None);
     }
-    (None, None)
+    let number_after = |key: &str| {
+        let at = message.rfind(key)? + key.len();
+        let digits: String = message[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    (number_after("line "), number_after("column "))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -347,5 +357,13 @@ mod tests {
             (None, None)
         );
         assert_eq!(line_column("cannot listen on 1.2.3.4:80"), (None, None));
+        assert_eq!(
+            line_column("/etc/lb/c.yaml:12:5: timeouts.connect: must be greater than zero"),
+            (Some(12), Some(5))
+        );
+        assert_eq!(
+            line_column("cannot listen on [::1]:80: address in use"),
+            (None, None)
+        );
     }
 }

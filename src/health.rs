@@ -15,16 +15,23 @@
 //! A probe is a GET of `health_check.path` in http mode and a plain TCP
 //! connect in tcp mode (no path); thresholds, logs and the carry-over of
 //! streaks across reloads are the same for both.
+//!
+//! When the checks hold every backend of the pool down, one line says so
+//! and why (`all 3 backends fail GET /health (404 Not Found): is
+//! health_check.path right?`); the same verdict is kept in
+//! [`Runtime::pool_down`] for the 503's body and `/status`, until a
+//! backend is up again or a reload changes the pool.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -34,7 +41,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, ProxyProtocol};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Snapshot};
 use crate::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
 
@@ -52,10 +59,115 @@ fn probe_client() -> ProbeClient {
         .build(connector)
 }
 
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ProbeFailure {
+    /// The backend answered, with a status that is not 2xx or 3xx.
+    Status(StatusCode),
+    /// No answer: refused, reset, unreachable…
+    Failed(String),
+    /// No answer within `health_check.timeout`.
+    TimedOut(Duration),
+}
+
+impl fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeFailure::Status(status) => write!(f, "health check answered {status}"),
+            ProbeFailure::Failed(e) => write!(f, "health check failed: {e}"),
+            ProbeFailure::TimedOut(limit) => write!(f, "health check timed out after {limit:?}"),
+        }
+    }
+}
+
+impl ProbeFailure {
+    /// The cause alone, for the pool's verdict.
+    fn cause(&self) -> String {
+        match self {
+            ProbeFailure::Status(status) => status.to_string(),
+            ProbeFailure::Failed(e) => e.clone(),
+            ProbeFailure::TimedOut(limit) => format!("no answer within {limit:?}"),
+        }
+    }
+
+    /// What to look at when every backend fails this way.
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            ProbeFailure::Status(status) if status.is_client_error() => {
+                Some("is health_check.path right?")
+            }
+            ProbeFailure::Failed(_) => Some("are the backends running at these addresses?"),
+            ProbeFailure::TimedOut(_) => Some("is health_check.timeout long enough?"),
+            ProbeFailure::Status(_) => None,
+        }
+    }
+}
+
+/// The last failure of each backend the checks hold down, shared by the
+/// probe tasks (never touched on the request path).
+type DownReasons = Arc<Mutex<HashMap<BackendAddr, ProbeFailure>>>;
+
+/// The verdict when health checks hold every backend of the pool down,
+/// without addresses (it goes into the clients' 503): `all 3 backends fail
+/// GET /health (404 Not Found): is health_check.path right?`, or with mixed
+/// causes `(404 Not Found ×2, connection refused ×1)`.
+fn pool_verdict(snap: &Snapshot, reasons: &HashMap<BackendAddr, ProbeFailure>) -> Option<String> {
+    let hc = snap.config.health_check.as_ref()?;
+    if snap.backends.is_empty() || snap.backends.iter().any(|b| b.state.is_healthy()) {
+        return None;
+    }
+    let failures: Vec<&ProbeFailure> = snap
+        .backends
+        .iter()
+        .map(|b| reasons.get(&b.addr))
+        .collect::<Option<_>>()?;
+    let check = match &hc.path {
+        Some(path) => format!("GET {path}"),
+        None => "the TCP connect check".to_owned(),
+    };
+    let who = match failures.len() {
+        1 => "the only backend fails".to_owned(),
+        n => format!("all {n} backends fail"),
+    };
+    let first = failures[0];
+    if failures.iter().all(|f| *f == first) {
+        let hint = first.hint().map(|h| format!(": {h}")).unwrap_or_default();
+        return Some(format!("{who} {check} ({}){hint}", first.cause()));
+    }
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for cause in failures.iter().map(|f| f.cause()) {
+        match counts.iter_mut().find(|(c, _)| *c == cause) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((cause, 1)),
+        }
+    }
+    let causes: Vec<String> = counts.iter().map(|(c, n)| format!("{c} ×{n}")).collect();
+    Some(format!("{who} {check} ({})", causes.join(", ")))
+}
+
+/// Recomputes the pool's verdict and logs it once when it changes.
+fn judge_pool(runtime: &Runtime, reasons: &DownReasons) {
+    let verdict = {
+        let reasons = reasons.lock().unwrap_or_else(PoisonError::into_inner);
+        pool_verdict(&runtime.snapshot(), &reasons)
+    };
+    let current = runtime.pool_down.load();
+    if current.as_deref() == verdict.as_ref() {
+        return;
+    }
+    match &verdict {
+        Some(why) => tracing::error!("no backend can be used: {why}"),
+        None if current.is_some() => tracing::info!("the pool has a healthy backend again"),
+        None => {}
+    }
+    runtime.pool_down.store(verdict.map(Arc::new));
+}
+
 /// Runs until the runtime is dropped: keeps one probe task per backend.
 pub async fn supervise(runtime: Arc<Runtime>) {
     let mut changes = runtime.subscribe();
     let client = probe_client();
+    let reasons = DownReasons::default();
     let mut probes: HashMap<BackendAddr, JoinHandle<()>> = HashMap::new();
     let mut startup = true;
     loop {
@@ -94,11 +206,17 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                         authority.clone(),
                         client.clone(),
                         first_delay,
+                        Arc::clone(&reasons),
                     ));
                     probes.insert(b.addr.clone(), task);
                 }
             }
         }
+        reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|addr, _| probes.contains_key(addr));
+        judge_pool(&runtime, &reasons);
         startup = false;
         drop(snap);
         if changes.changed().await.is_err() {
@@ -117,6 +235,7 @@ async fn probe_loop(
     authority: Authority,
     client: ProbeClient,
     first_delay: Duration,
+    reasons: DownReasons,
 ) {
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
@@ -151,6 +270,13 @@ async fn probe_loop(
                     && state.set_healthy(true)
                 {
                     tracing::info!("backend {} is up", state.addr);
+                    reasons
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&state.addr);
+                    if let Some(rt) = runtime.upgrade() {
+                        judge_pool(&rt, &reasons);
+                    }
                 }
             }
             Err(reason) => {
@@ -161,6 +287,19 @@ async fn probe_loop(
                     && state.set_healthy(false)
                 {
                     tracing::warn!("backend {} is down ({reason})", state.addr);
+                }
+                if !state.is_healthy() {
+                    // Kept up to date while down: the pool's verdict
+                    // follows the current cause.
+                    let changed = reasons
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(state.addr.clone(), reason.clone())
+                        .as_ref()
+                        != Some(&reason);
+                    if let (true, Some(rt)) = (changed, runtime.upgrade()) {
+                        judge_pool(&rt, &reasons);
+                    }
                 }
             }
         }
@@ -188,7 +327,7 @@ async fn probe(
     client: &ProbeClient,
     authority: &Authority,
     settings: &ProbeSettings,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let hc = &settings.check;
     match &hc.path {
         Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
@@ -203,7 +342,7 @@ async fn tcp_probe(
     authority: &Authority,
     limit: Duration,
     proxy_protocol: Option<ProxyProtocol>,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let exchange = async {
         let mut stream = TcpStream::connect(authority.as_str()).await?;
         if let Some(version) = proxy_protocol {
@@ -213,8 +352,8 @@ async fn tcp_probe(
     };
     match timeout(limit, exchange).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("health check failed: {e}")),
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Ok(Err(e)) => Err(ProbeFailure::Failed(e.to_string())),
+        Err(_) => Err(ProbeFailure::TimedOut(limit)),
     }
 }
 
@@ -224,12 +363,12 @@ async fn http_probe(
     authority: &Authority,
     path: PathAndQuery,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
-    let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    let uri = Uri::from_parts(parts).map_err(|e| ProbeFailure::Failed(e.to_string()))?;
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -241,18 +380,18 @@ async fn http_probe(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| format!("health check failed: {}", crate::upstream::root_cause(&e)))?;
+            .map_err(|e| ProbeFailure::Failed(crate::upstream::root_cause(&e).to_string()))?;
         let status = resp.status();
         // Read the (small) body so the connection can be reused.
         let _ = resp.into_body().collect().await;
         if status.is_success() || status.is_redirection() {
             Ok(())
         } else {
-            Err(format!("health check answered {status}"))
+            Err(ProbeFailure::Status(status))
         }
     };
     match timeout(limit, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Err(_) => Err(ProbeFailure::TimedOut(limit)),
     }
 }

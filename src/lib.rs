@@ -5,7 +5,8 @@
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
 //!   (raw serde structs → `validate()`, with env overrides); every error a
-//!   [`config::Diagnostic`], `file:line:col: key: message`.
+//!   [`config::Diagnostic`], `file:line:col: key: message`; and
+//!   [`config::ConfigDiff`]: what a reload changes, key by key.
 //! * [`core`]: protocol-free logic; [`core::route`]: the route table that
 //!   picks a route (pool) from a request's Host and path.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
@@ -33,7 +34,8 @@
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;
 //!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
 //!   connections (half-close, idle bound).
-//! * [`health`]: active health checks; passive detection lives in `state`.
+//! * [`health`]: active health checks, and the verdict when they hold the
+//!   whole pool down (`Runtime::pool_down`); passive detection lives in `state`.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
 //!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their

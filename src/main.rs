@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -44,11 +44,13 @@ struct Cli {
     /// answering 503 (so Kubernetes withdraws the endpoint first), then drain.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     shutdown_delay: Duration,
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    /// How lb's log lines (on stderr) and the access log (on stdout) are
+    /// written: `text`, or `json` for one JSON object per line.
+    #[arg(long, env = "LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter (`info`, `lb=debug,notify=warn`, …); RUST_LOG is used
     /// when absent, and `info,notify=error` when both are.
-    #[arg(long, value_parser = log_filter)]
+    #[arg(long, env = "LB_LOG_LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -107,14 +109,14 @@ fn main() -> ExitCode {
                     eprintln!("warning: {warning}");
                 }
                 println!(
-                    "{}: ok (sha256 {hash}…): {}",
+                    "{}: ok ({hash}): {}",
                     cli.config.display(),
                     config.summary()
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", load_error(&cli.config, &e));
                 ExitCode::FAILURE
             }
         };
@@ -163,7 +165,7 @@ async fn serve(cli: Cli) -> ExitCode {
             (loaded.config, loaded.hash)
         }
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", load_error(&cli.config, &e));
             return ExitCode::FAILURE;
         }
     };
@@ -189,6 +191,7 @@ async fn serve(cli: Cli) -> ExitCode {
         Http1Arg::Hyper => lb::server::Http1::Hyper,
     };
     let admin = config.admin;
+    let mode = config.mode;
     let access_log = match cli.log_format {
         LogFormat::Text => lb::access_log::Format::Text,
         LogFormat::Json => lb::access_log::Format::Json,
@@ -211,6 +214,16 @@ async fn serve(cli: Cli) -> ExitCode {
         tracing::error!("cannot serve the admin listener on {addr}");
         return ExitCode::FAILURE;
     }
+    tracing::info!(
+        "lb {} started: proxy {}://{}{} (pid {})",
+        lb::VERSION,
+        mode.name(),
+        lb.local_addr(),
+        lb.admin_addr()
+            .map(|a| format!(", admin http://{a}"))
+            .unwrap_or_default(),
+        std::process::id()
+    );
     let reload = lb.reload_handle();
     let (mut terminate, mut interrupt) = (terminate, interrupt);
     loop {
@@ -236,9 +249,28 @@ async fn serve(cli: Cli) -> ExitCode {
     }
     tracing::info!("shutting down");
     tokio::select! {
-        () = lb.shutdown(cli.shutdown_grace) => ExitCode::SUCCESS,
+        () = lb.shutdown(cli.shutdown_grace) => {
+            tracing::info!("lb stopped");
+            ExitCode::SUCCESS
+        }
         () = stop_signal(&mut terminate, &mut interrupt) => exit_now(),
     }
+}
+
+/// Why the config could not be loaded. A missing file is the newcomer's
+/// error (lb run outside the directory holding `config.yaml`): it is named
+/// by its absolute path, with how to point lb at the right one.
+fn load_error(path: &Path, error: &lb::config::ConfigError) -> String {
+    let missing =
+        std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    if !missing {
+        return error.to_string();
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    format!(
+        "{}: cannot read: no such file; lb reads ./config.yaml unless --config PATH (or LB_CONFIG) names another",
+        absolute.display()
+    )
 }
 
 fn exit_now() -> ExitCode {

@@ -299,8 +299,15 @@ impl Reloader {
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
+            // After a rejected edit, the file coming back is news: the
+            // error no longer stands.
+            let after_rejection = !self.runtime.reloads.last().ok;
             self.runtime.reloads.record_unchanged();
-            tracing::info!(%hash, "{why}: config unchanged");
+            if after_rejection {
+                tracing::info!(%hash, "{why}: config matches the running one again");
+            } else {
+                tracing::info!(%hash, "{why}: config unchanged");
+            }
             return;
         }
         let path = self.path.clone();
@@ -363,12 +370,19 @@ impl Reloader {
         if let Some(listener) = new_listener {
             self.listeners.replace(listener, listen);
         }
-        tracing::info!("config reloaded ({why}): {summary}");
+        tracing::info!(%hash, "config reloaded ({why}): {summary}");
     }
 
     fn reject(&self, error: impl std::fmt::Display) {
-        self.runtime.reloads.record_rejected(error.to_string());
-        tracing::error!("config reload rejected, keeping the last good config: {error}");
+        let error = error.to_string();
+        // Fields too, so a JSON log can be queried for the position.
+        let (line, column) = crate::admin::line_column(&error);
+        tracing::error!(
+            line,
+            column,
+            "config reload rejected, keeping the last good config: {error}"
+        );
+        self.runtime.reloads.record_rejected(error);
     }
 }
 

@@ -238,6 +238,16 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
 
 const NO_BACKEND: &str = "lb: no healthy backend available\n";
 
+/// The 503 when no backend may be tried, with the health checker's
+/// reason when it holds the whole pool down: a newcomer's wrong
+/// `health_check.path` explains itself to the first `curl`.
+fn no_backend(rt: &Runtime) -> String {
+    match rt.pool_down.load().as_deref() {
+        Some(why) => format!("lb: no healthy backend available: {why}\n"),
+        None => NO_BACKEND.to_owned(),
+    }
+}
+
 /// Sends the request (head already rewritten by the proxy) to the pool,
 /// retrying per the snapshot's policy (`steer` carries its hash key and
 /// affinity cookie), and notes in `trace` what it did.
@@ -330,7 +340,7 @@ pub(crate) async fn run<A: Attempts>(
                 |i: usize| !tried.contains(&i) && snap.backends[i].state.is_available(now_ms);
             let Some(index) = snap.select_for(steer, &eligible) else {
                 if attempt == 0 {
-                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
+                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(rt));
                 }
                 break;
             };
@@ -442,7 +452,7 @@ pub(crate) async fn run<A: Attempts>(
                 let reason = status.canonical_reason().unwrap_or("");
                 Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
             }
-            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned()),
+            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(rt)),
         }
     }
     .await;

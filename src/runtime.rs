@@ -8,20 +8,18 @@
 //! snapshot is one atomic store; requests already running finish on the one
 //! they loaded.
 
-use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::http::uri::Authority;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
 use crate::affinity::AffinityCookies;
-use crate::config::{Config, ContentHash};
+use crate::config::{Config, ConfigDiff, ContentHash};
 use crate::h2_stream::StreamExecutor;
 use crate::listen::ConnectionCount;
 use crate::metrics::Metrics;
@@ -236,6 +234,10 @@ pub struct Runtime {
     pub upgrades: Upgrades,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub shutting_down: AtomicBool,
+    /// Why the pool is dead, while health checks hold every backend down
+    /// (`all 3 backends fail GET /health (404 Not Found): …`); written by
+    /// the health checker, read by the 503 answer and `/status`.
+    pub pool_down: ArcSwapOption<String>,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
     /// Worker threads serving clients: one upstream pool is built for each.
@@ -260,6 +262,7 @@ impl Runtime {
             access_log: AccessLog::default(),
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
+            pool_down: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
             workers,
         };
@@ -291,11 +294,11 @@ impl Runtime {
     }
 
     /// Builds a snapshot of `config` and swaps it in. Backends whose address
-    /// stays keep their state; the summary says what changed.
-    pub fn apply(&self, config: Config, hash: ContentHash) -> ReloadSummary {
+    /// stays keep their state; the diff says what changed.
+    pub fn apply(&self, config: Config, hash: ContentHash) -> ConfigDiff {
         let old = self.current.load_full();
         let next = build(config, hash, &self.states, Some(&old), self.workers);
-        let summary = ReloadSummary::between(&old, &next);
+        let summary = ConfigDiff::between(&old.config, &next.config);
         self.current.store(Arc::new(next));
         self.reloads.record_applied();
         self.generation.send_modify(|g| *g += 1);
@@ -367,95 +370,5 @@ fn build(
         clients,
         hash,
         config,
-    }
-}
-
-/// What a reload changed, as one log line.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ReloadSummary {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    /// `address old→new`.
-    pub reweighted: Vec<String>,
-    pub strategy: Option<(String, String)>,
-    pub listen: Option<(String, String)>,
-    /// Anything else (timeouts, health checks, retry policy) differs.
-    pub other_settings: bool,
-    pub hash: String,
-}
-
-impl ReloadSummary {
-    fn between(old: &Snapshot, new: &Snapshot) -> Self {
-        let before: HashMap<_, _> = old.backends.iter().map(|b| (&b.addr, b.weight)).collect();
-        let after: HashMap<_, _> = new.backends.iter().map(|b| (&b.addr, b.weight)).collect();
-        let mut s = ReloadSummary {
-            hash: new.hash.to_string(),
-            ..Default::default()
-        };
-        for b in &new.backends {
-            match before.get(&b.addr) {
-                None => s.added.push(b.addr.to_string()),
-                Some(&w) if w != b.weight => {
-                    s.reweighted.push(format!("{} {}→{}", b.addr, w, b.weight))
-                }
-                Some(_) => {}
-            }
-        }
-        s.removed = old
-            .backends
-            .iter()
-            .filter(|b| !after.contains_key(&b.addr))
-            .map(|b| b.addr.to_string())
-            .collect();
-        let (o, n) = (&old.config, &new.config);
-        if o.strategy != n.strategy {
-            s.strategy = Some((o.strategy.to_string(), n.strategy.to_string()));
-        }
-        if o.listen != n.listen {
-            s.listen = Some((o.listen.to_string(), n.listen.to_string()));
-        }
-        s.other_settings = o.timeouts != n.timeouts
-            || o.limits != n.limits
-            || o.health_check != n.health_check
-            || o.outlier_detection != n.outlier_detection
-            || o.retry != n.retry
-            || o.admin != n.admin
-            || o.access_log != n.access_log
-            || o.steering != n.steering
-            || o.send_proxy_protocol != n.send_proxy_protocol
-            || (s.added.is_empty()
-                && s.removed.is_empty()
-                && s.reweighted.is_empty()
-                && o.backends != n.backends);
-        s
-    }
-}
-
-impl fmt::Display for ReloadSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        let list = |v: &[String]| v.join(", ");
-        if !self.added.is_empty() {
-            parts.push(format!("added {}", list(&self.added)));
-        }
-        if !self.removed.is_empty() {
-            parts.push(format!("removed {}", list(&self.removed)));
-        }
-        if !self.reweighted.is_empty() {
-            parts.push(format!("reweighted {}", list(&self.reweighted)));
-        }
-        if let Some((a, b)) = &self.strategy {
-            parts.push(format!("strategy {a}→{b}"));
-        }
-        if let Some((a, b)) = &self.listen {
-            parts.push(format!("listen {a}→{b}"));
-        }
-        if self.other_settings {
-            parts.push("settings changed".to_owned());
-        }
-        if parts.is_empty() {
-            parts.push("no effective change".to_owned());
-        }
-        write!(f, "{} (hash {})", parts.join("; "), self.hash)
     }
 }

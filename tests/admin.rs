@@ -570,7 +570,7 @@ async fn access_log_json_line_per_request() {
         "{v}"
     );
     assert!(v["duration_ms"].as_f64().unwrap() >= v["upstream_ms"].as_f64().unwrap());
-    assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
     let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second["status"], 404);
 }

@@ -41,6 +41,7 @@
 
 mod error;
 mod locate;
+mod diff;
 mod raw;
 mod steering;
 mod validate;
@@ -59,6 +60,7 @@ use sha2::{Digest, Sha256};
 
 pub use error::{ConfigError, Diagnostic, Origin};
 pub use locate::Position;
+pub use diff::{Changed, ConfigDiff, ListDiff};
 pub use raw::RawConfig;
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 
@@ -327,8 +329,11 @@ impl ContentHash {
     }
 }
 
+/// `sha256:` and the first 12 hex digits, the one form lb shows (logs,
+/// `--check`, `/status`, `POST /reload`).
 impl fmt::Display for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
         for b in &self.0[..6] {
             write!(f, "{b:02x}")?;
         }
