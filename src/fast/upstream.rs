@@ -133,7 +133,6 @@ impl Attempts for FastAttempts<'_> {
         &mut self,
         snap: &Snapshot,
         index: usize,
-        _last: bool,
     ) -> Result<UpstreamResponse, (FailureKind, String)> {
         let backend = &snap.backends[index].addr;
         // A pooled connection the backend closed meanwhile fails before any

@@ -1,0 +1,239 @@
+//! Issue 20, items 4, 6 and 7: a backend status line without a reason
+//! phrase, stale pooled connections on the hyper client path, and the
+//! Host/target gaps (userinfo, `:authority` against `host`, `GET *`, a
+//! client naming `X-Forwarded-For` in `Connection`). The HTTP/1 cases that
+//! compare the two paths are conversations in tests/differential.rs; these
+//! are the ones on the path under test (`TEST_LB_HTTP1`) and over HTTP/2.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads one request head (no body) from `s` into `buf`; false at EOF.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..i + 4);
+            return true;
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+}
+
+/// When [`short_keepalive_backend`] closes a connection that has answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closes {
+    /// Once it has idled this long (a short keep-alive timeout).
+    Idle(Duration),
+    /// As the next request arrives, unanswered: the race of a keep-alive
+    /// timeout with lb's reuse, every time. Every other such close is a
+    /// reset (unread bytes, zero linger), the others a FIN.
+    OnReuse,
+}
+
+/// A raw backend that answers requests (no bodies) and closes each
+/// connection that has answered as `closes` says; `closed` counts those
+/// closes, `heads` the requests that reached it (the unanswered ones too).
+struct ShortKeepAlive {
+    addr: SocketAddr,
+    closed: Arc<AtomicUsize>,
+    heads: Arc<AtomicUsize>,
+}
+
+async fn short_keepalive_backend(closes: Closes) -> ShortKeepAlive {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(AtomicUsize::new(0));
+    let (c, h) = (Arc::clone(&closed), Arc::clone(&heads));
+    let addr = raw_server(move |mut s| {
+        let (closed, heads) = (Arc::clone(&c), Arc::clone(&h));
+        async move {
+            let mut buf = Vec::new();
+            let mut answered = false;
+            loop {
+                if closes == Closes::OnReuse && answered {
+                    let mut byte = [0u8; 1];
+                    if !matches!(s.peek(&mut byte).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                    heads.fetch_add(1, SeqCst);
+                    if closed.fetch_add(1, SeqCst) % 2 == 1 {
+                        // Unread bytes and no linger: the close is a reset.
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                    read_head(&mut s, &mut buf).await;
+                    return;
+                }
+                if !read_head(&mut s, &mut buf).await {
+                    return;
+                }
+                heads.fetch_add(1, SeqCst);
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                answered = true;
+                if let Closes::Idle(idle) = closes {
+                    let mut byte = [0u8; 1];
+                    if tokio::time::timeout(idle, s.peek(&mut byte)).await.is_err() {
+                        drop(s);
+                        closed.fetch_add(1, SeqCst);
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    ShortKeepAlive {
+        addr,
+        closed,
+        heads,
+    }
+}
+
+/// The `lb_upstream_attempts_total` of `outcome` for the backend at `addr`.
+fn attempts(lb: &TestLb, addr: SocketAddr, outcome: &str) -> f64 {
+    let text = lb::metrics::render(lb.lb.runtime());
+    let labels = format!("backend=\"{addr}\",outcome=\"{outcome}\"");
+    text.lines()
+        .find(|l| l.starts_with("lb_upstream_attempts_total{") && l.contains(&labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sends `n` GETs through `lb` by an h2c client (the hyper client path
+/// serves them) and `n` by an HTTP/1 client (the path under test), one at
+/// a time, calling `between` after each; the failures, and how many went.
+async fn gets_through(lb: &TestLb, n: usize, between: impl AsyncFn()) -> (Vec<String>, usize) {
+    let mut failures = Vec::new();
+    let mut sent = 0;
+    for (name, client) in [("h2c", h2c_client()), ("http/1", common::client())] {
+        for i in 0..n {
+            let req = Request::get(lb.url(&format!("/{i}")))
+                .body(Full::default())
+                .unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(WAIT), client.request(req))
+                .await
+                .expect("request timed out");
+            sent += 1;
+            match resp {
+                Ok(r) if r.status() == StatusCode::OK => {}
+                Ok(r) => failures.push(format!("{name} #{i}: {}", r.status())),
+                Err(e) => failures.push(format!("{name} #{i}: {e}")),
+            }
+            between().await;
+        }
+    }
+    (failures, sent)
+}
+
+/// One attempt, and the first failure ejects: a stale pooled connection
+/// must cost neither a retry nor the backend's health.
+fn unforgiving(backend: SocketAddr) -> String {
+    format!(
+        "retry:\n  attempts: 1\noutlier_detection:\n  consecutive_failures: 1\n  ejection_time: 60s\n\
+         backends:\n  - address: {backend}\n"
+    )
+}
+
+fn assert_not_charged(lb: &TestLb, backend: SocketAddr, sent: usize) {
+    assert_eq!(
+        attempts(lb, backend, "reset"),
+        0.0,
+        "the backend was charged"
+    );
+    assert_eq!(attempts(lb, backend, "success"), sent as f64);
+    let rt = lb.lb.runtime();
+    assert!(!rt.snapshot().backends[0]
+        .state
+        .is_ejected(rt.clock.now_ms()));
+}
+
+/// A request sent on a pooled connection that the backend closes as the
+/// request arrives (a keep-alive timeout racing lb's reuse, here every
+/// time, by FIN and by reset) fails before any byte of an answer: it is
+/// sent again on a new connection, within its one attempt, and the backend
+/// is not blamed. Failed on the hyper client path (h2c clients, and HTTP/1
+/// under `--http1 hyper`) before the resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_as_it_is_reused_is_not_a_failure() {
+    let backend = short_keepalive_backend(Closes::OnReuse).await;
+    let lb = TestLb::start(&unforgiving(backend.addr)).await;
+    let (failures, sent) = gets_through(&lb, 12, async || {}).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {sent}: {failures:?}",
+        failures.len()
+    );
+    // The race happened, on both clients' paths.
+    assert!(
+        backend.closed.load(SeqCst) >= 8,
+        "{}",
+        backend.closed.load(SeqCst)
+    );
+    assert_not_charged(&lb, backend.addr, sent);
+}
+
+/// The same backend, waited for: each request goes after the backend has
+/// closed the idle connection the previous one left, which lb must not
+/// reuse (or must resend from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_backend_closed_while_idle_is_not_a_failure() {
+    let backend = short_keepalive_backend(Closes::Idle(Duration::from_millis(50))).await;
+    let lb = TestLb::start(&unforgiving(backend.addr)).await;
+    let closed = &backend.closed;
+    let (failures, sent) = gets_through(&lb, 12, async || {
+        let before = closed.load(SeqCst);
+        eventually!(WAIT, closed.load(SeqCst) > before);
+    })
+    .await;
+    assert!(
+        failures.is_empty(),
+        "{} of {sent}: {failures:?}",
+        failures.len()
+    );
+    assert_not_charged(&lb, backend.addr, sent);
+}
+
+/// A POST the backend may have seen is not sent twice: on a pooled
+/// connection closed as it arrives, it fails (502), on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_met_a_closing_connection_is_not_sent_again() {
+    let backend = short_keepalive_backend(Closes::OnReuse).await;
+    let lb = TestLb::start(&format!(
+        "outlier_detection:\n  consecutive_failures: 0\nbackends:\n  - address: {}\n",
+        backend.addr
+    ))
+    .await;
+    for client in [h2c_client(), common::client()] {
+        let post = || {
+            Request::post(lb.url("/"))
+                .body(Full::new(Bytes::from_static(b"once")))
+                .unwrap()
+        };
+        // A new connection answers, and goes back to the pool.
+        assert_eq!(send(&client, post()).await.status, StatusCode::OK);
+        let before = backend.heads.load(SeqCst);
+        assert_eq!(send(&client, post()).await.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            backend.heads.load(SeqCst),
+            before + 1,
+            "the POST went twice"
+        );
+    }
+}
