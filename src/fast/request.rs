@@ -101,6 +101,8 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Hyper;
     };
+    // Every offset into `buf` comes from here; one httparse could not have
+    // given (not a slice of `buf`) leaves the head to hyper.
     let range = |s: &[u8]| range_in(buf, s);
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
@@ -129,9 +131,14 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
         } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, "close") {
             keep_alive = false;
         }
-        headers.push((range(name), range(h.value)));
+        let (Some(name), Some(value)) = (range(name), range(h.value)) else {
+            return Parsed::Hyper;
+        };
+        headers.push((name, value));
     }
-    let path = range(path.as_bytes());
+    let Some(path) = range(path.as_bytes()) else {
+        return Parsed::Hyper;
+    };
     let body_len = body_len.unwrap_or(0);
     if body_len > body_limit {
         return Parsed::Hyper;
