@@ -903,3 +903,73 @@ async fn status_lines_without_a_reason_are_relayed_alike() {
         assert_eq!(f, h, "GET /s/{n} twice: the paths answered differently");
     }
 }
+
+/// The Host and target gaps of issue 20, over HTTP/1 on both paths: user
+/// info in an absolute-form target is refused as in `Host`; `*` is for
+/// OPTIONS only; a client that names lb's forwarding headers in
+/// `Connection` has its values dropped, and lb's own sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_and_forwarding_gaps_are_closed_alike() {
+    let (fast_backend, fast_seen) = recording_backend().await;
+    let (hyper_backend, hyper_seen) = recording_backend().await;
+    let (fast, _d1) = start_lb(fast_backend, Http1::Fast).await;
+    let (hyper, _d2) = start_lb(hyper_backend, Http1::Hyper).await;
+    let cases: [(&str, &str, &str); 12] = [
+        ("userinfo", "GET http://user:pw@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("user only", "GET http://u@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("empty userinfo", "GET http://@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("absolute-form", "GET http://example.com:8080/r/0 HTTP/1.1\r\nHost: x\r\n", "200"),
+        ("GET *", "GET * HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("HEAD *", "HEAD * HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("POST *", "POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n", "400"),
+        ("OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: x\r\n", ""),
+        (
+            "Connection: X-Forwarded-For",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nConnection: X-Forwarded-For\r\nX-Forwarded-For: 6.6.6.6\r\n",
+            "200",
+        ),
+        (
+            "Connection: close, x-forwarded-for, an invalid value",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: café\r\nConnection: close, x-forwarded-for\r\n",
+            "200",
+        ),
+        (
+            "Connection: the other forwarding headers",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nConnection: X-Forwarded-Host, X-Forwarded-Proto\r\n\
+             X-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 10.0.0.1\r\n",
+            "200",
+        ),
+        ("Host with user info", "GET /r/0 HTTP/1.1\r\nHost: u:p@a\r\n", "400"),
+    ];
+    for (i, (name, head, status)) in cases.iter().enumerate() {
+        let request = format!("{head}X-Id: g{i}\r\n\r\n").into_bytes();
+        let f = send(fast.local_addr(), request.clone(), head.starts_with("HEAD")).await;
+        let h = send(hyper.local_addr(), request, head.starts_with("HEAD")).await;
+        assert_eq!(f, h, "{name}: the paths answered differently");
+        assert!(
+            f.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: want {status}, got {f}"
+        );
+    }
+    let (f, h) = (fast_seen.lock().unwrap(), hyper_seen.lock().unwrap());
+    assert_eq!(*f, *h, "the backends saw different bytes");
+    for id in ["g0", "g1", "g2", "g4", "g5", "g6", "g11"] {
+        assert!(!f.contains_key(id), "{id} reached the backend: {f:?}");
+    }
+    for id in ["g8", "g9"] {
+        let seen = &f[id];
+        assert!(
+            seen.contains("x-forwarded-for: 127.0.0.1\n"),
+            "{id}: {seen}"
+        );
+        assert!(!seen.contains("6.6.6.6"), "{id}: {seen}");
+    }
+    let seen = &f["g10"];
+    assert!(
+        seen.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1\n")
+            && seen.contains("x-forwarded-host: x\n")
+            && seen.contains("x-forwarded-proto: http\n"),
+        "{seen}"
+    );
+    assert!(f["g3"].contains("host: example.com:8080\n"), "{}", f["g3"]);
+}

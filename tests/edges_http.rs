@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -234,6 +235,109 @@ async fn a_post_that_met_a_closing_connection_is_not_sent_again() {
             backend.heads.load(SeqCst),
             before + 1,
             "the POST went twice"
+        );
+    }
+}
+
+/// Sends `req` to lb at `addr` on a new HTTP/2 (prior knowledge)
+/// connection, whatever its URI's authority (which becomes `:authority`):
+/// the status and body.
+async fn h2_send(addr: SocketAddr, req: Request<Full<Bytes>>) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(Duration::from_secs(WAIT), sender.send_request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// HTTP/2's `:authority` is held to `Host`'s rules: user info is refused
+/// (RFC 9110 §4.2.4), and a `host` header naming another server makes the
+/// request malformed (RFC 9113 §8.3.1); one naming the same server (any
+/// case, the default port spelled out or not) passes, and the backend sees
+/// it. A `*` target is for OPTIONS only, over HTTP/2 as over HTTP/1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_authority_is_held_to_the_host_rules() {
+    let backend = Backend::start("b").await;
+    let lb = TestLb::start(&backends_yaml(&[&backend])).await;
+    let addr = lb.lb.local_addr();
+    let get = |uri: &str, host: Option<&str>| {
+        let mut req = Request::get(uri);
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    let refused = [
+        (
+            "user:pw in :authority",
+            get("http://user:pw@evil.example/headers", None),
+        ),
+        ("user in :authority", get("http://u@evil/headers", None)),
+        (
+            "host naming another server",
+            get("http://a/headers", Some("other")),
+        ),
+        (
+            "host with another port",
+            get("http://a:8080/headers", Some("a:8081")),
+        ),
+        ("host with user info", get("http://a/headers", Some("u@a"))),
+    ];
+    let star = |method: &str| {
+        let uri = hyper::Uri::builder()
+            .scheme("http")
+            .authority("a")
+            .path_and_query("*")
+            .build()
+            .unwrap();
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::default())
+            .unwrap()
+    };
+    let refused = refused
+        .into_iter()
+        .chain([("GET *", star("GET")), ("DELETE *", star("DELETE"))]);
+    for (name, req) in refused {
+        let (status, body) = h2_send(addr, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+    }
+    assert_eq!(backend.hits(), 0, "a refused request reached the backend");
+    let passed = [
+        ("no host", get("http://a/headers", None), "a"),
+        ("the same host", get("http://a/headers", Some("a")), "a"),
+        (
+            "the same host, other case",
+            get("http://a/headers", Some("A")),
+            "A",
+        ),
+        (
+            "the default port spelled out",
+            get("http://a/headers", Some("a:80")),
+            "a:80",
+        ),
+        (
+            "the same port",
+            get("http://a:8080/headers", Some("A:8080")),
+            "A:8080",
+        ),
+    ];
+    for (name, req, host) in passed {
+        let (status, body) = h2_send(addr, req).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        assert!(
+            body.contains(&format!("\nhost: {host}\n"))
+                || body.starts_with(&format!("host: {host}\n")),
+            "{name}: {body}"
         );
     }
 }

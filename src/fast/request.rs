@@ -184,12 +184,9 @@ impl Head {
     ) -> Option<(Vec<u8>, Option<usize>)> {
         let cookies = affinity.filter(|c| self.values("cookie").any(|v| c.carries(v)));
         let mut pinned = None;
-        // With a prior X-Forwarded-For, the hyper path's rules (and refusal).
-        let prior = match self.values("x-forwarded-for").next() {
-            Some(prior) => Some(proxy::forwarded_for(Some(prior), client_ip).ok()?),
-            None => None,
-        };
         let named = proxy::connection_named(self.values("connection"));
+        // The hyper path's rule (and refusal) for a client's X-Forwarded-For.
+        let prior = proxy::client_forwarded_for(self, &named, client_ip).ok()?;
         let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut out = super::spare::vec(self.bytes.len() + 128 + self.body_len as usize);
         out.extend_from_slice(self.method.as_str().as_bytes());
