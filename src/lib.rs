@@ -28,7 +28,8 @@
 //!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
-//!   the backend client and its error classes; [`stall`]: the bound on
+//!   the backend client, its error classes, and the watch on its connections
+//!   that tells a stale pooled one; [`stall`]: the bound on
 //!   each wait for a client or backend mid-exchange (request body, response
 //!   body, response bytes the client must take).
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;

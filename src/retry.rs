@@ -23,14 +23,14 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody};
+use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::state::{BackendState, Clock, Ejection, InFlight};
 use crate::upgrade::Hold;
-use crate::upstream::{self, FailureKind};
+use crate::upstream::{self, FailureKind, Stale};
 
 /// Caps retries to a share of recent traffic (Envoy and Linkerd call this
 /// a retry budget), lock-free:
@@ -115,13 +115,11 @@ pub(crate) trait Attempts {
     fn next_attempt(&mut self) -> bool;
 
     /// Sends the attempt readied by `next_attempt` to backend `index` of
-    /// `snap` and waits for its response head. `last` is true when no other
-    /// attempt can follow (the request's parts may be moved, not cloned).
+    /// `snap` and waits for its response head.
     fn send(
         &mut self,
         snap: &Snapshot,
         index: usize,
-        last: bool,
     ) -> impl std::future::Future<Output = Result<Self::Response, (FailureKind, String)>> + Send;
 
     fn status(response: &Self::Response) -> StatusCode;
@@ -360,13 +358,12 @@ pub(crate) async fn run<A: Attempts>(
             let try_deadline = policy
                 .per_try_timeout
                 .map_or(deadline, |t| deadline.min(Instant::now() + t));
-            let last_try = attempt + 1 == policy.attempts.get();
             let sent = if record_latency {
                 Instant::now()
             } else {
                 started
             };
-            let outcome = timeout_at(try_deadline, attempts.send(snap, index, last_try)).await;
+            let outcome = timeout_at(try_deadline, attempts.send(snap, index)).await;
             // peak_ewma's sample: time to the response head (a refused connect says nothing).
             if record_latency && !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
                 let decay = snap.config.steering.peak_ewma_decay;
@@ -469,11 +466,23 @@ struct HyperAttempts {
     worker: usize,
     /// The client asked for a protocol switch.
     upgrade: bool,
-    /// The rewritten request head; the last attempt takes its headers.
+    /// The rewritten request head, cloned into each request.
     parts: Parts,
     body: RequestBody,
     /// The body readied by `next_attempt`.
-    pending: Option<crate::body::UpstreamBody>,
+    pending: Option<UpstreamBody>,
+}
+
+impl HyperAttempts {
+    /// The rewritten request for backend `index` of `snap`, with `body`.
+    fn request(&self, snap: &Snapshot, index: usize, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &snap.authorities[index]);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
 }
 
 impl Attempts for HyperAttempts {
@@ -488,23 +497,33 @@ impl Attempts for HyperAttempts {
         &mut self,
         snap: &Snapshot,
         index: usize,
-        last: bool,
     ) -> Result<Response<Incoming>, (FailureKind, String)> {
         let Some(body) = self.pending.take() else {
             return Err((FailureKind::Connect, "no body to send".to_owned()));
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = upstream_uri(&self.parts.uri, &snap.authorities[index]);
-        *req.version_mut() = Version::HTTP_11;
-        // Only a later attempt needs the headers again: the last one takes them.
-        *req.headers_mut() = if last {
-            std::mem::take(&mut self.parts.headers)
-        } else {
-            self.parts.headers.clone()
+        let client = snap.client(self.worker);
+        let err = match client.request(self.request(snap, index, body)).await {
+            Ok(resp) => return Ok(resp),
+            Err(err) => err,
         };
-        snap.client(self.worker)
-            .request(req)
+        // A pooled connection the backend had closed (or was closing as it
+        // was reused) failed before any byte of an answer: the request goes
+        // once more, on a new connection, as the fast path does — whatever
+        // the method if none of it was written, else only an idempotent one
+        // (the backend may have seen it). Not an attempt of the retry loop:
+        // the backend did nothing wrong.
+        let resend = match upstream::stale(&err) {
+            Some(Stale::Unsent) => true,
+            Some(Stale::Unanswered) => is_idempotent(&self.parts.method),
+            None => false,
+        };
+        let body = resend && self.body.client_fault().is_none();
+        let Some(body) = body.then(|| self.body.next_attempt()).flatten() else {
+            return Err(upstream::classify(&err));
+        };
+        tracing::debug!(backend = %snap.backends[index].addr, error = %upstream::root_cause(&err), "stale pooled connection: sent again on a new one");
+        client
+            .request_fresh(self.request(snap, index, body))
             .await
             .map_err(|e| upstream::classify(&e))
     }
