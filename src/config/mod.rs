@@ -654,6 +654,10 @@ impl Config {
         }
         let text =
             std::str::from_utf8(bytes).map_err(|e| syntax(format!("not UTF-8 text: {e}")))?;
+        // A byte order mark is legal YAML and Windows editors write one, but
+        // the YAML parser takes it for the start of a second document. It is
+        // no column either, so positions in later errors stay right.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_owned(),
