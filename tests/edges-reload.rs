@@ -354,3 +354,59 @@ async fn a_removed_backends_probe_connection_is_closed() {
         open()
     );
 }
+
+// ---------------------------------------------------------------------------
+// Item 10b: /metrics at many backends
+// ---------------------------------------------------------------------------
+
+async fn scrape(c: &TestClient, admin: SocketAddr) -> String {
+    let a = get(c, &format!("http://{admin}/metrics")).await;
+    assert_eq!(a.status, 200);
+    a.text()
+}
+
+/// At 10,000 backends one encoding costs far more than
+/// `lb::admin::CHEAP_SCRAPE` of CPU: a scrape right after it gets the same
+/// body (counters as of the first), so hammering `/metrics` costs lb about
+/// 1 % of a core; a reload invalidates it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_metrics_body_is_reused_until_the_config_changes() {
+    let dead: String = (0..10_000)
+        .map(|i| format!("  - address: 127.0.{}.{}:9\n", i / 250 + 1, i % 250 + 1))
+        .collect();
+    let yaml = |n: usize| {
+        let list: String = dead.lines().take(n).map(|l| format!("{l}\n")).collect();
+        format!("admin: 127.0.0.1:0\nbackends:\n{list}")
+    };
+    let lb = TestLb::start(&yaml(10_000)).await;
+    let admin = lb.lb.admin_addr().expect("admin bound");
+    let c = client();
+    let first = scrape(&c, admin).await;
+    assert!(first.contains("127.0.40.250:9"), "not all backends shown");
+
+    // A client connection changes lb_connections_total…
+    let accepted = lb.lb.runtime().connections.total();
+    let conn = tokio::net::TcpStream::connect(lb.lb.local_addr())
+        .await
+        .unwrap();
+    eventually!(WAIT, lb.lb.runtime().connections.total() > accepted);
+    drop(conn);
+    // …but the body encoded a moment ago is served again.
+    assert_eq!(
+        scrape(&c, admin).await,
+        first,
+        "an expensive body was encoded again at once"
+    );
+
+    lb.rewrite(&yaml(9_999));
+    eventually!(WAIT, lb.applied() == 2, "the reload never applied");
+    let after_reload = scrape(&c, admin).await;
+    assert!(
+        !after_reload.contains("127.0.40.250:9"),
+        "a body of the old config was served after a reload"
+    );
+    assert!(
+        after_reload.contains(&format!("lb_connections_total {}", accepted + 1)),
+        "the new body does not show the connection"
+    );
+}
