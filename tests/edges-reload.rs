@@ -123,7 +123,9 @@ async fn a_recreated_config_directory_is_watched_again() {
 }
 
 /// The same, with no pause between removal and recreation: lb may see the
-/// new directory before or after its parent's watch is armed.
+/// new directory before or after its parent's watch is armed. (Before the
+/// fix this passed when the reloader's read after the removal came late
+/// enough to find the new file; the edit after it is what then failed.)
 #[tokio::test]
 async fn a_directory_recreated_at_once_is_watched_again() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
