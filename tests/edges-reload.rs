@@ -123,9 +123,10 @@ async fn a_recreated_config_directory_is_watched_again() {
 }
 
 /// The same, with no pause between removal and recreation: lb may see the
-/// new directory before or after its parent's watch is armed. (Before the
-/// fix this passed when the reloader's read after the removal came late
-/// enough to find the new file; the edit after it is what then failed.)
+/// new directory before or after its parent's watch is armed. (This passed
+/// before the fix too: the read after the removal found the new file, and
+/// the file's own watch, re-armed after it, saw the next edit. It guards
+/// that race, not the bug.)
 #[tokio::test]
 async fn a_directory_recreated_at_once_is_watched_again() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
