@@ -2,7 +2,10 @@
 //!
 //! One probe task per backend address, over a client of its own. The
 //! supervisor starts a task for each address that appears in the config and
-//! stops the task of each address that leaves; tasks of addresses that stay
+//! stops the task of each address that leaves, which drops its client and so
+//! closes the idle connection it kept (a client shared by all tasks would
+//! keep a removed backend's connection open until its idle timeout, one fd
+//! per backend removed); tasks of addresses that stay
 //! keep running (and keep their pass/fail streaks) across reloads. Each task
 //! reads the current config on every tick, so a new interval, timeout or
 //! threshold applies from the next probe.
@@ -166,7 +169,6 @@ fn judge_pool(runtime: &Runtime, reasons: &DownReasons) {
 /// Runs until the runtime is dropped: keeps one probe task per backend.
 pub async fn supervise(runtime: Arc<Runtime>) {
     let mut changes = runtime.subscribe();
-    let client = probe_client();
     let reasons = DownReasons::default();
     let mut probes: HashMap<BackendAddr, JoinHandle<()>> = HashMap::new();
     let mut startup = true;
@@ -204,7 +206,6 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                         Arc::downgrade(&runtime),
                         Arc::clone(&b.state),
                         authority.clone(),
-                        client.clone(),
                         first_delay,
                         Arc::clone(&reasons),
                     ));
@@ -233,10 +234,11 @@ async fn probe_loop(
     runtime: std::sync::Weak<Runtime>,
     state: Arc<BackendState>,
     authority: Authority,
-    client: ProbeClient,
     first_delay: Duration,
     reasons: DownReasons,
 ) {
+    // Owned by this task: aborting the task closes the backend's connection.
+    let client = probe_client();
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
     };

@@ -882,6 +882,10 @@ impl Config {
                 "not UTF-8 text; save the file as UTF-8".to_owned(),
             )
         })?;
+        // A byte order mark is legal YAML and Windows editors write one, but
+        // the YAML parser takes it for the start of a second document. It is
+        // no column either, so positions in later errors stay right.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_owned(),
