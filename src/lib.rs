@@ -85,6 +85,9 @@ use crate::runtime::Runtime;
 use crate::server::Http1;
 use crate::workers::Workers;
 
+/// At shutdown, how long the access log may take to write out its queue.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
+
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -242,9 +245,12 @@ impl Lb {
         }
         self.admin.stop();
         let access_log = Arc::clone(&self.runtime);
-        // The writer thread blocks: flush it off the async workers.
+        // The writer thread blocks: flush it off the async workers. Bounded
+        // whatever the sink does (a stdout nobody reads).
         let _ = tokio::task::spawn_blocking(move || {
-            access_log.access_log.flush(Duration::from_secs(1));
+            if !access_log.access_log.flush(ACCESS_LOG_FLUSH) {
+                tracing::warn!("access log not flushed within {ACCESS_LOG_FLUSH:?}: its last lines are lost");
+            }
         })
         .await;
         // Last: the workers' runtimes go, and every connection still on them.
