@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, ProxyProtocol};
+use crate::local::{Op, Shortage};
 use crate::runtime::Runtime;
 use crate::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
@@ -141,6 +142,16 @@ async fn probe_loop(
         };
         let result = probe(&client, &authority, &settings).await;
         let hc = &settings.check;
+        if let Err(Failure::Local(shortage, why)) = &result {
+            // lb's own shortage says nothing about the backend: no verdict.
+            if let Some(rt) = runtime.upgrade() {
+                let what = format_args!("health check of {}: {why}", state.addr);
+                rt.local_errors
+                    .record(Op::HealthCheck, *shortage, rt.clock.now_ms(), what);
+            }
+            due = started + hc.interval;
+            continue;
+        }
         state.metrics.health_check(result.is_ok());
         match result {
             Ok(()) => {
@@ -153,7 +164,7 @@ async fn probe_loop(
                     tracing::info!("backend {} is up", state.addr);
                 }
             }
-            Err(reason) => {
+            Err(Failure::Backend(reason) | Failure::Local(_, reason)) => {
                 failures += 1;
                 passes = 0;
                 if state.is_healthy()
@@ -183,12 +194,20 @@ fn current(runtime: &std::sync::Weak<Runtime>) -> Option<ProbeSettings> {
     })
 }
 
+/// Why a probe failed.
+enum Failure {
+    /// The backend's doing (or so it seems): counts toward the threshold.
+    Backend(String),
+    /// lb's own shortage (see [`crate::local`]): no verdict on the backend.
+    Local(Shortage, String),
+}
+
 /// One probe of the kind the config asks for.
 async fn probe(
     client: &ProbeClient,
     authority: &Authority,
     settings: &ProbeSettings,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let hc = &settings.check;
     match &hc.path {
         Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
@@ -203,7 +222,7 @@ async fn tcp_probe(
     authority: &Authority,
     limit: Duration,
     proxy_protocol: Option<ProxyProtocol>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let exchange = async {
         let mut stream = TcpStream::connect(authority.as_str()).await?;
         if let Some(version) = proxy_protocol {
@@ -213,8 +232,16 @@ async fn tcp_probe(
     };
     match timeout(limit, exchange).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("health check failed: {e}")),
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Ok(Err(e)) => {
+            let why = format!("health check failed: {e}");
+            Err(match Shortage::of(&e) {
+                Some(shortage) => Failure::Local(shortage, why),
+                None => Failure::Backend(why),
+            })
+        }
+        Err(_) => Err(Failure::Backend(format!(
+            "health check timed out after {limit:?}"
+        ))),
     }
 }
 
@@ -224,12 +251,12 @@ async fn http_probe(
     authority: &Authority,
     path: PathAndQuery,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
-    let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    let uri = Uri::from_parts(parts).map_err(|e| Failure::Backend(e.to_string()))?;
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -238,21 +265,26 @@ async fn http_probe(
     req.headers_mut()
         .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| format!("health check failed: {}", crate::upstream::root_cause(&e)))?;
+        let resp = client.request(req).await.map_err(|e| {
+            let why = format!("health check failed: {}", crate::upstream::root_cause(&e));
+            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
+                Some(shortage) => Failure::Local(shortage, why),
+                None => Failure::Backend(why),
+            }
+        })?;
         let status = resp.status();
         // Read the (small) body so the connection can be reused.
         let _ = resp.into_body().collect().await;
         if status.is_success() || status.is_redirection() {
             Ok(())
         } else {
-            Err(format!("health check answered {status}"))
+            Err(Failure::Backend(format!("health check answered {status}")))
         }
     };
     match timeout(limit, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Err(_) => Err(Failure::Backend(format!(
+            "health check timed out after {limit:?}"
+        ))),
     }
 }

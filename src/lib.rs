@@ -29,15 +29,19 @@
 //!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
 //!   connections (half-close, idle bound).
 //! * [`health`]: active health checks; passive detection lives in `state`.
+//! * [`local`]: lb's own resource shortages (fd limit, buffers, ports), the
+//!   one classification every path asks so no backend is blamed for them.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
 //!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
 //!   exposition; [`access_log`]: one line per request, written off the
-//!   request path; [`upgrade`]: WebSocket/`Upgrade` pass-through.
+//!   request path; [`logging`]: lb's own log, written off the serving
+//!   threads, lossy when stderr stalls; [`upgrade`]: WebSocket/`Upgrade`
+//!   pass-through.
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
-//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
-//! calls [`Lb::start`].
+//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
+//! ([`logging::init`]), binds and calls [`Lb::start`].
 
 pub mod access_log;
 pub mod admin;
@@ -47,6 +51,8 @@ pub mod config;
 pub mod fast;
 pub mod health;
 pub mod listen;
+pub mod local;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -98,6 +104,9 @@ pub struct Settings {
     pub workers: NonZeroUsize,
     /// Which code serves HTTP/1 (`--http1`).
     pub http1: Http1,
+    /// lb's own log lines dropped so far, for `/metrics`
+    /// ([`logging::Logging::dropped_lines`]).
+    pub log_lines_dropped: logging::DroppedLines,
 }
 
 impl Settings {
@@ -109,6 +118,7 @@ impl Settings {
             watch,
             workers: workers::default_count(),
             http1: Http1::default(),
+            log_lines_dropped: logging::DroppedLines::default(),
         }
     }
 }
@@ -158,6 +168,9 @@ impl Lb {
         tracing::info!(%hash, "config loaded: {}", config.summary());
         let workers = Arc::new(Workers::start(settings.workers)?);
         let runtime = Runtime::new(config, hash, workers.len());
+        let _ = runtime
+            .log_lines_dropped
+            .set(settings.log_lines_dropped.clone());
         if let Some((format, out)) = access_log {
             runtime.access_log.set_sink(format, out);
         }
@@ -249,7 +262,9 @@ impl Lb {
         // whatever the sink does (a stdout nobody reads).
         let _ = tokio::task::spawn_blocking(move || {
             if !access_log.access_log.flush(ACCESS_LOG_FLUSH) {
-                tracing::warn!("access log not flushed within {ACCESS_LOG_FLUSH:?}: its last lines are lost");
+                tracing::warn!(
+                    "access log not flushed within {ACCESS_LOG_FLUSH:?}: its last lines are lost"
+                );
             }
         })
         .await;

@@ -283,9 +283,7 @@ fn steering_errors_name_the_field() {
 
 #[test]
 fn admin_on_the_wildcard_of_the_listen_port_says_what_clashes() {
-    let with = |listen: &str, admin: &str| {
-        format!("listen: {listen}\nadmin: {admin}\n{MINIMAL}")
-    };
+    let with = |listen: &str, admin: &str| format!("listen: {listen}\nadmin: {admin}\n{MINIMAL}");
     let e = error(&with("127.0.0.1:8080", "0.0.0.0:8080"));
     assert!(
         e.contains("admin 0.0.0.0:8080 overlaps listen 127.0.0.1:8080")

@@ -17,6 +17,7 @@
 //!   snapshot. Shutdown lets it run until lb's drain sender is dropped
 //!   (after `--shutdown-grace`), then closes it.
 
+use crate::local::{Op, Shortage};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -153,6 +154,16 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
                 });
             }
             Ok(Err(e)) => {
+                if let Some(shortage) = Shortage::of(&e) {
+                    // lb's own shortage: close the client, blame no backend.
+                    let what = format_args!(
+                        "tcp connection from {peer}: connecting to {}: {e}",
+                        backend.addr
+                    );
+                    rt.local_errors
+                        .record(Op::Connect, shortage, rt.clock.now_ms(), what);
+                    return None;
+                }
                 backend.state.metrics.attempt(AttemptOutcome::Connect);
                 e.to_string()
             }

@@ -1,0 +1,388 @@
+//! Operating lb on a bad day (issue 20): a stderr or stdout nobody reads
+//! never stops serving nor shutdown, and lb's own fd limit is never blamed
+//! on a backend. Each test runs the real binary, whose pipes and limits the
+//! test controls.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How the test wires the child's pipes and limits.
+#[derive(Default)]
+struct Spawn<'a> {
+    args: &'a [&'a str],
+    /// Stop reading stderr once lb listens (the pipe stays open, unread).
+    stop_reading_stderr: bool,
+    /// Give lb a stdout pipe that is never read.
+    unread_stdout: bool,
+    /// RLIMIT_NOFILE for the child.
+    nofile: Option<u64>,
+}
+
+/// The real lb with the pipes the test chose.
+struct Proc {
+    child: Child,
+    /// stderr lines read so far (all of them unless reading stopped).
+    log: Arc<Mutex<Vec<String>>>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    /// Pipe ends held open and never read.
+    _stderr: Option<BufReader<ChildStderr>>,
+    _stdout: Option<ChildStdout>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--http1` for the path this run of the suite tests.
+fn http1_arg() -> &'static str {
+    match http1_under_test() {
+        lb::server::Http1::Fast => "fast",
+        lb::server::Http1::Hyper => "hyper",
+    }
+}
+
+fn address_after(lines: &[String], marker: &str) -> Option<SocketAddr> {
+    lines
+        .iter()
+        .find_map(|l| l.split(marker).nth(1)?.trim().parse().ok())
+}
+
+fn spawn(config: &Path, how: Spawn<'_>) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lb"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--http1", http1_arg()])
+        .args(how.args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(if how.unread_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped());
+    if let Some(limit) = how.nofile {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rlim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (lines, stop) = (Arc::clone(&log), how.stop_reading_stderr);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let mut ready = false;
+        while matches!(stderr.read_line(&mut line), Ok(n) if n > 0) {
+            let mut lines = lines.lock().unwrap();
+            lines.push(line.trim_end().to_owned());
+            line.clear();
+            let up = address_after(&lines, "listening on ").is_some()
+                && address_after(&lines, "admin listener on ").is_some();
+            drop(lines);
+            if up && !ready {
+                ready = true;
+                if stop {
+                    // Hand the pipe back unread: from now on nobody reads it.
+                    let _ = ready_tx.send(Some(stderr));
+                    return;
+                }
+                let _ = ready_tx.send(None);
+            }
+        }
+    });
+    let held = ready_rx
+        .recv_timeout(Duration::from_secs(WAIT))
+        .unwrap_or_else(|_| panic!("lb never listened: {}", log.lock().unwrap().join("\n")));
+    let lines = log.lock().unwrap().clone();
+    Proc {
+        child,
+        listen: address_after(&lines, "listening on ").unwrap(),
+        admin: address_after(&lines, "admin listener on ").unwrap(),
+        log,
+        _stderr: held,
+        _stdout: stdout,
+    }
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// SIGTERM, then how long lb took to exit (panics past `bound`).
+    async fn terminate_within(&mut self, bound: Duration) -> Duration {
+        let asked = Instant::now();
+        self.signal("TERM");
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "lb exited with {status}");
+                return asked.elapsed();
+            }
+            assert!(
+                asked.elapsed() < bound,
+                "lb still running {bound:?} after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A GET bounded by `limit`: `None` when no answer came in time.
+async fn get_within(client: &TestClient, url: &str, limit: Duration) -> Option<Answer> {
+    tokio::time::timeout(limit, async {
+        let resp = client.get(url.parse().unwrap()).await.ok()?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .ok()?
+            .to_bytes();
+        Some(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The sum of the series of metric `name` whose labels contain every one
+/// of `labels` (`backend="…"`), in an OpenMetrics text.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+                && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(client: &TestClient, admin: SocketAddr) -> String {
+    let answer = get_within(
+        client,
+        &format!("http://{admin}/metrics"),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("/metrics did not answer");
+    answer.text()
+}
+
+/// A 127.0.0.1 port nothing listens on: connects are refused.
+fn dead_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Sends GETs to `url` from `clients` concurrent keep-alive clients until
+/// `stop`; counts answers by status class.
+fn load(
+    url: String,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<[AtomicU64; 6]>) {
+    let counts: Arc<[AtomicU64; 6]> = Arc::new(Default::default());
+    let tasks = (0..clients)
+        .map(|_| {
+            let (url, stop, counts) = (url.clone(), Arc::clone(&stop), Arc::clone(&counts));
+            tokio::spawn(async move {
+                let client = client();
+                while !stop.load(SeqCst) {
+                    match get_within(&client, &url, Duration::from_secs(10)).await {
+                        Some(a) => {
+                            counts[usize::from(a.status.as_u16() / 100)].fetch_add(1, SeqCst)
+                        }
+                        None => counts[0].fetch_add(1, SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    (tasks, counts)
+}
+
+/// Issue 20 item 2: logging wrote stderr synchronously from the serving
+/// threads; with a pipe nobody reads, the worker that logged blocked in
+/// `write`, and with it `/healthz`, requests and SIGTERM. Now lines queue
+/// for a writer thread, and a full queue drops (and counts) them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_never_stops_serving_nor_shutdown() {
+    let backend = Backend::start("alive").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Four dead backends and retries that always may: every request logs
+    // its failed attempts (debug) and still succeeds on the live one.
+    let mut yaml = String::from("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nbackends:\n");
+    for _ in 0..4 {
+        yaml.push_str(&format!("  - address: {}\n", dead_address()));
+    }
+    yaml.push_str(&format!(
+        "  - address: {}\noutlier_detection:\n  consecutive_failures: 0\n\
+         retry:\n  attempts: 5\n  budget:\n    min_retries_per_second: 1000000\n",
+        backend.addr
+    ));
+    let config = write_config(dir.path(), &yaml);
+    let args = [
+        "--log-level",
+        "debug",
+        "--workers",
+        "2",
+        "--shutdown-grace",
+        "2s",
+    ];
+    let mut lb = spawn(
+        &config,
+        Spawn {
+            args: &args,
+            stop_reading_stderr: true,
+            ..Spawn::default()
+        },
+    );
+    let admin = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, counts) = load(format!("http://{}/", lb.listen), 16, Arc::clone(&stop));
+    // Far past the pipe's 64 KiB and the log's queue: until lines drop.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let healthz = get_within(
+            &admin,
+            &format!("http://{}/healthz", lb.admin),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            healthz.is_some_and(|a| a.status == 200),
+            "/healthz stopped answering with stderr unread"
+        );
+        let dropped = metric(
+            &scrape(&admin, lb.admin).await,
+            "lb_log_lines_dropped_total",
+            &[],
+        );
+        if dropped > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line dropped after {} requests",
+            counts[2].load(SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still serving, with lines dropping.
+    let served_before = counts[2].load(SeqCst);
+    eventually!(WAIT, counts[2].load(SeqCst) > served_before + 100);
+    stop.store(true, SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let by_class: Vec<u64> = counts.iter().map(|n| n.load(SeqCst)).collect();
+    assert_eq!(
+        by_class[0] + by_class[5],
+        0,
+        "requests failed or went unanswered (by class: {by_class:?})"
+    );
+    let text = scrape(&admin, lb.admin).await;
+    assert!(metric(&text, "lb_log_lines_dropped_total", &[]) > 0.0);
+    // delay 0 + grace 2 s + the bounded flushes; generous for a loaded machine.
+    let took = lb.terminate_within(Duration::from_secs(15)).await;
+    eprintln!("stderr unread: {by_class:?} by status class; SIGTERM took {took:?}");
+}
+
+/// Issue 20 item 3: `AccessLog::flush` sent its request with a blocking
+/// send on the full queue, so with stdout a pipe nobody reads SIGTERM never
+/// completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_log_nobody_reads_does_not_hold_shutdown() {
+    let backend = Backend::start("alive").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\naccess_log: true\nbackends:\n  - address: {}\n",
+            backend.addr
+        ),
+    );
+    let mut lb = spawn(
+        &config,
+        Spawn {
+            args: &["--shutdown-grace", "2s", "--workers", "2"],
+            unread_stdout: true,
+            ..Spawn::default()
+        },
+    );
+    let admin = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, counts) = load(format!("http://{}/", lb.listen), 16, Arc::clone(&stop));
+    // Until the queue is full (lines drop): the pipe and the queue hold no more.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = scrape(&admin, lb.admin).await;
+        if metric(&text, "lb_access_log_dropped_total", &[]) > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line dropped after {} requests",
+            counts[2].load(SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let served = counts[2].load(SeqCst);
+    assert_eq!(counts[0].load(SeqCst), 0, "requests went unanswered");
+    // grace 2 s + 0.5 s promised; generous for a loaded machine, far below
+    // "never".
+    let took = lb.terminate_within(Duration::from_secs(12)).await;
+    eprintln!("stdout unread: {served} requests served; SIGTERM took {took:?}");
+    eventually!(
+        WAIT,
+        lb.log_text().contains("access log not flushed"),
+        "{}",
+        lb.log_text()
+    );
+}
