@@ -10,7 +10,8 @@
 //! `connect_failure`, no failed probe) nor counted as a rejected config: a
 //! client gets 503 (nginx answers 500 and marks nothing), and the shortage
 //! is counted in `lb_local_errors_total{op,kind}` and logged at most once
-//! per [`LOG_EVERY_MS`], with how many went unlogged.
+//! per [`LOG_EVERY_MS`] and op (a flood of failed connects does not hide a
+//! failed config read), with how many went unlogged.
 
 use std::error::Error as StdError;
 use std::fmt::Display;
@@ -123,10 +124,10 @@ impl Op {
 pub struct LocalErrors {
     /// Indexed `[op as usize][shortage as usize]`.
     counts: [[AtomicU64; 4]; 4],
-    /// When (lb's clock, ms) the last warning was logged; `NEVER` before.
-    last_logged_ms: AtomicU64,
-    /// Shortages since that warning.
-    unlogged: AtomicU64,
+    /// By op: when (lb's clock, ms) its last warning was logged; `NEVER` before.
+    last_logged_ms: [AtomicU64; 4],
+    /// By op: shortages since that warning.
+    unlogged: [AtomicU64; 4],
 }
 
 const NEVER: u64 = u64::MAX;
@@ -135,8 +136,8 @@ impl Default for LocalErrors {
     fn default() -> Self {
         LocalErrors {
             counts: Default::default(),
-            last_logged_ms: AtomicU64::new(NEVER),
-            unlogged: AtomicU64::new(0),
+            last_logged_ms: std::array::from_fn(|_| AtomicU64::new(NEVER)),
+            unlogged: Default::default(),
         }
     }
 }
@@ -153,15 +154,18 @@ impl LocalErrors {
     /// failed (`connecting to 10.0.0.1:80: Too many open files`).
     pub fn record(&self, op: Op, shortage: Shortage, now_ms: u64, what: impl Display) {
         self.count(op, shortage);
-        let last = self.last_logged_ms.load(Relaxed);
+        let (last_logged, unlogged) = (
+            &self.last_logged_ms[op as usize],
+            &self.unlogged[op as usize],
+        );
+        let last = last_logged.load(Relaxed);
         let due = last == NEVER || now_ms.saturating_sub(last) >= LOG_EVERY_MS;
         if due
-            && self
-                .last_logged_ms
+            && last_logged
                 .compare_exchange(last, now_ms, Relaxed, Relaxed)
                 .is_ok()
         {
-            let earlier = self.unlogged.swap(0, Relaxed);
+            let earlier = unlogged.swap(0, Relaxed);
             tracing::warn!(
                 op = op.label(),
                 kind = shortage.label(),
@@ -169,7 +173,7 @@ impl LocalErrors {
                 shortage.advice()
             );
         } else {
-            self.unlogged.fetch_add(1, Relaxed);
+            unlogged.fetch_add(1, Relaxed);
         }
     }
 
@@ -242,12 +246,19 @@ mod tests {
         for ms in [0, 1, 2] {
             errors.record(Op::Connect, Shortage::FdLimit, ms, "x");
         }
+        let connect = Op::Connect as usize;
         assert_eq!(errors.total(Op::Connect), 3);
-        assert_eq!(errors.last_logged_ms.load(Relaxed), 0);
-        assert_eq!(errors.unlogged.load(Relaxed), 2);
-        errors.record(Op::Accept, Shortage::FdLimit, LOG_EVERY_MS, "y");
-        assert_eq!(errors.last_logged_ms.load(Relaxed), LOG_EVERY_MS);
-        assert_eq!(errors.unlogged.load(Relaxed), 0);
-        assert_eq!(errors.total(Op::Accept), 1);
+        assert_eq!(errors.last_logged_ms[connect].load(Relaxed), 0);
+        assert_eq!(errors.unlogged[connect].load(Relaxed), 2);
+        // Another op has its own interval: logged at once.
+        errors.record(Op::ConfigRead, Shortage::FdLimit, 5, "y");
+        assert_eq!(
+            errors.last_logged_ms[Op::ConfigRead as usize].load(Relaxed),
+            5
+        );
+        errors.record(Op::Connect, Shortage::Buffers, LOG_EVERY_MS, "z");
+        assert_eq!(errors.last_logged_ms[connect].load(Relaxed), LOG_EVERY_MS);
+        assert_eq!(errors.unlogged[connect].load(Relaxed), 0);
+        assert_eq!(errors.total(Op::Connect), 4);
     }
 }

@@ -386,3 +386,167 @@ async fn an_access_log_nobody_reads_does_not_hold_shutdown() {
         lb.log_text()
     );
 }
+
+/// What a raw client read: the status and body of one response, if any
+/// came within the wait (a connection lb never accepted gets none).
+async fn one_response(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    let status = head.split(' ').nth(1)?.parse().ok()?;
+                    let body =
+                        String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
+                    return Some((status, body));
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
+/// Issue 20 item 5: at lb's own fd limit a backend connect fails with
+/// EMFILE; it was counted as the backend's `connect_failure` and a healthy
+/// backend was ejected, and the config poll's failed read was a "rejected"
+/// reload. Now clients get 503, no backend is charged, nothing is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("alive").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nbackends:\n  - address: {}\n",
+            backend.addr
+        ),
+    );
+    let lb = spawn(
+        &config,
+        Spawn {
+            args: &["--workers", "1", "--poll-interval", "50ms"],
+            nofile: Some(64),
+            ..Spawn::default()
+        },
+    );
+    // More clients than lb has descriptors, each asking at once and
+    // holding its connection open (keep-alive) afterwards.
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(lb.listen).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let answer = one_response(&mut s, Duration::from_secs(5)).await;
+                (s, answer)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for r in readers {
+        let (s, answer) = r.await.unwrap();
+        held.push(s);
+        answers.extend(answer);
+    }
+    // Still at the limit: the config poll cannot open the file either.
+    eventually!(
+        WAIT,
+        lb.log_text().contains("op=\"config_read\"") || lb.log_text().contains("op=config_read"),
+        "no config read hit the limit: {}",
+        lb.log_text()
+    );
+    drop(held);
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "a client got something else than 200 or 503: {statuses:?}"
+    );
+    let exhausted = answers.iter().filter(|(s, _)| *s == 503).count();
+    assert!(exhausted > 0, "no request hit the limit: {statuses:?}");
+    assert!(
+        answers
+            .iter()
+            .filter(|(s, _)| *s == 503)
+            .all(|(_, body)| body == lb::local::EXHAUSTED_BODY),
+        "{answers:?}"
+    );
+    // The descriptors are back: the admin listener answers again.
+    let admin = client();
+    let text = scrape(&admin, lb.admin).await;
+    let addr = format!("backend=\"{}\"", backend.addr);
+    assert_eq!(
+        metric(
+            &text,
+            "lb_upstream_attempts_total",
+            &[&addr, "outcome=\"connect_failure\""]
+        ),
+        0.0,
+        "the backend was charged for lb's fd limit:\n{text}"
+    );
+    assert_eq!(metric(&text, "lb_outlier_ejections_total", &[&addr]), 0.0);
+    assert_eq!(metric(&text, "lb_backend_healthy", &[&addr]), 1.0);
+    assert!(
+        metric(
+            &text,
+            "lb_local_errors_total",
+            &["op=\"connect\"", "kind=\"fd_limit\""]
+        ) > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "lb_local_errors_total", &["op=\"accept\""]) > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "lb_local_errors_total", &["op=\"config_read\""]) > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "lb_config_last_reload_successful", &[]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "lb_config_reloads_total", &["result=\"failure\""]),
+        0.0,
+        "{text}"
+    );
+    assert!(!lb.log_text().contains("rejected"), "{}", lb.log_text());
+    assert!(!lb.log_text().contains("is down"), "{}", lb.log_text());
+    // And it serves as before.
+    let ok = get_within(
+        &admin,
+        &format!("http://{}/", lb.listen),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(ok.map(|a| a.status), Some(hyper::StatusCode::OK));
+    eprintln!(
+        "fd limit 64, 100 clients: {} answered ({exhausted} × 503), local errors: {}",
+        answers.len(),
+        text.lines()
+            .filter(|l| l.starts_with("lb_local_errors_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
