@@ -550,3 +550,107 @@ async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
             .join(", ")
     );
 }
+
+/// Issue 20 item 5, tcp mode: a connection whose backend connect fails on
+/// lb's fd limit is closed without charging the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_mode_at_lbs_fd_limit_charges_no_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = EchoBackend::start("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nmode: tcp\nbackends:\n  - address: {}\n",
+            backend.addr
+        ),
+    );
+    let lb = spawn(
+        &config,
+        Spawn {
+            args: &["--workers", "1"],
+            nofile: Some(64),
+            ..Spawn::default()
+        },
+    );
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(lb.listen).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        clients.push(s);
+    }
+    // Each accepted client gets its echo (connected) or an end (closed at
+    // the limit); one never accepted gets neither within the wait.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+                (s, got.ok().map(|r| r.map_or(0, |n| n)))
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let (mut echoed, mut closed) = (0, 0);
+    for r in readers {
+        let (s, got) = r.await.unwrap();
+        match got {
+            Some(0) => closed += 1,
+            Some(_) => echoed += 1,
+            None => {}
+        }
+        held.push(s);
+    }
+    drop(held);
+    assert!(closed > 0, "no connection hit the limit ({echoed} echoed)");
+    let admin = client();
+    let text = scrape(&admin, lb.admin).await;
+    let addr = format!("backend=\"{}\"", backend.addr);
+    assert_eq!(
+        metric(
+            &text,
+            "lb_upstream_attempts_total",
+            &[&addr, "outcome=\"connect_failure\""]
+        ),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "lb_outlier_ejections_total", &[&addr]), 0.0);
+    assert_eq!(metric(&text, "lb_backend_healthy", &[&addr]), 1.0);
+    assert!(
+        metric(&text, "lb_local_errors_total", &["op=\"connect\""]) > 0.0,
+        "{text}"
+    );
+    eprintln!("tcp mode, fd limit 64, 100 clients: {echoed} echoed, {closed} closed at the limit");
+}
+
+/// Issue 20 item 10: admin on `0.0.0.0:P` beside listen `127.0.0.1:P`
+/// failed at bind time with "another lb?"; the clash is lb's own, and the
+/// message now says which two addresses clash, before anything is bound.
+#[test]
+fn admin_on_the_wildcard_of_the_listen_port_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "listen: 127.0.0.1:18080\nadmin: 0.0.0.0:18080\nbackends:\n  - address: 127.0.0.1:9001\n",
+    );
+    for args in [vec!["--check"], vec![]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+            .arg("--config")
+            .arg(&config)
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "admin: admin 0.0.0.0:18080 overlaps listen 127.0.0.1:18080 (the same port, and admin is on the wildcard address)"
+            ) && !stderr.contains("another lb"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -115,7 +115,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     if let Some(clash) = admin.and_then(|a| wildcard_overlap(a, listen)) {
         return invalid(
             "admin",
-            format!("{clash}: lb cannot listen on both; use another port, or the same IP for both"),
+            format!("{clash}: lb cannot listen on both; give admin a port of its own"),
         );
     }
     if mode == Mode::Tcp {
