@@ -303,6 +303,11 @@ async fn a_stderr_nobody_reads_never_stops_serving_nor_shutdown() {
         if dropped > 0.0 {
             break;
         }
+        assert_eq!(
+            counts[0].load(SeqCst),
+            0,
+            "requests went unanswered with stderr unread"
+        );
         assert!(
             Instant::now() < deadline,
             "no log line dropped after {} requests",
