@@ -14,7 +14,8 @@
 //!
 //! A probe is a GET of `health_check.path` in http mode and a plain TCP
 //! connect in tcp mode (no path); thresholds, logs and the carry-over of
-//! streaks across reloads are the same for both.
+//! streaks across reloads are the same for both. A probe that fails on
+//! lb's own shortage ([`crate::local`]: its fd limit…) gives no verdict.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -11,7 +11,9 @@
 //! * every retry spends a token from the [`RetryBudget`], so a sick pool is
 //!   not hit by a retry storm;
 //! * when every attempt fails the client gets the last backend's own
-//!   retryable response, or 504 after a timeout, or 502.
+//!   retryable response, or 504 after a timeout, or 502;
+//! * a connect that fails on lb's own shortage ([`crate::local`]: its fd
+//!   limit…) ends the loop at once with 503, charging no backend.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;

@@ -5,7 +5,9 @@
 //! * A connect failure or timeout is counted against the backend (passive
 //!   detection) and, within `retry.attempts` and the retry budget, tried on
 //!   another eligible backend, never the same one twice. Once connected,
-//!   nothing is retried: bytes may have reached the backend.
+//!   nothing is retried: bytes may have reached the backend. A connect
+//!   that fails on lb's own shortage ([`crate::local`]: its fd limit…)
+//!   closes the client connection and charges no backend.
 //! * Bytes go both ways through [`crate::tunnel`] (which upgraded HTTP
 //!   connections use too): each direction ends on its own, a FIN passed on
 //!   as a write shutdown (a client that shuts its write side still reads
