@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::Method;
 
@@ -19,6 +19,8 @@ use crate::config::BackendAddr;
 
 /// Entries waiting for the writer thread, at most.
 const QUEUE: usize = 16 * 1024;
+/// How often [`AccessLog::flush`] offers its request again to a full queue.
+const FLUSH_RETRY: Duration = Duration::from_millis(5);
 
 /// How lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -102,15 +104,34 @@ impl AccessLog {
         }
     }
 
-    /// Waits (at most `timeout`) until every queued line is written: at
-    /// shutdown, so the last lines are not lost with the process.
-    pub fn flush(&self, timeout: Duration) {
-        if let Some(sender) = self.sender.get() {
-            let (tx, rx) = mpsc::channel();
-            if sender.send(Message::Flush(tx)).is_ok() {
-                let _ = rx.recv_timeout(timeout);
+    /// Waits (at most `timeout`, whatever the sink does) until every queued
+    /// line is written: at shutdown, so the last lines are not lost with the
+    /// process. Returns whether they were.
+    ///
+    /// The queue is full exactly when the sink has stopped taking lines (a
+    /// pipe nobody reads): a blocking send of the flush request would wait
+    /// for ever, so it is offered with `try_send` until the deadline. The
+    /// writer thread itself is never joined: a stuck `write` cannot be
+    /// cancelled, and the process exits around it.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(sender) = self.sender.get() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = mpsc::channel();
+        let mut request = Message::Flush(tx);
+        loop {
+            match sender.try_send(request) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                    request = again;
+                    std::thread::sleep(FLUSH_RETRY);
+                }
+                Err(_) => return false,
             }
         }
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 
     fn start(&self) -> SyncSender<Message> {

@@ -209,6 +209,9 @@ impl Admin {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
                         Err(e) => {
+                            if let Some(shortage) = crate::local::Shortage::of(&e) {
+                                admin.runtime.local_errors.count(crate::local::Op::Accept, shortage);
+                            }
                             tracing::debug!(error = %e, "admin accept failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;

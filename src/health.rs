@@ -24,6 +24,8 @@
 //! health_check.path right?`); the same verdict is kept in
 //! [`Runtime::pool_down`] for the 503's body and `/status`, until a
 //! backend is up again or a reload changes the pool.
+//! A probe that fails on lb's own shortage ([`crate::local`]: its fd
+//! limit…) gives no verdict.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, ProxyProtocol};
+use crate::local::{Op, Shortage};
 use crate::runtime::{Runtime, Snapshot};
 use crate::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
@@ -71,6 +74,8 @@ enum ProbeFailure {
     Failed(String),
     /// No answer within `health_check.timeout`.
     TimedOut(Duration),
+    /// lb's own shortage (see [`crate::local`]): no verdict on the backend.
+    Local(Shortage, String),
 }
 
 impl fmt::Display for ProbeFailure {
@@ -79,6 +84,7 @@ impl fmt::Display for ProbeFailure {
             ProbeFailure::Status(status) => write!(f, "health check answered {status}"),
             ProbeFailure::Failed(e) => write!(f, "health check failed: {e}"),
             ProbeFailure::TimedOut(limit) => write!(f, "health check timed out after {limit:?}"),
+            ProbeFailure::Local(_, e) => write!(f, "health check failed: {e}"),
         }
     }
 }
@@ -90,6 +96,7 @@ impl ProbeFailure {
             ProbeFailure::Status(status) => status.to_string(),
             ProbeFailure::Failed(e) => e.clone(),
             ProbeFailure::TimedOut(limit) => format!("no answer within {limit:?}"),
+            ProbeFailure::Local(_, e) => e.clone(),
         }
     }
 
@@ -101,7 +108,7 @@ impl ProbeFailure {
             }
             ProbeFailure::Failed(_) => Some("are the backends running at these addresses?"),
             ProbeFailure::TimedOut(_) => Some("is health_check.timeout long enough?"),
-            ProbeFailure::Status(_) => None,
+            ProbeFailure::Status(_) | ProbeFailure::Local(..) => None,
         }
     }
 }
@@ -262,6 +269,16 @@ async fn probe_loop(
         };
         let result = probe(&client, &authority, &settings).await;
         let hc = &settings.check;
+        if let Err(ProbeFailure::Local(shortage, why)) = &result {
+            // lb's own shortage says nothing about the backend: no verdict.
+            if let Some(rt) = runtime.upgrade() {
+                let what = format_args!("health check of {}: {why}", state.addr);
+                rt.local_errors
+                    .record(Op::HealthCheck, *shortage, rt.clock.now_ms(), what);
+            }
+            due = started + hc.interval;
+            continue;
+        }
         state.metrics.health_check(result.is_ok());
         match result {
             Ok(()) => {
@@ -354,7 +371,10 @@ async fn tcp_probe(
     };
     match timeout(limit, exchange).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ProbeFailure::Failed(e.to_string())),
+        Ok(Err(e)) => Err(match Shortage::of(&e) {
+            Some(shortage) => ProbeFailure::Local(shortage, e.to_string()),
+            None => ProbeFailure::Failed(e.to_string()),
+        }),
         Err(_) => Err(ProbeFailure::TimedOut(limit)),
     }
 }
@@ -379,10 +399,13 @@ async fn http_probe(
     req.headers_mut()
         .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| ProbeFailure::Failed(crate::upstream::root_cause(&e).to_string()))?;
+        let resp = client.request(req).await.map_err(|e| {
+            let why = crate::upstream::root_cause(&e).to_string();
+            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
+                Some(shortage) => ProbeFailure::Local(shortage, why),
+                None => ProbeFailure::Failed(why),
+            }
+        })?;
         let status = resp.status();
         // Read the (small) body so the connection can be reused.
         let _ = resp.into_body().collect().await;

@@ -37,15 +37,19 @@
 //!   connections (half-close, idle bound).
 //! * [`health`]: active health checks, and the verdict when they hold the
 //!   whole pool down (`Runtime::pool_down`); passive detection lives in `state`.
+//! * [`local`]: lb's own resource shortages (fd limit, buffers, ports), the
+//!   one classification every path asks so no backend is blamed for them.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
 //!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
 //!   exposition; [`access_log`]: one line per request, written off the
-//!   request path; [`upgrade`]: WebSocket/`Upgrade` pass-through.
+//!   request path; [`logging`]: lb's own log, written off the serving
+//!   threads, lossy when stderr stalls; [`upgrade`]: WebSocket/`Upgrade`
+//!   pass-through.
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
-//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
-//! calls [`Lb::start`].
+//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
+//! ([`logging::init`]), binds and calls [`Lb::start`].
 
 pub mod access_log;
 pub mod admin;
@@ -57,6 +61,8 @@ pub mod fast;
 pub mod h2_stream;
 pub mod health;
 pub mod listen;
+pub mod local;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -95,6 +101,9 @@ use crate::runtime::Runtime;
 use crate::server::Http1;
 use crate::workers::Workers;
 
+/// At shutdown, how long the access log may take to write out its queue.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
+
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -105,6 +114,9 @@ pub struct Settings {
     pub workers: NonZeroUsize,
     /// Which code serves HTTP/1 (`--http1`).
     pub http1: Http1,
+    /// lb's own log lines dropped so far, for `/metrics`
+    /// ([`logging::Logging::dropped_lines`]).
+    pub log_lines_dropped: logging::DroppedLines,
 }
 
 impl Settings {
@@ -116,6 +128,7 @@ impl Settings {
             watch,
             workers: workers::default_count(),
             http1: Http1::default(),
+            log_lines_dropped: logging::DroppedLines::default(),
         }
     }
 }
@@ -165,6 +178,9 @@ impl Lb {
         tracing::info!(%hash, "config loaded: {}", config.summary());
         let workers = Arc::new(Workers::start(settings.workers)?);
         let runtime = Runtime::new(config, hash, workers.len());
+        let _ = runtime
+            .log_lines_dropped
+            .set(settings.log_lines_dropped.clone());
         if let Some((format, out)) = access_log {
             runtime.access_log.set_sink(format, out);
         }
@@ -252,9 +268,14 @@ impl Lb {
         }
         self.admin.stop();
         let access_log = Arc::clone(&self.runtime);
-        // The writer thread blocks: flush it off the async workers.
+        // The writer thread blocks: flush it off the async workers. Bounded
+        // whatever the sink does (a stdout nobody reads).
         let _ = tokio::task::spawn_blocking(move || {
-            access_log.access_log.flush(Duration::from_secs(1));
+            if !access_log.access_log.flush(ACCESS_LOG_FLUSH) {
+                tracing::warn!(
+                    "access log not flushed within {ACCESS_LOG_FLUSH:?}: its last lines are lost"
+                );
+            }
         })
         .await;
         // Last: the workers' runtimes go, and every connection still on them.

@@ -1,7 +1,6 @@
 //! `lb` binary: parse the command line, start logging, load the config,
 //! bind, and hand over to [`lb::run`].
 
-use std::io::IsTerminal;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -79,14 +78,12 @@ enum LogFormat {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The filter when neither `--log-level` nor `RUST_LOG` says otherwise:
-/// notify logs INFO/WARN lines (`unable to remove watch descriptor`) on
-/// every rename-over save, which are noise to lb's users.
-const DEFAULT_LOG_FILTER: &str = "info,notify=error";
-
 /// After the shutdown grace period, how long blocking threads (a config read
 /// stuck on a hung filesystem) may delay the exit.
 const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
+
+/// At exit, how long the last log lines may take to reach stderr.
+const LOG_FLUSH: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -121,7 +118,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&cli);
+    let log_format = match cli.log_format {
+        LogFormat::Text => lb::logging::Format::Text,
+        LogFormat::Json => lb::logging::Format::Json,
+    };
+    let logging = lb::logging::init(cli.log_level.as_deref(), log_format);
     // Clients are served on the worker threads; this runtime only runs
     // signals, health checks and the reloader.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -134,14 +135,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(cli));
+    let code = runtime.block_on(serve(cli, logging.dropped_lines()));
     // Dropping the runtime would wait for every blocking task, for ever if
     // one is stuck; the exit must come within the grace period.
     runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
+    logging.flush(LOG_FLUSH);
     code
 }
 
-async fn serve(cli: Cli) -> ExitCode {
+async fn serve(cli: Cli, log_lines_dropped: lb::logging::DroppedLines) -> ExitCode {
     // First, before anything can take time: SIGHUP's default action kills the process.
     let (mut hangup, terminate, interrupt) = match (
         signal(SignalKind::hangup()),
@@ -186,6 +188,7 @@ async fn serve(cli: Cli) -> ExitCode {
     if let Some(n) = cli.workers {
         settings.workers = n;
     }
+    settings.log_lines_dropped = log_lines_dropped;
     settings.http1 = match cli.http1 {
         Http1Arg::Fast => lb::server::Http1::Fast,
         Http1Arg::Hyper => lb::server::Http1::Hyper,
@@ -325,21 +328,4 @@ fn log_filter(s: &str) -> Result<String, String> {
     }
     EnvFilter::try_new(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
-}
-
-fn init_logging(cli: &Cli) {
-    let filter = match &cli.log_level {
-        Some(level) => EnvFilter::new(level),
-        None => {
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
-        }
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -30,8 +30,10 @@
 //! `mode` (http ↔ tcp needs a restart), bind the new listen address if it
 //! changed, and only then swap. Anything that fails leaves the
 //! running config untouched, logs one error naming the file, line and column,
-//! and is counted in `ReloadStats::rejected`. A panic while reloading is
-//! logged and the reloader carries on.
+//! and is counted in `ReloadStats::rejected`; a read that fails for lb's own
+//! shortage (its fd limit: see [`crate::local`]) is no verdict on the file
+//! and rejects nothing. A panic while reloading is logged and the reloader
+//! carries on.
 
 use std::any::Any;
 use std::ffi::OsString;
@@ -283,6 +285,18 @@ impl Reloader {
         let mut bytes = match self.read().await {
             Ok(bytes) => bytes,
             Err(e) => {
+                if let Some(shortage) = crate::local::Shortage::of(&e) {
+                    // lb's own fd limit and the like: the file may be fine,
+                    // and the next look reads it again. Not a rejected config.
+                    let what = format_args!("{}: cannot read ({why})", self.path.display());
+                    self.runtime.local_errors.record(
+                        crate::local::Op::ConfigRead,
+                        shortage,
+                        self.runtime.clock.now_ms(),
+                        format_args!("{what}: {e}; keeping the current config"),
+                    );
+                    return;
+                }
                 let reason = e.to_string();
                 if force || self.unreadable.as_ref() != Some(&reason) {
                     if e.kind() == ErrorKind::NotFound && !force {

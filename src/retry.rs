@@ -11,7 +11,9 @@
 //! * every retry spends a token from the [`RetryBudget`], so a sick pool is
 //!   not hit by a retry storm;
 //! * when every attempt fails the client gets the last backend's own
-//!   retryable response, or 504 after a timeout, or 502.
+//!   retryable response, or 504 after a timeout, or 502;
+//! * a connect that fails on lb's own shortage ([`crate::local`]: its fd
+//!   limit…) ends the loop at once with 503, charging no backend.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
+use crate::local::Op;
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Runtime, Snapshot};
 use crate::selection::Steer;
@@ -220,7 +223,7 @@ fn may_retry(
         FailureKind::Connect => retry_on.connect_failure && can_resend(),
         FailureKind::Reset => retry_on.reset && idempotent && replayable,
         FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
-        FailureKind::Protocol => false,
+        FailureKind::Protocol | FailureKind::Local(_) => false,
     }
 }
 
@@ -231,6 +234,7 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
         FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
         FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
         FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
+        FailureKind::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "hit a local shortage"),
     }
 }
 
@@ -365,7 +369,12 @@ pub(crate) async fn run<A: Attempts>(
             };
             let outcome = timeout_at(try_deadline, attempts.send(snap, index)).await;
             // peak_ewma's sample: time to the response head (a refused connect says nothing).
-            if record_latency && !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
+            if record_latency
+                && !matches!(
+                    &outcome,
+                    Ok(Err((FailureKind::Connect | FailureKind::Local(_), _)))
+                )
+            {
                 let decay = snap.config.steering.peak_ewma_decay;
                 backend.state.record_latency(sent.elapsed(), decay);
             }
@@ -414,6 +423,26 @@ pub(crate) async fn run<A: Attempts>(
                 ),
             };
             drop(in_flight);
+            if let FailureKind::Local(shortage) = kind {
+                // lb's own shortage: the backend was never reached and is
+                // not charged; another backend would fail the same way.
+                trace.attempts -= 1;
+                let what = format_args!("{method} {path}: connecting to {}: {detail}", backend.addr);
+                rt.local_errors
+                    .record(Op::Connect, shortage, rt.clock.now_ms(), what);
+                return match last {
+                    Some(Failed::Response(resp, in_flight, index)) => {
+                        Outcome::Relay(resp, in_flight, index)
+                    }
+                    _ => {
+                        trace.relayed = None;
+                        Outcome::Own(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            crate::local::EXHAUSTED_BODY.to_owned(),
+                        )
+                    }
+                };
+            }
             metrics.attempt(AttemptOutcome::of_failure(kind));
             trace.relayed = None;
             note_failure(rt, snap, &backend.state, &detail);

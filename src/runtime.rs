@@ -228,8 +228,13 @@ pub struct Runtime {
     pub connections: Arc<ConnectionCount>,
     /// Counters not tied to one backend (those are in each `BackendState`).
     pub metrics: Metrics,
+    /// lb's own resource shortages, counted and logged rate-limited.
+    pub local_errors: crate::local::LocalErrors,
     /// The access log's writer, off the request path.
     pub access_log: AccessLog,
+    /// lb's own log lines dropped because stderr fell behind (set once at
+    /// start when `main` set up the log).
+    pub log_lines_dropped: std::sync::OnceLock<crate::logging::DroppedLines>,
     /// Upgraded connections being relayed; closed at the end of shutdown.
     pub upgrades: Upgrades,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
@@ -259,7 +264,9 @@ impl Runtime {
             reloads: ReloadStats::default(),
             connections: Arc::default(),
             metrics: Metrics::default(),
+            local_errors: crate::local::LocalErrors::default(),
             access_log: AccessLog::default(),
+            log_lines_dropped: std::sync::OnceLock::new(),
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
             pool_down: ArcSwapOption::empty(),

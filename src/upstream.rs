@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::body::UpstreamBody;
+use crate::local::Shortage;
 
 /// Idle keep-alive connections are closed after this long: below the few
 /// seconds most backends keep an idle connection, so lb rarely reuses one
@@ -251,12 +252,21 @@ pub enum FailureKind {
     Timeout,
     /// The backend answered something lb cannot relay (an unasked-for 101).
     Protocol,
+    /// No connection because lb itself ran short (its fd limit, buffers,
+    /// local ports): nothing is said about the backend, nothing is charged.
+    Local(Shortage),
+}
+
+/// The kind of a failed connect to a backend: [`FailureKind::Local`] when
+/// the error is lb's own shortage, [`FailureKind::Connect`] otherwise.
+pub fn connect_failure(e: &std::io::Error) -> FailureKind {
+    Shortage::of(e).map_or(FailureKind::Connect, FailureKind::Local)
 }
 
 /// Classifies a client error, with its innermost message for logs and bodies.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
     let kind = if err.is_connect() {
-        FailureKind::Connect
+        Shortage::in_chain(err).map_or(FailureKind::Connect, FailureKind::Local)
     } else {
         FailureKind::Reset
     };

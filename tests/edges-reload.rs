@@ -221,7 +221,7 @@ fn check_accepts_a_config_that_starts_with_a_bom() {
     );
     let (code, stdout, stderr) = check(&path);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("1 backends"), "{stdout}");
+    assert!(stdout.contains("1 backend "), "{stdout}");
 }
 
 /// An error in a file with a BOM is reported where it is, on the first line
@@ -231,12 +231,12 @@ fn errors_in_a_bom_file_keep_their_line_and_column() {
     for (bad, at) in [
         (
             "listen: 127.0.0.1:8080\nbackends:\n  - address: 127.0.0.1:9001\n    wieght: 2\n",
-            "line 4 column 5",
+            "config.yaml:4:5:",
         ),
-        ("strategy: [random\nbackends: []\n", "line 1 column 11"),
+        ("strategy: [random\nbackends: []\n", "config.yaml:1:"),
         (
             "listen: 127.0.0.1:8080\nbackends:\n  - address: 127.0.0.1:9001\n   weight: 1\n",
-            "line 4",
+            "config.yaml:4:",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

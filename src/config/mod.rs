@@ -39,9 +39,9 @@
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
 //! (see [`crate::runtime`]).
 
+mod diff;
 mod error;
 mod locate;
-mod diff;
 mod raw;
 mod steering;
 mod validate;
@@ -58,9 +58,9 @@ use figment::{Figment, Provider};
 use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
+pub use diff::{Changed, ConfigDiff, ListDiff};
 pub use error::{ConfigError, Diagnostic, Origin};
 pub use locate::Position;
-pub use diff::{Changed, ConfigDiff, ListDiff};
 pub use raw::RawConfig;
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 

@@ -383,3 +383,28 @@ fn summary_counts_in_words_and_names_admin_and_access_log() {
          health checks /health every 2s, retry off (1 attempt), admin 127.0.0.1:9901, access log on"
     );
 }
+
+#[test]
+fn admin_on_the_wildcard_of_the_listen_port_says_what_clashes() {
+    let with = |listen: &str, admin: &str| format!("listen: {listen}\nadmin: {admin}\n{MINIMAL}");
+    let e = error(&with("127.0.0.1:8080", "0.0.0.0:8080"));
+    assert!(
+        e.contains("admin 0.0.0.0:8080 overlaps listen 127.0.0.1:8080")
+            && e.contains("admin is on the wildcard address"),
+        "{e}"
+    );
+    let e = error(&with("0.0.0.0:8080", "127.0.0.1:8080"));
+    assert!(e.contains("listen is on the wildcard address"), "{e}");
+    // `[::]` is dual-stack: it covers IPv4 addresses too.
+    let e = error(&with("127.0.0.1:8080", "\"[::]:8080\""));
+    assert!(e.contains("overlaps listen 127.0.0.1:8080"), "{e}");
+    // These can all be bound side by side.
+    for (listen, admin) in [
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("127.0.0.1:8080", "0.0.0.0:9901"),
+        ("\"[::1]:8080\"", "0.0.0.0:8080"),
+        ("127.0.0.1:0", "0.0.0.0:0"),
+    ] {
+        parse(&with(listen, admin)).unwrap_or_else(|e| panic!("{listen} {admin}: {e}"));
+    }
+}

@@ -25,6 +25,30 @@ fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T,
     Err((field.into(), message.into()))
 }
 
+/// Why `admin` and `listen` cannot both be bound: the same port with one of
+/// them on the wildcard address of a family that covers the other's IP
+/// (`0.0.0.0` covers every IPv4 address, `[::]` every address, being
+/// dual-stack). The kernel refuses the second bind, and the message would
+/// otherwise blame another process.
+fn wildcard_overlap(admin: SocketAddr, listen: SocketAddr) -> Option<String> {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    if admin.port() == 0 || admin.port() != listen.port() || admin == listen {
+        return None;
+    }
+    let which = if covers(admin, listen) {
+        "admin"
+    } else if covers(listen, admin) {
+        "listen"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "admin {admin} overlaps listen {listen} (the same port, and {which} is on the wildcard address)"
+    ))
+}
+
 /// HAProxy's range; it keeps the round-robin schedule small (see selection).
 pub const MAX_WEIGHT: i64 = 256;
 
@@ -88,6 +112,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Invalid> {
     };
     if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
         return invalid("admin", "must differ from listen");
+    }
+    if let Some(clash) = admin.and_then(|a| wildcard_overlap(a, listen)) {
+        return invalid(
+            "admin",
+            format!("{clash}: lb cannot listen on both; give admin a port of its own"),
+        );
     }
     if mode == Mode::Tcp {
         // A TCP connection has no headers, cookies or paths: only its peer.

@@ -188,7 +188,7 @@ pub(super) async fn connect(
             let _ = conn.set_nodelay(true);
             Ok(conn)
         }
-        Ok(Err(e)) => Err((FailureKind::Connect, e.to_string())),
+        Ok(Err(e)) => Err((crate::upstream::connect_failure(&e), e.to_string())),
         Err(_) => Err((FailureKind::Connect, "connect timed out".to_owned())),
     }
 }
