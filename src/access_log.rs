@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::Method;
 
@@ -19,6 +19,8 @@ use crate::config::{BackendAddr, PoolName};
 
 /// Entries waiting for the writer thread, at most.
 const QUEUE: usize = 16 * 1024;
+/// How often [`AccessLog::flush`] offers its request again to a full queue.
+const FLUSH_RETRY: Duration = Duration::from_millis(5);
 
 /// How lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -105,15 +107,34 @@ impl AccessLog {
         }
     }
 
-    /// Waits (at most `timeout`) until every queued line is written: at
-    /// shutdown, so the last lines are not lost with the process.
-    pub fn flush(&self, timeout: Duration) {
-        if let Some(sender) = self.sender.get() {
-            let (tx, rx) = mpsc::channel();
-            if sender.send(Message::Flush(tx)).is_ok() {
-                let _ = rx.recv_timeout(timeout);
+    /// Waits (at most `timeout`, whatever the sink does) until every queued
+    /// line is written: at shutdown, so the last lines are not lost with the
+    /// process. Returns whether they were.
+    ///
+    /// The queue is full exactly when the sink has stopped taking lines (a
+    /// pipe nobody reads): a blocking send of the flush request would wait
+    /// for ever, so it is offered with `try_send` until the deadline. The
+    /// writer thread itself is never joined: a stuck `write` cannot be
+    /// cancelled, and the process exits around it.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(sender) = self.sender.get() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = mpsc::channel();
+        let mut request = Message::Flush(tx);
+        loop {
+            match sender.try_send(request) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                    request = again;
+                    std::thread::sleep(FLUSH_RETRY);
+                }
+                Err(_) => return false,
             }
         }
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 
     fn start(&self) -> SyncSender<Message> {
@@ -197,8 +218,10 @@ pub fn format_entry(line: &mut String, e: &Entry, format: Format) {
             let _ = writeln!(line, " duration_ms={} pool={pool}", millis(e.duration));
         }
         Format::Json => {
+            // The field name tracing-subscriber's JSON log lines use, so
+            // one query finds both kinds of line.
             let value = serde_json::json!({
-                "time": time.to_string(),
+                "timestamp": time.to_string(),
                 "client": e.client.to_string(),
                 "method": e.method.as_str(),
                 "path": e.path,
@@ -247,5 +270,6 @@ mod tests {
         assert_eq!(v["backend"], "127.0.0.1:9001");
         assert_eq!(v["upstream_ms"], 1.234);
         assert_eq!(v["status"], 200);
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:01.500Z");
     }
 }

@@ -8,6 +8,16 @@
 //! * `POST /reload`: the reload SIGHUP does; 200 when applied (or the file
 //!   is unchanged), 422 with the error when rejected.
 //!
+//! `/metrics` is encoded on a blocking thread, one scrape at a time, never
+//! on the runtime that runs health checks and the reloader: at 10,000
+//! backends one encoding is ~150,000 series and tens of milliseconds of CPU.
+//! A scrape that arrives within [`REUSE_FACTOR`] times the last encoding's
+//! CPU time, with the same config applied, gets that body again (only when
+//! encoding costs at least [`CHEAP_SCRAPE`]): however hard `/metrics` is
+//! scraped, encoding takes about 1 % of a core, and a body is at most 99
+//! encodings old (under 2 s at 10,000 backends and 18 ms an encoding), well
+//! within any scrape interval. A reload shows at once.
+//!
 //! The address is reloadable: a task follows every applied config and
 //! binds, moves or closes the listener. A move that cannot bind is logged
 //! and the old listener keeps serving (the rest of the config is applied).
@@ -19,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -29,17 +39,24 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Mutex as AsyncMutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::metrics::unix_seconds;
 use crate::reload::ReloadHandle;
-use crate::runtime::{LastReload, Runtime};
+use crate::runtime::{LastReload, Runtime, Snapshot};
 
 /// Admin connections served at once; more wait in the kernel's queue.
 const MAX_CONNECTIONS: usize = 64;
 /// A scraper that sends nothing for this long is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A `/metrics` body is served again while it is younger than this many
+/// times the CPU time its encoding took: encoding then costs at most about
+/// 1/(1 + REUSE_FACTOR) of a core, however often lb is scraped.
+pub const REUSE_FACTOR: u32 = 99;
+/// Encodings cheaper than this are never reused: small configs (and tests)
+/// always see counters as of their scrape.
+pub const CHEAP_SCRAPE: Duration = Duration::from_millis(1);
 
 /// The admin listener and what its handlers need.
 #[derive(Debug)]
@@ -50,6 +67,29 @@ pub struct Admin {
     config_path: PathBuf,
     /// The socket serving now, if any; touched on reload and shutdown only.
     bound: Mutex<Bound>,
+    /// The last `/metrics` body; held across an encoding, so scrapes encode
+    /// one at a time and those that waited can reuse its result.
+    last_scrape: AsyncMutex<Option<Scrape>>,
+}
+
+/// One encoded `/metrics` body and what it cost.
+#[derive(Debug)]
+struct Scrape {
+    body: Bytes,
+    /// When encoding began: the counters are as of then.
+    at: Instant,
+    /// CPU time the encoding took.
+    cost: Duration,
+    /// The config it shows.
+    snapshot: Arc<Snapshot>,
+}
+
+impl Scrape {
+    fn reusable(&self, now: Instant, snapshot: &Arc<Snapshot>) -> bool {
+        self.cost >= CHEAP_SCRAPE
+            && Arc::ptr_eq(&self.snapshot, snapshot)
+            && now.saturating_duration_since(self.at) < self.cost * REUSE_FACTOR
+    }
 }
 
 /// The admin socket currently accepting.
@@ -78,6 +118,7 @@ impl Admin {
             reload,
             config_path,
             bound: Mutex::new(Bound::default()),
+            last_scrape: AsyncMutex::new(None),
         });
         admin.sync();
         let follower = Arc::clone(&admin);
@@ -168,6 +209,9 @@ impl Admin {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
                         Err(e) => {
+                            if let Some(shortage) = crate::local::Shortage::of(&e) {
+                                admin.runtime.local_errors.count(crate::local::Op::Accept, shortage);
+                            }
                             tracing::debug!(error = %e, "admin accept failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
@@ -192,14 +236,56 @@ impl Admin {
         tx
     }
 
+    /// The `/metrics` body: the last one when it may be reused (see the
+    /// module doc), else a new encoding on a blocking thread. `None` only if
+    /// that thread panicked.
+    async fn metrics(&self) -> Option<Bytes> {
+        let mut last = self.last_scrape.lock().await;
+        let snapshot = self.runtime.snapshot();
+        let now = Instant::now();
+        if let Some(scrape) = last.as_ref().filter(|s| s.reusable(now, &snapshot)) {
+            return Some(scrape.body.clone());
+        }
+        let runtime = Arc::clone(&self.runtime);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let cpu_before = thread_cpu_time();
+            let body = crate::metrics::render(&runtime);
+            (body, thread_cpu_time().saturating_sub(cpu_before))
+        })
+        .await;
+        let (body, cost) = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                tracing::error!("encoding /metrics failed: {e}");
+                return None;
+            }
+        };
+        let body = Bytes::from(body);
+        *last = Some(Scrape {
+            body: body.clone(),
+            at: now,
+            cost,
+            snapshot,
+        });
+        Some(body)
+    }
+
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let rt = &self.runtime;
         match (req.method(), req.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/metrics") => reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::render(rt),
-            ),
+            (&Method::GET | &Method::HEAD, "/metrics") => match self.metrics().await {
+                Some(body) => {
+                    let mut resp = Response::new(Full::new(body));
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    resp
+                }
+                None => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+            },
             (&Method::GET | &Method::HEAD, "/status") => json_reply(StatusCode::OK, &self.status()),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET | &Method::HEAD, "/readyz") => {
@@ -264,6 +350,7 @@ impl Admin {
                     .collect();
                 let value = json!({
                     "strategy": p.config.strategy.name(),
+                    "pool_down": p.shared.down.load_full().as_deref().map(String::as_str),
                     "routes": routes,
                     "backends": p.backends.iter().map(backend_json).collect::<Vec<_>>(),
                 });
@@ -288,6 +375,8 @@ impl Admin {
                 "rejected": rt.reloads.rejected.load(Relaxed),
             },
             "shutting_down": rt.shutting_down.load(Relaxed),
+            // A single-pool file's verdict; each pool's is under `pools`.
+            "pool_down": snap.pools.iter().find_map(|p| p.shared.down.load_full()).as_deref().map(String::as_str),
             "connections": {
                 "active": rt.connections.open(),
                 "total": rt.connections.total(),
@@ -316,8 +405,20 @@ fn reload_json(r: &LastReload) -> serde_json::Value {
     })
 }
 
-/// `(line, column)` from a message containing `line N column M`.
-fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+/// `(line, column)` from a message containing `line N column M`, or
+/// starting with the editor-clickable `FILE:LINE:COLUMN:`.
+pub(crate) fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+    if !message.contains(" line ") {
+        let segments: Vec<&str> = message.split(':').collect();
+        let number = |s: &str| s.parse::<u64>().ok().filter(|_| !s.starts_with('+'));
+        // A number pair followed by more text: `FILE:4:7: message`.
+        for pair in segments.windows(3) {
+            if let (Some(line), Some(column)) = (number(pair[0]), number(pair[1])) {
+                return (Some(line), Some(column));
+            }
+        }
+        return (None, None);
+    }
     let number_after = |key: &str| {
         let at = message.rfind(key)? + key.len();
         let digits: String = message[at..]
@@ -327,6 +428,16 @@ fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
         digits.parse().ok()
     };
     (number_after("line "), number_after("column "))
+}
+
+/// CPU time the calling thread has used: what an encoding cost, whatever
+/// else the machine was doing meanwhile.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -352,9 +463,23 @@ mod tests {
     #[test]
     fn finds_line_and_column() {
         assert_eq!(
-            line_column("c.yaml: backends[0]: invalid type at line 4 column 7"),
+            line_column("c.yaml:4:7: backends[0]: expected a mapping, found \"x:1\""),
             (Some(4), Some(7))
         );
+        assert_eq!(
+            line_column(
+                "environment variable LB_RETRY__ATTEMPTS: retry.attempts: expected an integer"
+            ),
+            (None, None)
+        );
         assert_eq!(line_column("cannot listen on 1.2.3.4:80"), (None, None));
+        assert_eq!(
+            line_column("/etc/lb/c.yaml:12:5: timeouts.connect: must be greater than zero"),
+            (Some(12), Some(5))
+        );
+        assert_eq!(
+            line_column("cannot listen on [::1]:80: address in use"),
+            (None, None)
+        );
     }
 }

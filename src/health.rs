@@ -2,7 +2,10 @@
 //!
 //! One probe task per backend address, over a client of its own. The
 //! supervisor starts a task for each address that appears in the config and
-//! stops the task of each address that leaves; tasks of addresses that stay
+//! stops the task of each address that leaves, which drops its client and so
+//! closes the idle connection it kept (a client shared by all tasks would
+//! keep a removed backend's connection open until its idle timeout, one fd
+//! per backend removed); tasks of addresses that stay
 //! keep running (and keep their pass/fail streaks) across reloads. Each task
 //! reads the current config on every tick, so a new interval, timeout or
 //! threshold applies from the next probe.
@@ -15,16 +18,25 @@
 //! A probe is a GET of `health_check.path` in http mode and a plain TCP
 //! connect in tcp mode (no path); thresholds, logs and the carry-over of
 //! streaks across reloads are the same for both.
+//!
+//! When the checks hold every backend of the pool down, one line says so
+//! and why (`all 3 backends fail GET /health (404 Not Found): is
+//! health_check.path right?`); the same verdict is kept in
+//! [`Runtime::pool_down`] for the 503's body and `/status`, until a
+//! backend is up again or a reload changes the pool.
+//! A probe that fails on lb's own shortage ([`crate::local`]: its fd
+//! limit…) gives no verdict.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -34,7 +46,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, PoolName, ProxyProtocol};
-use crate::runtime::Runtime;
+use crate::local::{Op, Shortage};
+use crate::runtime::{Pool, Runtime};
 use crate::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
 
@@ -52,10 +65,130 @@ fn probe_client() -> ProbeClient {
         .build(connector)
 }
 
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ProbeFailure {
+    /// The backend answered, with a status that is not 2xx or 3xx.
+    Status(StatusCode),
+    /// No answer: refused, reset, unreachable…
+    Failed(String),
+    /// No answer within `health_check.timeout`.
+    TimedOut(Duration),
+    /// lb's own shortage (see [`crate::local`]): no verdict on the backend.
+    Local(Shortage, String),
+}
+
+impl fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeFailure::Status(status) => write!(f, "health check answered {status}"),
+            ProbeFailure::Failed(e) => write!(f, "health check failed: {e}"),
+            ProbeFailure::TimedOut(limit) => write!(f, "health check timed out after {limit:?}"),
+            ProbeFailure::Local(_, e) => write!(f, "health check failed: {e}"),
+        }
+    }
+}
+
+impl ProbeFailure {
+    /// The cause alone, for the pool's verdict.
+    fn cause(&self) -> String {
+        match self {
+            ProbeFailure::Status(status) => status.to_string(),
+            ProbeFailure::Failed(e) => e.clone(),
+            ProbeFailure::TimedOut(limit) => format!("no answer within {limit:?}"),
+            ProbeFailure::Local(_, e) => e.clone(),
+        }
+    }
+
+    /// What to look at when every backend fails this way.
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            ProbeFailure::Status(status) if status.is_client_error() => {
+                Some("is health_check.path right?")
+            }
+            ProbeFailure::Failed(_) => Some("are the backends running at these addresses?"),
+            ProbeFailure::TimedOut(_) => Some("is health_check.timeout long enough?"),
+            ProbeFailure::Status(_) | ProbeFailure::Local(..) => None,
+        }
+    }
+}
+
+/// The last failure of each backend the checks hold down, shared by the
+/// probe tasks (never touched on the request path).
+type DownReasons = Arc<Mutex<HashMap<(PoolName, BackendAddr), ProbeFailure>>>;
+
+/// The verdict when health checks hold every backend of the pool down,
+/// without addresses (it goes into the clients' 503): `all 3 backends fail
+/// GET /health (404 Not Found): is health_check.path right?`, or with mixed
+/// causes `(404 Not Found ×2, connection refused ×1)`.
+fn pool_verdict(
+    pool: &Pool,
+    reasons: &HashMap<(PoolName, BackendAddr), ProbeFailure>,
+) -> Option<String> {
+    let hc = pool.config.health_check.as_ref()?;
+    if pool.backends.is_empty() || pool.backends.iter().any(|b| b.state.is_healthy()) {
+        return None;
+    }
+    let failures: Vec<&ProbeFailure> = pool
+        .backends
+        .iter()
+        .map(|b| reasons.get(&(pool.name().clone(), b.addr.clone())))
+        .collect::<Option<_>>()?;
+    let check = match &hc.path {
+        Some(path) => format!("GET {path}"),
+        None => "the TCP connect check".to_owned(),
+    };
+    let who = match failures.len() {
+        1 => "the only backend fails".to_owned(),
+        n => format!("all {n} backends fail"),
+    };
+    let first = failures[0];
+    if failures.iter().all(|f| *f == first) {
+        let hint = first.hint().map(|h| format!(": {h}")).unwrap_or_default();
+        return Some(format!("{who} {check} ({}){hint}", first.cause()));
+    }
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for cause in failures.iter().map(|f| f.cause()) {
+        match counts.iter_mut().find(|(c, _)| *c == cause) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((cause, 1)),
+        }
+    }
+    let causes: Vec<String> = counts.iter().map(|(c, n)| format!("{c} ×{n}")).collect();
+    Some(format!("{who} {check} ({})", causes.join(", ")))
+}
+
+/// Recomputes every pool's verdict and logs each once when it changes.
+fn judge_pool(runtime: &Runtime, reasons: &DownReasons) {
+    let snap = runtime.snapshot();
+    let reasons = reasons.lock().unwrap_or_else(PoisonError::into_inner);
+    for pool in &snap.pools {
+        let verdict = pool_verdict(pool, &reasons);
+        let current = pool.shared.down.load();
+        if current.as_deref() == verdict.as_ref() {
+            continue;
+        }
+        // A file with named pools says which one.
+        let which = if snap.pools.len() == 1 && pool.name().as_str() == PoolName::DEFAULT {
+            String::new()
+        } else {
+            format!("pool {}: ", pool.name())
+        };
+        match &verdict {
+            Some(why) => tracing::error!("{which}no backend can be used: {why}"),
+            None if current.is_some() => {
+                tracing::info!("{which}the pool has a healthy backend again")
+            }
+            None => {}
+        }
+        pool.shared.down.store(verdict.map(Arc::new));
+    }
+}
+
 /// Runs until the runtime is dropped: keeps one probe task per backend.
 pub async fn supervise(runtime: Arc<Runtime>) {
     let mut changes = runtime.subscribe();
-    let client = probe_client();
+    let reasons = DownReasons::default();
     // One probe task per (pool, address): the same address in two pools is
     // probed by each, with each pool's settings.
     let mut probes: HashMap<(PoolName, BackendAddr), JoinHandle<()>> = HashMap::new();
@@ -97,13 +230,18 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                         Arc::downgrade(&runtime),
                         Arc::clone(&b.state),
                         authority.clone(),
-                        client.clone(),
                         first_delay,
+                        Arc::clone(&reasons),
                     ));
                     probes.insert(key, task);
                 }
             }
         }
+        reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| probes.contains_key(key));
+        judge_pool(&runtime, &reasons);
         startup = false;
         drop(snap);
         if changes.changed().await.is_err() {
@@ -120,9 +258,11 @@ async fn probe_loop(
     runtime: std::sync::Weak<Runtime>,
     state: Arc<BackendState>,
     authority: Authority,
-    client: ProbeClient,
     first_delay: Duration,
+    reasons: DownReasons,
 ) {
+    // Owned by this task: aborting the task closes the backend's connection.
+    let client = probe_client();
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
     };
@@ -146,6 +286,16 @@ async fn probe_loop(
         };
         let result = probe(&client, &authority, &settings).await;
         let hc = &settings.check;
+        if let Err(ProbeFailure::Local(shortage, why)) = &result {
+            // lb's own shortage says nothing about the backend: no verdict.
+            if let Some(rt) = runtime.upgrade() {
+                let what = format_args!("health check of {}: {why}", state.addr);
+                rt.local_errors
+                    .record(Op::HealthCheck, *shortage, rt.clock.now_ms(), what);
+            }
+            due = started + hc.interval;
+            continue;
+        }
         state.metrics.health_check(result.is_ok());
         match result {
             Ok(()) => {
@@ -156,6 +306,13 @@ async fn probe_loop(
                     && state.set_healthy(true)
                 {
                     tracing::info!("backend {} is up", state.addr);
+                    reasons
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&(state.pool.clone(), state.addr.clone()));
+                    if let Some(rt) = runtime.upgrade() {
+                        judge_pool(&rt, &reasons);
+                    }
                 }
             }
             Err(reason) => {
@@ -166,6 +323,19 @@ async fn probe_loop(
                     && state.set_healthy(false)
                 {
                     tracing::warn!("backend {} is down ({reason})", state.addr);
+                }
+                if !state.is_healthy() {
+                    // Kept up to date while down: the pool's verdict
+                    // follows the current cause.
+                    let changed = reasons
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert((state.pool.clone(), state.addr.clone()), reason.clone())
+                        .as_ref()
+                        != Some(&reason);
+                    if let (true, Some(rt)) = (changed, runtime.upgrade()) {
+                        judge_pool(&rt, &reasons);
+                    }
                 }
             }
         }
@@ -194,7 +364,7 @@ async fn probe(
     client: &ProbeClient,
     authority: &Authority,
     settings: &ProbeSettings,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let hc = &settings.check;
     match &hc.path {
         Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
@@ -209,7 +379,7 @@ async fn tcp_probe(
     authority: &Authority,
     limit: Duration,
     proxy_protocol: Option<ProxyProtocol>,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let exchange = async {
         let mut stream = TcpStream::connect(authority.as_str()).await?;
         if let Some(version) = proxy_protocol {
@@ -219,8 +389,11 @@ async fn tcp_probe(
     };
     match timeout(limit, exchange).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("health check failed: {e}")),
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Ok(Err(e)) => Err(match Shortage::of(&e) {
+            Some(shortage) => ProbeFailure::Local(shortage, e.to_string()),
+            None => ProbeFailure::Failed(e.to_string()),
+        }),
+        Err(_) => Err(ProbeFailure::TimedOut(limit)),
     }
 }
 
@@ -230,12 +403,12 @@ async fn http_probe(
     authority: &Authority,
     path: PathAndQuery,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeFailure> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
-    let uri = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    let uri = Uri::from_parts(parts).map_err(|e| ProbeFailure::Failed(e.to_string()))?;
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -244,21 +417,24 @@ async fn http_probe(
     req.headers_mut()
         .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| format!("health check failed: {}", crate::upstream::root_cause(&e)))?;
+        let resp = client.request(req).await.map_err(|e| {
+            let why = crate::upstream::root_cause(&e).to_string();
+            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
+                Some(shortage) => ProbeFailure::Local(shortage, why),
+                None => ProbeFailure::Failed(why),
+            }
+        })?;
         let status = resp.status();
         // Read the (small) body so the connection can be reused.
         let _ = resp.into_body().collect().await;
         if status.is_success() || status.is_redirection() {
             Ok(())
         } else {
-            Err(format!("health check answered {status}"))
+            Err(ProbeFailure::Status(status))
         }
     };
     match timeout(limit, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(format!("health check timed out after {limit:?}")),
+        Err(_) => Err(ProbeFailure::TimedOut(limit)),
     }
 }

@@ -4,7 +4,11 @@
 //! # Layout
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides).
+//!   (raw serde structs → `validate()`, with env overrides); every error a
+//!   [`config::Diagnostic`], `file:line:col: key: message`; and
+//!   [`config::ConfigDiff`]: what a reload changes, key by key.
+//! * [`core`]: protocol-free logic; [`core::route`]: the route table that
+//!   picks a route (pool) from a request's Host and path.
 //! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
 //!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
 //!   in a new one.
@@ -17,27 +21,35 @@
 //!   its own listening socket and upstream pools.
 //! * [`listen`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
 //!   loops, the connection cap; [`server`]: one client connection (hyper,
-//!   the fast path, or tcp) and its timeouts.
+//!   the fast path, or tcp) and its timeouts; [`h2_stream`]: the
+//!   `client_send` bound on each HTTP/2 stream, which flow control hides
+//!   from the socket.
 //! * [`fast`]: the HTTP/1 fast path (`httparse`), which hands anything it does
 //!   not serve to hyper.
 //! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
 //!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
-//!   the backend client and its error classes; [`stall`]: the bound on
+//!   the backend client, its error classes, and the watch on its connections
+//!   that tells a stale pooled one; [`stall`]: the bound on
 //!   each wait for a client or backend mid-exchange (request body, response
 //!   body, response bytes the client must take).
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;
 //!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
 //!   connections (half-close, idle bound).
-//! * [`health`]: active health checks; passive detection lives in `state`.
+//! * [`health`]: active health checks, and the verdict when they hold the
+//!   whole pool down (`Runtime::pool_down`); passive detection lives in `state`.
+//! * [`local`]: lb's own resource shortages (fd limit, buffers, ports), the
+//!   one classification every path asks so no backend is blamed for them.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
 //!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
 //!   exposition; [`access_log`]: one line per request, written off the
-//!   request path; [`upgrade`]: WebSocket/`Upgrade` pass-through.
+//!   request path; [`logging`]: lb's own log, written off the serving
+//!   threads, lossy when stderr stalls; [`upgrade`]: WebSocket/`Upgrade`
+//!   pass-through.
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
-//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging, binds and
-//! calls [`Lb::start`].
+//! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
+//! ([`logging::init`]), binds and calls [`Lb::start`].
 
 pub mod access_log;
 pub mod admin;
@@ -46,8 +58,11 @@ pub mod body;
 pub mod config;
 pub mod core;
 pub mod fast;
+pub mod h2_stream;
 pub mod health;
 pub mod listen;
+pub mod local;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
@@ -86,6 +101,9 @@ use crate::runtime::Runtime;
 use crate::server::Http1;
 use crate::workers::Workers;
 
+/// At shutdown, how long the access log may take to write out its queue.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
+
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -96,6 +114,9 @@ pub struct Settings {
     pub workers: NonZeroUsize,
     /// Which code serves HTTP/1 (`--http1`).
     pub http1: Http1,
+    /// lb's own log lines dropped so far, for `/metrics`
+    /// ([`logging::Logging::dropped_lines`]).
+    pub log_lines_dropped: logging::DroppedLines,
 }
 
 impl Settings {
@@ -107,6 +128,7 @@ impl Settings {
             watch,
             workers: workers::default_count(),
             http1: Http1::default(),
+            log_lines_dropped: logging::DroppedLines::default(),
         }
     }
 }
@@ -159,6 +181,9 @@ impl Lb {
         }
         let workers = Arc::new(Workers::start(settings.workers)?);
         let runtime = Runtime::new(config, hash, workers.len());
+        let _ = runtime
+            .log_lines_dropped
+            .set(settings.log_lines_dropped.clone());
         if let Some((format, out)) = access_log {
             runtime.access_log.set_sink(format, out);
         }
@@ -246,9 +271,14 @@ impl Lb {
         }
         self.admin.stop();
         let access_log = Arc::clone(&self.runtime);
-        // The writer thread blocks: flush it off the async workers.
+        // The writer thread blocks: flush it off the async workers. Bounded
+        // whatever the sink does (a stdout nobody reads).
         let _ = tokio::task::spawn_blocking(move || {
-            access_log.access_log.flush(Duration::from_secs(1));
+            if !access_log.access_log.flush(ACCESS_LOG_FLUSH) {
+                tracing::warn!(
+                    "access log not flushed within {ACCESS_LOG_FLUSH:?}: its last lines are lost"
+                );
+            }
         })
         .await;
         // Last: the workers' runtimes go, and every connection still on them.

@@ -341,6 +341,9 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: back off, don't
                     // spin or die, and say so once in a while, not per try.
+                    if let Some(shortage) = crate::local::Shortage::of(&e) {
+                        runtime.local_errors.count(crate::local::Op::Accept, shortage);
+                    }
                     unlogged_errors += 1;
                     if last_error_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
                         tracing::warn!(error = %e, "accept failed ({unlogged_errors} times since the last report)");

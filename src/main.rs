@@ -1,9 +1,8 @@
 //! `lb` binary: parse the command line, start logging, load the config,
 //! bind, and hand over to [`lb::run`].
 
-use std::io::IsTerminal;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ struct Cli {
     shutdown_grace: Duration,
     /// Worker threads serving clients, each with its own listening socket
     /// and upstream pools [default: one per core].
-    #[arg(long)]
+    #[arg(long, value_parser = worker_count)]
     workers: Option<NonZeroUsize>,
     /// Which code serves HTTP/1: `fast` (lb's own, hyper for the rest) or
     /// `hyper` (everything through hyper, for comparison and debugging).
@@ -44,11 +43,13 @@ struct Cli {
     /// answering 503 (so Kubernetes withdraws the endpoint first), then drain.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     shutdown_delay: Duration,
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    /// How lb's log lines (on stderr) and the access log (on stdout) are
+    /// written: `text`, or `json` for one JSON object per line.
+    #[arg(long, env = "LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter (`info`, `lb=debug,notify=warn`, …); RUST_LOG is used
     /// when absent, and `info,notify=error` when both are.
-    #[arg(long, value_parser = log_filter)]
+    #[arg(long, env = "LB_LOG_LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -77,14 +78,12 @@ enum LogFormat {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The filter when neither `--log-level` nor `RUST_LOG` says otherwise:
-/// notify logs INFO/WARN lines (`unable to remove watch descriptor`) on
-/// every rename-over save, which are noise to lb's users.
-const DEFAULT_LOG_FILTER: &str = "info,notify=error";
-
 /// After the shutdown grace period, how long blocking threads (a config read
 /// stuck on a hung filesystem) may delay the exit.
 const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
+
+/// At exit, how long the last log lines may take to reach stderr.
+const LOG_FLUSH: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,10 +96,17 @@ fn main() -> ExitCode {
         for warning in lb::config::env_warnings() {
             eprintln!("warning: {warning}");
         }
-        return match Config::load(&cli.config) {
-            Ok((config, hash)) => {
+        return match Config::check(&cli.config) {
+            Ok(lb::config::Loaded {
+                config,
+                hash,
+                warnings,
+            }) => {
+                for warning in warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
-                    "{}: ok (sha256 {hash}…): {}",
+                    "{}: ok ({hash}): {}",
                     cli.config.display(),
                     config.summary()
                 );
@@ -111,12 +117,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", load_error(&cli.config, &e));
                 ExitCode::FAILURE
             }
         };
     }
-    init_logging(&cli);
+    let log_format = match cli.log_format {
+        LogFormat::Text => lb::logging::Format::Text,
+        LogFormat::Json => lb::logging::Format::Json,
+    };
+    let logging = lb::logging::init(cli.log_level.as_deref(), log_format);
     // Clients are served on the worker threads; this runtime only runs
     // signals, health checks and the reloader.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -129,14 +139,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(cli));
+    let code = runtime.block_on(serve(cli, logging.dropped_lines()));
     // Dropping the runtime would wait for every blocking task, for ever if
     // one is stuck; the exit must come within the grace period.
     runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
+    logging.flush(LOG_FLUSH);
     code
 }
 
-async fn serve(cli: Cli) -> ExitCode {
+async fn serve(cli: Cli, log_lines_dropped: lb::logging::DroppedLines) -> ExitCode {
     // First, before anything can take time: SIGHUP's default action kills the process.
     let (mut hangup, terminate, interrupt) = match (
         signal(SignalKind::hangup()),
@@ -152,10 +163,15 @@ async fn serve(cli: Cli) -> ExitCode {
     for warning in lb::config::env_warnings() {
         tracing::warn!("{warning}");
     }
-    let (config, hash) = match Config::load(&cli.config) {
-        Ok(loaded) => loaded,
+    let (config, hash) = match Config::load_with_warnings(&cli.config) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                tracing::warn!("{warning}");
+            }
+            (loaded.config, loaded.hash)
+        }
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", load_error(&cli.config, &e));
             return ExitCode::FAILURE;
         }
     };
@@ -176,11 +192,13 @@ async fn serve(cli: Cli) -> ExitCode {
     if let Some(n) = cli.workers {
         settings.workers = n;
     }
+    settings.log_lines_dropped = log_lines_dropped;
     settings.http1 = match cli.http1 {
         Http1Arg::Fast => lb::server::Http1::Fast,
         Http1Arg::Hyper => lb::server::Http1::Hyper,
     };
     let admin = config.admin;
+    let mode = config.mode;
     let access_log = match cli.log_format {
         LogFormat::Text => lb::access_log::Format::Text,
         LogFormat::Json => lb::access_log::Format::Json,
@@ -203,6 +221,16 @@ async fn serve(cli: Cli) -> ExitCode {
         tracing::error!("cannot serve the admin listener on {addr}");
         return ExitCode::FAILURE;
     }
+    tracing::info!(
+        "lb {} started: proxy {}://{}{} (pid {})",
+        lb::VERSION,
+        mode.name(),
+        lb.local_addr(),
+        lb.admin_addr()
+            .map(|a| format!(", admin http://{a}"))
+            .unwrap_or_default(),
+        std::process::id()
+    );
     let reload = lb.reload_handle();
     let (mut terminate, mut interrupt) = (terminate, interrupt);
     loop {
@@ -228,9 +256,28 @@ async fn serve(cli: Cli) -> ExitCode {
     }
     tracing::info!("shutting down");
     tokio::select! {
-        () = lb.shutdown(cli.shutdown_grace) => ExitCode::SUCCESS,
+        () = lb.shutdown(cli.shutdown_grace) => {
+            tracing::info!("lb stopped");
+            ExitCode::SUCCESS
+        }
         () = stop_signal(&mut terminate, &mut interrupt) => exit_now(),
     }
+}
+
+/// Why the config could not be loaded. A missing file is the newcomer's
+/// error (lb run outside the directory holding `config.yaml`): it is named
+/// by its absolute path, with how to point lb at the right one.
+fn load_error(path: &Path, error: &lb::config::ConfigError) -> String {
+    let missing =
+        std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    if !missing {
+        return error.to_string();
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    format!(
+        "{}: cannot read: no such file; lb reads ./config.yaml unless --config PATH (or LB_CONFIG) names another",
+        absolute.display()
+    )
 }
 
 fn exit_now() -> ExitCode {
@@ -251,6 +298,16 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--workers`: a thread count of at least one (clap's own parser for
+/// `NonZeroUsize` says `number would be zero for non-zero type`).
+fn worker_count(s: &str) -> Result<NonZeroUsize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) => NonZeroUsize::new(n)
+            .ok_or_else(|| "must be at least 1 (leave it out for one per core)".to_owned()),
+        Err(_) => Err(format!("`{s}` is not a number of threads")),
     }
 }
 
@@ -275,21 +332,4 @@ fn log_filter(s: &str) -> Result<String, String> {
     }
     EnvFilter::try_new(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
-}
-
-fn init_logging(cli: &Cli) {
-    let filter = match &cli.log_level {
-        Some(level) => EnvFilter::new(level),
-        None => {
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER))
-        }
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -94,7 +94,9 @@ impl AttemptOutcome {
 
     pub fn of_failure(kind: FailureKind) -> Self {
         match kind {
-            FailureKind::Connect => AttemptOutcome::Connect,
+            // A local shortage is never charged as an attempt (the retry
+            // loop returns first); were it ever, it reached no backend.
+            FailureKind::Connect | FailureKind::Local(_) => AttemptOutcome::Connect,
             FailureKind::Reset => AttemptOutcome::Reset,
             FailureKind::Timeout => AttemptOutcome::Timeout,
             FailureKind::Protocol => AttemptOutcome::Protocol,
@@ -131,7 +133,7 @@ impl RetryReason {
 
     pub fn of_failure(kind: FailureKind) -> Self {
         match kind {
-            FailureKind::Connect => RetryReason::ConnectFailure,
+            FailureKind::Connect | FailureKind::Local(_) => RetryReason::ConnectFailure,
             FailureKind::Reset => RetryReason::Reset,
             // Protocol failures are never retried; counted as resets if one ever is.
             FailureKind::Timeout => RetryReason::Timeout,
@@ -237,7 +239,8 @@ pub struct Metrics {
     /// Retries the budget refused.
     budget_exhausted: AtomicU64,
     /// Client connections closed because the client took no response
-    /// bytes for `timeouts.client_send` (no backend is blamed: global).
+    /// bytes for `timeouts.client_send`, and HTTP/2 streams reset for it
+    /// (no backend is blamed: global).
     client_send_timeouts: AtomicU64,
 }
 
@@ -468,7 +471,7 @@ impl Collector for Exporter {
         counter(
             &mut enc,
             "lb_client_send_timeouts",
-            "Client connections closed because the client took no response bytes for timeouts.client_send",
+            "Client connections closed, and HTTP/2 streams reset, because the client took no response bytes for timeouts.client_send",
             m.client_send_timeouts.load(Relaxed),
         )?;
         family(
@@ -546,6 +549,24 @@ impl Collector for Exporter {
             "lb_access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             rt.access_log.dropped(),
+        )?;
+        family(
+            &mut enc,
+            "lb_local_errors",
+            "lb's own resource shortages (fd limit, buffers, local ports), by what lb was doing; no backend is charged for them",
+            MetricType::Counter,
+            rt.local_errors.counts().filter(|(_, _, n)| *n > 0).map(|(op, kind, n)| {
+                (
+                    vec![("op", op.label().to_owned()), ("kind", kind.label().to_owned())],
+                    ConstCounter::new(n),
+                )
+            }),
+        )?;
+        counter(
+            &mut enc,
+            "lb_log_lines_dropped",
+            "lb's own log lines (stderr) dropped because the writer fell behind",
+            rt.log_lines_dropped.get().map_or(0, |d| d.get()),
         )?;
         gauge(
             &mut enc,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::http::uri::{Authority, Uri};
+use hyper::http::uri::{Authority, Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::access_log::Entry;
@@ -304,20 +304,61 @@ pub(crate) fn check_request(head: &impl HeadView) -> Result<(), Refusal> {
     {
         return bad("invalid request target");
     }
+    // `*` names the server itself: only OPTIONS asks it anything (RFC 9112
+    // §3.2.4; HTTP/2's `:path: *` too, RFC 9113 §8.3.1).
+    if uri.path() == "*" && *head.method() != Method::OPTIONS {
+        return bad("asterisk-form target with a method other than OPTIONS");
+    }
+    // An absolute-form target's authority, or HTTP/2's `:authority`, becomes
+    // `Host`: held to the same rule (RFC 9110 §4.2.4: user info is an error).
+    let authority = uri.authority();
+    if authority.is_some_and(|a| !valid_host(a.as_str().as_bytes())) {
+        return bad("invalid authority in the request target");
+    }
     let mut hosts = head.values("host");
-    match (hosts.next(), hosts.next()) {
+    let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return bad("more than one Host header"),
         (Some(host), None) => {
             if !valid_host(host) {
                 return bad("invalid Host header");
             }
+            host
         }
         (None, _) if head.version() == Version::HTTP_11 => {
             return bad("HTTP/1.1 request without a Host header")
         }
-        (None, _) => {}
+        (None, _) => return Ok(()),
+    };
+    // HTTP/2: a `host` naming another server than `:authority` makes the
+    // request malformed (RFC 9113 §8.3.1). (HTTP/1's absolute-form target
+    // replaces `Host` instead: RFC 9112 §3.2.2.)
+    if let Some(authority) = authority.filter(|_| head.version() == Version::HTTP_2) {
+        let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        if !same_server(authority, host, default_port) {
+            return bad(":authority and Host name different servers");
+        }
     }
     Ok(())
+}
+
+/// Whether `host` (a valid `Host` value) names the server `authority` does:
+/// the same host in any case, the same port once defaults are filled in.
+fn same_server(authority: &Authority, host: &[u8], default_port: u16) -> bool {
+    if authority.as_str().as_bytes().eq_ignore_ascii_case(host) {
+        return true;
+    }
+    let Some(host) = std::str::from_utf8(host)
+        .ok()
+        .and_then(|h| h.parse::<Authority>().ok())
+    else {
+        return false;
+    };
+    let port = |a: &Authority| a.port_u16().unwrap_or(default_port);
+    authority.host().eq_ignore_ascii_case(host.host()) && port(authority) == port(&host)
 }
 
 /// `host[:port]` as RFC 9110 §7.2 allows: no user info, path or spaces.
@@ -376,12 +417,37 @@ pub(crate) fn forwarded_for(
     HeaderValue::from_str(&xff).map_err(|_| invalid_xff())
 }
 
+/// The `X-Forwarded-For` lb sends when the client sent one (`None` when it
+/// did not: then the client IP alone), by one rule for every path: the
+/// client's first value with `client_ip` appended, unless the client's
+/// `Connection` names `X-Forwarded-For` among the headers it `named`: a
+/// hop-by-hop header is dropped, value and all, and lb's entry is the whole
+/// header.
+pub(crate) fn client_forwarded_for(
+    head: &impl HeadView,
+    named: &[HeaderName],
+    client_ip: IpAddr,
+) -> Result<Option<HeaderValue>, Refusal> {
+    if named.contains(&X_FORWARDED_FOR) {
+        return Ok(None);
+    }
+    head.values(X_FORWARDED_FOR.as_str())
+        .next()
+        .map(|prior| forwarded_for(Some(prior), client_ip))
+        .transpose()
+}
+
 /// Prepares the client's head for the backend: `Host` from an absolute-form
 /// target or HTTP/2's `:authority`, hop-by-hop headers stripped,
 /// `X-Forwarded-*` added.
 fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
+    let named = connection_named(parts.values(header::CONNECTION.as_str()));
+    let xff = match client_forwarded_for(&*parts, &named, client_ip)? {
+        Some(xff) => xff,
+        None => forwarded_for(None, client_ip)?,
+    };
     let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
+    strip_named_and_hop_by_hop(headers, &named);
     // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host.
     if let Some(authority) = parts.uri.authority() {
         if parts.version != Version::HTTP_2 || !headers.contains_key(header::HOST) {
@@ -394,10 +460,6 @@ fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    let xff = forwarded_for(
-        headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes),
-        client_ip,
-    )?;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     Ok(())
 }
@@ -433,16 +495,19 @@ pub(crate) fn connection_named<'a>(values: impl Iterator<Item = &'a [u8]>) -> Ve
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named = connection_named(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(HeaderValue::as_bytes),
-        );
-        for name in named {
-            headers.remove(name);
-        }
+    let named = connection_named(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    strip_named_and_hop_by_hop(headers, &named);
+}
+
+/// Removes hop-by-hop headers and `named` (what `Connection` names).
+fn strip_named_and_hop_by_hop(headers: &mut HeaderMap, named: &[HeaderName]) {
+    for name in named {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -494,6 +559,19 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop(name), "{name}");
         }
+    }
+
+    #[test]
+    fn same_server_fills_in_default_ports_and_ignores_case() {
+        let a = |s: &'static str| Authority::from_static(s);
+        assert!(same_server(&a("a"), b"a", 80));
+        assert!(same_server(&a("a"), b"A:80", 80));
+        assert!(same_server(&a("a:443"), b"a", 443));
+        assert!(same_server(&a("[::1]:8080"), b"[::1]:8080", 80));
+        assert!(!same_server(&a("a"), b"a:443", 80));
+        assert!(!same_server(&a("a"), b"b", 80));
+        assert!(!same_server(&a("a:8080"), b"a:8081", 80));
+        assert!(!same_server(&a("a"), b"a b", 80));
     }
 
     /// The allocation-free Host check answers as the `Authority` parse

@@ -6,7 +6,13 @@
 //!   only when they name the file, a link on the way to it, or a Kubernetes
 //!   ConfigMap's `..data`/`..data_tmp` (an update arrives as a rename of
 //!   `..data_tmp` over `..data`, never as an event on the file). Events for
-//!   other files in the directory (lb's own log file) cost nothing;
+//!   other files in the directory (lb's own log file) cost nothing.
+//!   While the directory is missing (deleted, to be recreated), its nearest
+//!   existing ancestor is watched instead, for the directory's return; the
+//!   watch also moves when the path names another directory than the one
+//!   watched (device and inode differ: renamed away, a new one put in its
+//!   place). Either way the file is then read once, settled, since writes
+//!   made before the new watch sent no event;
 //! * a slow poll, for filesystems that send no events (bind mounts, NFS);
 //! * an explicit request ([`ReloadHandle::reload`]), which SIGHUP sends.
 //!
@@ -24,8 +30,10 @@
 //! `mode` (http ↔ tcp needs a restart), bind the new listen address if it
 //! changed, and only then swap. Anything that fails leaves the
 //! running config untouched, logs one error naming the file, line and column,
-//! and is counted in `ReloadStats::rejected`. A panic while reloading is
-//! logged and the reloader carries on.
+//! and is counted in `ReloadStats::rejected`; a read that fails for lb's own
+//! shortage (its fd limit: see [`crate::local`]) is no verdict on the file
+//! and rejects nothing. A panic while reloading is logged and the reloader
+//! carries on.
 
 use std::any::Any;
 use std::ffi::OsString;
@@ -39,7 +47,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
@@ -188,12 +196,23 @@ impl Reloader {
                     let _ = reply.send(());
                 }
             }
-            Wake::Poll => self.reload("poll", Trigger::Poll).await,
+            Wake::Poll => {
+                // Backstop for a directory change whose events were missed.
+                self.rewatch();
+                self.reload("poll", Trigger::Poll).await;
+            }
             Wake::Change(first) => {
-                let trigger = self.wait_until_written(first).await;
+                let mut trigger = self.wait_until_written(first).await;
+                if self.rewatch() {
+                    // The directory came back (or was replaced): nothing
+                    // vouches for what was written into it before its watch.
+                    trigger = Trigger::Poll;
+                }
                 self.reload("file changed", trigger).await;
-                if let Some(w) = self.fs_watch.as_mut() {
-                    w.rewatch(&self.path);
+                // After the read too: a file renamed over has a new inode,
+                // and the directory may have gone meanwhile.
+                if self.rewatch() {
+                    self.reload("file changed", Trigger::Poll).await;
                 }
             }
         }
@@ -242,6 +261,15 @@ impl Reloader {
         }
     }
 
+    /// Re-arms the watches (see [`FsWatch::rewatch`]); true when the
+    /// directory watch moved, so the file must be looked at again.
+    fn rewatch(&mut self) -> bool {
+        match self.fs_watch.as_mut() {
+            Some(w) => w.rewatch(&self.path),
+            None => false,
+        }
+    }
+
     /// Reads the file on a blocking thread: regular files only, bounded.
     async fn read(&self) -> std::io::Result<Vec<u8>> {
         self.runtime.reloads.reads.fetch_add(1, Relaxed);
@@ -257,6 +285,18 @@ impl Reloader {
         let mut bytes = match self.read().await {
             Ok(bytes) => bytes,
             Err(e) => {
+                if let Some(shortage) = crate::local::Shortage::of(&e) {
+                    // lb's own fd limit and the like: the file may be fine,
+                    // and the next look reads it again. Not a rejected config.
+                    let what = format_args!("{}: cannot read ({why})", self.path.display());
+                    self.runtime.local_errors.record(
+                        crate::local::Op::ConfigRead,
+                        shortage,
+                        self.runtime.clock.now_ms(),
+                        format_args!("{what}: {e}; keeping the current config"),
+                    );
+                    return;
+                }
                 let reason = e.to_string();
                 if force || self.unreadable.as_ref() != Some(&reason) {
                     if e.kind() == ErrorKind::NotFound && !force {
@@ -299,8 +339,15 @@ impl Reloader {
         }
         self.last_seen = hash;
         if hash == self.runtime.snapshot().hash {
+            // After a rejected edit, the file coming back is news: the
+            // error no longer stands.
+            let after_rejection = !self.runtime.reloads.last().ok;
             self.runtime.reloads.record_unchanged();
-            tracing::info!(%hash, "{why}: config unchanged");
+            if after_rejection {
+                tracing::info!(%hash, "{why}: config matches the running one again");
+            } else {
+                tracing::info!(%hash, "{why}: config unchanged");
+            }
             return;
         }
         let path = self.path.clone();
@@ -366,12 +413,19 @@ impl Reloader {
         if let Some(listener) = new_listener {
             self.listeners.replace(listener, listen);
         }
-        tracing::info!("config reloaded ({why}): {summary}");
+        tracing::info!(%hash, "config reloaded ({why}): {summary}");
     }
 
     fn reject(&self, error: impl std::fmt::Display) {
-        self.runtime.reloads.record_rejected(error.to_string());
-        tracing::error!("config reload rejected, keeping the last good config: {error}");
+        let error = error.to_string();
+        // Fields too, so a JSON log can be queried for the position.
+        let (line, column) = crate::admin::line_column(&error);
+        tracing::error!(
+            line,
+            column,
+            "config reload rejected, keeping the last good config: {error}"
+        );
+        self.runtime.reloads.record_rejected(error);
     }
 }
 
@@ -406,6 +460,9 @@ impl Change {
         match kind {
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Complete),
             EventKind::Access(_) => None,
+            // A directory on the way to the file came back: it holds no
+            // content being written (its files send their own events).
+            EventKind::Create(CreateKind::Folder) => Some(Change::Complete),
             EventKind::Create(_)
             | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
                 Some(Change::Writing)
@@ -418,27 +475,50 @@ impl Change {
 /// The notify watcher and what it currently watches.
 struct FsWatch {
     watcher: RecommendedWatcher,
+    /// The directory watched for the file's own: that directory, or while
+    /// it is missing its nearest existing ancestor; with its identity, so a
+    /// different directory at the same path is noticed.
+    dir: Option<(PathBuf, DirId)>,
     /// Directory the symlink chain ends in, when it differs from the file's own.
     target_dir: Option<PathBuf>,
-    /// File names whose events concern the config (shared with the handler,
-    /// which runs on notify's thread).
-    names: Arc<Mutex<Vec<OsString>>>,
+    /// Which events concern the config (shared with the handler, which runs
+    /// on notify's thread).
+    filter: Arc<Mutex<Filter>>,
+}
+
+/// A directory's identity: device and inode.
+type DirId = (u64, u64);
+
+/// What the notify handler keeps events for.
+#[derive(Default)]
+struct Filter {
+    /// File names: the config's, its symlinks', a ConfigMap's (see
+    /// [`watched_names`]).
+    names: Vec<OsString>,
+    /// Directories on the way to the file, from its own up to the watched
+    /// one: their removal, move or return changes what the path names.
+    dirs: Vec<PathBuf>,
+}
+
+impl Filter {
+    fn concerns(&self, path: &Path) -> bool {
+        path.file_name()
+            .is_some_and(|n| self.names.iter().any(|w| w == n))
+            || self.dirs.iter().any(|d| d == path)
+    }
 }
 
 impl FsWatch {
     fn start(path: &Path, changes: mpsc::UnboundedSender<Change>) -> Option<Self> {
-        let names = Arc::new(Mutex::new(watched_names(path)));
-        let filter = Arc::clone(&names);
+        let filter = Arc::new(Mutex::new(Filter::default()));
+        let shared = Arc::clone(&filter);
         let handler = move |event: notify::Result<notify::Event>| {
             let change = match event {
                 Ok(event) => {
-                    let names = filter.lock().unwrap_or_else(PoisonError::into_inner);
+                    let filter = shared.lock().unwrap_or_else(PoisonError::into_inner);
                     // No path: a rescan after an overflow, which may hide anything.
-                    let ours = event.paths.is_empty()
-                        || event
-                            .paths
-                            .iter()
-                            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
+                    let ours =
+                        event.paths.is_empty() || event.paths.iter().any(|p| filter.concerns(p));
                     match Change::of(&event.kind) {
                         Some(change) if ours => change,
                         _ => return,
@@ -449,36 +529,63 @@ impl FsWatch {
             };
             let _ = changes.send(change);
         };
-        let mut watcher = match notify::recommended_watcher(handler) {
+        let watcher = match notify::recommended_watcher(handler) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the config file; relying on polling and SIGHUP");
                 return None;
             }
         };
-        if let Err(e) = watcher.watch(&parent(path), RecursiveMode::NonRecursive) {
-            tracing::warn!(error = %e, dir = %parent(path).display(), "cannot watch the config directory; relying on polling and SIGHUP");
-        }
         let mut w = FsWatch {
             watcher,
+            dir: None,
             target_dir: None,
-            names,
+            filter,
         };
         w.rewatch(path);
         Some(w)
     }
 
-    /// Re-arms the watches that a replaced file or a moved symlink target
-    /// invalidates: the file itself (a new inode after rename-over) and the
-    /// directory its symlinks resolve to; and the names events are kept for.
-    fn rewatch(&mut self, path: &Path) {
-        *self.names.lock().unwrap_or_else(PoisonError::into_inner) = watched_names(path);
+    /// Re-arms the watches that a replaced file, a moved symlink target or
+    /// a deleted, recreated or replaced directory invalidates: the file
+    /// itself (a new inode after rename-over), the directory its symlinks
+    /// resolve to, and its own directory (or, while that is missing, the
+    /// nearest ancestor that exists, which sees it come back); and what
+    /// events are kept for. Returns true when the directory watch moved:
+    /// whatever happened in the new directory before sent no event.
+    fn rewatch(&mut self, path: &Path) -> bool {
+        let own_dir = parent(path);
+        let found = nearest_existing_dir(&own_dir);
+        let moved = found.as_ref().map(|(dir, id, _)| (dir, id))
+            != self.dir.as_ref().map(|(dir, id)| (dir, id));
+        let dirs = match found {
+            Some((dir, id, chain)) => {
+                if moved {
+                    if let Some((old, _)) = self.dir.take() {
+                        let _ = self.watcher.unwatch(&old);
+                    }
+                    if let Err(e) = self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; relying on polling and SIGHUP");
+                    }
+                    // Kept even when watching failed: retried only once the
+                    // directory changes, not warned about at every poll.
+                    self.dir = Some((dir, id));
+                }
+                chain
+            }
+            None => Vec::new(),
+        };
+        {
+            let mut filter = self.filter.lock().unwrap_or_else(PoisonError::into_inner);
+            filter.names = watched_names(path);
+            filter.dirs = dirs;
+        }
         let _ = self.watcher.unwatch(path);
         let _ = self.watcher.watch(path, RecursiveMode::NonRecursive);
         let target_dir = std::fs::canonicalize(path)
             .ok()
             .map(|p| parent(&p))
-            .filter(|d| std::fs::canonicalize(parent(path)).ok().as_ref() != Some(d));
+            .filter(|d| std::fs::canonicalize(&own_dir).ok().as_ref() != Some(d));
         if target_dir != self.target_dir {
             if let Some(old) = self.target_dir.take() {
                 let _ = self.watcher.unwatch(&old);
@@ -488,6 +595,29 @@ impl FsWatch {
             }
             self.target_dir = target_dir;
         }
+        moved
+    }
+}
+
+/// The first of `dir` and its ancestors that exists, with its identity and
+/// the paths from `dir` up to it (both included). `None` only when not even
+/// the root or `.` can be looked at.
+fn nearest_existing_dir(dir: &Path) -> Option<(PathBuf, DirId, Vec<PathBuf>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut at = dir.to_owned();
+    let mut chain = Vec::new();
+    loop {
+        chain.push(at.clone());
+        match std::fs::metadata(&at) {
+            Ok(meta) if meta.is_dir() => return Some((at, (meta.dev(), meta.ino()), chain)),
+            _ => {}
+        }
+        at = match at.parent() {
+            Some(up) if !up.as_os_str().is_empty() => up.to_owned(),
+            // A relative path's last ancestor is the working directory.
+            Some(_) if at != Path::new(".") => PathBuf::from("."),
+            _ => return None,
+        };
     }
 }
 
@@ -566,7 +696,7 @@ mod tests {
 
     #[test]
     fn only_reads_say_nothing_about_the_content() {
-        use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
+        use notify::event::{DataChange, RemoveKind, RenameMode};
         let close_write = EventKind::Access(AccessKind::Close(AccessMode::Write));
         assert_eq!(Change::of(&close_write), Some(Change::Complete));
         let close_read = EventKind::Access(AccessKind::Close(AccessMode::Read));
@@ -576,6 +706,10 @@ mod tests {
         assert_eq!(
             Change::of(&EventKind::Create(CreateKind::File)),
             Some(Change::Writing)
+        );
+        assert_eq!(
+            Change::of(&EventKind::Create(CreateKind::Folder)),
+            Some(Change::Complete)
         );
         let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
         assert_eq!(Change::of(&rename), Some(Change::Complete));

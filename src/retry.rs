@@ -11,7 +11,9 @@
 //! * every retry spends a token from the [`RetryBudget`], so a sick pool is
 //!   not hit by a retry storm;
 //! * when every attempt fails the client gets the last backend's own
-//!   retryable response, or 504 after a timeout, or 502.
+//!   retryable response, or 504 after a timeout, or 502;
+//! * a connect that fails on lb's own shortage ([`crate::local`]: its fd
+//!   limit…) ends the loop at once with 503, charging no backend.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -23,14 +25,15 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody};
+use crate::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
+use crate::local::Op;
 use crate::metrics::{AttemptOutcome, RetryReason};
 use crate::runtime::{Pool, Runtime, Snapshot};
 use crate::selection::Steer;
 use crate::state::{BackendState, Clock, Ejection, InFlight};
 use crate::upgrade::Hold;
-use crate::upstream::{self, FailureKind};
+use crate::upstream::{self, FailureKind, Stale};
 
 /// Caps retries to a share of recent traffic (Envoy and Linkerd call this
 /// a retry budget), lock-free:
@@ -115,14 +118,12 @@ pub(crate) trait Attempts {
     fn next_attempt(&mut self) -> bool;
 
     /// Sends the attempt readied by `next_attempt` to backend `index` of
-    /// `snap` and waits for its response head. `last` is true when no other
-    /// attempt can follow (the request's parts may be moved, not cloned).
+    /// `snap` and waits for its response head.
     fn send(
         &mut self,
         snap: &Snapshot,
         pool: &Pool,
         index: usize,
-        last: bool,
     ) -> impl std::future::Future<Output = Result<Self::Response, (FailureKind, String)>> + Send;
 
     fn status(response: &Self::Response) -> StatusCode;
@@ -234,7 +235,7 @@ fn may_retry(
         FailureKind::Connect => retry_on.connect_failure && can_resend(),
         FailureKind::Reset => retry_on.reset && idempotent && replayable,
         FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
-        FailureKind::Protocol => false,
+        FailureKind::Protocol | FailureKind::Local(_) => false,
     }
 }
 
@@ -245,10 +246,21 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
         FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
         FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
         FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
+        FailureKind::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "hit a local shortage"),
     }
 }
 
 const NO_BACKEND: &str = "lb: no healthy backend available\n";
+
+/// The 503 when no backend may be tried, with the health checker's
+/// reason when it holds the whole pool down: a newcomer's wrong
+/// `health_check.path` explains itself to the first `curl`.
+fn no_backend(pool: &Pool) -> String {
+    match pool.shared.down.load().as_deref() {
+        Some(why) => format!("lb: no healthy backend available: {why}\n"),
+        None => NO_BACKEND.to_owned(),
+    }
+}
 
 /// Sends the request (head already rewritten by the proxy) to the pool,
 /// retrying per the snapshot's policy (`steer` carries its hash key and
@@ -342,7 +354,7 @@ pub(crate) async fn run<A: Attempts>(
                 |i: usize| !tried.contains(&i) && pool.backends[i].state.is_available(now_ms);
             let Some(index) = pool.select_for(steer, &eligible) else {
                 if attempt == 0 {
-                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned());
+                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(pool));
                 }
                 break;
             };
@@ -362,15 +374,19 @@ pub(crate) async fn run<A: Attempts>(
             let try_deadline = policy
                 .per_try_timeout
                 .map_or(deadline, |t| deadline.min(Instant::now() + t));
-            let last_try = attempt + 1 == policy.attempts.get();
             let sent = if record_latency {
                 Instant::now()
             } else {
                 started
             };
-            let outcome = timeout_at(try_deadline, attempts.send(snap, pool, index, last_try)).await;
+            let outcome = timeout_at(try_deadline, attempts.send(snap, pool, index)).await;
             // peak_ewma's sample: time to the response head (a refused connect says nothing).
-            if record_latency && !matches!(&outcome, Ok(Err((FailureKind::Connect, _)))) {
+            if record_latency
+                && !matches!(
+                    &outcome,
+                    Ok(Err((FailureKind::Connect | FailureKind::Local(_), _)))
+                )
+            {
                 let decay = pool.config.steering.peak_ewma_decay;
                 backend.state.record_latency(sent.elapsed(), decay);
             }
@@ -419,6 +435,26 @@ pub(crate) async fn run<A: Attempts>(
                 ),
             };
             drop(in_flight);
+            if let FailureKind::Local(shortage) = kind {
+                // lb's own shortage: the backend was never reached and is
+                // not charged; another backend would fail the same way.
+                trace.attempts -= 1;
+                let what = format_args!("{method} {path}: connecting to {}: {detail}", backend.addr);
+                rt.local_errors
+                    .record(Op::Connect, shortage, rt.clock.now_ms(), what);
+                return match last {
+                    Some(Failed::Response(resp, in_flight, index)) => {
+                        Outcome::Relay(resp, in_flight, index)
+                    }
+                    _ => {
+                        trace.relayed = None;
+                        Outcome::Own(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            crate::local::EXHAUSTED_BODY.to_owned(),
+                        )
+                    }
+                };
+            }
             metrics.attempt(AttemptOutcome::of_failure(kind));
             trace.relayed = None;
             note_failure(rt, pool, &backend.state, &detail);
@@ -454,7 +490,7 @@ pub(crate) async fn run<A: Attempts>(
                 let reason = status.canonical_reason().unwrap_or("");
                 Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
             }
-            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, NO_BACKEND.to_owned()),
+            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(pool)),
         }
     }
     .await;
@@ -471,11 +507,23 @@ struct HyperAttempts {
     worker: usize,
     /// The client asked for a protocol switch.
     upgrade: bool,
-    /// The rewritten request head; the last attempt takes its headers.
+    /// The rewritten request head, cloned into each request.
     parts: Parts,
     body: RequestBody,
     /// The body readied by `next_attempt`.
-    pending: Option<crate::body::UpstreamBody>,
+    pending: Option<UpstreamBody>,
+}
+
+impl HyperAttempts {
+    /// The rewritten request for backend `index` of `pool`, with `body`.
+    fn request(&self, pool: &Pool, index: usize, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.authorities[index]);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
 }
 
 impl Attempts for HyperAttempts {
@@ -491,23 +539,33 @@ impl Attempts for HyperAttempts {
         snap: &Snapshot,
         pool: &Pool,
         index: usize,
-        last: bool,
     ) -> Result<Response<Incoming>, (FailureKind, String)> {
         let Some(body) = self.pending.take() else {
             return Err((FailureKind::Connect, "no body to send".to_owned()));
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.authorities[index]);
-        *req.version_mut() = Version::HTTP_11;
-        // Only a later attempt needs the headers again: the last one takes them.
-        *req.headers_mut() = if last {
-            std::mem::take(&mut self.parts.headers)
-        } else {
-            self.parts.headers.clone()
+        let client = snap.client(self.worker);
+        let err = match client.request(self.request(pool, index, body)).await {
+            Ok(resp) => return Ok(resp),
+            Err(err) => err,
         };
-        snap.client(self.worker)
-            .request(req)
+        // A pooled connection the backend had closed (or was closing as it
+        // was reused) failed before any byte of an answer: the request goes
+        // once more, on a new connection, as the fast path does — whatever
+        // the method if none of it was written, else only an idempotent one
+        // (the backend may have seen it). Not an attempt of the retry loop:
+        // the backend did nothing wrong.
+        let resend = match upstream::stale(&err) {
+            Some(Stale::Unsent) => true,
+            Some(Stale::Unanswered) => is_idempotent(&self.parts.method),
+            None => false,
+        };
+        let body = resend && self.body.client_fault().is_none();
+        let Some(body) = body.then(|| self.body.next_attempt()).flatten() else {
+            return Err(upstream::classify(&err));
+        };
+        tracing::debug!(backend = %pool.backends[index].addr, error = %upstream::root_cause(&err), "stale pooled connection: sent again on a new one");
+        client
+            .request_fresh(self.request(pool, index, body))
             .await
             .map_err(|e| upstream::classify(&e))
     }

@@ -9,21 +9,20 @@
 //! they loaded.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::http::uri::Authority;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
 use crate::access_log::AccessLog;
 use crate::affinity::AffinityCookies;
-use crate::config::{Config, ContentHash, PoolConfig, PoolName};
+use crate::config::{Config, ConfigDiff, ContentHash, PoolConfig, PoolName};
 use crate::core::route::{Route, Router};
+use crate::h2_stream::StreamExecutor;
 use crate::listen::ConnectionCount;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
@@ -49,7 +48,7 @@ pub struct Snapshot {
     /// (connections are kept per backend address).
     pub clients: Vec<UpstreamClient>,
     /// Settings for client connections accepted while this snapshot is current.
-    pub server: auto::Builder<TokioExecutor>,
+    pub server: auto::Builder<StreamExecutor>,
     /// The largest `retry.buffer_body_limit` of any pool: what the fast
     /// path may read before it knows the request's pool.
     pub max_buffer_body_limit: u64,
@@ -137,6 +136,10 @@ pub struct PoolShared {
     /// Requests routed here that lb answered itself (no backend available,
     /// every attempt failed), by status.
     pub own_answers: crate::metrics::StatusCounts,
+    /// Why the pool is dead, while health checks hold every backend down
+    /// (`all 3 backends fail GET /health (404 Not Found): …`); written by
+    /// the health checker, read by the 503 answer and `/status`.
+    pub down: ArcSwapOption<String>,
 }
 
 impl Pool {
@@ -314,8 +317,13 @@ pub struct Runtime {
     pub connections: Arc<ConnectionCount>,
     /// Counters not tied to one backend (those are in each `BackendState`).
     pub metrics: Metrics,
+    /// lb's own resource shortages, counted and logged rate-limited.
+    pub local_errors: crate::local::LocalErrors,
     /// The access log's writer, off the request path.
     pub access_log: AccessLog,
+    /// lb's own log lines dropped because stderr fell behind (set once at
+    /// start when `main` set up the log).
+    pub log_lines_dropped: std::sync::OnceLock<crate::logging::DroppedLines>,
     /// Upgraded connections being relayed; closed at the end of shutdown.
     pub upgrades: Upgrades,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
@@ -342,7 +350,9 @@ impl Runtime {
             reloads: ReloadStats::default(),
             connections: Arc::default(),
             metrics: Metrics::default(),
+            local_errors: crate::local::LocalErrors::default(),
             access_log: AccessLog::default(),
+            log_lines_dropped: std::sync::OnceLock::new(),
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
@@ -376,8 +386,8 @@ impl Runtime {
     }
 
     /// Builds a snapshot of `config` and swaps it in. Backends whose address
-    /// stays keep their state; the summary says what changed.
-    pub fn apply(&self, config: Config, hash: ContentHash) -> ReloadSummary {
+    /// stays keep their state; the diff says what changed.
+    pub fn apply(&self, config: Config, hash: ContentHash) -> ConfigDiff {
         let old = self.current.load_full();
         let next = build(
             config,
@@ -387,7 +397,7 @@ impl Runtime {
             Some(&old),
             self.workers,
         );
-        let summary = ReloadSummary::between(&old, &next);
+        let summary = ConfigDiff::between(&old.config, &next.config);
         self.current.store(Arc::new(next));
         self.reloads.record_applied();
         self.generation.send_modify(|g| *g += 1);
@@ -427,6 +437,7 @@ fn build(
                     Arc::new(PoolShared {
                         budget: RetryBudget::new(states.clock()),
                         own_answers: Default::default(),
+                        down: ArcSwapOption::empty(),
                     })
                 }));
             build_pool(
@@ -520,147 +531,5 @@ fn build_pool(
         affinity,
         authorities,
         shared,
-    }
-}
-
-/// What a reload changed, as one log line.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ReloadSummary {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    /// `address old→new`.
-    pub reweighted: Vec<String>,
-    /// `[pool ]old→new`, per pool whose strategy changed.
-    pub strategy: Vec<String>,
-    pub pools_added: Vec<String>,
-    pub pools_removed: Vec<String>,
-    /// The route table differs.
-    pub routes_changed: bool,
-    pub listen: Option<(String, String)>,
-    /// Anything else (timeouts, health checks, retry policy) differs.
-    pub other_settings: bool,
-    pub hash: String,
-}
-
-impl ReloadSummary {
-    fn between(old: &Snapshot, new: &Snapshot) -> Self {
-        // A backend is named by its address alone while the file has the one
-        // implicit pool, and as `pool/address` once it has named pools.
-        let named = |snap: &Snapshot, b: &Backend| {
-            if snap.pools.len() == 1 && snap.pools[0].name().as_str() == PoolName::DEFAULT {
-                b.addr.to_string()
-            } else {
-                format!("{}/{}", b.state.pool, b.addr)
-            }
-        };
-        let key = |b: &Backend| (b.state.pool.clone(), b.addr.clone());
-        let before: HashMap<_, _> = old.all_backends().map(|b| (key(b), b.weight)).collect();
-        let after: HashMap<_, _> = new.all_backends().map(|b| (key(b), b.weight)).collect();
-        let mut s = ReloadSummary {
-            hash: new.hash.to_string(),
-            ..Default::default()
-        };
-        for b in new.all_backends() {
-            match before.get(&key(b)) {
-                None => s.added.push(named(new, b)),
-                Some(&w) if w != b.weight => {
-                    s.reweighted
-                        .push(format!("{} {}→{}", named(new, b), w, b.weight))
-                }
-                Some(_) => {}
-            }
-        }
-        s.removed = old
-            .all_backends()
-            .filter(|b| !after.contains_key(&key(b)))
-            .map(|b| named(old, b))
-            .collect();
-        let pool_names = |snap: &Snapshot| -> Vec<PoolName> {
-            snap.pools.iter().map(|p| p.name().clone()).collect()
-        };
-        let (old_names, new_names) = (pool_names(old), pool_names(new));
-        s.pools_added = new_names
-            .iter()
-            .filter(|n| !old_names.contains(n))
-            .map(ToString::to_string)
-            .collect();
-        s.pools_removed = old_names
-            .iter()
-            .filter(|n| !new_names.contains(n))
-            .map(ToString::to_string)
-            .collect();
-        for pool in &new.pools {
-            let Some(before) = old.pools.iter().find(|p| p.name() == pool.name()) else {
-                continue;
-            };
-            let (o, n) = (&before.config, &pool.config);
-            if o.strategy != n.strategy {
-                let which = if new.pools.len() == 1 {
-                    String::new()
-                } else {
-                    format!("{} ", pool.name())
-                };
-                s.strategy
-                    .push(format!("{which}{}→{}", o.strategy, n.strategy));
-            }
-            s.other_settings |= o.health_check != n.health_check
-                || o.outlier_detection != n.outlier_detection
-                || o.retry != n.retry
-                || o.steering != n.steering
-                || (before.backends.len() == pool.backends.len()
-                    && o.backends != n.backends
-                    && s.added.is_empty()
-                    && s.removed.is_empty()
-                    && s.reweighted.is_empty());
-        }
-        let (o, n) = (&old.config, &new.config);
-        s.routes_changed = o.routes != n.routes && !(old.pools.len() == 1 && new.pools.len() == 1);
-        if o.listen != n.listen {
-            s.listen = Some((o.listen.to_string(), n.listen.to_string()));
-        }
-        s.other_settings |= o.timeouts != n.timeouts
-            || o.limits != n.limits
-            || o.admin != n.admin
-            || o.access_log != n.access_log
-            || o.send_proxy_protocol != n.send_proxy_protocol;
-        s
-    }
-}
-
-impl fmt::Display for ReloadSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        let list = |v: &[String]| v.join(", ");
-        if !self.added.is_empty() {
-            parts.push(format!("added {}", list(&self.added)));
-        }
-        if !self.removed.is_empty() {
-            parts.push(format!("removed {}", list(&self.removed)));
-        }
-        if !self.reweighted.is_empty() {
-            parts.push(format!("reweighted {}", list(&self.reweighted)));
-        }
-        if !self.pools_added.is_empty() {
-            parts.push(format!("pools added {}", list(&self.pools_added)));
-        }
-        if !self.pools_removed.is_empty() {
-            parts.push(format!("pools removed {}", list(&self.pools_removed)));
-        }
-        if !self.strategy.is_empty() {
-            parts.push(format!("strategy {}", list(&self.strategy)));
-        }
-        if self.routes_changed {
-            parts.push("routes changed".to_owned());
-        }
-        if let Some((a, b)) = &self.listen {
-            parts.push(format!("listen {a}→{b}"));
-        }
-        if self.other_settings {
-            parts.push("settings changed".to_owned());
-        }
-        if parts.is_empty() {
-            parts.push("no effective change".to_owned());
-        }
-        write!(f, "{} (hash {})", parts.join("; "), self.hash)
     }
 }

@@ -11,7 +11,10 @@
 //! connection's start, the whole head within `client_header` of its first
 //! byte, and the next request within `timeouts.client_idle` of the last
 //! response (see `Activity`); a client that takes no response bytes for
-//! `timeouts.client_send` is closed (see `Watched`).
+//! `timeouts.client_send` is closed (see `Watched`), and an HTTP/2 stream
+//! whose window it does not open for as long is reset (see
+//! [`crate::h2_stream`]). One HTTP/2 connection holds at most
+//! `limits.h2_max_concurrent_streams` streams.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use std::time::Duration;
 
 use hyper::body::{Body, Bytes, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -32,6 +35,7 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, ResponseBody};
 use crate::config::{Config, Mode, Timeouts};
+use crate::h2_stream::{self, Pacer, StreamExecutor};
 use crate::listen::ConnectionGuard;
 use crate::proxy;
 use crate::runtime::Runtime;
@@ -43,8 +47,11 @@ use crate::upgrade::Hold;
 /// because the limits are reloadable. hyper's own header-read timeout is off:
 /// it runs from the moment a connection goes idle, which would cut idle
 /// keep-alive at `client_header`; `Activity` times heads and idleness.
-pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// HTTP/2 streams run under the `client_send` watchdog ([`StreamExecutor`]),
+/// and one connection holds at most `limits.h2_max_concurrent_streams` of
+/// them, each with at most [`h2_stream::MAX_SEND_BUF`] queued.
+pub fn http_server(config: &Config) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -55,6 +62,8 @@ pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(config.limits.h2_max_concurrent_streams)
+        .max_send_buf_size(h2_stream::MAX_SEND_BUF)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }
@@ -129,15 +138,19 @@ pub(crate) fn serve_hyper(
         }
         let request = RequestGuard::start(&for_service, clock);
         let response = proxy::handle(Arc::clone(&rt), worker, peer.ip(), req);
+        let rt = Arc::clone(&rt);
         async move {
             let resp = response.await?;
             if resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 // The upgraded relay has its own bound (`timeouts.tcp_idle`).
                 request.activity.upgraded.store(true, Relaxed);
             }
+            // Here, in the stream's own task on HTTP/2: its watchdog's.
+            let h2 = Pacer::for_current_stream(&rt, peer);
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
                 body,
                 _request: request,
+                h2,
             }))
         }
     });
@@ -294,6 +307,9 @@ impl Drop for RequestGuard {
 struct Tracked {
     body: ResponseBody,
     _request: RequestGuard,
+    /// HTTP/2: paces the body in pieces for the stream's `client_send`
+    /// watchdog (see [`crate::h2_stream`]).
+    h2: Option<Pacer>,
 }
 
 impl Body for Tracked {
@@ -304,15 +320,26 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        match &mut this.h2 {
+            Some(pacer) => pacer.poll_frame(Pin::new(&mut this.body), cx),
+            None => Pin::new(&mut this.body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.h2.as_ref().is_none_or(|p| p.held() == 0) && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let held = self.h2.as_ref().map_or(0, |p| p.held() as u64);
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 
@@ -320,8 +347,9 @@ impl Body for Tracked {
 /// bounding each wait for the client to take response bytes by
 /// `timeouts.client_send`. A socket write pends only when the client has
 /// stopped taking bytes and lb's send buffer is full (HTTP/2 flow control
-/// waits above the socket, without writing), so a client that stops reading
-/// fails its connection and nothing else does.
+/// waits above the socket, without writing: [`crate::h2_stream`] bounds
+/// that per stream), so a client that stops reading fails its connection
+/// and nothing else does.
 #[derive(Debug)]
 struct Watched {
     /// Bytes read before hyper took the connection over; read first.

@@ -15,6 +15,9 @@
 //! slowly but steadily can leave a write pending far longer than it pauses.
 //! When such a wait runs out, [`Stall::send_now`] tries the write once more
 //! directly: any room the client made counts as progress.
+//!
+//! An HTTP/2 stream held by flow control waits above the socket: its
+//! watchdog in [`crate::h2_stream`] counts that wait with a `Stall` too.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -36,14 +39,18 @@ pub struct Stall {
 
 impl Stall {
     /// The watched I/O made progress: the next wait starts a new count.
-    fn progressed(&mut self) {
+    pub(crate) fn progressed(&mut self) {
         self.armed = false;
     }
 
     /// The watched I/O is pending: true once this wait has lasted `limit`
     /// (read only when a new wait begins). Otherwise the timer wakes `cx`
     /// when it would.
-    fn expired(&mut self, cx: &mut Context<'_>, limit: impl FnOnce() -> Duration) -> bool {
+    pub(crate) fn expired(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: impl FnOnce() -> Duration,
+    ) -> bool {
         if !self.armed {
             let deadline = Instant::now() + limit();
             match &mut self.timer {

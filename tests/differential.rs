@@ -826,3 +826,150 @@ async fn expect_continue_conversations_match() {
     assert_eq!(*f, *h, "the backends saw different bytes");
     assert!(f.len() >= 12, "too few requests reached a backend: {f:?}");
 }
+
+/// Status lines a backend may send, by `/s/N`: no reason phrase (RFC 9112
+/// §4 allows it), an empty one, one with bytes outside ASCII, with a tab,
+/// with bare LFs, on every kind of body; and the broken (a DEL in the
+/// reason).
+const STATUS_LINES: [&[u8]; 10] = [
+    b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 204\r\nX-B: 1\r\n\r\n",
+    b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 Caf\xc3\xa9 \x80\xff\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 599\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 404\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.0 200\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 tab\there\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 302\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 del\x7f\r\nContent-Length: 2\r\n\r\nok",
+];
+
+/// A backend that answers `/s/N` with `STATUS_LINES[N]`, keeping the
+/// connection while the answer allows.
+async fn status_line_backend() -> SocketAddr {
+    raw_server(|mut s| async move {
+        let mut buf = Vec::new();
+        while let Some((head, _, _)) = read_message(&mut s, &mut buf, None).await {
+            let n: usize = head
+                .split_once("/s/")
+                .and_then(|(_, rest)| rest.get(..1)?.parse().ok())
+                .unwrap_or(0);
+            let answer = STATUS_LINES[n % STATUS_LINES.len()];
+            if s.write_all(answer).await.is_err() || answer.starts_with(b"HTTP/1.0") {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// A status line without a reason phrase (or with one httparse does not
+/// pass on: bytes outside ASCII) is relayed with an empty reason by both
+/// paths, each kind of body intact; the fast path used to panic on it (an
+/// offset computed from httparse's static `""`) and give the client
+/// nothing. A GET, a HEAD, and two GETs on one connection, for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lines_without_a_reason_are_relayed_alike() {
+    use Step::{Hear, Send};
+    let backend = status_line_backend().await;
+    let (fast, _d1) = start_lb(backend, Http1::Fast).await;
+    let (hyper, _d2) = start_lb(backend, Http1::Hyper).await;
+    let expected = [
+        "HTTP/1.1 200 \n",
+        "HTTP/1.1 204 \n",
+        "HTTP/1.1 200 \n",
+        "HTTP/1.1 200 \n",
+        "HTTP/1.1 599 \n",
+        "HTTP/1.1 404 \n",
+        "HTTP/1.0 200 \n",
+        "HTTP/1.1 200 tab\there\n",
+        "HTTP/1.1 302 \n",
+        "HTTP/1.1 502 Bad Gateway\n",
+    ];
+    for (n, start) in expected.iter().enumerate() {
+        for method in ["GET", "HEAD"] {
+            let request = format!("{method} /s/{n} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+            let head = method == "HEAD";
+            let f = send(fast.local_addr(), request.clone(), head).await;
+            let h = send(hyper.local_addr(), request, head).await;
+            assert_eq!(f, h, "{method} /s/{n}: the paths answered differently");
+            assert!(f.starts_with(start), "{method} /s/{n}: {f}");
+        }
+        // And the connection serves the next request as it would anyway.
+        let get = format!("GET /s/{n} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let script = [Send(get.clone()), Hear, Send(get), Hear];
+        let f = converse(fast.local_addr(), &script).await;
+        let h = converse(hyper.local_addr(), &script).await;
+        assert_eq!(f, h, "GET /s/{n} twice: the paths answered differently");
+    }
+}
+
+/// The Host and target gaps of issue 20, over HTTP/1 on both paths: user
+/// info in an absolute-form target is refused as in `Host`; `*` is for
+/// OPTIONS only; a client that names lb's forwarding headers in
+/// `Connection` has its values dropped, and lb's own sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_and_forwarding_gaps_are_closed_alike() {
+    let (fast_backend, fast_seen) = recording_backend().await;
+    let (hyper_backend, hyper_seen) = recording_backend().await;
+    let (fast, _d1) = start_lb(fast_backend, Http1::Fast).await;
+    let (hyper, _d2) = start_lb(hyper_backend, Http1::Hyper).await;
+    let cases: [(&str, &str, &str); 12] = [
+        ("userinfo", "GET http://user:pw@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("user only", "GET http://u@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("empty userinfo", "GET http://@evil.example/r/0 HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("absolute-form", "GET http://example.com:8080/r/0 HTTP/1.1\r\nHost: x\r\n", "200"),
+        ("GET *", "GET * HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("HEAD *", "HEAD * HTTP/1.1\r\nHost: x\r\n", "400"),
+        ("POST *", "POST * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n", "400"),
+        ("OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: x\r\n", ""),
+        (
+            "Connection: X-Forwarded-For",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nConnection: X-Forwarded-For\r\nX-Forwarded-For: 6.6.6.6\r\n",
+            "200",
+        ),
+        (
+            "Connection: close, x-forwarded-for, an invalid value",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: café\r\nConnection: close, x-forwarded-for\r\n",
+            "200",
+        ),
+        (
+            "Connection: the other forwarding headers",
+            "GET /r/0 HTTP/1.1\r\nHost: x\r\nConnection: X-Forwarded-Host, X-Forwarded-Proto\r\n\
+             X-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 10.0.0.1\r\n",
+            "200",
+        ),
+        ("Host with user info", "GET /r/0 HTTP/1.1\r\nHost: u:p@a\r\n", "400"),
+    ];
+    for (i, (name, head, status)) in cases.iter().enumerate() {
+        let request = format!("{head}X-Id: g{i}\r\n\r\n").into_bytes();
+        let f = send(fast.local_addr(), request.clone(), head.starts_with("HEAD")).await;
+        let h = send(hyper.local_addr(), request, head.starts_with("HEAD")).await;
+        assert_eq!(f, h, "{name}: the paths answered differently");
+        assert!(
+            f.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: want {status}, got {f}"
+        );
+    }
+    let (f, h) = (fast_seen.lock().unwrap(), hyper_seen.lock().unwrap());
+    assert_eq!(*f, *h, "the backends saw different bytes");
+    for id in ["g0", "g1", "g2", "g4", "g5", "g6", "g11"] {
+        assert!(!f.contains_key(id), "{id} reached the backend: {f:?}");
+    }
+    for id in ["g8", "g9"] {
+        let seen = &f[id];
+        assert!(
+            seen.contains("x-forwarded-for: 127.0.0.1\n"),
+            "{id}: {seen}"
+        );
+        assert!(!seen.contains("6.6.6.6"), "{id}: {seen}");
+    }
+    let seen = &f["g10"];
+    assert!(
+        seen.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1\n")
+            && seen.contains("x-forwarded-host: x\n")
+            && seen.contains("x-forwarded-proto: http\n"),
+        "{seen}"
+    );
+    assert!(f["g3"].contains("host: example.com:8080\n"), "{}", f["g3"]);
+}

@@ -883,13 +883,15 @@ async fn slow_but_steady_reader_gets_the_whole_body() {
 }
 
 /// HTTP/2 flow control keeps a stream waiting without the socket being
-/// full: neither bound may take that for a stall.
+/// full: the backend's bound may not take that for a stall, nor the
+/// client's while the pause is shorter than `client_send` (a longer one
+/// resets the stream: tests/edges_h2.rs).
 #[tokio::test]
 async fn h2c_stream_held_by_flow_control_is_not_cut() {
     const LEN: usize = 8 << 20;
     let (backend, _) = big_backend(LEN).await;
     let lb = TestLb::start(&format!(
-        "timeouts:\n  client_send: 300ms\n  backend_body: 300ms\nbackends:\n  - address: {backend}\n"
+        "timeouts:\n  client_send: 30s\n  backend_body: 300ms\nbackends:\n  - address: {backend}\n"
     ))
     .await;
     let c = h2c_client();
@@ -900,7 +902,7 @@ async fn h2c_stream_held_by_flow_control_is_not_cut() {
         .await
         .expect("no response head")
         .expect("request failed");
-    // Several times both limits without reading: the wait is what is tested.
+    // Several times backend_body without reading: the wait is what is tested.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = tokio::time::timeout(
         Duration::from_secs(WAIT),

@@ -382,7 +382,7 @@ fn bad_configs(a: &Backend) -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "listen: 127.0.0.1:0\nbackends:\n  - address: {}\n weight: 2\n",
                 a.addr
             ),
-            vec!["line 4"],
+            vec![":4:2: did not find expected key"],
         ),
         (
             "unknown key",
@@ -390,7 +390,7 @@ fn bad_configs(a: &Backend) -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "listen: 127.0.0.1:0\nstratgy: random\nbackends:\n  - address: {}\n",
                 a.addr
             ),
-            vec!["stratgy", "line 2"],
+            vec![":2:1: stratgy: unknown key"],
         ),
         ("empty file", String::new(), vec!["empty"]),
         (
@@ -399,7 +399,7 @@ fn bad_configs(a: &Backend) -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "listen: 127.0.0.1:0\nbackends:\n  - address: {}\n    weight: -3\n",
                 a.addr
             ),
-            vec!["backends[0].weight"],
+            vec![":4:13: backends[0].weight: -3 is out of range"],
         ),
         (
             "duration without unit",
@@ -407,7 +407,7 @@ fn bad_configs(a: &Backend) -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "listen: 127.0.0.1:0\ntimeouts:\n  connect: 5\nbackends:\n  - address: {}\n",
                 a.addr
             ),
-            vec!["timeouts.connect", "line 3"],
+            vec![":3:12: timeouts.connect: 5 has no unit"],
         ),
     ]
 }

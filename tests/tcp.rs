@@ -164,15 +164,17 @@ async fn client_half_close_reaches_the_backend_and_the_response_still_flows() {
 async fn tcp_health_checks_find_a_stopped_backend_which_gets_no_connect() {
     let a = EchoBackend::start("a").await;
     let mut b = EchoBackend::start("b").await;
-    let checks = "health_check:\n  interval: 100ms\n  timeout: 100ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n";
+    // One failed connect takes a backend out: a timeout the loaded machine
+    // cannot miss, or `a` could be taken out too.
+    let checks = "health_check:\n  interval: 500ms\n  timeout: 500ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n";
     let tlb = TestLb::start(&tcp_yaml(&[(a.addr, 1), (b.addr, 1)], checks)).await;
     let lb = tlb.lb.local_addr();
     // The probes are plain TCP connects.
-    eventually!(10, a.accepted() >= 2 && b.accepted() >= 2);
+    eventually!(WAIT, a.accepted() >= 2 && b.accepted() >= 2);
     b.stop().await;
     let snap = tlb.lb.runtime().snapshot();
     let state_b = &snap.first_pool().backends[1].state;
-    eventually!(10, !state_b.is_healthy(), "b never marked down");
+    eventually!(WAIT, !state_b.is_healthy(), "b never marked down");
     let attempts_before = state_b.requests();
     for i in 0..10 {
         assert_eq!(exchange(lb, format!("{i}").as_bytes()).await, "a");
@@ -185,7 +187,7 @@ async fn tcp_health_checks_find_a_stopped_backend_which_gets_no_connect() {
     assert_eq!(state_b.requests(), attempts_before);
     // Back up: found by the checks and used again.
     b.restart().await;
-    eventually!(10, state_b.is_healthy(), "b never marked up");
+    eventually!(WAIT, state_b.is_healthy(), "b never marked up");
     let mut names = Vec::new();
     for _ in 0..4 {
         names.push(exchange(lb, b"x").await);

@@ -21,6 +21,12 @@
 //!  Config  (Durations, SocketAddr, NonZero, one BackendAddr per backend)
 //! ```
 //!
+//! Every error, whichever step finds it, is one [`Diagnostic`] printed as
+//! `file:line:col: key.path: what is wrong` (see `error.rs`); an error found
+//! after parsing gets its position from `locate.rs`, or the name of the
+//! `LB_*` variable when the value came from the environment. The same text
+//! is what startup, `--check`, the reload log line and `/status` show.
+//!
 //! Only `LB_*` variables whose first `__` segment is a top-level key are
 //! overrides: Kubernetes injects `LB_PORT=tcp://…` and friends for a Service
 //! named `lb`, and those must not crash-loop the pod ([`env_warnings`] names
@@ -33,6 +39,9 @@
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
 //! (see [`crate::runtime`]).
 
+mod diff;
+mod error;
+mod locate;
 pub mod pools;
 mod raw;
 mod steering;
@@ -41,15 +50,18 @@ mod validate;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::{Data, Env, Format};
-use figment::Figment;
+use figment::{Figment, Provider};
 use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
+pub use diff::{Changed, ConfigDiff, ListDiff};
+pub use error::{ConfigError, Diagnostic, Origin};
+pub use locate::Position;
 pub use pools::{PoolConfig, PoolName, RouteConfig};
 pub use raw::RawConfig;
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
@@ -89,6 +101,10 @@ pub struct Limits {
     /// Largest request head (request line and headers) accepted; a bigger
     /// one gets 431. Also bounds each connection's read buffer.
     pub max_header_bytes: usize,
+    /// HTTP/2 streams one client connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`; more are refused), so one
+    /// connection holds at most this many backend requests.
+    pub h2_max_concurrent_streams: u32,
 }
 
 /// HAProxy's PROXY protocol versions: v1 is a text line, v2 binary.
@@ -153,6 +169,11 @@ impl Strategy {
             Strategy::PeakEwma => "peak_ewma",
         }
     }
+}
+
+/// Every name `strategy:` accepts (aliases included), as the docs list them.
+pub fn strategy_names() -> impl Iterator<Item = &'static str> {
+    raw::STRATEGIES.iter().map(|(name, _)| *name)
 }
 
 impl fmt::Display for Strategy {
@@ -302,8 +323,11 @@ impl ContentHash {
     }
 }
 
+/// `sha256:` and the first 12 hex digits, the one form lb shows (logs,
+/// `--check`, `/status`, `POST /reload`).
 impl fmt::Display for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
         for b in &self.0[..6] {
             write!(f, "{b:02x}")?;
         }
@@ -315,31 +339,6 @@ impl fmt::Debug for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
-}
-
-/// Why a config could not be used. Every variant names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: file is empty")]
-    Empty { path: PathBuf },
-    /// YAML syntax, unknown key or bad value; the message carries line and column.
-    #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    /// An `LB_*` environment override that does not fit.
-    #[error("{path}: environment override: {message}")]
-    Env { path: PathBuf, message: String },
-    /// A value that parses but makes no sense; `field` is its path in the file.
-    #[error("{path}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
 }
 
 /// `Format` plugging `yaml_serde` into figment (figment's own YAML support
@@ -355,23 +354,191 @@ impl Format for YamlSerde {
     }
 }
 
-/// yaml_serde's message, with a position added where it has none: an
-/// unknown top-level key is reported without one, so find the key's line.
-fn locate(err: &yaml_serde::Error, text: &str) -> String {
-    let message = err.to_string();
-    if message.contains(" at line ") {
-        return message;
+/// A `yaml_serde` error (syntax, unknown key, wrong type) as a diagnostic:
+/// its position and key path taken out of the message, serde's wording
+/// replaced (see [`error::Problem`]).
+fn yaml_diagnostic(err: &yaml_serde::Error, text: &str, file: &Path) -> Diagnostic {
+    let mut position = err
+        .location()
+        .map_or(Position { line: 1, column: 1 }, |l| Position {
+            line: l.line(),
+            column: l.column(),
+        });
+    let mut message = err.to_string();
+    // The position is printed by the diagnostic, in front.
+    let at = format!(" at line {} column {}", position.line, position.column);
+    if let Some(i) = message.find(&at) {
+        message.replace_range(i..i + at.len(), "");
     }
-    let key = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next());
-    let line = key.and_then(|key| {
-        text.lines()
-            .position(|l| l.starts_with(key) && l[key.len()..].trim_start().starts_with(':'))
-    });
-    match line {
-        Some(i) => format!("{message} at line {} column 1", i + 1),
-        None => message,
+    // `backends[0]: invalid type: …`: a path has no spaces, a message does.
+    let (mut field, rest) = match message.split_once(": ") {
+        Some((path, rest)) if is_key_path(path) => (path.to_owned(), rest),
+        _ => (String::new(), message.as_str()),
+    };
+    let error::Problem { key, mut message } = error::Problem::from_serde_message(rest);
+    if let Some(key) = key {
+        let parent = field;
+        field = join_key(&parent, &key);
+        if message.starts_with("written twice") {
+            // yaml_serde reports a duplicate at its mapping: point at the
+            // second time the key is written, and name the first.
+            if let Some(second) = locate::key_position(text, &field, 1) {
+                position = second;
+            }
+            if let Some(first) = locate::key_position(text, &field, 0) {
+                message = format!("{message} (first at line {})", first.line);
+            }
+        }
+    }
+    let at_tab = text
+        .lines()
+        .nth(position.line - 1)
+        .and_then(|line| line.chars().nth(position.column - 1))
+        == Some('\t');
+    if field.is_empty() && at_tab {
+        message.push_str(" (a tab: YAML is indented with spaces only)");
+    }
+    Diagnostic {
+        file: file.to_owned(),
+        origin: Origin::File(position),
+        field,
+        message,
+    }
+}
+
+/// `retry.budget`, `backends[0]`, `.`: what yaml_serde puts before a message.
+fn is_key_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']' | '?'))
+}
+
+/// `parent.key`, or `key` at the top level (yaml_serde writes the top as `.`).
+fn join_key(parent: &str, key: &str) -> String {
+    match parent {
+        "" | "." => key.to_owned(),
+        parent => format!("{parent}.{key}"),
+    }
+}
+
+/// The environment-override provider: `LB_*` variables whose first `__`
+/// segment is a top-level key.
+fn env_overrides() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| is_override(key.as_str()))
+        .split("__")
+}
+
+/// The `LB_*` variable that set the value at `keys` (or at the nearest
+/// mapping above it: `LB_TIMEOUTS` can set `timeouts.connect`), by its name
+/// as set in the environment.
+fn variable_for(keys: &[&str]) -> String {
+    let set: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    (1..=keys.len())
+        .rev()
+        .map(|len| format!("{ENV_PREFIX}{}", keys[..len].join("__")))
+        .find_map(|wanted| {
+            set.iter()
+                .find(|n| n.eq_ignore_ascii_case(&wanted))
+                .cloned()
+        })
+        .unwrap_or_else(|| format!("{ENV_PREFIX}{}", keys.join("__")).to_ascii_uppercase())
+}
+
+/// Places diagnostics found once the text has parsed: at the value's line
+/// and column, or at the `LB_*` variable that overrode it.
+struct Placer<'a> {
+    file: &'a Path,
+    text: &'a str,
+    figment: &'a Figment,
+}
+
+impl Placer<'_> {
+    fn diagnostic(&self, field: String, message: String) -> Diagnostic {
+        Diagnostic {
+            file: self.file.to_owned(),
+            origin: self.origin(&field),
+            field,
+            message,
+        }
+    }
+
+    fn origin(&self, field: &str) -> Origin {
+        // figment tracks mapping keys only: `backends[2].address` is asked
+        // about as `backends`, which a `LB_BACKENDS` would have set whole.
+        let keys: Vec<&str> = locate::segments(field)
+            .into_iter()
+            .map_while(|s| match s {
+                locate::Segment::Key(k) => Some(k),
+                locate::Segment::Index(_) => None,
+            })
+            .collect();
+        let env = env_overrides().metadata().name;
+        // The deepest key that has a value says where it came from (a
+        // missing `session_affinity.cookie` belongs to whoever wrote
+        // `session_affinity`).
+        let source = (1..=keys.len())
+            .rev()
+            .find_map(|len| self.figment.find_metadata(&keys[..len].join(".")));
+        match source {
+            Some(m) if m.name == env => Origin::Env(variable_for(&keys)),
+            _ => Origin::File(locate::value_position(self.text, field)),
+        }
+    }
+
+    /// A figment extraction error: after the file alone parsed, this is an
+    /// environment override that does not fit.
+    fn figment_diagnostic(&self, err: &figment::Error) -> Diagnostic {
+        let problem = error::Problem::from_figment(&err.kind);
+        let mut keys: Vec<&str> = err.path.iter().map(String::as_str).collect();
+        if let Some(key) = problem.key.as_deref() {
+            if keys.last() != Some(&key) {
+                keys.push(key);
+            }
+        }
+        let mut field = String::new();
+        for key in &keys {
+            if key.bytes().all(|b| b.is_ascii_digit()) && !field.is_empty() {
+                field.push_str(&format!("[{key}]"));
+            } else {
+                field = join_key(&field, key);
+            }
+        }
+        let env = env_overrides().metadata().name;
+        let origin = if err.metadata.as_ref().is_some_and(|m| m.name == env) {
+            let mapping_keys: Vec<&str> = keys
+                .iter()
+                .copied()
+                .take_while(|k| !k.bytes().all(|b| b.is_ascii_digit()))
+                .collect();
+            Origin::Env(variable_for(&mapping_keys))
+        } else {
+            self.origin(&field)
+        };
+        Diagnostic {
+            file: self.file.to_owned(),
+            origin,
+            field,
+            message: problem.message,
+        }
+    }
+}
+
+/// Line and column of byte `index` of `bytes`.
+fn position_of_byte(bytes: &[u8], index: usize) -> Position {
+    let before = &bytes[..index.min(bytes.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    Position {
+        line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+        column: String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1,
     }
 }
 
@@ -457,7 +624,7 @@ fn refuse_non_regular(meta: &std::fs::Metadata) -> std::io::Result<()> {
 ///
 /// A cheap scan, not a YAML parser: brackets inside quoted scalars and
 /// comments are skipped; a quote only opens a scalar where one can start.
-fn check_nesting(text: &str) -> Result<(), String> {
+fn check_nesting(text: &str) -> Result<(), (Position, String)> {
     #[derive(Clone, Copy, PartialEq)]
     enum In {
         Plain,
@@ -485,8 +652,9 @@ fn check_nesting(text: &str) -> Result<(), String> {
             (In::Plain, '[' | '{') => {
                 depth += 1;
                 if depth > MAX_NESTING {
-                    return Err(format!(
-                        "nesting deeper than {MAX_NESTING} levels at line {line} column {column}"
+                    return Err((
+                        Position { line, column },
+                        format!("nesting deeper than {MAX_NESTING} levels"),
                     ));
                 }
             }
@@ -620,58 +788,127 @@ pub fn env_warnings() -> Vec<String> {
     warnings
 }
 
+/// A config as loaded, with what is worth a warning about it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// SHA-256 of the bytes read.
+    pub hash: ContentHash,
+    /// Legal but probably not meant (a `per_try_timeout` the request timeout
+    /// cuts short; for `--check`, a backend host name that does not resolve).
+    pub warnings: Vec<Diagnostic>,
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, applying `LB_*`
     /// environment overrides. Returns the config with the hash of the bytes read.
     pub fn load(path: &Path) -> Result<(Config, ContentHash), ConfigError> {
+        let loaded = Config::load_with_warnings(path)?;
+        Ok((loaded.config, loaded.hash))
+    }
+
+    /// [`Config::load`], keeping the warnings (logged at startup).
+    pub fn load_with_warnings(path: &Path) -> Result<Loaded, ConfigError> {
+        Config::load_inner(path, Lookups::Skip)
+    }
+
+    /// What `lb --check` reports: [`Config::load_with_warnings`], plus a
+    /// warning for each backend host name that does not resolve now (as
+    /// `nginx -t` fails on one). Blocks on DNS.
+    pub fn check(path: &Path) -> Result<Loaded, ConfigError> {
+        Config::load_inner(path, Lookups::Resolve)
+    }
+
+    fn load_inner(path: &Path, lookups: Lookups) -> Result<Loaded, ConfigError> {
         let bytes = read_file(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let hash = ContentHash::of(&bytes);
-        Ok((Config::parse(&bytes, path)?, hash))
+        let (config, warnings) = Config::parse_inner(&bytes, path, lookups)?;
+        Ok(Loaded {
+            config,
+            hash,
+            warnings,
+        })
     }
 
     /// Parses and validates config text; `path` is only used in messages.
     /// CPU-bound (up to [`MAX_FILE_BYTES`] of YAML): async callers run it on
     /// a blocking thread.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
-        let syntax = |message: String| ConfigError::Syntax {
-            path: path.to_owned(),
-            message,
+        Ok(Config::parse_with_warnings(bytes, path)?.0)
+    }
+
+    /// [`Config::parse`], keeping the warnings.
+    pub fn parse_with_warnings(
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<(Config, Vec<Diagnostic>), ConfigError> {
+        Config::parse_inner(bytes, path, Lookups::Skip)
+    }
+
+    fn parse_inner(
+        bytes: &[u8],
+        path: &Path,
+        lookups: Lookups,
+    ) -> Result<(Config, Vec<Diagnostic>), ConfigError> {
+        let invalid = |origin: Origin, message: String| {
+            ConfigError::Invalid(Diagnostic {
+                file: path.to_owned(),
+                origin,
+                field: String::new(),
+                message,
+            })
         };
         if bytes.len() as u64 > MAX_FILE_BYTES {
-            return Err(syntax(format!(
-                "larger than {} MiB; a config file is never that big",
-                MAX_FILE_BYTES >> 20
-            )));
+            return Err(invalid(
+                Origin::WholeFile,
+                format!(
+                    "larger than {} MiB; a config file is never that big",
+                    MAX_FILE_BYTES >> 20
+                ),
+            ));
         }
-        let text =
-            std::str::from_utf8(bytes).map_err(|e| syntax(format!("not UTF-8 text: {e}")))?;
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            invalid(
+                Origin::File(position_of_byte(bytes, e.valid_up_to())),
+                "not UTF-8 text; save the file as UTF-8".to_owned(),
+            )
+        })?;
+        // A byte order mark is legal YAML and Windows editors write one, but
+        // the YAML parser takes it for the start of a second document. It is
+        // no column either, so positions in later errors stay right.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Err(ConfigError::Empty {
                 path: path.to_owned(),
             });
         }
-        check_nesting(text).map_err(syntax)?;
+        check_nesting(text).map_err(|(at, message)| invalid(Origin::File(at), message))?;
         // First pass keeps line/column for everything the file itself gets wrong.
-        let _: RawConfig = yaml_serde::from_str(text).map_err(|e| syntax(locate(&e, text)))?;
-        let raw: RawConfig = Figment::from(Data::<YamlSerde>::string(text))
-            .merge(
-                Env::prefixed(ENV_PREFIX)
-                    .filter(|key| is_override(key.as_str()))
-                    .split("__"),
-            )
+        let _: RawConfig = yaml_serde::from_str(text)
+            .map_err(|e| ConfigError::Invalid(yaml_diagnostic(&e, text, path)))?;
+        let figment = Figment::from(Data::<YamlSerde>::string(text)).merge(env_overrides());
+        let placer = Placer {
+            file: path,
+            text,
+            figment: &figment,
+        };
+        let raw: RawConfig = figment
             .extract()
-            .map_err(|e| ConfigError::Env {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        validate::validate(raw).map_err(|(field, message)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
-        })
+            .map_err(|e| ConfigError::Invalid(placer.figment_diagnostic(&e)))?;
+        let config = validate::validate(raw)
+            .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
+        let mut warnings = validate::warnings(&config);
+        if lookups == Lookups::Resolve {
+            warnings.extend(unresolved_backends(&config));
+        }
+        let warnings = warnings
+            .into_iter()
+            .map(|(field, message)| placer.diagnostic(field, message))
+            .collect();
+        Ok((config, warnings))
     }
 
     /// The pool named `name`.
@@ -704,16 +941,24 @@ impl Config {
     /// One line for `lb --check` and the startup log.
     pub fn summary(&self) -> String {
         let pools: Vec<String> = self.pools.iter().map(|p| p.summary()).collect();
-        if self.pools.len() == 1 {
-            return format!("listen {} ({}), {}", self.listen, self.mode, pools[0]);
-        }
+        let admin = match self.admin {
+            Some(addr) => format!("admin {addr}"),
+            None => "admin off".to_owned(),
+        };
+        let access_log = if self.access_log { "on" } else { "off" };
+        let served = if self.pools.len() == 1 {
+            pools[0].clone()
+        } else {
+            format!(
+                "{} pools, {} routes: {}",
+                self.pools.len(),
+                self.routes.len(),
+                pools.join("; ")
+            )
+        };
         format!(
-            "listen {} ({}), {} pools, {} routes: {}",
-            self.listen,
-            self.mode,
-            self.pools.len(),
-            self.routes.len(),
-            pools.join("; ")
+            "listen {} ({}), {served}, {admin}, access log {access_log}",
+            self.listen, self.mode
         )
     }
 
@@ -758,15 +1003,70 @@ impl PoolConfig {
         } else {
             format!("pool {}: ", self.name)
         };
+        let backends = match self.backends.len() {
+            1 => "1 backend".to_owned(),
+            n => format!("{n} backends"),
+        };
+        let attempts = match self.retry.attempts.get() {
+            1 => "retry off (1 attempt)".to_owned(),
+            n => format!("retry {n} attempts"),
+        };
         format!(
-            "{prefix}strategy {}, {} backends (total weight {}), {}, retry {} attempts",
+            "{prefix}strategy {}, {backends} (total weight {}), {health}, {attempts}",
             self.strategy,
-            self.backends.len(),
             self.total_weight(),
-            health,
-            self.retry.attempts
         )
     }
+}
+
+/// Whether parsing looks backend host names up (only `--check` does: lb
+/// itself resolves on every connect, and a name may appear later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookups {
+    Skip,
+    Resolve,
+}
+
+/// One `(field, message)` per backend whose host name does not resolve now.
+/// IP addresses are not looked up; each name is looked up once.
+fn unresolved_backends(config: &Config) -> Vec<(String, String)> {
+    use std::net::ToSocketAddrs;
+    let mut looked_up: std::collections::HashMap<&str, Option<String>> = Default::default();
+    let mut warnings = Vec::new();
+    let members = config.pools.iter().flat_map(|pool| {
+        let prefix = validate::pool_key_prefix(config, pool);
+        pool.backends
+            .iter()
+            .enumerate()
+            .map(move |(i, b)| (format!("{prefix}backends[{i}].address"), b))
+    });
+    for (field, backend) in members {
+        let address = backend.address.as_str();
+        let Some((host, _port)) = address.rsplit_once(':') else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            continue;
+        }
+        let failure = looked_up
+            .entry(address)
+            .or_insert_with(|| match address.to_socket_addrs() {
+                Ok(addrs) if addrs.len() > 0 => None,
+                Ok(_) => Some("no address".to_owned()),
+                Err(e) => Some(e.to_string()),
+            });
+        if let Some(why) = failure {
+            warnings.push((
+                field,
+                format!(
+                    "host name {host:?} does not resolve ({why}); every connection to it fails \
+                     until it does"
+                ),
+            ));
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]

@@ -13,8 +13,14 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// Top level of `config.yaml`.
+///
+/// Each struct's `expecting` is what a type error says is expected (serde
+/// would otherwise name the Rust struct).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of config keys (like backends: and listen:)"
+)]
 pub struct RawConfig {
     /// Address the proxy accepts clients on.
     pub listen: Option<String>,
@@ -56,30 +62,49 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping like {max_connections: 10000}"
+)]
 pub struct RawLimits {
     pub max_connections: Option<i64>,
     pub max_header_bytes: Option<ByteSize>,
+    pub h2_max_concurrent_streams: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawProxyProtocol {
     V1,
     V2,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+impl<'de> Deserialize<'de> for RawProxyProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use RawProxyProtocol::*;
+        d.deserialize_str(Named {
+            what: "a PROXY protocol version",
+            names: &[("v1", V1), ("v2", V2)],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawMode {
     Http,
     Tcp,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+impl<'de> Deserialize<'de> for RawMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Named {
+            what: "a mode",
+            names: &[("http", RawMode::Http), ("tcp", RawMode::Tcp)],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawStrategy {
-    #[serde(alias = "weighted_round_robin")]
     RoundRobin,
     LeastConnections,
     Random,
@@ -88,15 +113,77 @@ pub enum RawStrategy {
     PeakEwma,
 }
 
+/// Every name `strategy:` accepts, aliases included, in the order the docs
+/// list them.
+pub const STRATEGIES: &[(&str, RawStrategy)] = &[
+    ("round_robin", RawStrategy::RoundRobin),
+    ("weighted_round_robin", RawStrategy::RoundRobin),
+    ("least_connections", RawStrategy::LeastConnections),
+    ("random", RawStrategy::Random),
+    ("power_of_two_choices", RawStrategy::PowerOfTwoChoices),
+    ("consistent_hash", RawStrategy::ConsistentHash),
+    ("peak_ewma", RawStrategy::PeakEwma),
+];
+
+impl<'de> Deserialize<'de> for RawStrategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Named {
+            what: "a strategy",
+            names: STRATEGIES,
+        })
+    }
+}
+
+/// One of a fixed set of names. Hand-written rather than derived so a wrong
+/// name or type is answered with the list of names, never with serde's
+/// derive wording (`expected enum RawMode`, `a YAML tag starting with '!'`).
+struct Named<T: 'static> {
+    /// What the names are, for messages: "a strategy".
+    what: &'static str,
+    names: &'static [(&'static str, T)],
+}
+
+impl<T: 'static> Named<T> {
+    fn list(&self) -> String {
+        let names: Vec<&str> = self.names.iter().map(|(n, _)| *n).collect();
+        match names.as_slice() {
+            [a, b] => format!("{a} or {b}"),
+            _ => format!("one of {}", names.join(", ")),
+        }
+    }
+}
+
+impl<T: Copy + 'static> Visitor<'_> for Named<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} ({})", self.what, self.list())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        match self.names.iter().find(|(name, _)| *name == v) {
+            Some((_, value)) => Ok(*value),
+            None => Err(E::custom(format_args!(
+                "{v:?} is not {}; expected {}",
+                self.what,
+                self.list()
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping like {address: host:port, weight: 1}"
+)]
 pub struct RawBackend {
     pub address: String,
     pub weight: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {connect: 1s}")]
 pub struct RawTimeouts {
     pub connect: Option<HumanDuration>,
     pub request: Option<HumanDuration>,
@@ -109,7 +196,7 @@ pub struct RawTimeouts {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {path: /health}")]
 pub struct RawHealthCheck {
     pub path: Option<String>,
     pub interval: Option<HumanDuration>,
@@ -119,7 +206,10 @@ pub struct RawHealthCheck {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping like {consecutive_failures: 5}"
+)]
 pub struct RawOutlierDetection {
     pub consecutive_failures: Option<i64>,
     pub ejection_time: Option<HumanDuration>,
@@ -127,7 +217,7 @@ pub struct RawOutlierDetection {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {attempts: 3}")]
 pub struct RawRetry {
     pub attempts: Option<i64>,
     pub per_try_timeout: Option<HumanDuration>,
@@ -137,7 +227,7 @@ pub struct RawRetry {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {ratio: 0.2}")]
 pub struct RawRetryBudget {
     pub ratio: Option<f64>,
     pub min_retries_per_second: Option<i64>,
@@ -164,7 +254,7 @@ impl<'de> Deserialize<'de> for RawRetryOn {
                 match u16::try_from(v) {
                     Ok(code @ 500..=599) => Ok(RawRetryOn::Status(code)),
                     _ => Err(E::custom(format_args!(
-                        "retry_on status {v} is not a 5xx code (only server errors are retried)"
+                        "{v} is not a 5xx status code (only server errors are retried)"
                     ))),
                 }
             }
@@ -203,11 +293,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
                 humantime::parse_duration(v.trim())
                     .map(HumanDuration)
-                    .map_err(|e| {
-                        E::custom(format_args!(
-                            "invalid duration {v:?}: {e} (write it like 250ms or 2s)"
-                        ))
-                    })
+                    .map_err(|e| E::custom(duration_error(v, &e)))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
                 // A bare 0 is unambiguous; any other bare number is a unit-less guess.
@@ -215,7 +301,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
                     Ok(HumanDuration(Duration::ZERO))
                 } else {
                     Err(E::custom(format_args!(
-                        "duration {v} has no unit (write {v}s or {v}ms)"
+                        "{v} has no unit; write {v}s or {v}ms"
                     )))
                 }
             }
@@ -224,11 +310,24 @@ impl<'de> Deserialize<'de> for HumanDuration {
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<HumanDuration, E> {
                 Err(E::custom(format_args!(
-                    "duration {v} has no unit (write it like 250ms or 2s)"
+                    "{v} has no unit; write it like 250ms or 2s"
                 )))
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// Why `v` is not a duration, without humantime's parser positions
+/// (`expected number at 0`).
+fn duration_error(v: &str, e: &humantime::DurationError) -> String {
+    use humantime::DurationError;
+    match e {
+        DurationError::UnknownUnit { unit, .. } => {
+            format!("{v:?} has an unknown unit {unit:?}; write it like 250ms, 2s, 5m or 1h")
+        }
+        DurationError::NumberOverflow => format!("{v:?} is too long a duration"),
+        _ => format!("{v:?} is not a duration; write it like 250ms, 2s or 1m 30s"),
     }
 }
 
@@ -267,7 +366,7 @@ impl<'de> Deserialize<'de> for ByteSize {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
                 u64::try_from(v)
                     .map(ByteSize)
-                    .map_err(|_| E::custom("size must not be negative"))
+                    .map_err(|_| E::custom(format_args!("{v} is negative; a size is 0 or more")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
                 ByteSize::parse(v)

@@ -16,7 +16,7 @@ type Invalid = (String, String);
 
 /// `session_affinity:` as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {cookie: lb_backend}")]
 pub struct RawSessionAffinity {
     /// Cookie name; required.
     pub cookie: Option<String>,
@@ -26,7 +26,7 @@ pub struct RawSessionAffinity {
 
 /// `peak_ewma:` as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping like {decay: 10s}")]
 pub struct RawPeakEwma {
     /// Time constant of the latency estimate; 10s when absent.
     pub decay: Option<HumanDuration>,

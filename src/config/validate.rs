@@ -1,5 +1,6 @@
 //! `RawConfig` → `Config`: defaults, ranges and cross-field rules. Each error
-//! is `(field path, message)`; the caller adds the file name.
+//! (and each [`warnings`] entry) is `(field path, message)`; the caller adds
+//! the file name and the position.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +24,30 @@ type Invalid = (String, String);
 
 fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
     Err((field.into(), message.into()))
+}
+
+/// Why `admin` and `listen` cannot both be bound: the same port with one of
+/// them on the wildcard address of a family that covers the other's IP
+/// (`0.0.0.0` covers every IPv4 address, `[::]` every address, being
+/// dual-stack). The kernel refuses the second bind, and the message would
+/// otherwise blame another process.
+fn wildcard_overlap(admin: SocketAddr, listen: SocketAddr) -> Option<String> {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    if admin.port() == 0 || admin.port() != listen.port() || admin == listen {
+        return None;
+    }
+    let which = if covers(admin, listen) {
+        "admin"
+    } else if covers(listen, admin) {
+        "listen"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "admin {admin} overlaps listen {listen} (the same port, and {which} is on the wildcard address)"
+    ))
 }
 
 /// HAProxy's range; it keeps the round-robin schedule small (see selection).
@@ -81,6 +106,12 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
     };
     if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
         return invalid("admin", "must differ from listen");
+    }
+    if let Some(clash) = admin.and_then(|a| wildcard_overlap(a, listen)) {
+        return invalid(
+            "admin",
+            format!("{clash}: lb cannot listen on both; give admin a port of its own"),
+        );
     }
     let send_proxy_protocol =
         match (raw.send_proxy_protocol, mode) {
@@ -173,9 +204,16 @@ fn limits(raw: RawLimits) -> Result<Limits, Invalid> {
             format!("{max_header_bytes} is out of range (8KiB to 16MiB)"),
         );
     }
+    let h2_max_concurrent_streams = count(
+        "limits.h2_max_concurrent_streams",
+        raw.h2_max_concurrent_streams,
+        100,
+        10_000,
+    )?;
     Ok(Limits {
         max_connections: max_connections as usize,
         max_header_bytes: max_header_bytes as usize,
+        h2_max_concurrent_streams: h2_max_concurrent_streams.get(),
     })
 }
 
@@ -419,4 +457,38 @@ fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
             min_retries_per_second,
         },
     })
+}
+
+/// Settings that are valid but cannot do what they say, as `(field, message)`.
+pub fn warnings(config: &Config) -> Vec<Invalid> {
+    let mut warnings = Vec::new();
+    for pool in &config.pools {
+        let Some(per_try) = pool.retry.per_try_timeout else {
+            continue;
+        };
+        let request = config.timeouts.request;
+        if per_try > request {
+            warnings.push((
+                format!("{}retry.per_try_timeout", pool_key_prefix(config, pool)),
+                format!(
+                    "{} is longer than timeouts.request ({}), which bounds all tries together: \
+                     a try is cut at {} anyway",
+                    humantime::format_duration(per_try),
+                    humantime::format_duration(request),
+                    humantime::format_duration(request),
+                ),
+            ));
+        }
+    }
+    warnings
+}
+
+/// The key-path prefix of a pool's own keys: none for the implicit pool of
+/// a file without `pools:`, `pools.NAME.` otherwise.
+pub(super) fn pool_key_prefix(config: &Config, pool: &PoolConfig) -> String {
+    if config.pools.len() == 1 && pool.name.as_str() == PoolName::DEFAULT {
+        String::new()
+    } else {
+        format!("pools.{}.", pool.name)
+    }
 }

@@ -434,10 +434,18 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Where `part` (a slice of `whole`, as httparse returns) lies in `whole`.
-fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
+/// Where `part`, one of the slices httparse returns for `whole`, lies in
+/// `whole`; `None` if it does not lie there. An empty `part` is `0..0`
+/// wherever it points: httparse returns a static `""` for some empty
+/// values (a status line without a reason phrase, or a reason with
+/// non-ASCII bytes), whose address says nothing about the buffer.
+fn range_in(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    if part.is_empty() {
+        return Some(0..0);
+    }
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 /// `raw` in lower case, in `scratch` when it fits (header names lb must

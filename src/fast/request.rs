@@ -101,6 +101,8 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Hyper;
     };
+    // Every offset into `buf` comes from here; one httparse could not have
+    // given (not a slice of `buf`) leaves the head to hyper.
     let range = |s: &[u8]| range_in(buf, s);
     let mut body_len: Option<u64> = None;
     let mut keep_alive = true;
@@ -129,9 +131,14 @@ pub(super) fn parse_request(buf: &mut Buf, max_head: usize, body_limit: u64) -> 
         } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, "close") {
             keep_alive = false;
         }
-        headers.push((range(name), range(h.value)));
+        let (Some(name), Some(value)) = (range(name), range(h.value)) else {
+            return Parsed::Hyper;
+        };
+        headers.push((name, value));
     }
-    let path = range(path.as_bytes());
+    let Some(path) = range(path.as_bytes()) else {
+        return Parsed::Hyper;
+    };
     let body_len = body_len.unwrap_or(0);
     if body_len > body_limit {
         return Parsed::Hyper;
@@ -178,12 +185,9 @@ impl Head {
     ) -> Option<(Vec<u8>, Option<usize>)> {
         let cookies = affinity.filter(|c| self.values("cookie").any(|v| c.carries(v)));
         let mut pinned = None;
-        // With a prior X-Forwarded-For, the hyper path's rules (and refusal).
-        let prior = match self.values("x-forwarded-for").next() {
-            Some(prior) => Some(proxy::forwarded_for(Some(prior), client_ip).ok()?),
-            None => None,
-        };
         let named = proxy::connection_named(self.values("connection"));
+        // The hyper path's rule (and refusal) for a client's X-Forwarded-For.
+        let prior = proxy::client_forwarded_for(self, &named, client_ip).ok()?;
         // A route that strips its prefix sends its own target.
         let pq = rewritten_target
             .unwrap_or_else(|| self.uri.path_and_query().map_or("/", |p| p.as_str()));

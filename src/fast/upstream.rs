@@ -42,7 +42,8 @@ pub(super) struct ResponseHead {
     pub(super) status: StatusCode,
     /// HTTP/1.1 (else 1.0).
     pub(super) http11: bool,
-    /// The reason phrase as sent.
+    /// The reason phrase as sent; empty when there is none, or when it has
+    /// bytes outside ASCII (httparse's rule, which hyper's client follows).
     pub(super) reason: Range<usize>,
     /// `(name, value)` ranges into the read buffer, in order.
     pub(super) headers: HeaderRanges,
@@ -134,7 +135,6 @@ impl Attempts for FastAttempts<'_> {
         snap: &Snapshot,
         pool: &Pool,
         index: usize,
-        _last: bool,
     ) -> Result<UpstreamResponse, (FailureKind, String)> {
         let backend = &pool.backends[index].addr;
         // A pooled connection the backend closed meanwhile fails before any
@@ -189,7 +189,7 @@ pub(super) async fn connect(
             let _ = conn.set_nodelay(true);
             Ok(conn)
         }
-        Ok(Err(e)) => Err((FailureKind::Connect, e.to_string())),
+        Ok(Err(e)) => Err((crate::upstream::connect_failure(&e), e.to_string())),
         Err(_) => Err((FailureKind::Connect, "connect timed out".to_owned())),
     }
 }
@@ -283,8 +283,10 @@ pub(super) fn parse_response(
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or("invalid status")?;
     let http11 = res.version == Some(1);
-    let range = |s: &[u8]| range_in(buf, s);
-    let reason = range(res.reason.unwrap_or("").as_bytes());
+    // Every offset into `buf` comes from here (see `range_in`: a missing
+    // reason phrase is a static "", not a slice of `buf`).
+    let range = |s: &[u8]| range_in(buf, s).ok_or("invalid response head");
+    let reason = range(res.reason.unwrap_or("").as_bytes())?;
     let (mut te, mut chunked, mut close) = (false, false, !http11);
     let mut length: Option<u64> = None;
     let mut bad_length = false;
@@ -313,7 +315,7 @@ pub(super) fn parse_response(
                 close = false;
             }
         }
-        headers.push((range(name), range(h.value)));
+        headers.push((range(name)?, range(h.value)?));
     }
     let framing = if matches!(status.as_u16(), 101..=199 | 204 | 304) || method_head {
         Framing::Empty
@@ -410,6 +412,26 @@ pub(crate) fn sweep_pool() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every range a parsed head holds lies in its buffer: httparse's
+    /// static `""` for a missing reason gave one that did not.
+    #[test]
+    fn a_missing_or_dropped_reason_is_an_empty_range_in_the_buffer() {
+        let heads: [(&[u8], &[u8]); 5] = [
+            (b"HTTP/1.1 200\r\nX-Empty:\r\n\r\n", b""),
+            (b"HTTP/1.1 204\n\n", b""),
+            (b"HTTP/1.1 200 \r\n\r\n", b""),
+            (b"HTTP/1.1 200 Caf\xc3\xa9\r\n\r\n", b""),
+            (b"HTTP/1.1 201 Made Up\r\nA: b\r\n\r\n", b"Made Up"),
+        ];
+        for (raw, reason) in heads {
+            let head = parse_response(raw, false).unwrap().unwrap();
+            assert_eq!(&raw[head.reason.clone()], reason);
+            for (n, v) in &head.headers {
+                assert!(n.end <= raw.len() && v.end <= raw.len());
+            }
+        }
+    }
 
     #[tokio::test]
     async fn pool_gives_the_newest_connection_and_drops_idled_out_ones() {

@@ -5,7 +5,9 @@
 //! * A connect failure or timeout is counted against the backend (passive
 //!   detection) and, within `retry.attempts` and the retry budget, tried on
 //!   another eligible backend, never the same one twice. Once connected,
-//!   nothing is retried: bytes may have reached the backend.
+//!   nothing is retried: bytes may have reached the backend. A connect
+//!   that fails on lb's own shortage ([`crate::local`]: its fd limit…)
+//!   closes the client connection and charges no backend.
 //! * Bytes go both ways through [`crate::tunnel`] (which upgraded HTTP
 //!   connections use too): each direction ends on its own, a FIN passed on
 //!   as a write shutdown (a client that shuts its write side still reads
@@ -17,6 +19,7 @@
 //!   snapshot. Shutdown lets it run until lb's drain sender is dropped
 //!   (after `--shutdown-grace`), then closes it.
 
+use crate::local::{Op, Shortage};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -155,6 +158,16 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
                 });
             }
             Ok(Err(e)) => {
+                if let Some(shortage) = Shortage::of(&e) {
+                    // lb's own shortage: close the client, blame no backend.
+                    let what = format_args!(
+                        "tcp connection from {peer}: connecting to {}: {e}",
+                        backend.addr
+                    );
+                    rt.local_errors
+                        .record(Op::Connect, shortage, rt.clock.now_ms(), what);
+                    return None;
+                }
                 backend.state.metrics.attempt(AttemptOutcome::Connect);
                 e.to_string()
             }
