@@ -395,7 +395,10 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 /// The last reload as JSON, with the error's line and column pulled out
 /// when the message has them.
 fn reload_json(r: &LastReload) -> serde_json::Value {
-    let (line, column) = r.error.as_deref().map_or((None, None), line_column);
+    let (line, column) = r
+        .error
+        .as_deref()
+        .map_or((None, None), crate::config::line_column);
     json!({
         "result": if r.ok { "success" } else { "failure" },
         "time": rfc3339(r.at),
@@ -403,31 +406,6 @@ fn reload_json(r: &LastReload) -> serde_json::Value {
         "line": line,
         "column": column,
     })
-}
-
-/// `(line, column)` from a message containing `line N column M`, or
-/// starting with the editor-clickable `FILE:LINE:COLUMN:`.
-pub(crate) fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
-    if !message.contains(" line ") {
-        let segments: Vec<&str> = message.split(':').collect();
-        let number = |s: &str| s.parse::<u64>().ok().filter(|_| !s.starts_with('+'));
-        // A number pair followed by more text: `FILE:4:7: message`.
-        for pair in segments.windows(3) {
-            if let (Some(line), Some(column)) = (number(pair[0]), number(pair[1])) {
-                return (Some(line), Some(column));
-            }
-        }
-        return (None, None);
-    }
-    let number_after = |key: &str| {
-        let at = message.rfind(key)? + key.len();
-        let digits: String = message[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
-    };
-    (number_after("line "), number_after("column "))
 }
 
 /// CPU time the calling thread has used: what an encoding cost, whatever
@@ -458,7 +436,7 @@ fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<By
 
 #[cfg(test)]
 mod tests {
-    use super::line_column;
+    use crate::config::line_column;
 
     #[test]
     fn finds_line_and_column() {

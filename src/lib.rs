@@ -9,11 +9,12 @@
 //!   [`config::ConfigDiff`]: what a reload changes, key by key.
 //! * [`core`]: protocol-free logic; [`core::route`]: the route table that
 //!   picks a route (pool) from a request's Host and path.
-//! * [`runtime`]: the current [`runtime::Snapshot`] (config + backends +
-//!   selector + upstream client) behind one `ArcSwap`, and `apply()` to swap
-//!   in a new one.
+//! * [`runtime`]: the current [`runtime::Snapshot`] (config, one
+//!   [`runtime::Pool`] per configured pool — backends, selector, cookies,
+//!   retry budget — the route table, upstream clients) behind one `ArcSwap`,
+//!   and `apply()` to swap in a new one.
 //! * [`state`]: per-backend runtime state (in-flight, counters, health)
-//!   keyed by address, so it survives reloads.
+//!   keyed by (pool, address), so it survives reloads.
 //! * [`selection`]: the strategies, one type each behind [`selection::Selector`],
 //!   and slow start around them; [`affinity`]: a request's hash key and its
 //!   sticky-session cookie.

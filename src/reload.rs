@@ -419,7 +419,7 @@ impl Reloader {
     fn reject(&self, error: impl std::fmt::Display) {
         let error = error.to_string();
         // Fields too, so a JSON log can be queried for the position.
-        let (line, column) = crate::admin::line_column(&error);
+        let (line, column) = crate::config::line_column(&error);
         tracing::error!(
             line,
             column,

@@ -277,6 +277,31 @@ fn actual_in_serde_words(actual: &figment::error::Actual) -> String {
     }
 }
 
+/// `(line, column)` from a message containing `line N column M`, or
+/// starting with the editor-clickable `FILE:LINE:COLUMN:`.
+pub fn line_column(message: &str) -> (Option<u64>, Option<u64>) {
+    if !message.contains(" line ") {
+        let segments: Vec<&str> = message.split(':').collect();
+        let number = |s: &str| s.parse::<u64>().ok().filter(|_| !s.starts_with('+'));
+        // A number pair followed by more text: `FILE:4:7: message`.
+        for pair in segments.windows(3) {
+            if let (Some(line), Some(column)) = (number(pair[0]), number(pair[1])) {
+                return (Some(line), Some(column));
+            }
+        }
+        return (None, None);
+    }
+    let number_after = |key: &str| {
+        let at = message.rfind(key)? + key.len();
+        let digits: String = message[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    (number_after("line "), number_after("column "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::Problem;

@@ -60,7 +60,7 @@ use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
 pub use diff::{Changed, ConfigDiff, ListDiff};
-pub use error::{ConfigError, Diagnostic, Origin};
+pub use error::{line_column, ConfigError, Diagnostic, Origin};
 pub use locate::Position;
 pub use pools::{PoolConfig, PoolName, RouteConfig};
 pub use raw::RawConfig;
