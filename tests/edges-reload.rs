@@ -62,6 +62,24 @@ async fn answers(c: &TestClient, url: &str, want: &str, why: &str) {
 // ---------------------------------------------------------------------------
 
 /// lb watching `root/conf/config.yaml`, serving `a`.
+/// Recreates the removed config directory with a config for `b`, waits
+/// until lb serves it, then checks the new watch follows an edit back to `a`.
+async fn recreate_and_follow(w: &Watched, a: &Backend, b: &Backend) {
+    std::fs::create_dir(&w.dir).unwrap();
+    write_config(&w.dir, &yaml(&[b]));
+    answers(
+        &w.c,
+        &w.url,
+        "b",
+        "a config written into the recreated directory",
+    )
+    .await;
+    // And the new watch keeps working for the next edit.
+    std::fs::write(&w.path, yaml(&[a])).unwrap();
+    answers(&w.c, &w.url, "a", "an edit after the directory came back").await;
+    assert_eq!(rejected(&w.lb), 0);
+}
+
 struct Watched {
     _root: tempfile::TempDir,
     dir: PathBuf,
@@ -106,20 +124,7 @@ async fn a_recreated_config_directory_is_watched_again() {
         reads(&w.lb) > before,
         "the removal was never looked at"
     );
-    std::fs::create_dir(&w.dir).unwrap();
-    write_config(&w.dir, &yaml(&[&b]));
-    answers(
-        &w.c,
-        &w.url,
-        "b",
-        "a config written into the recreated directory",
-    )
-    .await;
-
-    // And the new watch keeps working for the next edit.
-    std::fs::write(&w.path, yaml(&[&a])).unwrap();
-    answers(&w.c, &w.url, "a", "an edit after the directory came back").await;
-    assert_eq!(rejected(&w.lb), 0);
+    recreate_and_follow(&w, &a, &b).await;
 }
 
 /// The same, with no pause between removal and recreation: lb may see the
@@ -133,18 +138,7 @@ async fn a_directory_recreated_at_once_is_watched_again() {
     let w = watched(&a).await;
 
     std::fs::remove_dir_all(&w.dir).unwrap();
-    std::fs::create_dir(&w.dir).unwrap();
-    write_config(&w.dir, &yaml(&[&b]));
-    answers(
-        &w.c,
-        &w.url,
-        "b",
-        "a config written into the recreated directory",
-    )
-    .await;
-    std::fs::write(&w.path, yaml(&[&a])).unwrap();
-    answers(&w.c, &w.url, "a", "an edit after the directory came back").await;
-    assert_eq!(rejected(&w.lb), 0);
+    recreate_and_follow(&w, &a, &b).await;
 }
 
 /// `mv conf conf.old; mkdir conf`: the old directory still exists (the
