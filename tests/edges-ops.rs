@@ -527,14 +527,29 @@ async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
     );
     assert!(!lb.log_text().contains("rejected"), "{}", lb.log_text());
     assert!(!lb.log_text().contains("is down"), "{}", lb.log_text());
-    // And it serves as before.
-    let ok = get_within(
-        &admin,
-        &format!("http://{}/", lb.listen),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(ok.map(|a| a.status), Some(hyper::StatusCode::OK));
+    // And it serves as before, once the held connections' descriptors are
+    // all closed (lb closes them as it notices the clients left; until then
+    // a request may still meet the limit, and must get lb's 503 for it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = get_within(
+            &admin,
+            &format!("http://{}/", lb.listen),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("lb answers once the clients are gone");
+        if answer.status == hyper::StatusCode::OK {
+            break;
+        }
+        assert_eq!(answer.status, hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.body, lb::local::EXHAUSTED_BODY);
+        assert!(
+            Instant::now() < deadline,
+            "lb never served again after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     eprintln!(
         "fd limit 64, 100 clients: {} answered ({exhausted} × 503), local errors: {}",
         answers.len(),
