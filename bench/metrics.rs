@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use lb::metrics::{AttemptOutcome, BackendMetrics, Metrics};
+use lb::obs::metrics::{AttemptOutcome, BackendMetrics, Metrics};
 
 /// What the request path records for one request that one attempt served.
 fn one_request(m: &Metrics, b: &BackendMetrics, took: Duration) {

@@ -24,8 +24,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use lb::config::{Config, Steering, Strategy};
-use lb::selection::{self, hash, Backend, Pick, Selector};
-use lb::state::{Clock, StateTable};
+use lb::core::selection::{self, hash, Backend, Pick, Selector};
+use lb::core::state::{Clock, StateTable};
 
 /// A strategy with its parameters, as the bench names it.
 #[derive(Clone)]

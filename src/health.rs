@@ -24,7 +24,7 @@
 //! health_check.path right?`); the same verdict is kept in
 //! [`Runtime::pool_down`] for the 503's body and `/status`, until a
 //! backend is up again or a reload changes the pool.
-//! A probe that fails on lb's own shortage ([`crate::local`]: its fd
+//! A probe that fails on lb's own shortage ([`crate::obs::local`]: its fd
 //! limit…) gives no verdict.
 
 use std::collections::HashMap;
@@ -46,9 +46,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, PoolName, ProxyProtocol};
-use crate::local::{Op, Shortage};
-use crate::runtime::{Pool, Runtime};
-use crate::state::BackendState;
+use crate::obs::local::{Op, Shortage};
+use crate::core::runtime::{Pool, Runtime};
+use crate::core::state::BackendState;
 use crate::tcp::proxy_protocol::local_header;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
@@ -74,7 +74,7 @@ enum ProbeFailure {
     Failed(String),
     /// No answer within `health_check.timeout`.
     TimedOut(Duration),
-    /// lb's own shortage (see [`crate::local`]): no verdict on the backend.
+    /// lb's own shortage (see [`crate::obs::local`]): no verdict on the backend.
     Local(Shortage, String),
 }
 
@@ -418,7 +418,7 @@ async fn http_probe(
         .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
         let resp = client.request(req).await.map_err(|e| {
-            let why = crate::upstream::root_cause(&e).to_string();
+            let why = crate::http::client::root_cause(&e).to_string();
             match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
                 Some(shortage) => ProbeFailure::Local(shortage, why),
                 None => ProbeFailure::Failed(why),

@@ -50,34 +50,18 @@
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
-//! ([`logging::init`]), binds and calls [`Lb::start`].
+//! ([`obs::logging::init`]), binds and calls [`Lb::start`].
 
-pub mod access_log;
 pub mod admin;
-pub mod affinity;
-pub mod body;
 pub mod config;
 pub mod core;
-pub mod fast;
-pub mod h2_stream;
 pub mod health;
-pub mod listen;
-pub mod local;
-pub mod logging;
-pub mod metrics;
-pub mod proxy;
+pub mod http;
+pub mod io;
+pub mod net;
+pub mod obs;
 pub mod reload;
-pub mod retry;
-pub mod runtime;
-pub mod selection;
-pub mod server;
-pub mod stall;
-pub mod state;
 pub mod tcp;
-pub mod tunnel;
-pub mod upgrade;
-pub mod upstream;
-pub mod workers;
 
 /// `lb --version` and `/status`: the crate version, with the git commit
 /// when the build knew it (see build.rs).
@@ -96,11 +80,11 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
-use crate::listen::Listeners;
+use crate::net::listen::Listeners;
 use crate::reload::{ReloadHandle, WatchSettings};
-use crate::runtime::Runtime;
-use crate::server::Http1;
-use crate::workers::Workers;
+use crate::core::runtime::Runtime;
+use crate::http::server::Http1;
+use crate::net::workers::Workers;
 
 /// At shutdown, how long the access log may take to write out its queue.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
@@ -116,8 +100,8 @@ pub struct Settings {
     /// Which code serves HTTP/1 (`--http1`).
     pub http1: Http1,
     /// lb's own log lines dropped so far, for `/metrics`
-    /// ([`logging::Logging::dropped_lines`]).
-    pub log_lines_dropped: logging::DroppedLines,
+    /// ([`obs::logging::Logging::dropped_lines`]).
+    pub log_lines_dropped: obs::logging::DroppedLines,
 }
 
 impl Settings {
@@ -127,9 +111,9 @@ impl Settings {
         Settings {
             config_path,
             watch,
-            workers: workers::default_count(),
+            workers: net::workers::default_count(),
             http1: Http1::default(),
-            log_lines_dropped: logging::DroppedLines::default(),
+            log_lines_dropped: obs::logging::DroppedLines::default(),
         }
     }
 }
@@ -173,7 +157,7 @@ impl Lb {
         config: Config,
         hash: ContentHash,
         settings: Settings,
-        access_log: Option<(access_log::Format, Box<dyn std::io::Write + Send>)>,
+        access_log: Option<(obs::access_log::Format, Box<dyn std::io::Write + Send>)>,
     ) -> std::io::Result<Lb> {
         let configured = config.listen;
         tracing::info!(%hash, "config loaded: {}", config.summary());
@@ -225,7 +209,7 @@ impl Lb {
     /// Sends the access log to `out` in `format` instead of stdout as
     /// text; effective only before the first request is logged (prefer
     /// [`Lb::start_logging_to`], which sets it before accepting).
-    pub fn set_access_log(&self, format: access_log::Format, out: Box<dyn std::io::Write + Send>) {
+    pub fn set_access_log(&self, format: obs::access_log::Format, out: Box<dyn std::io::Write + Send>) {
         self.runtime.access_log.set_sink(format, out);
     }
 

@@ -123,10 +123,10 @@ fn main() -> ExitCode {
         };
     }
     let log_format = match cli.log_format {
-        LogFormat::Text => lb::logging::Format::Text,
-        LogFormat::Json => lb::logging::Format::Json,
+        LogFormat::Text => lb::obs::logging::Format::Text,
+        LogFormat::Json => lb::obs::logging::Format::Json,
     };
-    let logging = lb::logging::init(cli.log_level.as_deref(), log_format);
+    let logging = lb::obs::logging::init(cli.log_level.as_deref(), log_format);
     // Clients are served on the worker threads; this runtime only runs
     // signals, health checks and the reloader.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -147,7 +147,7 @@ fn main() -> ExitCode {
     code
 }
 
-async fn serve(cli: Cli, log_lines_dropped: lb::logging::DroppedLines) -> ExitCode {
+async fn serve(cli: Cli, log_lines_dropped: lb::obs::logging::DroppedLines) -> ExitCode {
     // First, before anything can take time: SIGHUP's default action kills the process.
     let (mut hangup, terminate, interrupt) = match (
         signal(SignalKind::hangup()),
@@ -175,7 +175,7 @@ async fn serve(cli: Cli, log_lines_dropped: lb::logging::DroppedLines) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    let listener = match lb::listen::bind_alone(config.listen) {
+    let listener = match lb::net::listen::bind_alone(config.listen) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("cannot listen on {}: {e}", config.listen);
@@ -194,14 +194,14 @@ async fn serve(cli: Cli, log_lines_dropped: lb::logging::DroppedLines) -> ExitCo
     }
     settings.log_lines_dropped = log_lines_dropped;
     settings.http1 = match cli.http1 {
-        Http1Arg::Fast => lb::server::Http1::Fast,
-        Http1Arg::Hyper => lb::server::Http1::Hyper,
+        Http1Arg::Fast => lb::http::server::Http1::Fast,
+        Http1Arg::Hyper => lb::http::server::Http1::Hyper,
     };
     let admin = config.admin;
     let mode = config.mode;
     let access_log = match cli.log_format {
-        LogFormat::Text => lb::access_log::Format::Text,
-        LogFormat::Json => lb::access_log::Format::Json,
+        LogFormat::Text => lb::obs::access_log::Format::Text,
+        LogFormat::Json => lb::obs::access_log::Format::Json,
     };
     let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
     let lb = match lb::Lb::start_logging_to(

@@ -31,7 +31,7 @@
 //! changed, and only then swap. Anything that fails leaves the
 //! running config untouched, logs one error naming the file, line and column,
 //! and is counted in `ReloadStats::rejected`; a read that fails for lb's own
-//! shortage (its fd limit: see [`crate::local`]) is no verdict on the file
+//! shortage (its fd limit: see [`crate::obs::local`]) is no verdict on the file
 //! and rejects nothing. A panic while reloading is logged and the reloader
 //! carries on.
 
@@ -53,8 +53,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{self, Config, ContentHash};
-use crate::listen::Listeners;
-use crate::runtime::{LastReload, Runtime};
+use crate::net::listen::Listeners;
+use crate::core::runtime::{LastReload, Runtime};
 
 /// A burst of events is over when none came for this long.
 const QUIET: Duration = Duration::from_millis(20);
@@ -285,12 +285,12 @@ impl Reloader {
         let mut bytes = match self.read().await {
             Ok(bytes) => bytes,
             Err(e) => {
-                if let Some(shortage) = crate::local::Shortage::of(&e) {
+                if let Some(shortage) = crate::obs::local::Shortage::of(&e) {
                     // lb's own fd limit and the like: the file may be fine,
                     // and the next look reads it again. Not a rejected config.
                     let what = format_args!("{}: cannot read ({why})", self.path.display());
                     self.runtime.local_errors.record(
-                        crate::local::Op::ConfigRead,
+                        crate::obs::local::Op::ConfigRead,
                         shortage,
                         self.runtime.clock.now_ms(),
                         format_args!("{what}: {e}; keeping the current config"),
@@ -379,9 +379,9 @@ impl Reloader {
         let new_listener = if config.listen != current {
             // On another port, no socket of this lb can be in the way.
             let bind = if config.listen.port() == current.port() {
-                crate::listen::bind
+                crate::net::listen::bind
             } else {
-                crate::listen::bind_alone
+                crate::net::listen::bind_alone
             };
             match bind(config.listen) {
                 Ok(listener) => Some(listener),

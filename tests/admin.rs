@@ -516,7 +516,7 @@ impl Captured {
     }
 }
 
-async fn logged(format: lb::access_log::Format) -> (Vec<String>, Backend) {
+async fn logged(format: lb::obs::access_log::Format) -> (Vec<String>, Backend) {
     let a = Backend::start("a").await;
     let t = TestLb::start(&format!("access_log: true\n{}", backends_yaml(&[&a]))).await;
     let out = Captured::default();
@@ -541,7 +541,7 @@ async fn logged(format: lb::access_log::Format) -> (Vec<String>, Backend) {
 
 #[tokio::test]
 async fn access_log_text_line_per_request() {
-    let (lines, a) = logged(lb::access_log::Format::Text).await;
+    let (lines, a) = logged(lb::obs::access_log::Format::Text).await;
     let first: Vec<&str> = lines[0].split(' ').collect();
     assert!(
         first[0].ends_with('Z') && first[0].contains('T'),
@@ -561,7 +561,7 @@ async fn access_log_text_line_per_request() {
 
 #[tokio::test]
 async fn access_log_json_line_per_request() {
-    let (lines, a) = logged(lb::access_log::Format::Json).await;
+    let (lines, a) = logged(lb::obs::access_log::Format::Json).await;
     let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(v["client"], "127.0.0.1");
     assert_eq!(v["method"], "GET");

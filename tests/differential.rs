@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use lb::server::Http1;
+use lb::http::server::Http1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -358,7 +358,7 @@ async fn start_lb_with(yaml: &str, http1: Http1) -> (lb::Lb, tempfile::TempDir) 
         },
     );
     s.http1 = http1;
-    let listener = lb::listen::bind(config.listen).unwrap();
+    let listener = lb::net::listen::bind(config.listen).unwrap();
     (lb::Lb::start(listener, config, hash, s).unwrap(), dir)
 }
 
@@ -487,7 +487,7 @@ async fn affinity_cookies_are_read_and_set_alike_on_both_paths() {
         .iter()
         .map(|b| {
             let addr = b.addr.to_string();
-            lb::affinity::token(&lb::config::BackendAddr::from_static(addr.leak()))
+            lb::http::affinity::token(&lb::config::BackendAddr::from_static(addr.leak()))
         })
         .collect();
     let mut cases: Vec<Vec<u8>> = vec![b"".to_vec(), b"Cookie: lbsid=unknown\r\n".to_vec()];

@@ -50,8 +50,8 @@ impl Drop for Proc {
 /// `--http1` for the path this run of the suite tests.
 fn http1_arg() -> &'static str {
     match http1_under_test() {
-        lb::server::Http1::Fast => "fast",
-        lb::server::Http1::Hyper => "hyper",
+        lb::http::server::Http1::Fast => "fast",
+        lb::http::server::Http1::Hyper => "hyper",
     }
 }
 
@@ -492,7 +492,7 @@ async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
         answers
             .iter()
             .filter(|(s, _)| *s == 503)
-            .all(|(_, body)| body == lb::local::EXHAUSTED_BODY),
+            .all(|(_, body)| body == lb::obs::local::EXHAUSTED_BODY),
         "{answers:?}"
     );
     // The descriptors are back: the admin listener answers again.
@@ -543,7 +543,7 @@ async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
             break;
         }
         assert_eq!(answer.status, hyper::StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(answer.body, lb::local::EXHAUSTED_BODY);
+        assert_eq!(answer.body, lb::obs::local::EXHAUSTED_BODY);
         assert!(
             Instant::now() < deadline,
             "lb never served again after the clients left"

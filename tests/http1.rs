@@ -431,8 +431,8 @@ async fn a_100_continue_upload_leaves_the_connection_on_the_fast_path() {
         .filter(|l| l.starts_with("x-a:") || l.starts_with("x-b:"))
         .collect();
     let want = match http1_under_test() {
-        lb::server::Http1::Fast => ["x-a: 1", "x-b: 2", "x-a: 3"],
-        lb::server::Http1::Hyper => ["x-a: 1", "x-a: 3", "x-b: 2"],
+        lb::http::server::Http1::Fast => ["x-a: 1", "x-b: 2", "x-a: 3"],
+        lb::http::server::Http1::Hyper => ["x-a: 1", "x-a: 3", "x-b: 2"],
     };
     assert_eq!(order, want, "{}", heads[1]);
 }

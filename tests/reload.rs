@@ -35,7 +35,7 @@ const NO_POLL: Duration = Duration::from_secs(3600);
 /// `listen: 127.0.0.1:0`), watching it with the given poll interval.
 async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
     let (config, hash) = lb::config::Config::load(path).unwrap();
-    let listener = lb::listen::bind(config.listen).unwrap();
+    let listener = lb::net::listen::bind(config.listen).unwrap();
     let settings = settings(
         path,
         lb::reload::WatchSettings {
@@ -859,7 +859,7 @@ async fn listen_change_to_another_lbs_port_is_refused() {
     let lb = TestLb::start(&backends_yaml(&[&a])).await;
     let before = lb.lb.local_addr();
     // Another process's lb socket, bound as lb binds.
-    let other = lb::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let other = lb::net::listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let taken = other.local_addr().unwrap();
     lb.rewrite(&format!("listen: {taken}\n{}", backends_yaml(&[&a])));
     eventually!(WAIT, lb.rejected() == 1);

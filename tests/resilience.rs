@@ -23,7 +23,7 @@ async fn with_fast_checks(backends: &[&Backend]) -> TestLb {
     TestLb::start(&format!("{FAST_CHECKS}{}", backends_yaml(backends))).await
 }
 
-fn state(lb: &TestLb, i: usize) -> Arc<lb::state::BackendState> {
+fn state(lb: &TestLb, i: usize) -> Arc<lb::core::state::BackendState> {
     lb.lb.runtime().snapshot().first_pool().backends[i]
         .state
         .clone()

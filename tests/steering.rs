@@ -76,7 +76,7 @@ async fn route_keys(url: &str, keys: &[String]) -> HashMap<String, String> {
 /// lb's attempt counters other than successes: what a routing test that
 /// failed must look at first (a failover is the usual reason a key moves).
 fn failed_attempts(lb: &TestLb) -> String {
-    lb::metrics::render(lb.lb.runtime())
+    lb::obs::metrics::render(lb.lb.runtime())
         .lines()
         .filter(|l| l.starts_with("lb_upstream_attempts") && !l.contains("\"success\""))
         .collect::<Vec<_>>()
@@ -284,7 +284,7 @@ fn cookie_for(lb: &TestLb, name: &str) -> String {
     let addr = lb.lb.runtime().snapshot().first_pool().backends[i]
         .addr
         .clone();
-    format!("lb_sticky={}", lb::affinity::token(&addr))
+    format!("lb_sticky={}", lb::http::affinity::token(&addr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

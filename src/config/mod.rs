@@ -37,7 +37,7 @@
 //! pass through figment exists only to apply the environment.
 //!
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
-//! (see [`crate::runtime`]).
+//! (see [`crate::core::runtime`]).
 
 mod diff;
 mod error;
@@ -141,7 +141,7 @@ impl fmt::Display for Mode {
     }
 }
 
-/// The load-balancing strategies; see [`crate::selection`].
+/// The load-balancing strategies; see [`crate::core::selection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// Smooth weighted round robin (nginx). `weighted_round_robin` is an alias.

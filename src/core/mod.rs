@@ -1,5 +1,10 @@
-//! The protocol-free core: logic that knows nothing of hyper, HTTP types,
-//! sockets or the config file, so that both the config module (to parse and
-//! validate) and the request path (to decide) can use it.
+//! The protocol-free core: the live [`Runtime`] and its [`Snapshot`] (one
+//! [`Pool`] per configured pool, the [`route::Router`]), per-backend state,
+//! the strategies, the retry budget and the passive-health verdict. Nothing
+//! here names hyper, sockets, the HTTP or TCP sides, the listeners, health
+//! checks, the admin listener or the reloader: they all sit on top of it.
 
 pub mod route;
+pub mod runtime;
+pub mod selection;
+pub mod state;

@@ -3,10 +3,10 @@
 //! are done.
 //!
 //! It shares everything below the protocol with HTTP mode: the snapshot's
-//! pool and strategy pick the backend, [`crate::state`] counts the open
+//! pool and strategy pick the backend, [`crate::core::state`] counts the open
 //! connection as in flight (so least_connections counts connections) and
 //! the failed connects (passive detection, through the same
-//! `crate::retry::note_failure` as HTTP), and the health checker probes
+//! `crate::http::retry::note_failure` as HTTP), and the health checker probes
 //! with TCP connects. What differs: only the connect is retried, never the
 //! bytes after it. Optionally a PROXY protocol header (`send_proxy_protocol`)
 //! tells the backend who the client is.

@@ -6,9 +6,9 @@
 //!   detection) and, within `retry.attempts` and the retry budget, tried on
 //!   another eligible backend, never the same one twice. Once connected,
 //!   nothing is retried: bytes may have reached the backend. A connect
-//!   that fails on lb's own shortage ([`crate::local`]: its fd limit…)
+//!   that fails on lb's own shortage ([`crate::obs::local`]: its fd limit…)
 //!   closes the client connection and charges no backend.
-//! * Bytes go both ways through [`crate::tunnel`] (which upgraded HTTP
+//! * Bytes go both ways through [`crate::io::tunnel`] (which upgraded HTTP
 //!   connections use too): each direction ends on its own, a FIN passed on
 //!   as a write shutdown (a client that shuts its write side still reads
 //!   the whole response).
@@ -19,7 +19,7 @@
 //!   snapshot. Shutdown lets it run until lb's drain sender is dropped
 //!   (after `--shutdown-grace`), then closes it.
 
-use crate::local::{Op, Shortage};
+use crate::obs::local::{Op, Shortage};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -29,13 +29,13 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::{BackendAddr, Strategy};
-use crate::listen::ConnectionGuard;
-use crate::metrics::AttemptOutcome;
-use crate::retry::note_failure;
-use crate::runtime::{Runtime, Snapshot};
-use crate::selection::Steer;
-use crate::state::InFlight;
-use crate::tunnel::{copy_both_ways, Ended};
+use crate::net::listen::ConnectionGuard;
+use crate::obs::metrics::AttemptOutcome;
+use crate::http::retry::note_failure;
+use crate::core::runtime::{Runtime, Snapshot};
+use crate::core::selection::Steer;
+use crate::core::state::InFlight;
+use crate::io::tunnel::{copy_both_ways, Ended};
 
 use super::proxy_protocol;
 
@@ -126,7 +126,7 @@ async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upst
     // consistent_hash keys a TCP connection by its client's address.
     let steer = Steer {
         key: (pool.config.strategy == Strategy::ConsistentHash)
-            .then(|| crate::selection::hash::client_ip(peer.ip())),
+            .then(|| crate::core::selection::hash::client_ip(peer.ip())),
         pinned: None,
     };
     let mut tried: Vec<usize> = Vec::new();

@@ -377,7 +377,7 @@ impl TestLb {
         let yaml = with_listen(yaml);
         std::fs::write(&path, &yaml).unwrap();
         let (config, hash) = lb::config::Config::load(&path).unwrap();
-        let listener = lb::listen::bind(config.listen).unwrap();
+        let listener = lb::net::listen::bind(config.listen).unwrap();
         let settings = settings(
             &path,
             lb::reload::WatchSettings {
@@ -421,10 +421,10 @@ pub fn settings(path: &Path, watch: lb::reload::WatchSettings) -> lb::Settings {
 }
 
 /// The HTTP/1 path this run of the suite tests (`TEST_LB_HTTP1`).
-pub fn http1_under_test() -> lb::server::Http1 {
+pub fn http1_under_test() -> lb::http::server::Http1 {
     match std::env::var("TEST_LB_HTTP1").as_deref() {
-        Ok("hyper") => lb::server::Http1::Hyper,
-        Ok("fast") | Err(_) => lb::server::Http1::Fast,
+        Ok("hyper") => lb::http::server::Http1::Hyper,
+        Ok("fast") | Err(_) => lb::http::server::Http1::Fast,
         Ok(other) => panic!("TEST_LB_HTTP1={other}: want fast or hyper"),
     }
 }

@@ -1,0 +1,316 @@
+//! The pooled HTTP/1.1 client lb uses to talk to backends, and the
+//! classification of its errors into what the retry policy reasons about.
+//!
+//! Each backend connection is watched ([`ConnUse`]) so that an error can
+//! say whether the request met a stale pooled connection: one that had
+//! answered before and failed before any byte of this answer, as when the
+//! backend closed it on its keep-alive timeout just as lb reused it
+//! ([`Stale`]). hyper's client retries only requests it never started to
+//! write; [`crate::http::retry`] resends these once on a new connection.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::http::body::UpstreamBody;
+use crate::obs::local::Shortage;
+
+/// Idle keep-alive connections are closed after this long: below the few
+/// seconds most backends keep an idle connection, so lb rarely reuses one
+/// the backend is closing at that very moment.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on idle connections kept per backend.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// One worker's backend client: its keep-alive pool, and a client without
+/// one for the resend after a stale pooled connection (which must go on a
+/// new connection: the pool may hold more the backend has closed).
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    pooled: Client<WatchedConnector, UpstreamBody>,
+    fresh: Client<WatchedConnector, UpstreamBody>,
+}
+
+impl UpstreamClient {
+    /// Sends `req` on a pooled connection (or a new one).
+    pub fn request(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
+        self.pooled.request(req)
+    }
+
+    /// Sends `req` on a new connection, closed after this exchange.
+    pub fn request_fresh(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
+        self.fresh.request(req)
+    }
+}
+
+/// Builds the backend client. It lives in the config snapshot and is reused
+/// by the next snapshot unless `connect_timeout` changes, so a reload keeps
+/// the warm connection pool.
+pub fn client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(true);
+    let connector = WatchedConnector(connector);
+    let build = |max_idle| {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector.clone())
+    };
+    UpstreamClient {
+        pooled: build(POOL_MAX_IDLE_PER_HOST),
+        fresh: build(0),
+    }
+}
+
+/// `HttpConnector` whose connections are [`Watched`].
+#[derive(Debug, Clone)]
+pub struct WatchedConnector(HttpConnector);
+
+impl tower_service::Service<Uri> for WatchedConnector {
+    type Response = TokioIo<Watched>;
+    type Error = Box<dyn StdError + Send + Sync>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<TokioIo<Watched>, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        // Boxed once per new connection, not per request.
+        Box::pin(async move {
+            let stream = connecting.await?.into_inner();
+            Ok(TokioIo::new(Watched {
+                stream,
+                usage: Arc::default(),
+            }))
+        })
+    }
+}
+
+/// A backend connection that notes its use in a [`ConnUse`], which hyper's
+/// client attaches to its errors (`Error::connect_info`).
+#[derive(Debug)]
+pub struct Watched {
+    stream: TcpStream,
+    usage: Arc<ConnUse>,
+}
+
+/// How far the latest request on one connection got: written by the
+/// connection's task only, read after hyper reported its error (which
+/// orders the two), so relaxed loads and stores suffice.
+#[derive(Debug, Default)]
+pub struct ConnUse(AtomicU8);
+
+/// [`ConnUse`] bits.
+const ANSWERED_BEFORE: u8 = 1;
+const WROTE: u8 = 2;
+const READ: u8 = 4;
+
+/// How a request that met a stale pooled connection failed: on a
+/// connection that had answered an earlier request, before any byte of an
+/// answer to this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Not a byte of it was written: the backend never saw it.
+    Unsent,
+    /// Written, then the connection closed or reset: most likely closed
+    /// while idle, but the backend may have seen the request.
+    Unanswered,
+}
+
+impl ConnUse {
+    fn on_write_start(&self) {
+        let bits = self.0.load(Relaxed);
+        // The first write after reading begins the next request (lb's
+        // client does not pipeline). A backend that sends part of a head
+        // while the body is still going out and then closes would look the
+        // same: then an idempotent request is sent once more.
+        if bits & READ != 0 {
+            self.0.store(ANSWERED_BEFORE, Relaxed);
+        }
+    }
+
+    fn note(&self, bit: u8) {
+        let bits = self.0.load(Relaxed);
+        if bits & bit == 0 {
+            self.0.store(bits | bit, Relaxed);
+        }
+    }
+
+    fn stale(&self) -> Option<Stale> {
+        let bits = self.0.load(Relaxed);
+        if bits & ANSWERED_BEFORE == 0 || bits & READ != 0 {
+            return None;
+        }
+        Some(if bits & WROTE == 0 {
+            Stale::Unsent
+        } else {
+            Stale::Unanswered
+        })
+    }
+}
+
+impl Connection for Watched {
+    fn connected(&self) -> Connected {
+        self.stream.connected().extra(Arc::clone(&self.usage))
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.usage.note(READ);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.usage.on_write_start();
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.usage.note(WROTE);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.usage.on_write_start();
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.usage.note(WROTE);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Whether `err` is a request that met a stale pooled connection, and how
+/// far it got (see [`Stale`]); `None` for any other failure.
+pub fn stale(err: &hyper_util::client::legacy::Error) -> Option<Stale> {
+    if err.is_connect() {
+        return None;
+    }
+    // Only on this error path: the connection's extras copied out.
+    let mut extras = hyper::http::Extensions::new();
+    err.connect_info()?.get_extras(&mut extras);
+    extras.get::<Arc<ConnUse>>()?.stale()
+}
+
+/// How one attempt failed, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No connection: nothing was sent, always safe to retry.
+    Connect,
+    /// The connection broke after (part of) the request was sent.
+    Reset,
+    /// No response head within the per-try or request timeout.
+    Timeout,
+    /// The backend answered something lb cannot relay (an unasked-for 101).
+    Protocol,
+    /// No connection because lb itself ran short (its fd limit, buffers,
+    /// local ports): nothing is said about the backend, nothing is charged.
+    Local(Shortage),
+}
+
+/// The kind of a failed connect to a backend: [`FailureKind::Local`] when
+/// the error is lb's own shortage, [`FailureKind::Connect`] otherwise.
+pub fn connect_failure(e: &std::io::Error) -> FailureKind {
+    Shortage::of(e).map_or(FailureKind::Connect, FailureKind::Local)
+}
+
+/// Classifies a client error, with its innermost message for logs and bodies.
+pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
+    let kind = if err.is_connect() {
+        Shortage::in_chain(err).map_or(FailureKind::Connect, FailureKind::Local)
+    } else {
+        FailureKind::Reset
+    };
+    (kind, root_cause(err))
+}
+
+/// The innermost message of an error chain: "Connection refused (os error 111)"
+/// says more than "client error (Connect)".
+pub fn root_cause(err: &(dyn StdError + 'static)) -> String {
+    let mut cur: &(dyn StdError + 'static) = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a connection's use says after each step of its life.
+    #[test]
+    fn only_a_reused_connection_without_an_answer_is_stale() {
+        let usage = ConnUse::default();
+        let write = |n: usize| {
+            usage.on_write_start();
+            if n > 0 {
+                usage.note(WROTE);
+            }
+        };
+        // A new connection that fails is not stale, written or not.
+        assert_eq!(usage.stale(), None);
+        write(10);
+        assert_eq!(usage.stale(), None);
+        // Answered: the next request starts with its first write.
+        usage.note(READ);
+        assert_eq!(usage.stale(), None);
+        write(0);
+        assert_eq!(usage.stale(), Some(Stale::Unsent));
+        write(10);
+        write(10);
+        assert_eq!(usage.stale(), Some(Stale::Unanswered));
+        // A byte of the answer: whatever happens next, the backend answered.
+        usage.note(READ);
+        assert_eq!(usage.stale(), None);
+    }
+}

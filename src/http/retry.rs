@@ -1,0 +1,772 @@
+//! The one place a request is sent upstream: pick a backend, send, judge the
+//! outcome, and maybe try the next backend.
+//!
+//! Rules (see `RetryPolicy` for the knobs):
+//! * a connect failure is retried whatever the method: nothing was sent;
+//! * after the request was sent (reset, timeout, retryable status) only
+//!   idempotent methods whose body can be replayed are retried, so a POST
+//!   that reached a backend never reaches a second one;
+//! * a retry goes to an available backend this request has not tried, chosen
+//!   by the configured strategy;
+//! * every retry spends a token from the [`RetryBudget`], so a sick pool is
+//!   not hit by a retry storm;
+//! * when every attempt fails the client gets the last backend's own
+//!   retryable response, or 504 after a timeout, or 502;
+//! * a connect that fails on lb's own shortage ([`crate::obs::local`]: its fd
+//!   limit…) ends the loop at once with 503, charging no backend.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::http::request::Parts;
+use hyper::http::uri::{Scheme, Uri};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::time::{timeout_at, Instant};
+
+use crate::http::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
+use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
+use crate::obs::local::Op;
+use crate::obs::metrics::{AttemptOutcome, RetryReason};
+use crate::core::runtime::{Pool, Runtime, Snapshot};
+use crate::core::selection::Steer;
+use crate::core::state::{BackendState, Clock, Ejection, InFlight};
+use crate::http::upgrade::Hold;
+use crate::http::client::{self, FailureKind, Stale};
+
+/// Caps retries to a share of recent traffic (Envoy and Linkerd call this
+/// a retry budget), lock-free:
+/// * each original request deposits `ratio` tokens into a balance capped at
+///   ten seconds' worth, and a retry may spend a whole token;
+/// * independently, `min_retries_per_second` retries are allowed in every
+///   clock second, so a freshly started or quiet proxy can still retry.
+#[derive(Debug)]
+pub struct RetryBudget {
+    clock: Clock,
+    /// Ratio balance, in thousandths of a retry.
+    milli_tokens: AtomicI64,
+    /// The clock second `floor_used` counts for.
+    floor_second: AtomicU64,
+    /// Retries taken from the per-second floor in `floor_second`.
+    floor_used: AtomicU64,
+}
+
+/// Seconds of ratio deposits the balance may bank: bounds a burst of retries
+/// after a long healthy spell.
+const BUDGET_WINDOW_SECS: i64 = 10;
+
+impl RetryBudget {
+    pub fn new(clock: Clock) -> Self {
+        RetryBudget {
+            clock,
+            milli_tokens: AtomicI64::new(0),
+            floor_second: AtomicU64::new(0),
+            floor_used: AtomicU64::new(0),
+        }
+    }
+
+    /// Credits one original request.
+    pub fn deposit(&self, cfg: &RetryBudgetConfig) {
+        let add = (cfg.ratio * 1000.0) as i64;
+        // Enough for ten seconds of the floor, and never less than 100 retries.
+        let cap = 1000 * BUDGET_WINDOW_SECS * i64::from(cfg.min_retries_per_second.max(10));
+        let _ = self
+            .milli_tokens
+            .fetch_update(Relaxed, Relaxed, |t| (t < cap).then(|| (t + add).min(cap)));
+    }
+
+    /// Takes one retry from the per-second floor or the ratio balance.
+    pub fn try_withdraw(&self, cfg: &RetryBudgetConfig) -> bool {
+        let second = self.clock.now_ms() / 1000;
+        let seen = self.floor_second.load(Relaxed);
+        if seen != second
+            && self
+                .floor_second
+                .compare_exchange(seen, second, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.floor_used.store(0, Relaxed);
+        }
+        if self.floor_used.fetch_add(1, Relaxed) < u64::from(cfg.min_retries_per_second) {
+            return true;
+        }
+        self.milli_tokens
+            .fetch_update(Relaxed, Relaxed, |t| (t >= 1000).then_some(t - 1000))
+            .is_ok()
+    }
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// One protocol's way of carrying attempts to backends: the hyper path
+/// ([`HyperAttempts`]) and the HTTP/1 fast path implement it, and [`run`]
+/// makes every decision for both (selection, budget, timeouts, passive
+/// health, metrics, what is retried, what the client is told).
+pub(crate) trait Attempts {
+    /// A backend's response head (and whatever carries its body).
+    type Response;
+
+    /// Readies the request body for one more attempt; false when a
+    /// streaming body has already been sent and cannot go again.
+    fn next_attempt(&mut self) -> bool;
+
+    /// Sends the attempt readied by `next_attempt` to backend `index` of
+    /// `snap` and waits for its response head.
+    fn send(
+        &mut self,
+        snap: &Snapshot,
+        pool: &Pool,
+        index: usize,
+    ) -> impl std::future::Future<Output = Result<Self::Response, (FailureKind, String)>> + Send;
+
+    fn status(response: &Self::Response) -> StatusCode;
+
+    /// True when every attempt can send the whole body again.
+    fn is_replayable(&self) -> bool;
+
+    /// True when the last attempt's body came back unsent (or never left).
+    fn can_resend(&mut self) -> bool;
+
+    /// How the client's side of the body failed, if it did; `timed_out`
+    /// says the attempt ran out of time (a stall on the client's side then
+    /// is the client's fault).
+    fn client_fault(&self, timed_out: bool) -> Option<ClientFault>;
+
+    /// True when the client asked for a protocol switch (`Upgrade`), so a
+    /// 101 is the answer, not a broken backend.
+    fn wants_upgrade(&self) -> bool;
+}
+
+/// What [`run`] concluded: the client gets one of these.
+/// Where a request goes: the snapshot it loaded, the pool its route chose
+/// in that snapshot, and what steers it to a backend of that pool.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub snap: &'a Snapshot,
+    pub pool: &'a Pool,
+    pub steer: &'a Steer,
+}
+
+pub(crate) enum Outcome<R> {
+    /// A backend's response, relayed; the guard keeps the backend counted
+    /// in flight until the body is done; the index says which backend.
+    Relay(R, InFlight, usize),
+    /// A 101 to a request that asked for the switch: the connection is
+    /// handed over to the upgraded protocol.
+    Switched(R, InFlight, usize),
+    /// lb's own short answer (no backend, 502, 504).
+    Own(StatusCode, String),
+    /// The client's body failed: answered without blaming a backend.
+    ClientFault(ClientFault),
+}
+
+/// Why the previous attempt did not produce the answer.
+enum Failed<R> {
+    /// A transport failure on `backend`.
+    Transport {
+        kind: FailureKind,
+        backend: usize,
+        detail: String,
+    },
+    /// A retryable status from backend `.2`; kept to pass through if no
+    /// retry succeeds.
+    Response(R, InFlight, usize),
+}
+
+/// What the retry loop did with one request, for metrics and the access log.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The request's pool (index in the snapshot), once routed.
+    pub pool: Option<usize>,
+    /// The backend (index in the pool) whose response the client gets;
+    /// `None` when lb answers itself.
+    pub relayed: Option<usize>,
+    /// Attempts sent upstream.
+    pub attempts: u32,
+    /// From the first attempt to the final response head.
+    pub upstream: Option<std::time::Duration>,
+    /// When the final response head was in (or the loop gave up), for the
+    /// caller's own timing: one clock reading serves both.
+    pub ended: Option<Instant>,
+}
+
+/// The backends one request has tried, by index: the first inline, since
+/// most requests never retry (no allocation for them).
+#[derive(Default)]
+struct Tried {
+    first: Option<usize>,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        if self.first.is_none() {
+            self.first = Some(index);
+        } else {
+            self.more.push(index);
+        }
+    }
+
+    fn contains(&self, index: &usize) -> bool {
+        self.first == Some(*index) || self.more.contains(index)
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+}
+
+/// Whether a failed attempt may be tried again (the policy, nothing else).
+fn may_retry(
+    kind: FailureKind,
+    retry_on: &crate::config::RetryOn,
+    idempotent: bool,
+    replayable: bool,
+    can_resend: impl FnOnce() -> bool,
+) -> bool {
+    match kind {
+        FailureKind::Connect => retry_on.connect_failure && can_resend(),
+        FailureKind::Reset => retry_on.reset && idempotent && replayable,
+        FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
+        FailureKind::Protocol | FailureKind::Local(_) => false,
+    }
+}
+
+/// What the client is told when the last attempt failed in transit.
+fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
+    match kind {
+        FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
+        FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
+        FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+        FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
+        FailureKind::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "hit a local shortage"),
+    }
+}
+
+const NO_BACKEND: &str = "lb: no healthy backend available\n";
+
+/// The 503 when no backend may be tried, with the health checker's
+/// reason when it holds the whole pool down: a newcomer's wrong
+/// `health_check.path` explains itself to the first `curl`.
+fn no_backend(pool: &Pool) -> String {
+    match pool.shared.down.load().as_deref() {
+        Some(why) => format!("lb: no healthy backend available: {why}\n"),
+        None => NO_BACKEND.to_owned(),
+    }
+}
+
+/// Sends the request (head already rewritten by the proxy) to the pool,
+/// retrying per the snapshot's policy (`steer` carries its hash key and
+/// affinity cookie), and notes in `trace` what it did.
+pub async fn forward(
+    rt: &Arc<Runtime>,
+    call: Call<'_>,
+    worker: usize,
+    mut parts: Parts,
+    body: RequestBody,
+    trace: &mut Trace,
+) -> Response<ResponseBody> {
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    // The proxy kept `Upgrade` only on requests that asked for one.
+    let upgrade = parts
+        .headers
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
+    let hold = parts.extensions.remove::<Hold>();
+    let Call { snap, .. } = call;
+    let backend_body = snap.config.timeouts.backend_body;
+    let mut attempts = HyperAttempts {
+        worker,
+        upgrade: upgrade.is_some(),
+        parts,
+        body,
+        pending: None,
+    };
+    match run(rt, call, &method, &path, &mut attempts, trace).await {
+        Outcome::Relay(resp, in_flight, index) => {
+            let relayed = |body| {
+                RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
+            };
+            pass_through(resp, relayed, index)
+        }
+        Outcome::Switched(resp, in_flight, index) => {
+            let Some(client) = upgrade else {
+                // wants_upgrade() said so: not reached.
+                return text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned());
+            };
+            let idle = snap.config.timeouts.tcp_idle;
+            let mut resp = crate::http::upgrade::relay(rt, idle, resp, client, hold, in_flight);
+            // A handshake sets the affinity cookie like any response.
+            resp.extensions_mut()
+                .insert(crate::http::affinity::ServedBy(index));
+            resp
+        }
+        Outcome::Own(status, body) => text(status, body),
+        Outcome::ClientFault(fault) => client_fault(fault),
+    }
+}
+
+/// The decisions of the retry loop, over either protocol's [`Attempts`];
+/// `trace` notes what it did.
+pub(crate) async fn run<A: Attempts>(
+    rt: &Runtime,
+    call: Call<'_>,
+    method: &Method,
+    path: &str,
+    attempts: &mut A,
+    trace: &mut Trace,
+) -> Outcome<A::Response> {
+    let Call { snap, pool, steer } = call;
+    let started = Instant::now();
+    // `return` in the block ends the decisions; the trace is finished below.
+    let outcome = async {
+        let policy: &RetryPolicy = &pool.config.retry;
+        let deadline = started + snap.config.timeouts.request;
+        let idempotent = is_idempotent(method);
+        pool.shared.budget.deposit(&policy.budget);
+
+        let mut tried = Tried::default();
+        let mut last: Option<Failed<A::Response>> = None;
+        // Only peak_ewma reads the latency estimate: the others skip the
+        // clock readings and the shared writes of recording it.
+        let record_latency = pool.config.strategy == Strategy::PeakEwma;
+        for attempt in 0..policy.attempts.get() {
+            if attempt > 0 && !pool.shared.budget.try_withdraw(&policy.budget) {
+                tracing::debug!("retry budget exhausted");
+                rt.metrics.budget_exhausted();
+                break;
+            }
+            let now_ms = if attempt == 0 {
+                rt.clock.ms_at(started)
+            } else {
+                rt.clock.now_ms()
+            };
+            let eligible =
+                |i: usize| !tried.contains(&i) && pool.backends[i].state.is_available(now_ms);
+            let Some(index) = pool.select_for(steer, &eligible) else {
+                if attempt == 0 {
+                    return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(pool));
+                }
+                break;
+            };
+            if !attempts.next_attempt() {
+                break;
+            }
+            if let Some(previous) = &last {
+                rt.metrics.retry(match previous {
+                    Failed::Response(..) => RetryReason::Status,
+                    Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
+                });
+            }
+            tried.push(index);
+            trace.attempts += 1;
+            let backend = &pool.backends[index];
+            let in_flight = backend.state.start();
+            let try_deadline = policy
+                .per_try_timeout
+                .map_or(deadline, |t| deadline.min(Instant::now() + t));
+            let sent = if record_latency {
+                Instant::now()
+            } else {
+                started
+            };
+            let outcome = timeout_at(try_deadline, attempts.send(snap, pool, index)).await;
+            // peak_ewma's sample: time to the response head (a refused connect says nothing).
+            if record_latency
+                && !matches!(
+                    &outcome,
+                    Ok(Err((FailureKind::Connect | FailureKind::Local(_), _)))
+                )
+            {
+                let decay = pool.config.steering.peak_ewma_decay;
+                backend.state.record_latency(sent.elapsed(), decay);
+            }
+            // The client's side failed (bad framing, stall, gone): not the backend's doing.
+            if let Some(fault) = attempts.client_fault(outcome.is_err()) {
+                tracing::debug!(backend = %backend.addr, ?fault, "request body failed on the client's side");
+                return Outcome::ClientFault(fault);
+            }
+            let metrics = &backend.state.metrics;
+            let (kind, detail) = match outcome {
+                Ok(Ok(resp)) if A::status(&resp) == StatusCode::SWITCHING_PROTOCOLS => {
+                    if attempts.wants_upgrade() {
+                        metrics.attempt(AttemptOutcome::Success);
+                        backend.state.record_success();
+                        trace.relayed = Some(index);
+                        return Outcome::Switched(resp, in_flight, index);
+                    }
+                    // lb forwards `Upgrade` only when asked, so this switch was not.
+                    (
+                        FailureKind::Protocol,
+                        "answered 101 to a request without Upgrade".to_owned(),
+                    )
+                }
+                Ok(Ok(resp)) => {
+                    let status = A::status(&resp);
+                    if status.is_server_error() {
+                        metrics.attempt(AttemptOutcome::ServerError);
+                        note_failure(rt, pool, &backend.state, &format!("answered {status}"));
+                    } else {
+                        metrics.attempt(AttemptOutcome::Success);
+                        backend.state.record_success();
+                    }
+                    trace.relayed = Some(index);
+                    if policy.retry_on.status(status.as_u16()) && idempotent && attempts.is_replayable()
+                    {
+                        tracing::debug!(backend = %backend.addr, %status, attempt, "retryable status");
+                        last = Some(Failed::Response(resp, in_flight, index));
+                        continue;
+                    }
+                    return Outcome::Relay(resp, in_flight, index);
+                }
+                Ok(Err(failure)) => failure,
+                Err(_) => (
+                    FailureKind::Timeout,
+                    format!("no response within {:?}", Instant::now() - started),
+                ),
+            };
+            drop(in_flight);
+            if let FailureKind::Local(shortage) = kind {
+                // lb's own shortage: the backend was never reached and is
+                // not charged; another backend would fail the same way.
+                trace.attempts -= 1;
+                let what = format_args!("{method} {path}: connecting to {}: {detail}", backend.addr);
+                rt.local_errors
+                    .record(Op::Connect, shortage, rt.clock.now_ms(), what);
+                return match last {
+                    Some(Failed::Response(resp, in_flight, index)) => {
+                        Outcome::Relay(resp, in_flight, index)
+                    }
+                    _ => {
+                        trace.relayed = None;
+                        Outcome::Own(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            crate::obs::local::EXHAUSTED_BODY.to_owned(),
+                        )
+                    }
+                };
+            }
+            metrics.attempt(AttemptOutcome::of_failure(kind));
+            trace.relayed = None;
+            note_failure(rt, pool, &backend.state, &detail);
+            tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
+            let retry_allowed = may_retry(
+                kind,
+                &policy.retry_on,
+                idempotent,
+                attempts.is_replayable(),
+                || attempts.can_resend(),
+            );
+            last = Some(Failed::Transport {
+                kind,
+                backend: index,
+                detail,
+            });
+            if !retry_allowed || Instant::now() >= deadline {
+                break;
+            }
+        }
+        match last {
+            Some(Failed::Response(resp, in_flight, index)) => Outcome::Relay(resp, in_flight, index),
+            Some(Failed::Transport {
+                kind,
+                backend,
+                detail,
+            }) => {
+                let addr = &pool.backends[backend].addr;
+                let tries = tried.len();
+                let (status, what) = final_status(kind);
+                tracing::warn!(backend = %addr, %detail, tries, "{method} {path} {what}: {status}");
+                // The client learns the status; addresses and errors stay in the log.
+                let reason = status.canonical_reason().unwrap_or("");
+                Outcome::Own(status, format!("lb: {} {reason}\n", status.as_u16()))
+            }
+            None => Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(pool)),
+        }
+    }
+    .await;
+    if trace.attempts > 0 {
+        let ended = Instant::now();
+        trace.upstream = Some(ended - started);
+        trace.ended = Some(ended);
+    }
+    outcome
+}
+
+/// The hyper path's attempts: hyper's pooled client of this worker.
+struct HyperAttempts {
+    worker: usize,
+    /// The client asked for a protocol switch.
+    upgrade: bool,
+    /// The rewritten request head, cloned into each request.
+    parts: Parts,
+    body: RequestBody,
+    /// The body readied by `next_attempt`.
+    pending: Option<UpstreamBody>,
+}
+
+impl HyperAttempts {
+    /// The rewritten request for backend `index` of `pool`, with `body`.
+    fn request(&self, pool: &Pool, index: usize, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.authorities[index]);
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
+}
+
+impl Attempts for HyperAttempts {
+    type Response = Response<Incoming>;
+
+    fn next_attempt(&mut self) -> bool {
+        self.pending = self.body.next_attempt();
+        self.pending.is_some()
+    }
+
+    async fn send(
+        &mut self,
+        snap: &Snapshot,
+        pool: &Pool,
+        index: usize,
+    ) -> Result<Response<Incoming>, (FailureKind, String)> {
+        let Some(body) = self.pending.take() else {
+            return Err((FailureKind::Connect, "no body to send".to_owned()));
+        };
+        let client = snap.client(self.worker);
+        let err = match client.request(self.request(pool, index, body)).await {
+            Ok(resp) => return Ok(resp),
+            Err(err) => err,
+        };
+        // A pooled connection the backend had closed (or was closing as it
+        // was reused) failed before any byte of an answer: the request goes
+        // once more, on a new connection, as the fast path does — whatever
+        // the method if none of it was written, else only an idempotent one
+        // (the backend may have seen it). Not an attempt of the retry loop:
+        // the backend did nothing wrong.
+        let resend = match client::stale(&err) {
+            Some(Stale::Unsent) => true,
+            Some(Stale::Unanswered) => is_idempotent(&self.parts.method),
+            None => false,
+        };
+        let body = resend && self.body.client_fault().is_none();
+        let Some(body) = body.then(|| self.body.next_attempt()).flatten() else {
+            return Err(client::classify(&err));
+        };
+        tracing::debug!(backend = %pool.backends[index].addr, error = %client::root_cause(&err), "stale pooled connection: sent again on a new one");
+        client
+            .request_fresh(self.request(pool, index, body))
+            .await
+            .map_err(|e| client::classify(&e))
+    }
+
+    fn status(response: &Response<Incoming>) -> StatusCode {
+        response.status()
+    }
+
+    fn is_replayable(&self) -> bool {
+        self.body.is_replayable()
+    }
+
+    fn can_resend(&mut self) -> bool {
+        self.body.can_resend()
+    }
+
+    fn client_fault(&self, timed_out: bool) -> Option<ClientFault> {
+        self.body.client_fault().or_else(|| {
+            (timed_out && self.body.waiting_on_client()).then_some(ClientFault::Stalled)
+        })
+    }
+
+    fn wants_upgrade(&self) -> bool {
+        self.upgrade
+    }
+}
+
+/// Passive health: counts a failure of `state`'s backend and logs an
+/// ejection once, per `snap`'s `outlier_detection`. An ejection that would
+/// take more than `max_ejection_percent` of `snap`'s pool out (but always
+/// allows one) does not happen: a pool-wide problem must not leave clients
+/// with nothing.
+pub(crate) fn note_failure(rt: &Runtime, pool: &Pool, state: &BackendState, why: &str) {
+    let outlier = &pool.config.outlier_detection;
+    let now_ms = rt.clock.now_ms();
+    let may_eject = || {
+        let out = pool
+            .backends
+            .iter()
+            .filter(|b| b.state.is_ejected(now_ms))
+            .count();
+        let cap = (pool.backends.len() * outlier.max_ejection_percent as usize / 100).max(1);
+        out < cap
+    };
+    let ejected = state.record_failure(
+        now_ms,
+        outlier.consecutive_failures,
+        outlier.ejection_time,
+        may_eject,
+    );
+    match ejected {
+        Ejection::Ejected => {
+            state.metrics.ejected();
+            tracing::warn!(
+                "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
+                state.addr,
+                outlier.consecutive_failures.map_or(0, |n| n.get()),
+                outlier.ejection_time
+            )
+        }
+        Ejection::Capped => tracing::debug!(
+            "backend {} failed {} times in a row but stays in: max_ejection_percent {} reached",
+            state.addr,
+            outlier.consecutive_failures.map_or(0, |n| n.get()),
+            outlier.max_ejection_percent
+        ),
+        Ejection::None => {}
+    }
+}
+
+/// A backend stopped sending a response body it still owed for `limit`
+/// (`timeouts.backend_body`), on either HTTP/1 path: the response is being
+/// cut. Logged, counted, and charged to the backend like a failed attempt,
+/// judged by the current snapshot (the request's may be gone by now).
+pub(crate) fn backend_stalled(
+    rt: &Runtime,
+    state: &BackendState,
+    method: &Method,
+    path: &str,
+    limit: std::time::Duration,
+) {
+    tracing::warn!(
+        backend = %state.addr,
+        "{method} {path}: backend stalled mid-body (no byte for {limit:?}, timeouts.backend_body): response cut"
+    );
+    state.metrics.body_stalled();
+    note_failure_in_current(rt, state, "stalled mid-body");
+}
+
+/// A backend's response body ended early: closed, reset, or framed
+/// wrongly (`why`), on either HTTP/1 path or HTTP/2. The response is being
+/// cut. Logged, counted, and charged to the backend like a failed attempt,
+/// as a stall is: the head counted as a success, so without this a backend
+/// that breaks every body would look healthy.
+pub(crate) fn backend_broke(
+    rt: &Runtime,
+    state: &BackendState,
+    method: &Method,
+    path: &str,
+    why: &dyn std::fmt::Display,
+) {
+    tracing::warn!(
+        backend = %state.addr,
+        "{method} {path}: backend broke the response body ({why}): response cut"
+    );
+    state.metrics.body_broke();
+    note_failure_in_current(rt, state, "broke a response body");
+}
+
+fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path are all present and valid: this cannot fail.
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+fn pass_through(
+    resp: Response<Incoming>,
+    relayed: impl FnOnce(Incoming) -> RelayedBody,
+    index: usize,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
+    // decoded the chunked body; a kept Content-Length would cut it short.
+    if parts.headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    }
+    crate::http::proxy::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(crate::http::affinity::ServedBy(index));
+    Response::from_parts(parts, ResponseBody::Upstream(relayed(body)))
+}
+
+/// The answer to a request whose body failed on the client's side.
+pub fn client_fault(fault: ClientFault) -> Response<ResponseBody> {
+    let (status, message) = match fault {
+        ClientFault::Malformed => (StatusCode::BAD_REQUEST, "lb: malformed request body\n"),
+        ClientFault::Stalled => (StatusCode::REQUEST_TIMEOUT, "lb: request body timed out\n"),
+        // Nobody is left to read this; it only ends the exchange.
+        ClientFault::Aborted => (StatusCode::BAD_REQUEST, "lb: request body incomplete\n"),
+    };
+    let mut resp = text(status, message.to_owned());
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// lb's own short answer.
+pub fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::text(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// [`note_failure`] for a backend met outside the attempt loop (a response
+/// body that broke after its head): judged by its pool in the current
+/// snapshot, and not at all if a reload removed it meanwhile.
+fn note_failure_in_current(rt: &Runtime, state: &BackendState, why: &str) {
+    let snap = rt.snapshot();
+    if let Some(pool) = snap.pools.iter().find(|p| p.name() == &state.pool) {
+        note_failure(rt, pool, state, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_the_floor_each_second_plus_the_ratio() {
+        let budget = RetryBudget::new(Clock::new());
+        let cfg = RetryBudgetConfig {
+            ratio: 0.5,
+            min_retries_per_second: 2,
+        };
+        // A fresh proxy can retry at once, up to the floor.
+        assert!(budget.try_withdraw(&cfg));
+        assert!(budget.try_withdraw(&cfg));
+        assert!(!budget.try_withdraw(&cfg));
+        // Four requests earn two retries.
+        for _ in 0..4 {
+            budget.deposit(&cfg);
+        }
+        assert!(budget.try_withdraw(&cfg));
+        assert!(budget.try_withdraw(&cfg));
+        assert!(!budget.try_withdraw(&cfg));
+        // The next second brings the floor back.
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert!(budget.try_withdraw(&cfg));
+    }
+}
