@@ -44,6 +44,7 @@ mod error;
 mod locate;
 pub mod pools;
 mod raw;
+mod route_pattern;
 mod steering;
 mod validate;
 
@@ -64,6 +65,8 @@ pub use error::{line_column, ConfigError, Diagnostic, Origin};
 pub use locate::Position;
 pub use pools::{PoolConfig, PoolName, RouteConfig};
 pub use raw::RawConfig;
+pub(crate) use route_pattern::parse_ipv6;
+pub use route_pattern::{check_path_prefix, HostMatch};
 pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 
 /// A validated configuration. Cheap to share: it lives inside an `Arc`.

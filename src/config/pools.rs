@@ -21,7 +21,7 @@ use super::raw::{
 };
 use super::steering::{RawPeakEwma, RawSessionAffinity};
 use super::{BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy};
-use crate::core::route::{check_path_prefix, HostMatch};
+use super::{check_path_prefix, HostMatch};
 
 type Invalid = (String, String);
 

@@ -4,6 +4,9 @@
 //! here names hyper, sockets, the HTTP or TCP sides, the listeners, health
 //! checks, the admin listener or the reloader: they all sit on top of it.
 
+pub mod budget;
+pub mod conns;
+pub mod passive;
 pub mod route;
 pub mod runtime;
 pub mod selection;

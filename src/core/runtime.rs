@@ -23,12 +23,12 @@ use crate::http::affinity::AffinityCookies;
 use crate::config::{Config, ConfigDiff, ContentHash, PoolConfig, PoolName};
 use crate::core::route::{Route, Router};
 use crate::http::h2_stream::StreamExecutor;
-use crate::net::listen::ConnectionCount;
+use crate::core::conns::ConnectionCount;
 use crate::obs::metrics::Metrics;
-use crate::http::retry::RetryBudget;
+use crate::core::budget::RetryBudget;
 use crate::core::selection::{self, Backend, Pick, Selector, Steer};
 use crate::core::state::{Clock, StateTable};
-use crate::http::upgrade::Upgrades;
+use crate::core::conns::Upgrades;
 use crate::http::client::{self, UpstreamClient};
 
 /// Everything a request needs, built from one config.

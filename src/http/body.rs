@@ -424,7 +424,7 @@ impl Body for RelayedBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 let state = this.in_flight.state();
-                crate::http::retry::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
+                crate::core::passive::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
                 Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))))
             }
             Poll::Ready(Some(Some(Err(e)))) => {
@@ -432,7 +432,7 @@ impl Body for RelayedBody {
                 // (the client's upload failed) or dropped the exchange.
                 if !(e.is_user() || e.is_body_write_aborted() || e.is_canceled()) {
                     let state = this.in_flight.state();
-                    crate::http::retry::backend_broke(&this.rt, state, &this.method, &this.path, &e);
+                    crate::core::passive::backend_broke(&this.rt, state, &this.method, &this.path, &e);
                 }
                 Poll::Ready(Some(Err(BoxError::from(e))))
             }

@@ -15,7 +15,7 @@
 //! * a connect that fails on lb's own shortage ([`crate::obs::local`]: its fd
 //!   limit…) ends the loop at once with 503, charging no backend.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -26,76 +26,15 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
 use crate::http::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
-use crate::config::{RetryBudgetConfig, RetryPolicy, Strategy};
+use crate::config::{RetryPolicy, Strategy};
 use crate::obs::local::Op;
 use crate::obs::metrics::{AttemptOutcome, RetryReason};
 use crate::core::runtime::{Pool, Runtime, Snapshot};
 use crate::core::selection::Steer;
-use crate::core::state::{BackendState, Clock, Ejection, InFlight};
+use crate::core::passive::note_failure;
+use crate::core::state::InFlight;
 use crate::http::upgrade::Hold;
 use crate::http::client::{self, FailureKind, Stale};
-
-/// Caps retries to a share of recent traffic (Envoy and Linkerd call this
-/// a retry budget), lock-free:
-/// * each original request deposits `ratio` tokens into a balance capped at
-///   ten seconds' worth, and a retry may spend a whole token;
-/// * independently, `min_retries_per_second` retries are allowed in every
-///   clock second, so a freshly started or quiet proxy can still retry.
-#[derive(Debug)]
-pub struct RetryBudget {
-    clock: Clock,
-    /// Ratio balance, in thousandths of a retry.
-    milli_tokens: AtomicI64,
-    /// The clock second `floor_used` counts for.
-    floor_second: AtomicU64,
-    /// Retries taken from the per-second floor in `floor_second`.
-    floor_used: AtomicU64,
-}
-
-/// Seconds of ratio deposits the balance may bank: bounds a burst of retries
-/// after a long healthy spell.
-const BUDGET_WINDOW_SECS: i64 = 10;
-
-impl RetryBudget {
-    pub fn new(clock: Clock) -> Self {
-        RetryBudget {
-            clock,
-            milli_tokens: AtomicI64::new(0),
-            floor_second: AtomicU64::new(0),
-            floor_used: AtomicU64::new(0),
-        }
-    }
-
-    /// Credits one original request.
-    pub fn deposit(&self, cfg: &RetryBudgetConfig) {
-        let add = (cfg.ratio * 1000.0) as i64;
-        // Enough for ten seconds of the floor, and never less than 100 retries.
-        let cap = 1000 * BUDGET_WINDOW_SECS * i64::from(cfg.min_retries_per_second.max(10));
-        let _ = self
-            .milli_tokens
-            .fetch_update(Relaxed, Relaxed, |t| (t < cap).then(|| (t + add).min(cap)));
-    }
-
-    /// Takes one retry from the per-second floor or the ratio balance.
-    pub fn try_withdraw(&self, cfg: &RetryBudgetConfig) -> bool {
-        let second = self.clock.now_ms() / 1000;
-        let seen = self.floor_second.load(Relaxed);
-        if seen != second
-            && self
-                .floor_second
-                .compare_exchange(seen, second, Relaxed, Relaxed)
-                .is_ok()
-        {
-            self.floor_used.store(0, Relaxed);
-        }
-        if self.floor_used.fetch_add(1, Relaxed) < u64::from(cfg.min_retries_per_second) {
-            return true;
-        }
-        self.milli_tokens
-            .fetch_update(Relaxed, Relaxed, |t| (t >= 1000).then_some(t - 1000))
-            .is_ok()
-    }
-}
 
 /// Methods that may be sent twice (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &Method) -> bool {
@@ -593,88 +532,6 @@ impl Attempts for HyperAttempts {
     }
 }
 
-/// Passive health: counts a failure of `state`'s backend and logs an
-/// ejection once, per `snap`'s `outlier_detection`. An ejection that would
-/// take more than `max_ejection_percent` of `snap`'s pool out (but always
-/// allows one) does not happen: a pool-wide problem must not leave clients
-/// with nothing.
-pub(crate) fn note_failure(rt: &Runtime, pool: &Pool, state: &BackendState, why: &str) {
-    let outlier = &pool.config.outlier_detection;
-    let now_ms = rt.clock.now_ms();
-    let may_eject = || {
-        let out = pool
-            .backends
-            .iter()
-            .filter(|b| b.state.is_ejected(now_ms))
-            .count();
-        let cap = (pool.backends.len() * outlier.max_ejection_percent as usize / 100).max(1);
-        out < cap
-    };
-    let ejected = state.record_failure(
-        now_ms,
-        outlier.consecutive_failures,
-        outlier.ejection_time,
-        may_eject,
-    );
-    match ejected {
-        Ejection::Ejected => {
-            state.metrics.ejected();
-            tracing::warn!(
-                "backend {} is down (passive: {} consecutive failures, last: {why}; out for {:?})",
-                state.addr,
-                outlier.consecutive_failures.map_or(0, |n| n.get()),
-                outlier.ejection_time
-            )
-        }
-        Ejection::Capped => tracing::debug!(
-            "backend {} failed {} times in a row but stays in: max_ejection_percent {} reached",
-            state.addr,
-            outlier.consecutive_failures.map_or(0, |n| n.get()),
-            outlier.max_ejection_percent
-        ),
-        Ejection::None => {}
-    }
-}
-
-/// A backend stopped sending a response body it still owed for `limit`
-/// (`timeouts.backend_body`), on either HTTP/1 path: the response is being
-/// cut. Logged, counted, and charged to the backend like a failed attempt,
-/// judged by the current snapshot (the request's may be gone by now).
-pub(crate) fn backend_stalled(
-    rt: &Runtime,
-    state: &BackendState,
-    method: &Method,
-    path: &str,
-    limit: std::time::Duration,
-) {
-    tracing::warn!(
-        backend = %state.addr,
-        "{method} {path}: backend stalled mid-body (no byte for {limit:?}, timeouts.backend_body): response cut"
-    );
-    state.metrics.body_stalled();
-    note_failure_in_current(rt, state, "stalled mid-body");
-}
-
-/// A backend's response body ended early: closed, reset, or framed
-/// wrongly (`why`), on either HTTP/1 path or HTTP/2. The response is being
-/// cut. Logged, counted, and charged to the backend like a failed attempt,
-/// as a stall is: the head counted as a success, so without this a backend
-/// that breaks every body would look healthy.
-pub(crate) fn backend_broke(
-    rt: &Runtime,
-    state: &BackendState,
-    method: &Method,
-    path: &str,
-    why: &dyn std::fmt::Display,
-) {
-    tracing::warn!(
-        backend = %state.addr,
-        "{method} {path}: backend broke the response body ({why}): response cut"
-    );
-    state.metrics.body_broke();
-    note_failure_in_current(rt, state, "broke a response body");
-}
-
 fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
@@ -730,43 +587,4 @@ pub fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-/// [`note_failure`] for a backend met outside the attempt loop (a response
-/// body that broke after its head): judged by its pool in the current
-/// snapshot, and not at all if a reload removed it meanwhile.
-fn note_failure_in_current(rt: &Runtime, state: &BackendState, why: &str) {
-    let snap = rt.snapshot();
-    if let Some(pool) = snap.pools.iter().find(|p| p.name() == &state.pool) {
-        note_failure(rt, pool, state, why);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[tokio::test(start_paused = true)]
-    async fn budget_allows_the_floor_each_second_plus_the_ratio() {
-        let budget = RetryBudget::new(Clock::new());
-        let cfg = RetryBudgetConfig {
-            ratio: 0.5,
-            min_retries_per_second: 2,
-        };
-        // A fresh proxy can retry at once, up to the floor.
-        assert!(budget.try_withdraw(&cfg));
-        assert!(budget.try_withdraw(&cfg));
-        assert!(!budget.try_withdraw(&cfg));
-        // Four requests earn two retries.
-        for _ in 0..4 {
-            budget.deposit(&cfg);
-        }
-        assert!(budget.try_withdraw(&cfg));
-        assert!(budget.try_withdraw(&cfg));
-        assert!(!budget.try_withdraw(&cfg));
-        // The next second brings the floor back.
-        tokio::time::advance(Duration::from_millis(1000)).await;
-        assert!(budget.try_withdraw(&cfg));
-    }
 }

@@ -34,9 +34,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::http::body::{BoxError, ResponseBody};
-use crate::config::{Config, Mode, Timeouts};
+use crate::config::{Config, Timeouts};
 use crate::http::h2_stream::{self, Pacer, StreamExecutor};
-use crate::net::listen::ConnectionGuard;
+use crate::core::conns::ConnectionGuard;
 use crate::http::proxy;
 use crate::core::runtime::Runtime;
 use crate::io::stall::Stall;
@@ -88,27 +88,6 @@ pub(crate) struct ConnContext {
     pub worker: usize,
     /// `--http1`: the fast path or hyper for every connection.
     pub http1: Http1,
-}
-
-pub(crate) fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    guard: ConnectionGuard,
-    ctx: &ConnContext,
-    drain: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let snap = ctx.runtime.snapshot();
-    if snap.config.mode == Mode::Tcp {
-        return crate::tcp::serve(stream, peer, &ctx.runtime, snap, drain, guard);
-    }
-    drop(snap);
-    match ctx.http1 {
-        Http1::Fast => {
-            tokio::spawn(crate::http::fast::serve(stream, peer, ctx.clone(), drain, guard));
-        }
-        Http1::Hyper => serve_hyper(stream, Bytes::new(), peer, guard, ctx, drain),
-    }
 }
 
 /// Serves a connection with hyper (HTTP/1.1 or h2c), `prefix` being bytes

@@ -28,7 +28,6 @@ use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Response, Version};
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 
 use crate::http::body::ResponseBody;
 use crate::core::runtime::Runtime;
@@ -44,35 +43,6 @@ pub struct Hold(pub Arc<dyn Any + Send + Sync>);
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Hold")
-    }
-}
-
-/// Relayed upgraded connections, process-wide.
-#[derive(Debug)]
-pub struct Upgrades {
-    /// Relays open now.
-    open: Arc<AtomicUsize>,
-    /// `true` ends every relay (end of the shutdown grace period).
-    closing: watch::Sender<bool>,
-}
-
-impl Default for Upgrades {
-    fn default() -> Self {
-        Upgrades {
-            open: Arc::default(),
-            closing: watch::channel(false).0,
-        }
-    }
-}
-
-impl Upgrades {
-    pub fn open(&self) -> usize {
-        self.open.load(Relaxed)
-    }
-
-    /// Ends every relay now.
-    pub fn close_all(&self) {
-        self.closing.send_replace(true);
     }
 }
 

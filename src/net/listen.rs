@@ -12,16 +12,21 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::core::runtime::Runtime;
-use crate::http::server::{draining, serve, ConnContext, Http1};
+use crate::config::Mode;
+use crate::core::conns::ConnectionGuard;
+use crate::http::fast;
+use crate::http::server::{draining, serve_hyper, ConnContext, Http1};
+use crate::tcp;
+use bytes::Bytes;
 use crate::net::workers::Workers;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
@@ -93,69 +98,6 @@ fn per_worker(first: std::net::TcpListener, workers: usize) -> Vec<std::net::Tcp
     }
     sockets.insert(0, first);
     sockets
-}
-
-/// Open client connections, against `limits.max_connections`. Lives in the
-/// runtime, so a listener moved by a reload counts the same connections.
-#[derive(Debug, Default)]
-pub struct ConnectionCount {
-    /// Connections accepted and not yet closed.
-    open: AtomicUsize,
-    /// Connections accepted since start.
-    total: AtomicU64,
-    /// Woken when a connection closes, for an accept loop paused at the cap.
-    closed: Notify,
-}
-
-impl ConnectionCount {
-    pub fn open(&self) -> usize {
-        self.open.load(Relaxed)
-    }
-
-    pub fn total(&self) -> u64 {
-        self.total.load(Relaxed)
-    }
-
-    /// Counts a new connection until the guard drops.
-    fn admit(self: &Arc<Self>) -> ConnectionGuard {
-        self.open.fetch_add(1, Relaxed);
-        self.total.fetch_add(1, Relaxed);
-        ConnectionGuard(Arc::clone(self))
-    }
-
-    /// Counts a new connection if fewer than `cap` are open: workers accept
-    /// concurrently, so the check and the count are one atomic step.
-    fn try_admit(self: &Arc<Self>, cap: usize) -> Option<ConnectionGuard> {
-        self.open
-            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
-            .ok()?;
-        self.total.fetch_add(1, Relaxed);
-        Some(ConnectionGuard(Arc::clone(self)))
-    }
-
-    /// Returns once fewer than `cap` connections are open. Re-checks every
-    /// second too, so a reload that raises the cap is seen.
-    async fn below(&self, cap: &(dyn Fn() -> usize + Sync)) {
-        loop {
-            let closed = self.closed.notified();
-            if self.open() < cap() {
-                return;
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
-        }
-    }
-}
-
-/// One open client connection, counted until dropped (tcp mode holds it
-/// in its connection task too).
-#[derive(Debug)]
-pub(crate) struct ConnectionGuard(Arc<ConnectionCount>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
-        self.0.closed.notify_waiters();
-    }
 }
 
 /// The sockets currently accepting clients, one per worker.
@@ -399,4 +341,27 @@ fn worker_drain(mut drain: watch::Receiver<bool>) -> watch::Receiver<bool> {
         }
     });
     rx
+}
+
+/// Serves one accepted connection: `mode: tcp` relays it, else the
+/// HTTP side (the fast path or hyper, by `--http1`).
+pub(crate) fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnectionGuard,
+    ctx: &ConnContext,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let snap = ctx.runtime.snapshot();
+    if snap.config.mode == Mode::Tcp {
+        return tcp::serve(stream, peer, &ctx.runtime, snap, drain, guard);
+    }
+    drop(snap);
+    match ctx.http1 {
+        Http1::Fast => {
+            tokio::spawn(fast::serve(stream, peer, ctx.clone(), drain, guard));
+        }
+        Http1::Hyper => serve_hyper(stream, Bytes::new(), peer, guard, ctx, drain),
+    }
 }

@@ -6,7 +6,7 @@
 //! pool and strategy pick the backend, [`crate::core::state`] counts the open
 //! connection as in flight (so least_connections counts connections) and
 //! the failed connects (passive detection, through the same
-//! `crate::http::retry::note_failure` as HTTP), and the health checker probes
+//! `crate::core::passive::note_failure` as HTTP), and the health checker probes
 //! with TCP connects. What differs: only the connect is retried, never the
 //! bytes after it. Optionally a PROXY protocol header (`send_proxy_protocol`)
 //! tells the backend who the client is.

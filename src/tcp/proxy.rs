@@ -29,9 +29,9 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use crate::config::{BackendAddr, Strategy};
-use crate::net::listen::ConnectionGuard;
+use crate::core::conns::ConnectionGuard;
 use crate::obs::metrics::AttemptOutcome;
-use crate::http::retry::note_failure;
+use crate::core::passive::note_failure;
 use crate::core::runtime::{Runtime, Snapshot};
 use crate::core::selection::Steer;
 use crate::core::state::InFlight;

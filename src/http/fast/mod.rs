@@ -77,8 +77,9 @@ use upstream::FastAttempts;
 
 use crate::http::affinity;
 use crate::config::Strategy;
-use crate::net::listen::ConnectionGuard;
+use crate::core::conns::ConnectionGuard;
 use crate::http::proxy;
+use crate::core::passive;
 use crate::http::retry::{self, Outcome, Trace};
 use crate::core::runtime::Snapshot;
 use crate::core::selection::Steer;
@@ -367,7 +368,7 @@ async fn serve_one(
                 Err(cut) => {
                     let path = head.uri.path();
                     match cut {
-                        Cut::BackendStalled => retry::backend_stalled(
+                        Cut::BackendStalled => passive::backend_stalled(
                             rt,
                             &backend.state,
                             &head.method,
@@ -378,7 +379,7 @@ async fn serve_one(
                             crate::http::server::client_stalled(rt, peer, timeouts.client_send)
                         }
                         Cut::BackendBroke(why) => {
-                            retry::backend_broke(rt, &backend.state, &head.method, path, &why)
+                            passive::backend_broke(rt, &backend.state, &head.method, path, &why)
                         }
                         Cut::ClientGone => {}
                     }
