@@ -46,9 +46,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BackendAddr, HealthCheck, PoolName, ProxyProtocol};
-use crate::obs::local::{Op, Shortage};
 use crate::core::runtime::{Pool, Runtime};
 use crate::core::state::BackendState;
+use crate::obs::local::{Op, Shortage};
 use crate::tcp::proxy_protocol::local_header;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
@@ -216,11 +216,15 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                 continue;
             };
             {
-                for (b, authority) in pool.backends.iter().zip(&pool.authorities) {
+                for b in &pool.backends {
                     let key = (pool.name().clone(), b.addr.clone());
                     if probes.contains_key(&key) {
                         continue;
                     }
+                    // validate() parsed every address as an authority.
+                    let Ok(authority) = b.addr.as_str().parse::<Authority>() else {
+                        continue;
+                    };
                     let first_delay = if startup {
                         hc.interval.mul_f64(fastrand::f64())
                     } else {
@@ -229,7 +233,7 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                     let task = tokio::spawn(probe_loop(
                         Arc::downgrade(&runtime),
                         Arc::clone(&b.state),
-                        authority.clone(),
+                        authority,
                         first_delay,
                         Arc::clone(&reasons),
                     ));

@@ -80,11 +80,11 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
-use crate::net::listen::Listeners;
-use crate::reload::{ReloadHandle, WatchSettings};
 use crate::core::runtime::Runtime;
 use crate::http::server::Http1;
+use crate::net::listen::Listeners;
 use crate::net::workers::Workers;
+use crate::reload::{ReloadHandle, WatchSettings};
 
 /// At shutdown, how long the access log may take to write out its queue.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
@@ -165,7 +165,7 @@ impl Lb {
             tracing::warn!("{warning}");
         }
         let workers = Arc::new(Workers::start(settings.workers)?);
-        let runtime = Runtime::new(config, hash, workers.len());
+        let runtime = Runtime::new(config, hash);
         let _ = runtime
             .log_lines_dropped
             .set(settings.log_lines_dropped.clone());
@@ -209,7 +209,11 @@ impl Lb {
     /// Sends the access log to `out` in `format` instead of stdout as
     /// text; effective only before the first request is logged (prefer
     /// [`Lb::start_logging_to`], which sets it before accepting).
-    pub fn set_access_log(&self, format: obs::access_log::Format, out: Box<dyn std::io::Write + Send>) {
+    pub fn set_access_log(
+        &self,
+        format: obs::access_log::Format,
+        out: Box<dyn std::io::Write + Send>,
+    ) {
         self.runtime.access_log.set_sink(format, out);
     }
 

@@ -53,8 +53,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{self, Config, ContentHash};
-use crate::net::listen::Listeners;
 use crate::core::runtime::{LastReload, Runtime};
+use crate::net::listen::Listeners;
 
 /// A burst of events is over when none came for this long.
 const QUIET: Duration = Duration::from_millis(20);

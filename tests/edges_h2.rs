@@ -159,7 +159,7 @@ async fn h2_stream_whose_window_never_opens_is_reset_and_frees_the_backend() {
     );
     assert_eq!(backend.accepted(), STREAMS);
     nobody_blamed(&lb);
-    let metrics = lb::obs::metrics::render(runtime);
+    let metrics = lb::admin::exposition::render(runtime);
     assert!(
         metrics.contains(&format!("lb_client_send_timeouts_total {STREAMS}")),
         "{metrics}"
@@ -209,7 +209,7 @@ async fn h2_client_opening_its_window_slowly_gets_the_whole_body() {
     }
     assert_eq!(got, LEN);
     nobody_blamed(&lb);
-    let metrics = lb::obs::metrics::render(lb.lb.runtime());
+    let metrics = lb::admin::exposition::render(lb.lb.runtime());
     assert!(
         metrics.contains("lb_client_send_timeouts_total 0"),
         "{metrics}"

@@ -127,7 +127,7 @@ async fn short_keepalive_backend(closes: Closes) -> ShortKeepAlive {
 
 /// The `lb_upstream_attempts_total` of `outcome` for the backend at `addr`.
 fn attempts(lb: &TestLb, addr: SocketAddr, outcome: &str) -> f64 {
-    let text = lb::obs::metrics::render(lb.lb.runtime());
+    let text = lb::admin::exposition::render(lb.lb.runtime());
     let labels = format!("backend=\"{addr}\",outcome=\"{outcome}\"");
     text.lines()
         .find(|l| l.starts_with("lb_upstream_attempts_total{") && l.contains(&labels))

@@ -703,7 +703,7 @@ async fn charged_once(lb: &TestLb, backend: SocketAddr, counter: &str) {
         state.failures()
     );
     eventually!(WAIT, state.in_flight() == 0);
-    let metrics = lb::obs::metrics::render(runtime);
+    let metrics = lb::admin::exposition::render(runtime);
     assert!(
         metrics.contains(&format!(
             "{counter}{{pool=\"default\",backend=\"{backend}\"}} 1"
@@ -843,7 +843,7 @@ async fn client_that_stops_reading_is_closed_and_blames_no_backend() {
     assert!(was_closed);
     assert!(body_of(&resp).len() < HUGE, "the whole body went out");
     nobody_blamed(&lb);
-    let metrics = lb::obs::metrics::render(runtime);
+    let metrics = lb::admin::exposition::render(runtime);
     assert!(
         metrics.contains("lb_client_send_timeouts_total 1"),
         "{metrics}"

@@ -76,7 +76,7 @@ async fn route_keys(url: &str, keys: &[String]) -> HashMap<String, String> {
 /// lb's attempt counters other than successes: what a routing test that
 /// failed must look at first (a failover is the usual reason a key moves).
 fn failed_attempts(lb: &TestLb) -> String {
-    lb::obs::metrics::render(lb.lb.runtime())
+    lb::admin::exposition::render(lb.lb.runtime())
         .lines()
         .filter(|l| l.starts_with("lb_upstream_attempts") && !l.contains("\"success\""))
         .collect::<Vec<_>>()

@@ -42,9 +42,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Mutex as AsyncMutex, Semaphore};
 use tokio::task::JoinHandle;
 
+pub mod exposition;
+
+use crate::core::runtime::{LastReload, Runtime, Snapshot};
 use crate::obs::metrics::unix_seconds;
 use crate::reload::ReloadHandle;
-use crate::core::runtime::{LastReload, Runtime, Snapshot};
 
 /// Admin connections served at once; more wait in the kernel's queue.
 const MAX_CONNECTIONS: usize = 64;
@@ -249,7 +251,7 @@ impl Admin {
         let runtime = Arc::clone(&self.runtime);
         let encoded = tokio::task::spawn_blocking(move || {
             let cpu_before = thread_cpu_time();
-            let body = crate::obs::metrics::render(&runtime);
+            let body = crate::admin::exposition::render(&runtime);
             (body, thread_cpu_time().saturating_sub(cpu_before))
         })
         .await;

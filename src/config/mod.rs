@@ -55,9 +55,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::uri::PathAndQuery;
 use figment::providers::{Data, Env, Format};
 use figment::{Figment, Provider};
-use hyper::http::uri::PathAndQuery;
 use sha2::{Digest, Sha256};
 
 pub use diff::{Changed, ConfigDiff, ListDiff};

@@ -20,8 +20,8 @@ use super::raw::{
     RawStrategy,
 };
 use super::steering::{RawPeakEwma, RawSessionAffinity};
-use super::{BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy};
 use super::{check_path_prefix, HostMatch};
+use super::{BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy};
 
 type Invalid = (String, String);
 

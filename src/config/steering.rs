@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hyper::header::HeaderName;
+use ::http::header::HeaderName;
 use serde::Deserialize;
 
 use super::raw::HumanDuration;

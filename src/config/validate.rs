@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::http::uri::{Authority, PathAndQuery};
+use ::http::uri::{Authority, PathAndQuery};
 
 use super::pools::{self, PoolConfig, PoolName, RawPool};
 use super::raw::{

@@ -99,4 +99,3 @@ impl Upgrades {
         self.closing.send_replace(true);
     }
 }
-

@@ -4,8 +4,10 @@
 //! here names hyper, sockets, the HTTP or TCP sides, the listeners, health
 //! checks, the admin listener or the reloader: they all sit on top of it.
 
+pub mod affinity;
 pub mod budget;
 pub mod conns;
+pub mod failure;
 pub mod passive;
 pub mod route;
 pub mod runtime;

@@ -57,9 +57,8 @@ use std::net::Ipv6Addr;
 
 use fnv::FnvHashMap;
 
-pub use crate::config::{check_path_prefix, HostMatch};
 use crate::config::parse_ipv6;
-
+pub use crate::config::{check_path_prefix, HostMatch};
 
 /// Whether a request host (as the client sent it: any case, maybe a port
 /// or a trailing dot) matches this pattern. [`Router::find`] does not
@@ -187,7 +186,6 @@ fn lookup<'m>(map: &'m ByHash, hash: SuffixHash, name: &[u8]) -> Option<&'m Grou
         .find(|n| n.name.as_bytes().eq_ignore_ascii_case(name))
         .map(|n| &n.group)
 }
-
 
 /// Whether `prefix` matches `path` (which may carry `?query`) on whole
 /// segments: see the module doc.

@@ -14,22 +14,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hyper::http::uri::Authority;
-use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 
-use crate::obs::access_log::AccessLog;
-use crate::http::affinity::AffinityCookies;
 use crate::config::{Config, ConfigDiff, ContentHash, PoolConfig, PoolName};
-use crate::core::route::{Route, Router};
-use crate::http::h2_stream::StreamExecutor;
-use crate::core::conns::ConnectionCount;
-use crate::obs::metrics::Metrics;
+use crate::core::affinity::AffinityCookies;
 use crate::core::budget::RetryBudget;
+use crate::core::conns::ConnectionCount;
+use crate::core::conns::Upgrades;
+use crate::core::route::{Route, Router};
 use crate::core::selection::{self, Backend, Pick, Selector, Steer};
 use crate::core::state::{Clock, StateTable};
-use crate::core::conns::Upgrades;
-use crate::http::client::{self, UpstreamClient};
+use crate::obs::access_log::AccessLog;
+use crate::obs::metrics::Metrics;
 
 /// Everything a request needs, built from one config.
 #[derive(Debug)]
@@ -42,13 +38,6 @@ pub struct Snapshot {
     pub pools: Vec<Pool>,
     /// (Host, path) → pool, built once per config.
     pub router: Router<RouteTarget>,
-    /// Backend connection pools, one per worker (a worker never shares its
-    /// pool, so no lock or cross-thread wake-up); carried over between
-    /// snapshots when the connect timeout is unchanged. Shared by every pool
-    /// (connections are kept per backend address).
-    pub clients: Vec<UpstreamClient>,
-    /// Settings for client connections accepted while this snapshot is current.
-    pub server: auto::Builder<StreamExecutor>,
     /// The largest `retry.buffer_body_limit` of any pool: what the fast
     /// path may read before it knows the request's pool.
     pub max_buffer_body_limit: u64,
@@ -96,11 +85,6 @@ impl Snapshot {
         &self.pools[0]
     }
 
-    /// The upstream pool of `worker`.
-    pub fn client(&self, worker: usize) -> &UpstreamClient {
-        &self.clients[worker % self.clients.len()]
-    }
-
     /// Every backend of every pool.
     pub fn all_backends(&self) -> impl Iterator<Item = &Backend> {
         self.pools.iter().flat_map(|p| p.backends.iter())
@@ -120,8 +104,6 @@ pub struct Pool {
     pub selector: Arc<dyn Selector>,
     /// Cookie tokens per backend when `session_affinity` is on.
     pub affinity: Option<AffinityCookies>,
-    /// Pre-parsed `host:port` of each backend, for building upstream URIs.
-    pub authorities: Vec<Authority>,
     /// What outlives snapshots with the pool's name: its retry budget and
     /// the counts of lb's own answers for it.
     pub shared: Arc<PoolShared>,
@@ -330,18 +312,15 @@ pub struct Runtime {
     pub shutting_down: AtomicBool,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
-    /// Worker threads serving clients: one upstream pool is built for each.
-    workers: usize,
 }
 
 impl Runtime {
-    /// The runtime of an lb serving with `workers` worker threads.
-    pub fn new(config: Config, hash: ContentHash, workers: usize) -> Arc<Runtime> {
-        let workers = workers.max(1);
+    /// The runtime of an lb serving `config`.
+    pub fn new(config: Config, hash: ContentHash) -> Arc<Runtime> {
         let clock = Clock::new();
         let states = StateTable::new(clock);
         let pools = Mutex::default();
-        let snapshot = build(config, hash, &states, &pools, None, workers);
+        let snapshot = build(config, hash, &states, &pools, None);
         let runtime = Runtime {
             current: ArcSwap::from_pointee(snapshot),
             states,
@@ -356,7 +335,6 @@ impl Runtime {
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
-            workers,
         };
         runtime.reloads.record_applied();
         Arc::new(runtime)
@@ -389,14 +367,7 @@ impl Runtime {
     /// stays keep their state; the diff says what changed.
     pub fn apply(&self, config: Config, hash: ContentHash) -> ConfigDiff {
         let old = self.current.load_full();
-        let next = build(
-            config,
-            hash,
-            &self.states,
-            &self.pools,
-            Some(&old),
-            self.workers,
-        );
+        let next = build(config, hash, &self.states, &self.pools, Some(&old));
         let summary = ConfigDiff::between(&old.config, &next.config);
         self.current.store(Arc::new(next));
         self.reloads.record_applied();
@@ -416,14 +387,7 @@ fn build(
     states: &StateTable,
     shared: &Mutex<HashMap<PoolName, Arc<PoolShared>>>,
     old: Option<&Snapshot>,
-    workers: usize,
 ) -> Snapshot {
-    let clients = match old {
-        Some(old) if old.config.timeouts.connect == config.timeouts.connect => old.clients.clone(),
-        _ => (0..workers)
-            .map(|_| client::client(config.timeouts.connect))
-            .collect(),
-    };
     let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
     shared.retain(|name, _| config.pool(name.as_str()).is_some());
     let pools = config
@@ -471,10 +435,8 @@ fn build(
         .unwrap_or(0);
     Snapshot {
         max_buffer_body_limit,
-        server: crate::http::server::http_server(&config),
         pools,
         router,
-        clients,
         hash,
         config,
     }
@@ -495,17 +457,6 @@ fn build_pool(
             addr: b.address.clone(),
             weight: b.weight,
             state,
-        })
-        .collect();
-    let authorities = config
-        .backends
-        .iter()
-        .map(|b| {
-            // validate() already parsed every address as an Authority.
-            b.address
-                .as_str()
-                .parse::<Authority>()
-                .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"))
         })
         .collect();
     let selector = match old {
@@ -529,7 +480,6 @@ fn build_pool(
         backends,
         selector,
         affinity,
-        authorities,
         shared,
     }
 }

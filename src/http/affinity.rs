@@ -16,138 +16,49 @@
 //!   the other cookies are passed on unchanged.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use hyper::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
 use hyper::http::request::Parts;
 use hyper::Response;
-use sha2::{Digest, Sha256};
 
-use crate::config::{BackendAddr, HashKey, SessionAffinity, Strategy};
-use crate::http::proxy::HeadView;
+use crate::config::{HashKey, Strategy};
+pub use crate::core::affinity::{token, visible_ascii, AffinityCookies};
 use crate::core::runtime::Pool;
 use crate::core::selection::hash;
-use crate::core::selection::{Backend, Steer};
+use crate::core::selection::Steer;
+use crate::http::proxy::HeadView;
 
 /// The backend (index into the snapshot's pool) that produced a response;
 /// set by the retry loop on every backend response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub usize);
 
-/// Per-snapshot cookie tables for `session_affinity`.
-#[derive(Debug)]
-pub struct AffinityCookies {
-    /// The cookie's name.
-    name: String,
-    /// Ready-made `Set-Cookie` value for each backend, by index.
-    set_cookie: Vec<HeaderValue>,
-    /// Token → backend index, for the request side.
-    by_token: HashMap<String, usize>,
-}
-
-/// The cookie value that names `addr`: a function of the address alone.
-pub fn token(addr: &BackendAddr) -> String {
-    let digest = Sha256::digest(format!("lb session affinity\0{addr}").as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl AffinityCookies {
-    pub fn build(cfg: &SessionAffinity, backends: &[Backend]) -> Self {
-        let max_age = cfg
-            .ttl
-            .map(|t| format!("; Max-Age={}", t.as_secs()))
-            .unwrap_or_default();
-        let tokens: Vec<String> = backends.iter().map(|b| token(&b.addr)).collect();
-        let set_cookie = tokens
-            .iter()
-            .map(|t| {
-                let v = format!("{}={t}; Path=/; HttpOnly{max_age}", cfg.cookie);
-                // Name is a validated token, value is hex, the rest is ASCII.
-                HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
-            })
-            .collect();
-        let by_token = tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (t, i))
-            .collect();
-        AffinityCookies {
-            name: cfg.cookie.clone(),
-            set_cookie,
-            by_token,
-        }
+/// Removes lb's cookie from `headers` and returns the backend it names,
+/// if it names one of this pool.
+pub fn take(cookies: &AffinityCookies, headers: &mut HeaderMap) -> Option<usize> {
+    if !headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| cookies.carries(v.as_bytes()))
+    {
+        return None;
     }
-
-    /// Removes lb's cookie from `headers` and returns the backend it names,
-    /// if it names one of this pool.
-    pub fn take(&self, headers: &mut HeaderMap) -> Option<usize> {
-        if !headers
-            .get_all(COOKIE)
-            .iter()
-            .any(|v| self.carries(v.as_bytes()))
-        {
-            return None;
-        }
-        let mut pinned = None;
-        let kept: Vec<HeaderValue> = headers
-            .get_all(COOKIE)
-            .iter()
-            .filter_map(|v| match self.strip(v.as_bytes(), &mut pinned)? {
-                Cow::Borrowed(_) => Some(v.clone()),
-                // Pieces of a valid header value joined by "; ": still valid.
-                Cow::Owned(rest) => HeaderValue::from_bytes(&rest).ok(),
-            })
-            .collect();
-        headers.remove(COOKIE);
-        for v in kept {
-            headers.append(COOKIE, v);
-        }
-        pinned
+    let mut pinned = None;
+    let kept: Vec<HeaderValue> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| match cookies.strip(v.as_bytes(), &mut pinned)? {
+            Cow::Borrowed(_) => Some(v.clone()),
+            // Pieces of a valid header value joined by "; ": still valid.
+            Cow::Owned(rest) => HeaderValue::from_bytes(&rest).ok(),
+        })
+        .collect();
+    headers.remove(COOKIE);
+    for v in kept {
+        headers.append(COOKIE, v);
     }
-
-    /// Whether one `Cookie` value carries lb's cookie.
-    pub(crate) fn carries(&self, value: &[u8]) -> bool {
-        visible_ascii(value).is_some_and(|v| v.split(';').any(|pair| self.is_ours(pair)))
-    }
-
-    fn is_ours(&self, pair: &str) -> bool {
-        pair.split_once('=')
-            .is_some_and(|(n, _)| n.trim() == self.name)
-    }
-
-    /// One `Cookie` value without lb's cookie, for a request where some
-    /// value [`carries`](Self::carries) it (every value then goes through
-    /// here, as both HTTP/1 paths must forward the same bytes): the other
-    /// pairs trimmed and joined by `"; "`, the value as is when it is not
-    /// text, `None` when nothing is left. The first of lb's tokens sets
-    /// `pinned` to the backend it names, if one of this pool.
-    pub(crate) fn strip<'v>(
-        &self,
-        value: &'v [u8],
-        pinned: &mut Option<usize>,
-    ) -> Option<Cow<'v, [u8]>> {
-        let Some(text) = visible_ascii(value) else {
-            return Some(Cow::Borrowed(value));
-        };
-        let mut others = Vec::new();
-        for pair in text.split(';') {
-            if self.is_ours(pair) {
-                if pinned.is_none() {
-                    let token = pair.split_once('=').map_or("", |(_, v)| v.trim());
-                    *pinned = self.by_token.get(token.trim_matches('"')).copied();
-                }
-            } else if !pair.trim().is_empty() {
-                others.push(pair.trim());
-            }
-        }
-        (!others.is_empty()).then(|| Cow::Owned(others.join("; ").into_bytes()))
-    }
-
-    /// The `Set-Cookie` value that pins a client to backend `index`.
-    pub(crate) fn set_cookie(&self, index: usize) -> Option<&HeaderValue> {
-        self.set_cookie.get(index)
-    }
+    pinned
 }
 
 /// Request side: the hash key (for `consistent_hash`) and the backend the
@@ -161,7 +72,7 @@ pub fn steer(pool: &Pool, parts: &mut Parts, client_ip: IpAddr) -> Steer {
     let pinned = pool
         .affinity
         .as_ref()
-        .and_then(|c| c.take(&mut parts.headers));
+        .and_then(|c| take(c, &mut parts.headers));
     Steer { key, pinned }
 }
 
@@ -176,7 +87,9 @@ pub fn on_response<B>(pool: &Pool, steer: &Steer, resp: &mut Response<B>) {
     };
     if steer.pinned != Some(i) {
         if let Some(v) = cookies.set_cookie(i) {
-            resp.headers_mut().append(SET_COOKIE, v.clone());
+            if let Ok(v) = HeaderValue::from_maybe_shared(v.clone()) {
+                resp.headers_mut().append(SET_COOKIE, v);
+            }
         }
     }
 }
@@ -224,19 +137,10 @@ pub(crate) fn request_key(key: &HashKey, head: &impl HeadView, client_ip: IpAddr
     }
 }
 
-/// A header value as text when it is visible ASCII (and tabs), the test
-/// `HeaderValue::to_str` makes: a cookie is read the same from either path.
-fn visible_ascii(value: &[u8]) -> Option<&str> {
-    value
-        .iter()
-        .all(|&b| b == b'\t' || (32..127).contains(&b))
-        .then(|| std::str::from_utf8(value).ok())
-        .flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BackendAddr, SessionAffinity};
     use crate::core::selection::testing::pool;
     use hyper::Request;
 
@@ -268,7 +172,7 @@ mod tests {
             HeaderValue::from_str(&format!("a=1; lb={t1}; b=2")).unwrap(),
         );
         h.append(COOKIE, HeaderValue::from_static("c=3"));
-        assert_eq!(c.take(&mut h), Some(1));
+        assert_eq!(take(&c, &mut h), Some(1));
         let left: Vec<_> = h
             .get_all(COOKIE)
             .iter()
@@ -278,12 +182,12 @@ mod tests {
         // Only ours: the header goes.
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_static("lb=unknown"));
-        assert_eq!(c.take(&mut h), None);
+        assert_eq!(take(&c, &mut h), None);
         assert!(h.get(COOKIE).is_none());
         // Not ours: untouched, even a cookie whose name ends like ours.
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_static("xlb=1;  y=2"));
-        assert_eq!(c.take(&mut h), None);
+        assert_eq!(take(&c, &mut h), None);
         assert_eq!(h.get(COOKIE).unwrap(), "xlb=1;  y=2");
     }
 
@@ -292,7 +196,7 @@ mod tests {
         let c = cookies();
         let t0 = token(&BackendAddr::from_static("b0:1"));
         assert_eq!(
-            c.set_cookie[0],
+            c.set_cookie(0).unwrap(),
             format!("lb={t0}; Path=/; HttpOnly; Max-Age=3600").as_str()
         );
     }

@@ -27,8 +27,8 @@ use hyper::Method;
 use tokio::sync::oneshot;
 
 use crate::core::runtime::Runtime;
-use crate::io::stall::Stall;
 use crate::core::state::InFlight;
+use crate::io::stall::Stall;
 
 /// Errors of bodies lb hands to hyper's client.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -424,7 +424,13 @@ impl Body for RelayedBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 let state = this.in_flight.state();
-                crate::core::passive::backend_stalled(&this.rt, state, &this.method, &this.path, limit);
+                crate::core::passive::backend_stalled(
+                    &this.rt,
+                    state,
+                    &this.method,
+                    &this.path,
+                    limit,
+                );
                 Poll::Ready(Some(Err(Box::new(BackendStalled(limit)))))
             }
             Poll::Ready(Some(Some(Err(e)))) => {
@@ -432,7 +438,13 @@ impl Body for RelayedBody {
                 // (the client's upload failed) or dropped the exchange.
                 if !(e.is_user() || e.is_body_write_aborted() || e.is_canceled()) {
                     let state = this.in_flight.state();
-                    crate::core::passive::backend_broke(&this.rt, state, &this.method, &this.path, &e);
+                    crate::core::passive::backend_broke(
+                        &this.rt,
+                        state,
+                        &this.method,
+                        &this.path,
+                        &e,
+                    );
                 }
                 Poll::Ready(Some(Err(BoxError::from(e))))
             }

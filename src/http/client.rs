@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::core::failure::FailureKind;
 use crate::http::body::UpstreamBody;
 use crate::obs::local::Shortage;
 
@@ -55,10 +56,29 @@ impl UpstreamClient {
     }
 }
 
-/// Builds the backend client. It lives in the config snapshot and is reused
-/// by the next snapshot unless `connect_timeout` changes, so a reload keeps
-/// the warm connection pool.
-pub fn client(connect_timeout: Duration) -> UpstreamClient {
+thread_local! {
+    /// This worker thread's backend client and the connect timeout it was
+    /// built with (each worker is one thread, so its keep-alive pool is never
+    /// shared: no lock, no cross-thread wake-up).
+    static WORKER_CLIENT: std::cell::RefCell<Option<(Duration, UpstreamClient)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this worker's backend client. The client is kept across
+/// reloads, so they keep the warm connection pool, and rebuilt when
+/// `timeouts.connect` changes.
+pub fn of_this_worker<R>(connect_timeout: Duration, f: impl FnOnce(&UpstreamClient) -> R) -> R {
+    WORKER_CLIENT.with_borrow_mut(|slot| match slot {
+        Some((built_for, client)) if *built_for == connect_timeout => f(client),
+        _ => {
+            let (_, client) = slot.insert((connect_timeout, client(connect_timeout)));
+            f(client)
+        }
+    })
+}
+
+/// Builds a backend client.
+fn client(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -239,28 +259,6 @@ pub fn stale(err: &hyper_util::client::legacy::Error) -> Option<Stale> {
     let mut extras = hyper::http::Extensions::new();
     err.connect_info()?.get_extras(&mut extras);
     extras.get::<Arc<ConnUse>>()?.stale()
-}
-
-/// How one attempt failed, as far as retrying is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// No connection: nothing was sent, always safe to retry.
-    Connect,
-    /// The connection broke after (part of) the request was sent.
-    Reset,
-    /// No response head within the per-try or request timeout.
-    Timeout,
-    /// The backend answered something lb cannot relay (an unasked-for 101).
-    Protocol,
-    /// No connection because lb itself ran short (its fd limit, buffers,
-    /// local ports): nothing is said about the backend, nothing is charged.
-    Local(Shortage),
-}
-
-/// The kind of a failed connect to a backend: [`FailureKind::Local`] when
-/// the error is lb's own shortage, [`FailureKind::Connect`] otherwise.
-pub fn connect_failure(e: &std::io::Error) -> FailureKind {
-    Shortage::of(e).map_or(FailureKind::Connect, FailureKind::Local)
 }
 
 /// Classifies a client error, with its innermost message for logs and bodies.

@@ -208,11 +208,11 @@ mod tests {
     fn runtime() -> Arc<Runtime> {
         let yaml = b"timeouts:\n  client_send: 1s\nbackends:\n  - address: 127.0.0.1:9\n";
         let config = Config::parse(yaml, Path::new("test.yaml")).unwrap();
-        Runtime::new(config, ContentHash::of(yaml), 1)
+        Runtime::new(config, ContentHash::of(yaml))
     }
 
     fn cut_streams(rt: &Arc<Runtime>) -> bool {
-        let text = crate::obs::metrics::render(rt);
+        let text = crate::admin::exposition::render(rt);
         !text.contains("lb_client_send_timeouts_total 0")
     }
 

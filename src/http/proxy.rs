@@ -12,12 +12,12 @@ use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
-use crate::obs::access_log::Entry;
+use crate::core::runtime::{Runtime, Snapshot};
 use crate::http::affinity;
 use crate::http::body::{RequestBody, ResponseBody};
 use crate::http::retry::{self, is_idempotent, Trace};
-use crate::core::runtime::{Runtime, Snapshot};
 use crate::http::upgrade;
+use crate::obs::access_log::Entry;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -43,7 +43,6 @@ static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, heade
 /// Serves one client request, then counts it and logs it.
 pub async fn handle(
     rt: Arc<Runtime>,
-    worker: usize,
     client_ip: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -55,7 +54,7 @@ pub async fn handle(
         req.uri().path(),
     );
     let mut trace = Trace::default();
-    let resp = respond(&rt, &snap, worker, client_ip, req, &mut trace).await;
+    let resp = respond(&rt, &snap, client_ip, req, &mut trace).await;
     arrival.done(&rt, &snap, client_ip, resp.status().as_u16(), &trace);
     Ok(resp)
 }
@@ -129,7 +128,6 @@ impl Arrival {
 async fn respond(
     rt: &Arc<Runtime>,
     snap: &Snapshot,
-    worker: usize,
     client_ip: IpAddr,
     req: Request<Incoming>,
     trace: &mut Trace,
@@ -178,7 +176,7 @@ async fn respond(
         pool,
         steer: &steer,
     };
-    let mut resp = retry::forward(rt, call, worker, parts, body, trace).await;
+    let mut resp = retry::forward(rt, call, parts, body, trace).await;
     affinity::on_response(pool, &steer, &mut resp);
     resp
 }

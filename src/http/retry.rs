@@ -15,7 +15,6 @@
 //! * a connect that fails on lb's own shortage ([`crate::obs::local`]: its fd
 //!   limit…) ends the loop at once with 503, charging no backend.
 
-
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -25,16 +24,17 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::http::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
-use crate::config::{RetryPolicy, Strategy};
-use crate::obs::local::Op;
-use crate::obs::metrics::{AttemptOutcome, RetryReason};
+use crate::config::{BackendAddr, RetryPolicy, Strategy};
+use crate::core::failure::FailureKind;
+use crate::core::passive::note_failure;
 use crate::core::runtime::{Pool, Runtime, Snapshot};
 use crate::core::selection::Steer;
-use crate::core::passive::note_failure;
 use crate::core::state::InFlight;
+use crate::http::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
+use crate::http::client::{self, Stale};
 use crate::http::upgrade::Hold;
-use crate::http::client::{self, FailureKind, Stale};
+use crate::obs::local::Op;
+use crate::obs::metrics::{AttemptOutcome, RetryReason};
 
 /// Methods that may be sent twice (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &Method) -> bool {
@@ -207,7 +207,6 @@ fn no_backend(pool: &Pool) -> String {
 pub async fn forward(
     rt: &Arc<Runtime>,
     call: Call<'_>,
-    worker: usize,
     mut parts: Parts,
     body: RequestBody,
     trace: &mut Trace,
@@ -224,7 +223,6 @@ pub async fn forward(
     let Call { snap, .. } = call;
     let backend_body = snap.config.timeouts.backend_body;
     let mut attempts = HyperAttempts {
-        worker,
         upgrade: upgrade.is_some(),
         parts,
         body,
@@ -303,7 +301,7 @@ pub(crate) async fn run<A: Attempts>(
             if let Some(previous) = &last {
                 rt.metrics.retry(match previous {
                     Failed::Response(..) => RetryReason::Status,
-                    Failed::Transport { kind, .. } => RetryReason::of_failure(*kind),
+                    Failed::Transport { kind, .. } => kind.retry_reason(),
                 });
             }
             tried.push(index);
@@ -394,7 +392,7 @@ pub(crate) async fn run<A: Attempts>(
                     }
                 };
             }
-            metrics.attempt(AttemptOutcome::of_failure(kind));
+            metrics.attempt(kind.outcome());
             trace.relayed = None;
             note_failure(rt, pool, &backend.state, &detail);
             tracing::debug!(backend = %backend.addr, ?kind, %detail, attempt, "attempt failed");
@@ -443,7 +441,6 @@ pub(crate) async fn run<A: Attempts>(
 
 /// The hyper path's attempts: hyper's pooled client of this worker.
 struct HyperAttempts {
-    worker: usize,
     /// The client asked for a protocol switch.
     upgrade: bool,
     /// The rewritten request head, cloned into each request.
@@ -458,7 +455,7 @@ impl HyperAttempts {
     fn request(&self, pool: &Pool, index: usize, body: UpstreamBody) -> Request<UpstreamBody> {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.authorities[index]);
+        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.backends[index].addr);
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = self.parts.headers.clone();
         req
@@ -482,8 +479,9 @@ impl Attempts for HyperAttempts {
         let Some(body) = self.pending.take() else {
             return Err((FailureKind::Connect, "no body to send".to_owned()));
         };
-        let client = snap.client(self.worker);
-        let err = match client.request(self.request(pool, index, body)).await {
+        let connect_timeout = snap.config.timeouts.connect;
+        let req = self.request(pool, index, body);
+        let err = match client::of_this_worker(connect_timeout, |c| c.request(req)).await {
             Ok(resp) => return Ok(resp),
             Err(err) => err,
         };
@@ -503,8 +501,8 @@ impl Attempts for HyperAttempts {
             return Err(client::classify(&err));
         };
         tracing::debug!(backend = %pool.backends[index].addr, error = %client::root_cause(&err), "stale pooled connection: sent again on a new one");
-        client
-            .request_fresh(self.request(pool, index, body))
+        let req = self.request(pool, index, body);
+        client::of_this_worker(connect_timeout, |c| c.request_fresh(req))
             .await
             .map_err(|e| client::classify(&e))
     }
@@ -532,10 +530,11 @@ impl Attempts for HyperAttempts {
     }
 }
 
-fn upstream_uri(original: &Uri, authority: &hyper::http::uri::Authority) -> Uri {
+fn upstream_uri(original: &Uri, addr: &BackendAddr) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.clone());
+    // validate() parsed every address as an authority.
+    parts.authority = addr.as_str().parse().ok();
     parts.path_and_query = Some(
         original
             .path_and_query()
@@ -558,7 +557,9 @@ fn pass_through(
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
     crate::http::proxy::strip_hop_by_hop(&mut parts.headers);
-    parts.extensions.insert(crate::http::affinity::ServedBy(index));
+    parts
+        .extensions
+        .insert(crate::http::affinity::ServedBy(index));
     Response::from_parts(parts, ResponseBody::Upstream(relayed(body)))
 }
 

@@ -33,15 +33,15 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::http::body::{BoxError, ResponseBody};
 use crate::config::{Config, Timeouts};
-use crate::http::h2_stream::{self, Pacer, StreamExecutor};
 use crate::core::conns::ConnectionGuard;
-use crate::http::proxy;
 use crate::core::runtime::Runtime;
-use crate::io::stall::Stall;
 use crate::core::state::Clock;
+use crate::http::body::{BoxError, ResponseBody};
+use crate::http::h2_stream::{self, Pacer, StreamExecutor};
+use crate::http::proxy;
 use crate::http::upgrade::Hold;
+use crate::io::stall::Stall;
 
 /// The hyper server settings for client connections; part of each snapshot
 /// because the limits are reloadable. hyper's own header-read timeout is off:
@@ -84,7 +84,8 @@ pub enum Http1 {
 pub(crate) struct ConnContext {
     /// Snapshot, shared state, counters.
     pub runtime: Arc<Runtime>,
-    /// Index of the worker running this connection: picks its upstream pool.
+    /// Index of the worker running this connection (for its logs; worker 0
+    /// reports for all).
     pub worker: usize,
     /// `--http1`: the fast path or hyper for every connection.
     pub http1: Http1,
@@ -101,7 +102,6 @@ pub(crate) fn serve_hyper(
     mut drain: watch::Receiver<bool>,
 ) {
     let runtime = &ctx.runtime;
-    let worker = ctx.worker;
     let snap = runtime.snapshot();
     // The connection's slot and drain receiver, shared with an upgraded
     // connection's relay, which outlives this connection's task.
@@ -116,7 +116,7 @@ pub(crate) fn serve_hyper(
             req.extensions_mut().insert(for_upgrade.clone());
         }
         let request = RequestGuard::start(&for_service, clock);
-        let response = proxy::handle(Arc::clone(&rt), worker, peer.ip(), req);
+        let response = proxy::handle(Arc::clone(&rt), peer.ip(), req);
         let rt = Arc::clone(&rt);
         async move {
             let resp = response.await?;
@@ -143,8 +143,9 @@ pub(crate) fn serve_hyper(
         runtime: Arc::clone(runtime),
         peer,
     });
-    let conn = snap
-        .server
+    // Built per connection from the snapshot's limits and timeouts (a few
+    // small allocations, next to the connection's own buffers).
+    let conn = http_server(&snap.config)
         .serve_connection_with_upgrades(io, service)
         .into_owned();
     let runtime = Arc::clone(runtime);

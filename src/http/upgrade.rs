@@ -29,9 +29,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Response, Version};
 use hyper_util::rt::TokioIo;
 
-use crate::http::body::ResponseBody;
 use crate::core::runtime::Runtime;
 use crate::core::state::InFlight;
+use crate::http::body::ResponseBody;
 use crate::io::tunnel::{copy_both_ways, Ended};
 
 /// Keeps a client connection's resources (its `ConnectionCount` slot, its

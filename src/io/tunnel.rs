@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::obs::metrics::BackendMetrics;
 use crate::core::state::Clock;
+use crate::obs::metrics::BackendMetrics;
 
 /// Bytes read at once per direction to start with (nginx's and HAProxy's
 /// default buffer size): two per tunnel, allocated while it is open.

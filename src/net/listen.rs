@@ -20,14 +20,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::core::runtime::Runtime;
 use crate::config::Mode;
 use crate::core::conns::ConnectionGuard;
+use crate::core::runtime::Runtime;
 use crate::http::fast;
 use crate::http::server::{draining, serve_hyper, ConnContext, Http1};
+use crate::net::workers::Workers;
 use crate::tcp;
 use bytes::Bytes;
-use crate::net::workers::Workers;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
 /// thousands of connects must not wait on SYN retransmits (nginx uses 511,

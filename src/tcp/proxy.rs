@@ -30,12 +30,12 @@ use tokio::time::timeout;
 
 use crate::config::{BackendAddr, Strategy};
 use crate::core::conns::ConnectionGuard;
-use crate::obs::metrics::AttemptOutcome;
 use crate::core::passive::note_failure;
 use crate::core::runtime::{Runtime, Snapshot};
 use crate::core::selection::Steer;
 use crate::core::state::InFlight;
 use crate::io::tunnel::{copy_both_ways, Ended};
+use crate::obs::metrics::AttemptOutcome;
 
 use super::proxy_protocol;
 

@@ -75,14 +75,14 @@ use relay::{encode_own, relay, Answer, Cut};
 use request::{parse_request, skip_unread_body, Parsed, PendingBody};
 use upstream::FastAttempts;
 
-use crate::http::affinity;
 use crate::config::Strategy;
 use crate::core::conns::ConnectionGuard;
-use crate::http::proxy;
 use crate::core::passive;
-use crate::http::retry::{self, Outcome, Trace};
 use crate::core::runtime::Snapshot;
 use crate::core::selection::Steer;
+use crate::http::affinity;
+use crate::http::proxy;
+use crate::http::retry::{self, Outcome, Trace};
 use crate::http::server::ConnContext;
 use crate::io::stall::Stall;
 

@@ -12,7 +12,6 @@ use std::io::{IoSlice, Write as _};
 use std::time::Duration;
 
 use hyper::body::Bytes;
-use hyper::header::HeaderValue;
 use hyper::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,8 +20,8 @@ use tokio::time::Instant;
 use super::request::Head;
 use super::upstream::{pool_put, Framing, UpstreamResponse};
 use super::{date, dropped_hop, lower, spare, Buf, READ_CHUNK};
-use crate::http::body::ResponseBody;
 use crate::config::{BackendAddr, Timeouts};
+use crate::http::body::ResponseBody;
 use crate::http::proxy;
 use crate::io::stall::Stall;
 
@@ -86,7 +85,7 @@ pub(super) fn encode_relayed(
     }
     if let Some(cookie) = answer.set_cookie {
         out.extend_from_slice(b"set-cookie: ");
-        out.extend_from_slice(cookie.as_bytes());
+        out.extend_from_slice(cookie);
         out.extend_from_slice(b"\r\n");
     }
     if !answer.keep_alive {
@@ -214,7 +213,7 @@ pub(super) struct Answer<'a> {
     /// upstream connection went idle if it goes back to the pool.
     pub(super) now: Instant,
     /// The affinity cookie to (re-)issue, if any.
-    pub(super) set_cookie: Option<&'a HeaderValue>,
+    pub(super) set_cookie: Option<&'a bytes::Bytes>,
 }
 
 /// Writes the response to the client and streams its body; `Ok(true)`

@@ -17,11 +17,11 @@ use super::{
     content_length, has_token, range_in, Buf, HeaderRanges, MAX_HEADERS, MAX_RESPONSE_HEAD,
     POOL_IDLE, POOL_MAX_IDLE, READ_CHUNK,
 };
-use crate::http::body::ClientFault;
 use crate::config::BackendAddr;
-use crate::http::retry::Attempts;
+use crate::core::failure::FailureKind;
 use crate::core::runtime::{Pool, Snapshot};
-use crate::http::client::FailureKind;
+use crate::http::body::ClientFault;
+use crate::http::retry::Attempts;
 
 /// How a backend's response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +189,7 @@ pub(super) async fn connect(
             let _ = conn.set_nodelay(true);
             Ok(conn)
         }
-        Ok(Err(e)) => Err((crate::http::client::connect_failure(&e), e.to_string())),
+        Ok(Err(e)) => Err((crate::core::failure::connect_failure(&e), e.to_string())),
         Err(_) => Err((FailureKind::Connect, "connect timed out".to_owned())),
     }
 }
