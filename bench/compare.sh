@@ -7,11 +7,20 @@
 #   BASELINE=/path/to/older/lb bash bench/compare.sh   # before/after in one run
 #   FLOOR=1 bash bench/compare.sh         # also the floor (bench/floor.rs)
 #   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
+#   bash bench/compare.sh routed          # 20 routes over 5 pools vs one pool (~1.5 min)
 #
 # The tcp scenario measures connections per second (connect, 1 KiB echo,
 # close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
 # transfer through each proxy. Its knobs: DURATION (default 5s there),
 # CONCURRENCY (default 32 loops), TRANSFER (default 1GiB), ROUNDS, WARMUP.
+#
+# The routed scenario (bench/compare_routed.sh) measures lb, nginx and
+# HAProxy twice in one run: on the single-pool configs above and with 20
+# path-prefix routes (/r0 ... /r19, route N to pool N % 5) over 5 pools of the
+# same 3 backends, wrk cycling the path over /r0 ... /r19 in both; it prints
+# the lb/nginx ratio routed next to single-pool. CONNECTIONS defaults to
+# "64" there; DURATION, WARMUP, ROUNDS, THREADS, PROXY_THREADS, BACKEND,
+# KEEP_TMP as below; IDLE, BASELINE and FLOOR do not apply.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -31,6 +40,7 @@ set -euo pipefail
 
 DURATION_SET=${DURATION:-}
 DURATION=${DURATION:-10s}
+CONNECTIONS_SET=${CONNECTIONS:-}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64 256}
@@ -46,14 +56,21 @@ HAPROXY_PORT=18082
 LB_HYPER_PORT=18083
 LB_BASE_PORT=18084
 FLOOR_PORT=18085
+LB_ROUTED_PORT=18086
+NGINX_ROUTED_PORT=18087
+HAPROXY_ROUTED_PORT=18088
 FLOOR=${FLOOR:-}
 
 SCENARIO=${1:-http}
 case $SCENARIO in
 http) ;;
 tcp) DURATION=${DURATION_SET:-5s} ;;
+routed)
+    CONNECTIONS=${CONNECTIONS_SET:-64}
+    FLOOR=
+    ;;
 *)
-    echo "usage: compare.sh [http|tcp]" >&2
+    echo "usage: compare.sh [http|tcp|routed]" >&2
     exit 2
     ;;
 esac
@@ -143,20 +160,23 @@ to_ms() {
 }
 
 
-for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT $FLOOR_PORT; do
+for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT $FLOOR_PORT \
+    $LB_ROUTED_PORT $NGINX_ROUTED_PORT $HAPROXY_ROUTED_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
-# The main context of both nginx configs (processes, pid, log, events).
+# nginx_main [DIR]: the main context of every nginx config (processes, pid
+# and log in DIR, default $TMP; events).
 nginx_main() {
+    local dir=${1:-$TMP}
     echo "worker_processes $PROXY_THREADS;"
-    echo "pid $TMP/nginx.pid;"
-    echo "error_log $TMP/nginx-error.log warn;"
+    echo "pid $dir/nginx.pid;"
+    echo "error_log $dir/nginx-error.log warn;"
     echo "worker_rlimit_nofile 20000;"
     echo "events { worker_connections 20000; }"
 }
 
-# The global section of both HAProxy configs, up to `defaults`.
+# The global section of every HAProxy config, up to `defaults`.
 haproxy_global() {
     echo "global"
     echo "  nbthread $PROXY_THREADS"
@@ -173,26 +193,29 @@ haproxy_servers() {
     done
 }
 
-# Checks the generated configs, then starts lb ($LB), nginx and HAProxy and
-# waits for their ports; sets LB_PID, NGINX_PID, HAPROXY_PID. All three run
-# for the whole benchmark (idle ones cost nothing measurable) so that
-# rounds can interleave them.
+# start_proxies [DIR LB_PORT NGINX_PORT HAPROXY_PORT]: checks the generated
+# configs in DIR (default $TMP: lb.yaml, nginx.conf, haproxy.cfg), then starts
+# lb ($LB), nginx and HAProxy on them and waits for their ports (default
+# $LB_PORT, $NGINX_PORT, $HAPROXY_PORT); sets LB_PID, NGINX_PID, HAPROXY_PID.
+# All three run for the whole benchmark (idle ones cost nothing measurable)
+# so that rounds can interleave them.
 start_proxies() {
-    "$LB" --config "$TMP/lb.yaml" --check >/dev/null || die "lb rejects $TMP/lb.yaml"
-    nginx -t -q -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" || die "nginx rejects its config"
-    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects its config"
-    RUST_LOG=warn "$LB" --config "$TMP/lb.yaml" --workers "$PROXY_THREADS" --log-level warn >"$TMP/lb.log" 2>&1 &
+    local dir=${1:-$TMP} lb_port=${2:-$LB_PORT} nginx_port=${3:-$NGINX_PORT} haproxy_port=${4:-$HAPROXY_PORT}
+    "$LB" --config "$dir/lb.yaml" --check >/dev/null || die "lb rejects $dir/lb.yaml"
+    nginx -t -q -p "$dir" -e "$dir/nginx-error.log" -c "$dir/nginx.conf" || die "nginx rejects $dir/nginx.conf"
+    haproxy -c -q -f "$dir/haproxy.cfg" || die "haproxy rejects $dir/haproxy.cfg"
+    RUST_LOG=warn "$LB" --config "$dir/lb.yaml" --workers "$PROXY_THREADS" --log-level warn >"$dir/lb.log" 2>&1 &
     LB_PID=$!
     PIDS+=("$LB_PID")
-    nginx -p "$TMP" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g "daemon off;" &
+    nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/nginx.conf" -g "daemon off;" &
     NGINX_PID=$!
     PIDS+=("$NGINX_PID")
-    haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
     HAPROXY_PID=$!
     PIDS+=("$HAPROXY_PID")
-    wait_port "$LB_PORT" "$LB_PID" lb
-    wait_port "$NGINX_PORT" "$NGINX_PID" nginx
-    wait_port "$HAPROXY_PORT" "$HAPROXY_PID" haproxy
+    wait_port "$lb_port" "$LB_PID" lb
+    wait_port "$nginx_port" "$NGINX_PID" nginx
+    wait_port "$haproxy_port" "$HAPROXY_PID" haproxy
 }
 
 # Sets BUSY_BEFORE, and warns when other work already keeps the CPUs busy.
@@ -309,15 +332,18 @@ HZ=$(getconf CLK_TCK)
 
 # measure NAME PORT CONNS [PID]: warm up, measure, append one line to $RUNS:
 # name conns req/s p50_ms p99_ms errors proxy_cpu_ticks box_busy_% requests
+# With WRK_SCRIPT set, wrk runs that Lua script (-s), warm-up included.
+WRK_SCRIPT=
 measure() {
     local name=$1 port=$2 conns=$3 pid=${4:-} pids=() out rps p50 p99 errors cpu0 cpu1 box0 box requests
-    local url="http://127.0.0.1:$port/"
-    log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then wrk -t$THREADS -c$conns -d$DURATION"
-    wrk -t"$THREADS" -c"$conns" -d"$WARMUP" "$url" >/dev/null
+    local url="http://127.0.0.1:$port/" script=()
+    if [[ -n $WRK_SCRIPT ]]; then script=(-s "$WRK_SCRIPT"); fi
+    log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then wrk -t$THREADS -c$conns -d$DURATION${WRK_SCRIPT:+ -s ${WRK_SCRIPT##*/}}"
+    wrk -t"$THREADS" -c"$conns" -d"$WARMUP" "${script[@]}" "$url" >/dev/null
     if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
     cpu0=$(cpu_ticks "${pids[@]}")
     box0=$(cpu_stat)
-    out=$(wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "$url")
+    out=$(wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "${script[@]}" "$url")
     box=$(busy_between "$box0" "$(cpu_stat)")
     cpu1=$(cpu_ticks "${pids[@]}")
     echo "$out" >"$TMP/wrk-$name-$conns-$ROUND.txt"
@@ -329,6 +355,61 @@ measure() {
         /Socket errors:/ { for (i = 3; i <= NF; i++) { v = $i; gsub(/,/, "", v); if (v ~ /^[0-9]+$/) n += v } }
         END { print n + 0 }' <<<"$out")
     echo "$name $conns $rps $p50 $p99 $errors $((cpu1 - cpu0)) $box $requests" >>"$RUNS"
+}
+
+# Drives every target in TARGETS (name:port:pid) at every concurrency,
+# ROUNDS times, interleaved; each concurrency starts with the first backend
+# alone, no proxy (one backend port, not three), as the reference.
+measure_all() {
+    local conns t name port pid
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        for conns in $CONNECTIONS; do
+            measure direct "${BACKEND_PORTS[0]}" "$conns"
+            for t in "${TARGETS[@]}"; do
+                IFS=: read -r name port pid <<<"$t"
+                measure "$name" "$port" "$conns" "$pid"
+            done
+        done
+    done
+}
+
+# Per target and concurrency: medians over the rounds, errors summed,
+# CPU µs per request over all measured requests, into $RESULTS:
+# name conns req/s p50_ms p99_ms errors cpu_us_per_request box_busy_%
+RESULTS="$TMP/results"
+summarize() {
+    local conns name
+    : >"$RESULTS"
+    for conns in $CONNECTIONS; do
+        for name in direct $(for t in "${TARGETS[@]}"; do echo "${t%%:*}"; done); do
+            awk -v n="$name" -v c="$conns" -v hz="$HZ" '
+                '"$AWK_MEDIAN"'
+                $1 == n && $2 == c { k++; r[k] = $3; p50[k] = $4; p99[k] = $5; err += $6; ticks += $7; box[k] = $8; reqs += $9 }
+                END {
+                    us = (n == "direct" || reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)
+                    print n, c, median(r, k), median(p50, k), median(p99, k), err, us, median(box, k)
+                }' "$RUNS" >>"$RESULTS"
+        done
+    done
+}
+
+# throughput_table CONNS [NAME...]: the $RESULTS rows at CONNS as a table,
+# for the targets named (default: all, in order); a "-routed" suffix is not
+# shown (the routed scenario prints its routed targets in a table of their own).
+throughput_table() {
+    local conns=$1 name rps p50 p99 errors us box
+    shift
+    printf "| %-8s | %10s | %8s | %8s | %6s | %10s | %9s |\n" \
+        target "req/s" "p50 ms" "p99 ms" errors "CPU µs/req" "box busy"
+    printf "|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- ------------ -----------
+    awk -v c="$conns" -v names="$*" '
+        BEGIN { k = split(names, order, " ") }
+        $2 == c { row[$1] = $0; if (!k) print }
+        END { for (i = 1; i <= k; i++) if (order[i] in row) print row[order[i]] }' "$RESULTS" |
+        while read -r name _ rps p50 p99 errors us box; do
+            printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %10s | %8s%% |\n" \
+                "${name%-routed}" "$rps" "$p50" "$p99" "$errors" "$us" "$box"
+        done
 }
 
 # idle_rss NAME PORT PID N: RSS added by N idle keep-alive connections
@@ -359,6 +440,12 @@ idle_rss() {
     sleep 2 # the proxy closes them
     awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) / n }'
 }
+
+if [[ $SCENARIO == routed ]]; then
+    # shellcheck source=bench/compare_routed.sh
+    source "$(dirname "$0")/compare_routed.sh"
+    exit 0
+fi
 
 start_proxies
 # The same binary on hyper alone, and the baseline, next to them.
@@ -410,32 +497,8 @@ for n in $IDLE; do
     done
 done
 
-for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-    for conns in $CONNECTIONS; do
-        # Reference: the first backend alone, no proxy (one backend port, not three).
-        measure direct "${BACKEND_PORTS[0]}" "$conns"
-        for t in "${TARGETS[@]}"; do
-            IFS=: read -r name port pid <<<"$t"
-            measure "$name" "$port" "$conns" "$pid"
-        done
-    done
-done
-
-# Per target and concurrency: medians over the rounds, errors summed,
-# CPU µs per request over all measured requests.
-RESULTS="$TMP/results"
-: >"$RESULTS"
-for conns in $CONNECTIONS; do
-    for name in direct $(for t in "${TARGETS[@]}"; do echo "${t%%:*}"; done); do
-        awk -v n="$name" -v c="$conns" -v hz="$HZ" '
-            '"$AWK_MEDIAN"'
-            $1 == n && $2 == c { k++; r[k] = $3; p50[k] = $4; p99[k] = $5; err += $6; ticks += $7; box[k] = $8; reqs += $9 }
-            END {
-                us = (n == "direct" || reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)
-                print n, c, median(r, k), median(p50, k), median(p99, k), err, us, median(box, k)
-            }' "$RUNS" >>"$RESULTS"
-    done
-done
+measure_all
+summarize
 
 # --- report ----------------------------------------------------------------
 echo
@@ -455,13 +518,7 @@ for conns in $CONNECTIONS; do
     echo
     echo "c=$conns"
     echo
-    printf "| %-8s | %10s | %8s | %8s | %6s | %10s | %9s |\n" \
-        target "req/s" "p50 ms" "p99 ms" errors "CPU µs/req" "box busy"
-    printf "|%s|%s|%s|%s|%s|%s|%s|\n" ---------- ------------ ---------- ---------- -------- ------------ -----------
-    awk -v c="$conns" '$2 == c' "$RESULTS" | while read -r name _ rps p50 p99 errors us box; do
-        printf "| %-8s | %10.0f | %8.3f | %8.3f | %6s | %10s | %8s%% |\n" \
-            "$name" "$rps" "$p50" "$p99" "$errors" "$us" "$box"
-    done
+    throughput_table "$conns"
 done
 
 if [[ -n $IDLE ]]; then
