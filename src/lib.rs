@@ -3,50 +3,51 @@
 //!
 //! # Layout
 //!
+//! Imports flow one way, top to bottom; `python3 ../shared/tools/imports.py
+//! src` checks that no loop exists among these modules:
+//!
+//! ```text
+//! main → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
+//! ```
+//!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides); every error a
+//!   (raw serde structs → `validate()`, with env overrides): listener
+//!   settings, pools (each with its strategy, retry, health and steering),
+//!   routes and their host/path patterns; every error a
 //!   [`config::Diagnostic`], `file:line:col: key: message`; and
 //!   [`config::ConfigDiff`]: what a reload changes, key by key.
-//! * [`core`]: protocol-free logic; [`core::route`]: the route table that
-//!   picks a route (pool) from a request's Host and path.
-//! * [`runtime`]: the current [`runtime::Snapshot`] (config, one
-//!   [`runtime::Pool`] per configured pool — backends, selector, cookies,
-//!   retry budget — the route table, upstream clients) behind one `ArcSwap`,
-//!   and `apply()` to swap in a new one.
-//! * [`state`]: per-backend runtime state (in-flight, counters, health)
-//!   keyed by (pool, address), so it survives reloads.
-//! * [`selection`]: the strategies, one type each behind [`selection::Selector`],
-//!   and slow start around them; [`affinity`]: a request's hash key and its
-//!   sticky-session cookie.
-//! * [`workers`]: `--workers N` threads, each a `current_thread` runtime with
-//!   its own listening socket and upstream pools.
-//! * [`listen`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
-//!   loops, the connection cap; [`server`]: one client connection (hyper,
-//!   the fast path, or tcp) and its timeouts; [`h2_stream`]: the
-//!   `client_send` bound on each HTTP/2 stream, which flow control hides
-//!   from the socket.
-//! * [`fast`]: the HTTP/1 fast path (`httparse`), which hands anything it does
-//!   not serve to hyper.
-//! * [`proxy`]: per-request header work; [`retry`]: the one loop that sends
-//!   a request upstream and retries it; [`body`]: body types; [`upstream`]:
-//!   the backend client, its error classes, and the watch on its connections
-//!   that tells a stale pooled one; [`stall`]: the bound on
-//!   each wait for a client or backend mid-exchange (request body, response
-//!   body, response bytes the client must take).
-//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the same pool;
-//!   [`tunnel`]: the bytes-both-ways copy it shares with upgraded
-//!   connections (half-close, idle bound).
-//! * [`health`]: active health checks, and the verdict when they hold the
-//!   whole pool down (`Runtime::pool_down`); passive detection lives in `state`.
-//! * [`local`]: lb's own resource shortages (fd limit, buffers, ports), the
-//!   one classification every path asks so no backend is blamed for them.
+//! * [`obs`]: the counters every layer bumps ([`obs::metrics`]), the
+//!   access log, lb's own log, and [`obs::local`]: lb's own resource
+//!   shortages, the one classification every path asks so no backend is
+//!   blamed for them.
+//! * [`core`], protocol-free (no hyper, no sockets): the live
+//!   [`core::runtime::Runtime`] with its current [`core::runtime::Snapshot`]
+//!   behind one `ArcSwap` (config, one [`core::runtime::Pool`] per pool —
+//!   backends, selector, affinity tables, retry budget — and the
+//!   [`core::route::Router`]); per-backend state keyed by (pool, address)
+//!   ([`core::state`]), so it survives reloads; the strategies
+//!   ([`core::selection`]); the retry budget; the passive-health verdict
+//!   ([`core::passive`]), the one place any path charges a backend;
+//!   [`core::failure`]: how an attempt failed; connection and upgrade counts.
+//! * [`io`]: byte movers shared by both protocol sides: [`io::tunnel`]
+//!   (both ways, half-close, idle bound) and [`io::stall`] (the bound on
+//!   each wait for a peer mid-exchange).
+//! * [`http`]: one client connection ([`http::server`]: hyper for
+//!   HTTP/1.1 and h2c, or the `httparse` fast path in [`http::fast`], which
+//!   hands what it does not serve to hyper); per-request header work and
+//!   routing ([`http::proxy`]); the attempt loop that sends a request to its
+//!   pool and retries it ([`http::retry`]); bodies; the per-worker backend
+//!   client ([`http::client`]); `Upgrade` pass-through; affinity cookies;
+//!   the HTTP/2 stream watchdog ([`http::h2_stream`]).
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the catch-all pool.
+//! * [`net`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
+//!   loops, the connection cap, the worker threads; it hands each accepted
+//!   connection to `http` or `tcp`.
+//! * [`health`]: active health checks, and the verdict when they hold a
+//!   whole pool down.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
-//! * [`admin`]: the admin listener (`/metrics`, `/status`, `/healthz`,
-//!   `/readyz`, `POST /reload`); [`metrics`]: the counters and their
-//!   exposition; [`access_log`]: one line per request, written off the
-//!   request path; [`logging`]: lb's own log, written off the serving
-//!   threads, lossy when stderr stalls; [`upgrade`]: WebSocket/`Upgrade`
-//!   pass-through.
+//! * [`admin`]: the admin listener (`/metrics` through
+//!   [`admin::exposition`], `/status`, `/healthz`, `/readyz`, `POST /reload`).
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging

@@ -1,5 +1,5 @@
-//! The protocol-free core: the live [`Runtime`] and its [`Snapshot`] (one
-//! [`Pool`] per configured pool, the [`route::Router`]), per-backend state,
+//! The protocol-free core: the live [`runtime::Runtime`] and its [`runtime::Snapshot`] (one
+//! [`runtime::Pool`] per configured pool, the [`route::Router`]), per-backend state,
 //! the strategies, the retry budget and the passive-health verdict. Nothing
 //! here names hyper, sockets, the HTTP or TCP sides, the listeners, health
 //! checks, the admin listener or the reloader: they all sit on top of it.
