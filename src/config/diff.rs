@@ -125,6 +125,40 @@ const SECTIONS: &[Section<Config>] = &[
         ],
     },
     Section {
+        name: "tls",
+        present: Some(|c| c.tls.is_some()),
+        settings: &[
+            ("tls.certificates", |c| {
+                c.tls.as_ref().map_or_else(String::new, |t| {
+                    let pairs: Vec<String> = t
+                        .certificates
+                        .iter()
+                        .map(|p| format!("{}+{}", p.cert.display(), p.key.display()))
+                        .collect();
+                    pairs.join(", ")
+                })
+            }),
+            ("tls.min_version", |c| {
+                opt(c.tls.as_ref().map(|t| format!("{:?}", t.min_version)))
+            }),
+            ("tls.alpn", |c| {
+                opt(c.tls.as_ref().map(|t| {
+                    let ids: Vec<&str> = t
+                        .alpn
+                        .iter()
+                        .map(|a| std::str::from_utf8(a.id()).unwrap_or("?"))
+                        .collect();
+                    ids.join(",")
+                }))
+            }),
+            ("tls.client_auth", |c| {
+                opt(c.tls.as_ref().and_then(|t| t.client_auth.as_ref()).map(|a| {
+                    format!("{} required={}", a.ca.display(), a.required)
+                }))
+            }),
+        ],
+    },
+    Section {
         name: "limits",
         present: None,
         settings: &[

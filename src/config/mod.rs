@@ -45,6 +45,7 @@ mod locate;
 pub mod pools;
 mod raw;
 mod route_pattern;
+pub mod tls;
 mod steering;
 mod validate;
 
@@ -93,6 +94,8 @@ pub struct Config {
     /// Which pool serves a request, in file order (a file without `routes:`
     /// has one catch-all route).
     pub routes: Vec<RouteConfig>,
+    /// TLS termination on the listener; `None` serves plain TCP.
+    pub tls: Option<tls::TlsSettings>,
 }
 
 /// Resource caps on the client side.
@@ -901,8 +904,11 @@ impl Config {
         let raw: RawConfig = figment
             .extract()
             .map_err(|e| ConfigError::Invalid(placer.figment_diagnostic(&e)))?;
-        let config = validate::validate(raw)
+        let mut config = validate::validate(raw)
             .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
+        if let Some(tls) = &mut config.tls {
+            tls.resolve_against(path.parent().unwrap_or(Path::new(".")));
+        }
         let mut warnings = validate::warnings(&config);
         if lookups == Lookups::Resolve {
             warnings.extend(unresolved_backends(&config));

@@ -59,6 +59,8 @@ pub struct RawConfig {
     pub pools: Option<std::collections::BTreeMap<String, super::pools::RawPool>>,
     /// Which pool serves a request, by Host and path.
     pub routes: Option<Vec<super::pools::RawRoute>>,
+    /// TLS termination on the listener; plain TCP when absent.
+    pub tls: Option<super::tls::RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
