@@ -29,7 +29,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -41,7 +40,7 @@ use crate::http::body::{BoxError, ResponseBody};
 use crate::http::h2_stream::{self, Pacer, StreamExecutor};
 use crate::http::proxy;
 use crate::http::upgrade::Hold;
-use crate::io::stall::Stall;
+use crate::io::stall::{SendNow, Stall};
 
 /// The hyper server settings for client connections; part of each snapshot
 /// because the limits are reloadable. hyper's own header-read timeout is off:
@@ -93,8 +92,8 @@ pub(crate) struct ConnContext {
 
 /// Serves a connection with hyper (HTTP/1.1 or h2c), `prefix` being bytes
 /// already read from it (by the fast path, which handed it over).
-pub(crate) fn serve_hyper(
-    stream: TcpStream,
+pub(crate) fn serve_hyper<S: ClientStream>(
+    stream: S,
     prefix: Bytes,
     peer: SocketAddr,
     guard: ConnectionGuard,
@@ -183,6 +182,11 @@ pub(crate) fn serve_hyper(
         drop(hold);
     });
 }
+
+/// A client connection hyper can serve: plain TCP, or TLS over it.
+pub trait ClientStream: AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static> ClientStream for S {}
 
 /// What a client connection is doing, for the idle and head timeouts.
 /// Written by the socket wrapper and the request guards, read by the
@@ -331,10 +335,10 @@ impl Body for Tracked {
 /// that per stream), so a client that stops reading fails its connection
 /// and nothing else does.
 #[derive(Debug)]
-struct Watched {
+struct Watched<S> {
     /// Bytes read before hyper took the connection over; read first.
     prefix: Bytes,
-    stream: TcpStream,
+    stream: S,
     activity: Arc<Activity>,
     clock: Clock,
     /// Counts the current wait for the client to take bytes.
@@ -348,7 +352,7 @@ struct Watched {
     peer: SocketAddr,
 }
 
-impl Watched {
+impl<S: ClientStream> Watched<S> {
     /// Writes `bufs`, failing once the client has taken nothing for
     /// `timeouts.client_send`.
     fn bounded_write(
@@ -374,7 +378,7 @@ impl Watched {
             // The wait ran out: the client may have made room all the same.
             Poll::Ready(None) => {}
         }
-        if let Some(sent) = self.send.send_now(&self.stream, bufs) {
+        if let Some(sent) = self.send.send_now(&mut self.stream, bufs) {
             return Poll::Ready(sent);
         }
         let limit = self.send_limit;
@@ -386,7 +390,7 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl<S: ClientStream> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -409,7 +413,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: ClientStream> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

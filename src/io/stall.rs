@@ -26,6 +26,22 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+/// A client stream lb can write to past tokio's readiness tracking, for
+/// the last try of [`Stall::send_now`].
+pub trait SendNow {
+    /// Writes what fits of `bufs` now; `None` when nothing fits.
+    fn send_now(&mut self, bufs: &[IoSlice<'_>]) -> Option<io::Result<usize>>;
+}
+
+impl SendNow for TcpStream {
+    fn send_now(&mut self, bufs: &[IoSlice<'_>]) -> Option<io::Result<usize>> {
+        match socket2::SockRef::from(&*self).send_vectored(bufs) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            sent => Some(sent),
+        }
+    }
+}
 use tokio::time::{Instant, Sleep};
 
 /// One bounded wait at a time (see the module doc).
@@ -85,18 +101,14 @@ impl Stall {
     /// After a wait for a client to take bytes ran out: writes what fits of
     /// `bufs` to `stream` now, past tokio's readiness tracking (see the
     /// module doc). `None` when the client made no room at all: a stall.
-    pub fn send_now(
+    pub fn send_now<S: SendNow + ?Sized>(
         &mut self,
-        stream: &TcpStream,
+        stream: &mut S,
         bufs: &[IoSlice<'_>],
     ) -> Option<io::Result<usize>> {
-        match socket2::SockRef::from(stream).send_vectored(bufs) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            sent => {
-                self.progressed();
-                Some(sent)
-            }
-        }
+        let sent = stream.send_now(bufs)?;
+        self.progressed();
+        Some(sent)
     }
 
     /// `io`, unless it keeps lb waiting for `limit` (then `None`).
