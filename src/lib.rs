@@ -63,6 +63,7 @@ pub mod net;
 pub mod obs;
 pub mod reload;
 pub mod tcp;
+pub mod tls;
 
 /// `lb --version` and `/status`: the crate version, with the git commit
 /// when the build knew it (see build.rs).
@@ -84,6 +85,7 @@ use crate::config::{Config, ContentHash};
 use crate::core::runtime::Runtime;
 use crate::http::server::Http1;
 use crate::net::listen::Listeners;
+use crate::net::tls::TlsSlot;
 use crate::net::workers::Workers;
 use crate::reload::{ReloadHandle, WatchSettings};
 
@@ -174,12 +176,24 @@ impl Lb {
             runtime.access_log.set_sink(format, out);
         }
         let (drain, drain_rx) = watch::channel(false);
+        // Before the first accept: a TLS listener never serves plaintext.
+        let tls = Arc::new(TlsSlot::default());
+        let terminator = tls
+            .prepare(runtime.snapshot().config.tls.as_ref(), &runtime)
+            .map_err(std::io::Error::other)?;
+        tls.set(terminator, &runtime);
+        let tls_follower = tokio::spawn(net::tls::follow(
+            Arc::clone(&tls),
+            Arc::clone(&runtime),
+            drain_rx.clone(),
+        ));
         let listeners = Listeners::start(
             listener,
             configured,
             Arc::clone(&runtime),
             Arc::clone(&workers),
             settings.http1,
+            tls,
             drain_rx,
         );
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
@@ -198,7 +212,7 @@ impl Lb {
             workers,
             admin,
             drain,
-            tasks: vec![health, reloader, admin_follower],
+            tasks: vec![health, reloader, admin_follower, tls_follower],
         })
     }
 

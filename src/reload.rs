@@ -393,6 +393,17 @@ impl Reloader {
         } else {
             None
         };
+        let tls = match self
+            .listeners
+            .tls()
+            .prepare(config.tls.as_ref(), &self.runtime)
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.reject(format_args!("{}: tls: {e}", self.path.display()));
+                return;
+            }
+        };
         let listen = config.listen;
         for warning in config.warnings() {
             tracing::warn!("{}: {warning}", self.path.display());
@@ -410,6 +421,7 @@ impl Reloader {
                 return;
             }
         };
+        self.listeners.tls().set(tls, &self.runtime);
         if let Some(listener) = new_listener {
             self.listeners.replace(listener, listen);
         }

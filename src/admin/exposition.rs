@@ -309,6 +309,44 @@ impl Collector for Exporter {
             "Upgraded (WebSocket) connections being relayed",
             rt.upgrades.open() as f64,
         )?;
+        let certificates = rt.tls.certificates();
+        if !certificates.is_empty() {
+            let listener = rt.tls.listener();
+            family(
+                &mut enc,
+                "lb_tls_certificate_expiry_seconds",
+                "When each served certificate expires (not-after, Unix seconds), by listener and SAN name",
+                MetricType::Gauge,
+                certificates.iter().flat_map(|c| {
+                    let expiry = crate::obs::metrics::unix_seconds(c.not_after);
+                    let listener = listener.clone();
+                    c.names.iter().map(move |name| {
+                        (
+                            vec![("listener", listener.clone()), ("name", name.clone())],
+                            ConstGauge::new(expiry),
+                        )
+                    })
+                }),
+            )?;
+            counter(
+                &mut enc,
+                "lb_tls_handshake_failures",
+                "TLS handshakes that failed or timed out (timeouts.client_header)",
+                rt.tls.handshake_failures.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "lb_tls_certificate_reloads",
+                "Certificate pairs applied after their files changed",
+                rt.tls.reloads.load(Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "lb_tls_certificate_reload_failures",
+                "Certificate file changes not applied (unreadable, unparsable, or key and certificate not a pair); the last good pair kept serving",
+                rt.tls.reload_failures.load(Relaxed),
+            )?;
+        }
         Ok(())
     }
 }

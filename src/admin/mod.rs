@@ -386,8 +386,34 @@ impl Admin {
             },
             "backends": backends,
             "pools": pools,
+            "tls": tls_json(rt),
         })
     }
+}
+
+/// The certificates served, with why their files are not applied (if so).
+fn tls_json(rt: &Runtime) -> serde_json::Value {
+    let certificates = rt.tls.certificates();
+    if certificates.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let certificates: Vec<_> = certificates
+        .iter()
+        .map(|c| {
+            json!({
+                "cert": c.cert_file.display().to_string(),
+                "key": c.key_file.display().to_string(),
+                "names": c.names,
+                "not_after": rfc3339(c.not_after),
+                "error": c.error,
+            })
+        })
+        .collect();
+    json!({
+        "certificates": certificates,
+        "handshake_failures": rt.tls.handshake_failures.load(Relaxed),
+        "reload_failures": rt.tls.reload_failures.load(Relaxed),
+    })
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {

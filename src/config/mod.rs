@@ -908,6 +908,8 @@ impl Config {
             .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
         if let Some(tls) = &mut config.tls {
             tls.resolve_against(path.parent().unwrap_or(Path::new(".")));
+            tls.check_files()
+                .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
         }
         let mut warnings = validate::warnings(&config);
         if lookups == Lookups::Resolve {

@@ -97,6 +97,23 @@ impl TlsSettings {
             .chain(self.client_auth.iter().map(|c| c.ca.as_path()))
     }
 
+    /// Reads every pair and the client CA now, so a file that cannot serve
+    /// is an error at its key (`tls.certificates[0].key`), and the running
+    /// proxy keeps its last good config.
+    pub fn check_files(&self) -> Result<(), Invalid> {
+        for (i, c) in self.certificates.iter().enumerate() {
+            if let Err(e) = crate::tls::pair::CertPair::load(&c.cert, &c.key) {
+                let which = if e.file == c.key { "key" } else { "cert" };
+                return Err((format!("tls.certificates[{i}].{which}"), e.to_string()));
+            }
+        }
+        if let Some(auth) = &self.client_auth {
+            crate::tls::pair::read_ca(&auth.ca)
+                .map_err(|e| ("tls.client_auth.ca".to_owned(), e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Relative paths made relative to `dir` (the config file's directory).
     pub fn resolve_against(&mut self, dir: &Path) {
         let resolve = |p: &mut PathBuf| {

@@ -301,6 +301,8 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// lb's own resource shortages, counted and logged rate-limited.
     pub local_errors: crate::obs::local::LocalErrors,
+    /// TLS termination's certificates and counters, when `tls:` is set.
+    pub tls: crate::obs::tls::TlsStatus,
     /// The access log's writer, off the request path.
     pub access_log: AccessLog,
     /// lb's own log lines dropped because stderr fell behind (set once at
@@ -330,6 +332,7 @@ impl Runtime {
             connections: Arc::default(),
             metrics: Metrics::default(),
             local_errors: crate::obs::local::LocalErrors::default(),
+            tls: Default::default(),
             access_log: AccessLog::default(),
             log_lines_dropped: std::sync::OnceLock::new(),
             upgrades: Upgrades::default(),

@@ -457,10 +457,23 @@ fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if parts.extensions.get::<OverTls>().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    let headers = &mut parts.headers;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     Ok(())
 }
+
+/// Marks a request that came over a TLS connection lb terminated
+/// (`X-Forwarded-Proto: https`).
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
 
 /// Whether `name` (lower case) describes the connection, not the message.
 /// The names of [`HOP_BY_HOP`], matched as strings: this runs for every

@@ -94,6 +94,7 @@ pub(crate) struct ConnContext {
 /// already read from it (by the fast path, which handed it over).
 pub(crate) fn serve_hyper<S: ClientStream>(
     stream: S,
+    over_tls: bool,
     prefix: Bytes,
     peer: SocketAddr,
     guard: ConnectionGuard,
@@ -111,6 +112,9 @@ pub(crate) fn serve_hyper<S: ClientStream>(
     let for_service = Arc::clone(&activity);
     let for_upgrade = hold.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if over_tls {
+            req.extensions_mut().insert(proxy::OverTls);
+        }
         if req.headers().contains_key(hyper::header::UPGRADE) {
             req.extensions_mut().insert(for_upgrade.clone());
         }

@@ -26,7 +26,9 @@ use crate::core::runtime::Runtime;
 use crate::http::fast;
 use crate::http::server::{draining, serve_hyper, ConnContext, Http1};
 use crate::net::workers::Workers;
+use crate::net::tls::TlsSlot;
 use crate::tcp;
+use std::sync::atomic::Ordering::Relaxed;
 use bytes::Bytes;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
@@ -124,6 +126,8 @@ pub struct Listeners {
     workers: Arc<Workers>,
     /// Which code serves HTTP/1 connections (`--http1`).
     http1: Http1,
+    /// TLS termination, when `tls:` is set; read per connection.
+    tls: Arc<TlsSlot>,
     /// Touched only on reload and shutdown.
     active: Mutex<Active>,
 }
@@ -135,6 +139,7 @@ impl Listeners {
         runtime: Arc<Runtime>,
         workers: Arc<Workers>,
         http1: Http1,
+        tls: Arc<TlsSlot>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let local = listener.local_addr().unwrap_or(configured);
@@ -142,6 +147,7 @@ impl Listeners {
             runtime,
             workers,
             http1,
+            tls,
             active: Mutex::new(Active {
                 configured,
                 local,
@@ -152,6 +158,11 @@ impl Listeners {
         let stop = listeners.spawn_accept_loops(listener, &drain);
         listeners.active().stop = stop;
         listeners
+    }
+
+    /// The listener's TLS (swapped by reloads).
+    pub fn tls(&self) -> &Arc<TlsSlot> {
+        &self.tls
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, Active> {
@@ -210,7 +221,13 @@ impl Listeners {
                 worker,
                 http1: self.http1,
             };
-            handle.spawn(accept_loop(socket, ctx, drain.clone(), rx));
+            handle.spawn(accept_loop(
+                socket,
+                ctx,
+                Arc::clone(&self.tls),
+                drain.clone(),
+                rx,
+            ));
             stops.push(tx);
         }
         stops
@@ -223,6 +240,7 @@ const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 async fn accept_loop(
     socket: std::net::TcpListener,
     ctx: ConnContext,
+    tls: Arc<TlsSlot>,
     drain: watch::Receiver<bool>,
     mut rx: oneshot::Receiver<()>,
 ) {
@@ -276,7 +294,7 @@ async fn accept_loop(
                         }
                     };
                     match guard {
-                        Some(guard) => serve(stream, peer, guard, &ctx, drain.clone()),
+                        Some(guard) => serve(stream, peer, guard, &ctx, &tls, drain.clone()),
                         None => break,
                     }
                 }
@@ -307,7 +325,7 @@ async fn accept_loop(
             if let Ok(stream) = stream {
                 // Already connected: past the cap rather than reset.
                 let guard = ctx.runtime.connections.admit();
-                serve(stream, peer, guard, &ctx, drain.clone());
+                serve(stream, peer, guard, &ctx, &tls, drain.clone());
             }
         }
     }
@@ -350,6 +368,7 @@ pub(crate) fn serve(
     peer: SocketAddr,
     guard: ConnectionGuard,
     ctx: &ConnContext,
+    tls: &TlsSlot,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -357,11 +376,31 @@ pub(crate) fn serve(
     if snap.config.mode == Mode::Tcp {
         return tcp::serve(stream, peer, &ctx.runtime, snap, drain, guard);
     }
+    if let Some(terminator) = tls.current() {
+        let limit = snap.config.timeouts.client_header;
+        drop(snap);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(limit, terminator.acceptor().accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
+                Ok(Err(e)) => {
+                    ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, "TLS handshake took longer than {limit:?} (timeouts.client_header)");
+                }
+            }
+        });
+        return;
+    }
     drop(snap);
     match ctx.http1 {
         Http1::Fast => {
             tokio::spawn(fast::serve(stream, peer, ctx.clone(), drain, guard));
         }
-        Http1::Hyper => serve_hyper(stream, Bytes::new(), peer, guard, ctx, drain),
+        Http1::Hyper => serve_hyper(stream, false, Bytes::new(), peer, guard, ctx, drain),
     }
 }

@@ -4,4 +4,5 @@
 //! side, by the listener's mode.
 
 pub mod listen;
+pub mod tls;
 pub mod workers;

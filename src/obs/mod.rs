@@ -8,3 +8,4 @@ pub mod access_log;
 pub mod local;
 pub mod logging;
 pub mod metrics;
+pub mod tls;
