@@ -152,9 +152,11 @@ const SECTIONS: &[Section<Config>] = &[
                 }))
             }),
             ("tls.client_auth", |c| {
-                opt(c.tls.as_ref().and_then(|t| t.client_auth.as_ref()).map(|a| {
-                    format!("{} required={}", a.ca.display(), a.required)
-                }))
+                opt(c
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.client_auth.as_ref())
+                    .map(|a| format!("{} required={}", a.ca.display(), a.required)))
             }),
         ],
     },

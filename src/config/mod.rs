@@ -45,8 +45,8 @@ mod locate;
 pub mod pools;
 mod raw;
 mod route_pattern;
-pub mod tls;
 mod steering;
+pub mod tls;
 mod validate;
 
 use std::fmt;
@@ -908,8 +908,9 @@ impl Config {
             .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
         if let Some(tls) = &mut config.tls {
             tls.resolve_against(path.parent().unwrap_or(Path::new(".")));
-            tls.check_files()
-                .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
+            tls.check_files().map_err(|(field, message)| {
+                ConfigError::Invalid(placer.diagnostic(field, message))
+            })?;
         }
         let mut warnings = validate::warnings(&config);
         if lookups == Lookups::Resolve {

@@ -188,9 +188,15 @@ pub(crate) fn serve_hyper<S: ClientStream>(
 }
 
 /// A client connection hyper can serve: plain TCP, or TLS over it.
-pub trait ClientStream: AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static {}
+pub trait ClientStream:
+    AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static
+{
+}
 
-impl<S: AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static> ClientStream for S {}
+impl<S: AsyncRead + AsyncWrite + SendNow + Unpin + Send + std::fmt::Debug + 'static> ClientStream
+    for S
+{
+}
 
 /// What a client connection is doing, for the idle and head timeouts.
 /// Written by the socket wrapper and the request guards, read by the

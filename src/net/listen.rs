@@ -25,11 +25,11 @@ use crate::core::conns::ConnectionGuard;
 use crate::core::runtime::Runtime;
 use crate::http::fast;
 use crate::http::server::{draining, serve_hyper, ConnContext, Http1};
-use crate::net::workers::Workers;
 use crate::net::tls::TlsSlot;
+use crate::net::workers::Workers;
 use crate::tcp;
-use std::sync::atomic::Ordering::Relaxed;
 use bytes::Bytes;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Pending connections the kernel queues before lb accepts them: bursts of
 /// thousands of connects must not wait on SYN retransmits (nginx uses 511,

@@ -116,7 +116,10 @@ impl Terminator {
     fn directories(&self) -> BTreeSet<PathBuf> {
         self.settings
             .files()
-            .map(|f| f.parent().map_or_else(|| PathBuf::from("."), Path::to_owned))
+            .map(|f| {
+                f.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_owned)
+            })
             .collect()
     }
 
@@ -200,8 +203,7 @@ impl Terminator {
                 error: judged.error.clone(),
             })
             .collect();
-        rt.tls
-            .set(rt.snapshot().config.listen.to_string(), certs);
+        rt.tls.set(rt.snapshot().config.listen.to_string(), certs);
     }
 }
 

@@ -52,7 +52,9 @@ pub enum PairErrorKind {
     NoKey,
     UnsupportedKey(String),
     /// The key is not the certificate's (`file` is the certificate).
-    Mismatch { key_file: PathBuf },
+    Mismatch {
+        key_file: PathBuf,
+    },
 }
 
 impl fmt::Display for PairError {
@@ -62,16 +64,22 @@ impl fmt::Display for PairError {
             PairErrorKind::Read(e) => write!(f, "{file}: cannot read: {e}"),
             PairErrorKind::NotRegular => write!(f, "{file}: not a regular file"),
             PairErrorKind::TooBig => {
-                write!(f, "{file}: larger than {} KiB: not a PEM certificate or key", MAX_PEM_BYTES >> 10)
+                write!(
+                    f,
+                    "{file}: larger than {} KiB: not a PEM certificate or key",
+                    MAX_PEM_BYTES >> 10
+                )
             }
             PairErrorKind::NoCertificate => {
-                write!(f, "{file}: no certificate in the file (PEM \"BEGIN CERTIFICATE\")")
+                write!(
+                    f,
+                    "{file}: no certificate in the file (PEM \"BEGIN CERTIFICATE\")"
+                )
             }
             PairErrorKind::BadCertificate(e) => write!(f, "{file}: not a valid certificate: {e}"),
-            PairErrorKind::NoKey => write!(
-                f,
-                "{file}: not a private key (PKCS#8, PKCS#1 or SEC1 PEM)"
-            ),
+            PairErrorKind::NoKey => {
+                write!(f, "{file}: not a private key (PKCS#8, PKCS#1 or SEC1 PEM)")
+            }
             PairErrorKind::UnsupportedKey(e) => write!(f, "{file}: unusable private key: {e}"),
             PairErrorKind::Mismatch { key_file } => write!(
                 f,
@@ -137,9 +145,9 @@ impl CertPair {
         let Some(leaf) = chain.first() else {
             return Err(cert_err(PairErrorKind::NoCertificate));
         };
-        let info = leaf_info(leaf)
-            .map_err(|e| cert_err(PairErrorKind::BadCertificate(e)))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| key_err(PairErrorKind::NoKey))?;
+        let info = leaf_info(leaf).map_err(|e| cert_err(PairErrorKind::BadCertificate(e)))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| key_err(PairErrorKind::NoKey))?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| key_err(PairErrorKind::UnsupportedKey(e.to_string())))?;
         let certified = CertifiedKey::new(chain, signing);
@@ -221,9 +229,10 @@ pub(crate) mod testing {
     /// The same with an RSA key (PKCS#8).
     pub fn self_signed_rsa(names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .expect("params");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("params");
         let cert = params.self_signed(&key).expect("self-signed");
         (cert.pem(), key.serialize_pem())
     }
@@ -287,7 +296,10 @@ mod tests {
     fn read_pem_refuses_directories_and_huge_files() {
         let dir = tempfile::tempdir().unwrap();
         let e = read_pem(dir.path()).unwrap_err();
-        assert!(matches!(e.kind, PairErrorKind::NotRegular | PairErrorKind::Read(_)), "{e}");
+        assert!(
+            matches!(e.kind, PairErrorKind::NotRegular | PairErrorKind::Read(_)),
+            "{e}"
+        );
         let big = dir.path().join("big.pem");
         std::fs::write(&big, vec![b'a'; (MAX_PEM_BYTES + 1) as usize]).unwrap();
         assert_eq!(read_pem(&big).unwrap_err().kind, PairErrorKind::TooBig);

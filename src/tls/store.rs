@@ -116,8 +116,13 @@ mod tests {
 
     fn pair(names: &[&str]) -> CertPair {
         let (cert, key) = self_signed(names);
-        CertPair::from_pem(Path::new("c"), cert.as_bytes(), Path::new("k"), key.as_bytes())
-            .unwrap()
+        CertPair::from_pem(
+            Path::new("c"),
+            cert.as_bytes(),
+            Path::new("k"),
+            key.as_bytes(),
+        )
+        .unwrap()
     }
 
     #[test]

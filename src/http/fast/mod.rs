@@ -198,7 +198,9 @@ pub(crate) async fn serve(
             }
             Step::Close => return,
             Step::Hyper(prefix) => {
-                return crate::http::server::serve_hyper(stream, false, prefix, peer, guard, &ctx, drain)
+                return crate::http::server::serve_hyper(
+                    stream, false, prefix, peer, guard, &ctx, drain,
+                )
             }
         }
         if buf.is_empty() {

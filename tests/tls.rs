@@ -1,0 +1,552 @@
+//! TLS termination: real handshakes with a rustls client against lb on
+//! 127.0.0.1, certificates made by rcgen at test time, files rotated the
+//! ways people and Kubernetes rotate them.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// A certificate and key, PEM, with the DER of the certificate.
+struct Cert {
+    cert: String,
+    key: String,
+    der: CertificateDer<'static>,
+}
+
+fn cert(names: &[&str]) -> Cert {
+    let ck = rcgen::generate_simple_self_signed(
+        names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    Cert {
+        cert: ck.cert.pem(),
+        key: ck.key_pair.serialize_pem(),
+        der: ck.cert.der().clone(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Replaces `name` atomically (temp file + rename), as most tools do.
+fn rename_over(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+struct TlsLb {
+    lb: lb::Lb,
+    dir: tempfile::TempDir,
+}
+
+impl TlsLb {
+    /// lb with `yaml` (no `listen:`), after `files` are written into its
+    /// directory (the config's relative paths are relative to it).
+    async fn start(yaml: &str, files: &[(&str, &str)]) -> TlsLb {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            if let Some(parent) = Path::new(name).parent() {
+                std::fs::create_dir_all(dir.path().join(parent)).unwrap();
+            }
+            write(dir.path(), name, text);
+        }
+        Self::start_in(dir, yaml).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, yaml: &str) -> TlsLb {
+        let path = write(
+            dir.path(),
+            "config.yaml",
+            &format!("listen: 127.0.0.1:0\n{yaml}"),
+        );
+        let (config, hash) = lb::config::Config::load(&path).unwrap();
+        let listener = lb::net::listen::bind(config.listen).unwrap();
+        let settings = settings(
+            &path,
+            lb::reload::WatchSettings {
+                watch: true,
+                poll_interval: Duration::from_millis(200),
+            },
+        );
+        let lb = lb::Lb::start(listener, config, hash, settings).unwrap();
+        TlsLb { lb, dir }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.lb.local_addr()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        // The admin listener is not configured here: read what it would show.
+        let rt = self.lb.runtime();
+        let certs = rt.tls.certificates();
+        serde_json::json!(certs
+            .iter()
+            .map(|c| serde_json::json!({"names": c.names, "error": c.error}))
+            .collect::<Vec<_>>())
+    }
+}
+
+/// A client trusting `roots`, offering `alpn`.
+fn connector(roots: &[&Cert], alpn: &[&[u8]]) -> TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots {
+        store.add(c.der.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn handshake(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    sni: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// The certificate the server presented.
+fn served(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// One HTTP/1.1 GET over `stream`: (status, body).
+async fn get_over(stream: TlsStream<TcpStream>, path: &str) -> (u16, String) {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "api.example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn tls_yaml(backend: &Backend, certificates: &str) -> String {
+    format!(
+        "tls:\n  certificates:\n{certificates}{}",
+        backends_yaml(&[backend])
+    )
+}
+
+const ONE_PAIR: &str = "    - {cert: tls/server.crt, key: tls/server.key}\n";
+
+#[tokio::test]
+async fn https_reaches_the_backend_with_x_forwarded_proto_https() {
+    let backend = Backend::start("b1").await;
+    let c = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, ONE_PAIR),
+        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+    )
+    .await;
+    let stream = handshake(
+        lb.addr(),
+        &connector(&[&c], &[b"http/1.1"]),
+        "api.example.com",
+    )
+    .await
+    .unwrap();
+    assert_eq!(served(&stream), c.der);
+    let (status, body) = get_over(stream, "/x").await;
+    assert_eq!((status, body.as_str()), (200, "b1"));
+    let seen = backend.seen();
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn sni_picks_exact_then_wildcard_then_the_first() {
+    let backend = Backend::start("b1").await;
+    let default = cert(&["default.test"]);
+    let wildcard = cert(&["*.example.com"]);
+    let exact = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(
+            &backend,
+            "    - {cert: d.crt, key: d.key}\n    - {cert: w.crt, key: w.key}\n    - {cert: e.crt, key: e.key}\n",
+        ),
+        &[
+            ("d.crt", &default.cert),
+            ("d.key", &default.key),
+            ("w.crt", &wildcard.cert),
+            ("w.key", &wildcard.key),
+            ("e.crt", &exact.cert),
+            ("e.key", &exact.key),
+        ],
+    )
+    .await;
+    // Each client trusts only the certificate it expects: a wrong pick
+    // fails the handshake.
+    for (sni, expect) in [
+        ("api.example.com", &exact),
+        ("API.Example.com", &exact),
+        ("web.example.com", &wildcard),
+        ("default.test", &default),
+    ] {
+        let stream = handshake(lb.addr(), &connector(&[expect], &[]), sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(served(&stream), expect.der, "{sni}");
+    }
+    // A name no certificate has: the first (the client trusting it, for a
+    // name it does not carry, fails verification, so trust all and look).
+    let tcp = TcpStream::connect(lb.addr()).await.unwrap();
+    let insecure = insecure_connector();
+    let stream = insecure
+        .connect(ServerName::try_from("a.b.example.com").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(served(&stream), default.der);
+}
+
+/// A client that accepts any certificate: to see which one lb serves.
+fn insecure_connector() -> TlsConnector {
+    #[derive(Debug)]
+    struct AnyCert;
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn h2_is_negotiated_by_alpn() {
+    let backend = Backend::start("b1").await;
+    let c = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, ONE_PAIR),
+        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+    )
+    .await;
+    let stream = handshake(
+        lb.addr(),
+        &connector(&[&c], &[b"h2", b"http/1.1"]),
+        "api.example.com",
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://api.example.com/h2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"b1");
+    assert_eq!(backend.seen()[0].headers["x-forwarded-proto"], "https");
+}
+
+/// Waits until a new handshake gets `expect`.
+async fn wait_served(lb: &TlsLb, expect: &Cert) {
+    let insecure = insecure_connector();
+    eventually!(
+        WAIT,
+        {
+            let tcp = TcpStream::connect(lb.addr()).await.unwrap();
+            match insecure
+                .connect(ServerName::try_from("api.example.com").unwrap(), tcp)
+                .await
+            {
+                Ok(s) => served(&s) == expect.der,
+                Err(_) => false,
+            }
+        },
+        "new handshakes get the rotated certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_pair_renamed_over_applies_and_open_connections_carry_on() {
+    let backend = Backend::start("b1").await;
+    let old = cert(&["api.example.com"]);
+    let new = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, ONE_PAIR),
+        &[("tls/server.crt", &old.cert), ("tls/server.key", &old.key)],
+    )
+    .await;
+    // An open keep-alive connection from before the rotation.
+    let stream = handshake(
+        lb.addr(),
+        &connector(&[&old], &[b"http/1.1"]),
+        "api.example.com",
+    )
+    .await
+    .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let dir = lb.dir.path().join("tls");
+    rename_over(&dir, "server.key", &new.key);
+    rename_over(&dir, "server.crt", &new.cert);
+    wait_served(&lb, &new).await;
+    let req = Request::get("/after")
+        .header("host", "api.example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    assert!(
+        lb.lb
+            .runtime()
+            .tls
+            .reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn half_a_rotation_keeps_the_old_pair_until_the_other_half_arrives() {
+    let backend = Backend::start("b1").await;
+    let old = cert(&["api.example.com"]);
+    let new = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, ONE_PAIR),
+        &[("tls/server.crt", &old.cert), ("tls/server.key", &old.key)],
+    )
+    .await;
+    let dir = lb.dir.path().join("tls");
+    // The key first, written in place (cert-manager writes them apart).
+    std::fs::write(dir.join("server.key"), &new.key).unwrap();
+    eventually!(
+        WAIT,
+        lb.status()[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not match")),
+        "the half rotation is reported: {}",
+        lb.status()
+    );
+    // Still the old pair, whole, for new clients.
+    let stream = handshake(lb.addr(), &connector(&[&old], &[]), "api.example.com")
+        .await
+        .unwrap();
+    assert_eq!(served(&stream), old.der);
+    std::fs::write(dir.join("server.crt"), &new.cert).unwrap();
+    wait_served(&lb, &new).await;
+    eventually!(
+        WAIT,
+        lb.status()[0]["error"].is_null(),
+        "error cleared: {}",
+        lb.status()
+    );
+    let failures = lb
+        .lb
+        .runtime()
+        .tls
+        .reload_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failures >= 1);
+}
+
+/// A Secret volume as the kubelet writes it: `tls.crt -> ..data/tls.crt`,
+/// `..data -> ..<version>`; an update writes a new version directory and
+/// renames a new `..data` symlink over the old one.
+fn secret_version(secret: &Path, version: &str, c: &Cert) {
+    let dir = secret.join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, "tls.crt", &c.cert);
+    write(&dir, "tls.key", &c.key);
+    let tmp = secret.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, secret.join("..data")).unwrap();
+    for name in ["tls.crt", "tls.key"] {
+        let link = secret.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_kubernetes_secret_swap_applies() {
+    let backend = Backend::start("b1").await;
+    let old = cert(&["api.example.com"]);
+    let new = cert(&["api.example.com"]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    secret_version(&secret, "..2026_12_02_a", &old);
+    let lb = TlsLb::start_in(
+        dir,
+        &tls_yaml(
+            &backend,
+            "    - {cert: secret/tls.crt, key: secret/tls.key}\n",
+        ),
+    )
+    .await;
+    wait_served(&lb, &old).await;
+    secret_version(&secret, "..2026_12_02_b", &new);
+    std::fs::remove_dir_all(secret.join("..2026_12_02_a")).unwrap();
+    wait_served(&lb, &new).await;
+}
+
+#[tokio::test]
+async fn a_client_that_is_not_tls_costs_a_counted_failure_and_nothing_else() {
+    let backend = Backend::start("b1").await;
+    let c = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, ONE_PAIR),
+        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+    )
+    .await;
+    let mut plain = TcpStream::connect(lb.addr()).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // lb answers a TLS alert or nothing, and closes.
+    let _ = tokio::time::timeout(Duration::from_secs(WAIT), plain.read_to_end(&mut buf)).await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1"),
+        "no HTTP answer in plaintext"
+    );
+    let rt = lb.lb.runtime();
+    eventually!(
+        WAIT,
+        rt.tls
+            .handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(backend.hits(), 0);
+    let stream = handshake(lb.addr(), &connector(&[&c], &[]), "api.example.com")
+        .await
+        .unwrap();
+    assert_eq!(get_over(stream, "/ok").await.0, 200);
+    let metrics = lb::admin::exposition::render(rt);
+    assert!(
+        metrics.contains("lb_tls_handshake_failures_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_tls_certificate_expiry_seconds{listener=\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_or_mismatched_file_is_a_config_error_at_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = cert(&["a.test"]);
+    let b = cert(&["b.test"]);
+    write(dir.path(), "a.crt", &a.cert);
+    write(dir.path(), "b.key", &b.key);
+    let yaml = "tls:\n  certificates:\n    - {cert: a.crt, key: b.key}\nbackends:\n  - address: 127.0.0.1:9\n";
+    let path = write(dir.path(), "config.yaml", yaml);
+    let e = lb::config::Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("config.yaml:3:"), "{e}");
+    assert!(e.contains("tls.certificates[0].cert"), "{e}");
+    assert!(e.contains("the key does not match the certificate"), "{e}");
+    let yaml = yaml.replace("b.key", "missing.key");
+    std::fs::write(&path, yaml).unwrap();
+    let e = lb::config::Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("tls.certificates[0].key"), "{e}");
+    assert!(e.contains("missing.key: cannot read"), "{e}");
+}
+
+#[tokio::test]
+async fn client_auth_required_refuses_a_client_without_a_certificate() {
+    let backend = Backend::start("b1").await;
+    let server = cert(&["api.example.com"]);
+    let ca = cert(&["clients.test"]);
+    let lb = TlsLb::start(
+        &format!(
+            "tls:\n  certificates:\n{ONE_PAIR}  client_auth: {{ca: tls/ca.pem, required: true}}\n{}",
+            backends_yaml(&[&backend])
+        ),
+        &[
+            ("tls/server.crt", &server.cert),
+            ("tls/server.key", &server.key),
+            ("tls/ca.pem", &ca.cert),
+        ],
+    )
+    .await;
+    // TLS 1.3: the client learns of the refusal on its first read.
+    let refused = match handshake(lb.addr(), &connector(&[&server], &[]), "api.example.com").await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            let mut buf = [0u8; 64];
+            !matches!(s.read(&mut buf).await, Ok(n) if n > 0)
+        }
+    };
+    assert!(refused);
+    assert_eq!(backend.hits(), 0);
+}
