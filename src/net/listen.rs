@@ -383,7 +383,13 @@ pub(crate) fn serve(
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(limit, terminator.acceptor().accept(stream));
             match handshake.await {
-                Ok(Ok(stream)) => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
+                // h2 goes to hyper; HTTP/1.1 to the path `--http1` names.
+                Ok(Ok(stream)) => match (ctx.http1, stream.get_ref().1.alpn_protocol()) {
+                    (Http1::Fast, None | Some(b"http/1.1")) => {
+                        fast::serve(stream, peer, ctx, drain, guard).await;
+                    }
+                    _ => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
+                },
                 Ok(Err(e)) => {
                     ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
                     tracing::debug!(%peer, "TLS handshake failed: {e}");

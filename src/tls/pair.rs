@@ -226,15 +226,15 @@ pub(crate) mod testing {
         (ck.cert.pem(), ck.key_pair.serialize_pem())
     }
 
-    /// The same with an RSA key (PKCS#8).
-    pub fn self_signed_rsa(names: &[&str]) -> (String, String) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+    /// A self-signed certificate for `names` over a fixed key (ring makes
+    /// no RSA keys): `pkcs8` is the key rcgen signs with.
+    pub fn self_signed_with(names: &[&str], pkcs8: &str) -> String {
+        let key = rcgen::KeyPair::from_pem(pkcs8).expect("test key");
         let params = rcgen::CertificateParams::new(
             names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
         )
         .expect("params");
-        let cert = params.self_signed(&key).expect("self-signed");
-        (cert.pem(), key.serialize_pem())
+        params.self_signed(&key).expect("self-signed").pem()
     }
 }
 
@@ -286,10 +286,26 @@ mod tests {
         assert!(load(&key, &cert).is_err());
     }
 
+    /// Test keys made once with openssl (`genrsa -traditional`, `ecparam
+    /// -genkey`, `pkcs8 -topk8`): each key in two encodings.
+    const RSA_PKCS1: &str = include_str!("testdata/rsa-pkcs1.key");
+    const RSA_PKCS8: &str = include_str!("testdata/rsa-pkcs8.key");
+    const EC_SEC1: &str = include_str!("testdata/ec-sec1.key");
+    const EC_PKCS8: &str = include_str!("testdata/ec-pkcs8.key");
+
     #[test]
-    fn an_rsa_pair_loads() {
-        let (cert, key) = self_signed_rsa(&["rsa.example.com"]);
-        assert_eq!(load(&cert, &key).unwrap().info.names, ["rsa.example.com"]);
+    fn rsa_and_ecdsa_keys_load_in_every_encoding() {
+        let rsa = self_signed_with(&["rsa.example.com"], RSA_PKCS8);
+        for key in [RSA_PKCS8, RSA_PKCS1] {
+            assert_eq!(load(&rsa, key).unwrap().info.names, ["rsa.example.com"]);
+        }
+        let ec = self_signed_with(&["ec.example.com"], EC_PKCS8);
+        for key in [EC_PKCS8, EC_SEC1] {
+            assert_eq!(load(&ec, key).unwrap().info.names, ["ec.example.com"]);
+        }
+        // Each key is refused with the other's certificate.
+        assert!(load(&rsa, EC_SEC1).is_err());
+        assert!(load(&ec, RSA_PKCS1).is_err());
     }
 
     #[test]

@@ -83,6 +83,7 @@ use crate::core::selection::Steer;
 use crate::http::affinity;
 use crate::http::proxy;
 use crate::http::retry::{self, Outcome, Trace};
+use crate::http::server::ClientStream;
 use crate::http::server::ConnContext;
 use crate::io::stall::Stall;
 
@@ -107,10 +108,74 @@ type Buf = bytes::BytesMut;
 /// and back to [`spare`]).
 type HeaderRanges = Vec<(Range<usize>, Range<usize>)>;
 
+/// What a request body is read from: either kind of client stream.
+pub(crate) trait ClientIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// A client connection the fast path serves: plain TCP, or TLS over it.
+/// The fast path waits for readability before it takes a buffer, so an
+/// idle connection holds none: these are that wait and the read that
+/// does not wait.
+pub(crate) trait FastStream: ClientStream {
+    /// The connection is TLS lb terminated (`X-Forwarded-Proto: https`).
+    const OVER_TLS: bool;
+
+    /// Resolves when a read may have bytes (or the end) to give.
+    fn readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+
+    /// Reads what is there now into `buf`; `WouldBlock` when nothing is.
+    fn try_read_buf(&mut self, buf: &mut Buf) -> std::io::Result<usize>;
+}
+
+impl FastStream for TcpStream {
+    const OVER_TLS: bool = false;
+
+    async fn readable(&mut self) -> std::io::Result<()> {
+        TcpStream::readable(self).await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut Buf) -> std::io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl FastStream for tokio_rustls::server::TlsStream<TcpStream> {
+    const OVER_TLS: bool = true;
+
+    async fn readable(&mut self) -> std::io::Result<()> {
+        // Plaintext the session decrypted already (a read that filled its
+        // buffer left the rest there): the socket may have nothing more.
+        let (tcp, session) = self.get_mut();
+        match session.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
+                return Ok(())
+            }
+            Ok(_) => {}
+            // The read reports it (and the alert goes out).
+            Err(_) => return Ok(()),
+        }
+        tcp.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut Buf) -> std::io::Result<usize> {
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let read = tokio::io::AsyncReadExt::read_buf(self, buf);
+        match std::pin::pin!(read).poll(&mut cx) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
 /// Serves one client connection on the fast path, handing it to hyper
 /// when a message needs hyper.
-pub(crate) async fn serve(
-    mut stream: TcpStream,
+pub(crate) async fn serve<S: FastStream>(
+    mut stream: S,
     peer: SocketAddr,
     ctx: ConnContext,
     drain: watch::Receiver<bool>,
@@ -199,7 +264,13 @@ pub(crate) async fn serve(
             Step::Close => return,
             Step::Hyper(prefix) => {
                 return crate::http::server::serve_hyper(
-                    stream, false, prefix, peer, guard, &ctx, drain,
+                    stream,
+                    S::OVER_TLS,
+                    prefix,
+                    peer,
+                    guard,
+                    &ctx,
+                    drain,
                 )
             }
         }
@@ -220,8 +291,8 @@ enum Step {
 }
 
 /// Reads one request head (and body) and answers it.
-async fn serve_one(
-    stream: &mut TcpStream,
+async fn serve_one<S: FastStream>(
+    stream: &mut S,
     buf: &mut Buf,
     peer: SocketAddr,
     rt: &crate::core::runtime::Runtime,
@@ -275,6 +346,7 @@ async fn serve_one(
         peer.ip(),
         pool.affinity.as_ref(),
         routed.rewritten.as_deref(),
+        S::OVER_TLS,
     );
     let Some((request, pinned)) = rewrite else {
         // The rewrite refused it (bad X-Forwarded-For): hyper's answer.

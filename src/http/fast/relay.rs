@@ -11,10 +11,10 @@
 use std::io::{IoSlice, Write as _};
 use std::time::Duration;
 
+use super::FastStream;
 use hyper::body::Bytes;
 use hyper::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::request::Head;
@@ -149,7 +149,7 @@ impl Waits {
 
     /// Writes all of `buf` to the client; each wait for it to take more is
     /// bounded (a write that completes at once reads no clock).
-    async fn send(&mut self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), Cut> {
+    async fn send<S: FastStream>(&mut self, client: &mut S, mut buf: &[u8]) -> Result<(), Cut> {
         while !buf.is_empty() {
             let sent = match self.client.bound(self.client_send, client.write(buf)).await {
                 Some(sent) => sent,
@@ -185,9 +185,9 @@ impl Waits {
 
     /// Sends `out` (emptied), then reads more of the backend's body into
     /// `resp.buf`; EOF is a broken body.
-    async fn fill_after(
+    async fn fill_after<S: FastStream>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut S,
         resp: &mut UpstreamResponse,
         out: &mut Vec<u8>,
     ) -> Result<(), Cut> {
@@ -218,8 +218,8 @@ pub(super) struct Answer<'a> {
 
 /// Writes the response to the client and streams its body; `Ok(true)`
 /// when the client connection can serve another request.
-pub(super) async fn relay(
-    client: &mut TcpStream,
+pub(super) async fn relay<S: FastStream>(
+    client: &mut S,
     mut resp: UpstreamResponse,
     head: &Head,
     backend: &BackendAddr,
@@ -259,8 +259,8 @@ pub(super) async fn relay(
 }
 
 /// `n` body bytes, the first with the head in one write.
-pub(super) async fn copy_length(
-    client: &mut TcpStream,
+pub(super) async fn copy_length<S: FastStream>(
+    client: &mut S,
     resp: &mut UpstreamResponse,
     out: &mut Vec<u8>,
     n: u64,
@@ -294,8 +294,8 @@ pub(super) async fn copy_length(
 
 /// Until the backend closes, re-chunked for an HTTP/1.1 response (an
 /// HTTP/1.0 one ends with the client connection's close: see [`relay`]).
-pub(super) async fn copy_to_close(
-    client: &mut TcpStream,
+pub(super) async fn copy_to_close<S: FastStream>(
+    client: &mut S,
     resp: &mut UpstreamResponse,
     mut out: Vec<u8>,
     rechunk: bool,
@@ -338,8 +338,8 @@ pub(super) fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
 /// A chunked body, decoded and re-chunked (extensions and trailers dropped,
 /// as hyper does). What is decoded goes out before each wait for more, so
 /// a streamed body streams and a stalled one is cut where it stalled.
-pub(super) async fn copy_chunked(
-    client: &mut TcpStream,
+pub(super) async fn copy_chunked<S: FastStream>(
+    client: &mut S,
     resp: &mut UpstreamResponse,
     mut out: Vec<u8>,
     w: &mut Waits,
@@ -354,8 +354,8 @@ pub(super) async fn copy_chunked(
 }
 
 /// [`copy_chunked`]'s loop; `out` holds what is decoded and not yet sent.
-async fn decode_chunked(
-    client: &mut TcpStream,
+async fn decode_chunked<S: FastStream>(
+    client: &mut S,
     resp: &mut UpstreamResponse,
     out: &mut Vec<u8>,
     w: &mut Waits,

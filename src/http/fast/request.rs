@@ -6,11 +6,11 @@ use std::io::Write as _;
 use std::ops::Range;
 use std::time::Duration;
 
+use super::FastStream;
 use hyper::body::Bytes;
 use hyper::http::uri::Uri;
 use hyper::{Method, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::{
@@ -182,6 +182,7 @@ impl Head {
         client_ip: std::net::IpAddr,
         affinity: Option<&AffinityCookies>,
         rewritten_target: Option<&str>,
+        over_tls: bool,
     ) -> Option<(Vec<u8>, Option<usize>)> {
         let cookies = affinity.filter(|c| self.values("cookie").any(|v| c.carries(v)));
         let mut pinned = None;
@@ -229,7 +230,11 @@ impl Head {
             out.extend_from_slice(&self.bytes[host]);
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(b"x-forwarded-proto: http\r\nx-forwarded-for: ");
+        out.extend_from_slice(if over_tls {
+            b"x-forwarded-proto: https\r\nx-forwarded-for: "
+        } else {
+            b"x-forwarded-proto: http\r\nx-forwarded-for: "
+        });
         match prior {
             Some(xff) => out.extend_from_slice(xff.as_bytes()),
             None => write_ip(&mut out, client_ip),
@@ -266,7 +271,7 @@ pub(super) fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
 /// The request body, still on the client's side of the connection.
 pub(super) struct PendingBody<'a> {
     /// The client's connection, for the `100 Continue` and the body.
-    pub(super) client: &'a mut TcpStream,
+    pub(super) client: &'a mut dyn super::ClientIo,
     /// Bytes read after the head: the body starts here.
     pub(super) buf: &'a mut Buf,
     /// `Content-Length`.
@@ -315,7 +320,7 @@ impl PendingBody<'_> {
 /// connection can serve another request: as hyper's server decides
 /// (`poll_drain_or_close_read`), only if the body is in already — what was
 /// read, else one read that does not wait — and then it is skipped.
-pub(super) fn skip_unread_body(client: &TcpStream, buf: &mut Buf, len: u64) -> bool {
+pub(super) fn skip_unread_body<S: FastStream>(client: &mut S, buf: &mut Buf, len: u64) -> bool {
     let len = len as usize;
     if buf.is_empty() {
         buf.reserve(len);
