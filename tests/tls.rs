@@ -550,3 +550,124 @@ async fn client_auth_required_refuses_a_client_without_a_certificate() {
     assert!(refused);
     assert_eq!(backend.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_closed_after_client_header() {
+    let backend = Backend::start("b1").await;
+    let c = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &format!(
+            "timeouts: {{client_header: 300ms}}\n{}",
+            tls_yaml(&backend, ONE_PAIR)
+        ),
+        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+    )
+    .await;
+    // Three bytes of a record header, then silence.
+    let mut stalled = TcpStream::connect(lb.addr()).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(WAIT), stalled.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "lb closed the stalled handshake");
+    let rt = lb.lb.runtime();
+    eventually!(
+        WAIT,
+        rt.tls
+            .handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(backend.hits(), 0);
+}
+
+#[tokio::test]
+async fn client_auth_accepts_a_client_certificate_from_its_ca() {
+    let backend = Backend::start("b1").await;
+    let server = cert(&["api.example.com"]);
+    // A CA, and a client certificate it signed.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["client.test".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    let lb = TlsLb::start(
+        &format!(
+            "tls:\n  certificates:\n{ONE_PAIR}  client_auth: {{ca: tls/ca.pem, required: true}}\n{}",
+            backends_yaml(&[&backend])
+        ),
+        &[
+            ("tls/server.crt", &server.cert),
+            ("tls/server.key", &server.key),
+            ("tls/ca.pem", &ca.pem()),
+        ],
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![client.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let stream = handshake(
+        lb.addr(),
+        &TlsConnector::from(Arc::new(config)),
+        "api.example.com",
+    )
+    .await
+    .unwrap();
+    assert_eq!(get_over(stream, "/mtls").await, (200, "b1".to_owned()));
+}
+
+#[tokio::test]
+async fn a_reload_that_adds_a_certificate_serves_it_and_a_broken_one_is_refused() {
+    let backend = Backend::start("b1").await;
+    let first = cert(&["default.test"]);
+    let api = cert(&["api.example.com"]);
+    let lb = TlsLb::start(
+        &tls_yaml(&backend, "    - {cert: d.crt, key: d.key}\n"),
+        &[("d.crt", &first.cert), ("d.key", &first.key)],
+    )
+    .await;
+    let dir = lb.dir.path();
+    write(dir, "a.crt", &api.cert);
+    write(dir, "a.key", &api.key);
+    let config = |certs: &str| format!("listen: 127.0.0.1:0\n{}", tls_yaml(&backend, certs));
+    // A pair whose key is not its certificate's: refused, nothing changes.
+    rename_over(
+        dir,
+        "config.yaml",
+        &config("    - {cert: d.crt, key: d.key}\n    - {cert: a.crt, key: d.key}\n"),
+    );
+    let rt = lb.lb.runtime();
+    eventually!(
+        WAIT,
+        rt.reloads
+            .rejected
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    );
+    let error = rt.reloads.last().error.unwrap_or_default();
+    assert!(error.contains("tls.certificates[1].cert"), "{error}");
+    rename_over(
+        dir,
+        "config.yaml",
+        &config("    - {cert: d.crt, key: d.key}\n    - {cert: a.crt, key: a.key}\n"),
+    );
+    eventually!(WAIT, rt.tls.certificates().len() == 2);
+    let stream = handshake(lb.addr(), &connector(&[&api], &[]), "api.example.com")
+        .await
+        .unwrap();
+    assert_eq!(served(&stream), api.der);
+}
