@@ -7,7 +7,7 @@
 //! src` checks that no loop exists among these modules:
 //!
 //! ```text
-//! main → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
+//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
 //! ```
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
@@ -46,12 +46,16 @@
 //! * [`health`]: active health checks, and the verdict when they hold a
 //!   whole pool down.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
+//! * [`process`]: lb as a process, what `main.rs` hands over to: `--check`,
+//!   signals (SIGHUP reloads; SIGTERM/SIGINT: shutdown delay, grace, a
+//!   second signal exits at once), loading, binding and starting [`Lb`].
 //! * [`admin`]: the admin listener (`/metrics` through
 //!   [`admin::exposition`], `/status`, `/healthz`, `/readyz`, `POST /reload`).
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
-//! ([`obs::logging::init`]), binds and calls [`Lb::start`].
+//! ([`obs::logging::init`]) and calls [`process::main`], which binds and
+//! calls [`Lb::start`].
 
 pub mod admin;
 pub mod config;
@@ -61,6 +65,7 @@ pub mod http;
 pub mod io;
 pub mod net;
 pub mod obs;
+pub mod process;
 pub mod reload;
 pub mod tcp;
 
