@@ -2,13 +2,16 @@
 //!
 //! One probe task per backend address, over a client of its own. The
 //! supervisor starts a task for each address that appears in the config and
-//! stops the task of each address that leaves, which drops its client and so
-//! closes the idle connection it kept (a client shared by all tasks would
-//! keep a removed backend's connection open until its idle timeout, one fd
-//! per backend removed); tasks of addresses that stay
-//! keep running (and keep their pass/fail streaks) across reloads. Each task
-//! reads the current config on every tick, so a new interval, timeout or
-//! threshold applies from the next probe.
+//! stops the task of each address that leaves (its stop signal ends it at
+//! its next await: the wait between probes or the probe in flight), which
+//! drops its client and so closes the idle connection it kept (a client
+//! shared by all tasks would keep a removed backend's connection open until
+//! its idle timeout, one fd per backend removed); tasks of addresses that
+//! stay keep running (and keep their pass/fail streaks) across reloads.
+//! Each task reads the current config on every tick, so a new interval,
+//! timeout or threshold applies from the next probe. The supervisor runs
+//! until lb's stop signal (shutdown), and ends every probe task before it
+//! ends itself.
 //!
 //! At startup the first probes are spread over one interval (1,000 backends
 //! do not all fire at once); a backend added by a reload is probed at once.
@@ -42,6 +45,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -185,26 +189,44 @@ fn judge_pool(runtime: &Runtime, reasons: &DownReasons) {
     }
 }
 
-/// Runs until the runtime is dropped: keeps one probe task per backend.
-pub async fn supervise(runtime: Arc<Runtime>) {
+/// One backend's probe task, and what ends it.
+struct Probe {
+    /// Sending or dropping this ends the task at its next await point.
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Probe {
+    fn start(probing: impl std::future::Future<Output = ()> + Send + 'static) -> Probe {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = probing => {}
+                _ = stopped => {}
+            }
+        });
+        Probe { stop, task }
+    }
+}
+
+/// Keeps one probe task per backend, until `stop` says `true` (or its
+/// sender is gone); then ends every probe task and waits for them.
+pub async fn supervise(runtime: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
     let mut changes = runtime.subscribe();
     let reasons = DownReasons::default();
     // One probe task per (pool, address): the same address in two pools is
     // probed by each, with each pool's settings.
-    let mut probes: HashMap<(PoolName, BackendAddr), JoinHandle<()>> = HashMap::new();
+    let mut probes: HashMap<(PoolName, BackendAddr), Probe> = HashMap::new();
     let mut startup = true;
     loop {
         let snap = runtime.snapshot();
-        probes.retain(|(pool, addr), task| {
-            let keep = snap.pools.iter().any(|p| {
+        // A probe dropped here is told to stop: it ends at its next await.
+        probes.retain(|(pool, addr), _| {
+            snap.pools.iter().any(|p| {
                 p.name() == pool
                     && p.config.health_check.is_some()
                     && p.backends.iter().any(|b| &b.addr == addr)
-            });
-            if !keep {
-                task.abort();
-            }
-            keep
+            })
         });
         for pool in &snap.pools {
             let Some(hc) = &pool.config.health_check else {
@@ -230,14 +252,14 @@ pub async fn supervise(runtime: Arc<Runtime>) {
                     } else {
                         Duration::ZERO
                     };
-                    let task = tokio::spawn(probe_loop(
+                    let probe = Probe::start(probe_loop(
                         Arc::downgrade(&runtime),
                         Arc::clone(&b.state),
                         authority,
                         first_delay,
                         Arc::clone(&reasons),
                     ));
-                    probes.insert(key, task);
+                    probes.insert(key, probe);
                 }
             }
         }
@@ -248,12 +270,20 @@ pub async fn supervise(runtime: Arc<Runtime>) {
         judge_pool(&runtime, &reasons);
         startup = false;
         drop(snap);
-        if changes.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = stop.wait_for(|&stop| stop) => break,
         }
     }
-    for (_, task) in probes {
-        task.abort();
+    let tasks: Vec<JoinHandle<()>> = probes
+        .into_values()
+        .map(|Probe { stop, task }| {
+            let _ = stop.send(());
+            task
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
@@ -265,7 +295,7 @@ async fn probe_loop(
     first_delay: Duration,
     reasons: DownReasons,
 ) {
-    // Owned by this task: aborting the task closes the backend's connection.
+    // Owned by this task: ending the task closes the backend's connection.
     let client = probe_client();
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;

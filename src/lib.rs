@@ -7,7 +7,7 @@
 //! src` checks that no loop exists among these modules:
 //!
 //! ```text
-//! main → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
+//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
 //! ```
 //!
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
@@ -46,12 +46,16 @@
 //! * [`health`]: active health checks, and the verdict when they hold a
 //!   whole pool down.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
+//! * [`process`]: lb as a process, what `main.rs` hands over to: `--check`,
+//!   signals (SIGHUP reloads; SIGTERM/SIGINT: shutdown delay, grace, a
+//!   second signal exits at once), loading, binding and starting [`Lb`].
 //! * [`admin`]: the admin listener (`/metrics` through
 //!   [`admin::exposition`], `/status`, `/healthz`, `/readyz`, `POST /reload`).
 //!
 //! [`Lb::start`] wires these together on a bound listener, so tests can bind
 //! `127.0.0.1:0`; `main.rs` only parses the CLI, starts logging
-//! ([`obs::logging::init`]), binds and calls [`Lb::start`].
+//! ([`obs::logging::init`]) and calls [`process::main`], which binds and
+//! calls [`Lb::start`].
 
 pub mod admin;
 pub mod config;
@@ -61,6 +65,7 @@ pub mod http;
 pub mod io;
 pub mod net;
 pub mod obs;
+pub mod process;
 pub mod reload;
 pub mod tcp;
 pub mod tls;
@@ -91,6 +96,11 @@ use crate::reload::{ReloadHandle, WatchSettings};
 
 /// At shutdown, how long the access log may take to write out its queue.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
+
+/// At shutdown, how long the background tasks may take to end once told
+/// to stop. Each ends at its next await point, so only a bug (a task stuck
+/// outside any await) takes more than microseconds.
+const TASKS_STOP: Duration = Duration::from_secs(1);
 
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
@@ -134,8 +144,12 @@ pub struct Lb {
     /// `true` asks every HTTP client connection to finish and close; tcp
     /// connections run on and close when this sender is dropped.
     drain: watch::Sender<bool>,
-    /// Background tasks stopped on shutdown.
-    tasks: Vec<JoinHandle<()>>,
+    /// `true` (or dropping it) tells the background tasks to end: the
+    /// health supervisor (which ends its probes first), the reloader and
+    /// the admin listener's follower.
+    stop: watch::Sender<bool>,
+    /// Those tasks, by name, awaited on shutdown.
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl Lb {
@@ -176,6 +190,8 @@ impl Lb {
             runtime.access_log.set_sink(format, out);
         }
         let (drain, drain_rx) = watch::channel(false);
+        // Background tasks end on this (connections on `drain`).
+        let (stop, stop_rx) = watch::channel(false);
         // Before the first accept: a TLS listener never serves plaintext.
         let tls = Arc::new(TlsSlot::default());
         let terminator = tls
@@ -185,7 +201,7 @@ impl Lb {
         let tls_follower = tokio::spawn(net::tls::follow(
             Arc::clone(&tls),
             Arc::clone(&runtime),
-            drain_rx.clone(),
+            stop_rx.clone(),
         ));
         let listeners = Listeners::start(
             listener,
@@ -196,15 +212,20 @@ impl Lb {
             tls,
             drain_rx,
         );
-        let health = tokio::spawn(health::supervise(Arc::clone(&runtime)));
+        let health = tokio::spawn(health::supervise(Arc::clone(&runtime), stop_rx.clone()));
         let (reload, reloader) = reload::spawn(
             settings.config_path.clone(),
             Arc::clone(&runtime),
             Arc::clone(&listeners),
             settings.watch,
+            stop_rx.clone(),
         );
-        let (admin, admin_follower) =
-            Admin::start(Arc::clone(&runtime), reload.clone(), settings.config_path);
+        let (admin, admin_follower) = Admin::start(
+            Arc::clone(&runtime),
+            reload.clone(),
+            settings.config_path,
+            stop_rx,
+        );
         Ok(Lb {
             runtime,
             listeners,
@@ -212,7 +233,13 @@ impl Lb {
             workers,
             admin,
             drain,
-            tasks: vec![health, reloader, admin_follower, tls_follower],
+            stop,
+            tasks: vec![
+                ("health supervisor", health),
+                ("config reloader", reloader),
+                ("admin follower", admin_follower),
+                ("certificate follower", tls_follower),
+            ],
         })
     }
 
@@ -258,21 +285,34 @@ impl Lb {
     /// mode: run) for up to `grace` (upgraded ones included; they are closed
     /// then), then stops everything; open tcp connections are closed when
     /// this returns. `/readyz` says 503 throughout; the admin listener
-    /// answers until the end.
+    /// answers until the end. Health checks, the reloader and the admin
+    /// follower are told to stop at once and have ended when this returns
+    /// (one still running a second later is named in a warning and left
+    /// behind, never aborted).
     pub async fn shutdown(self, grace: Duration) {
         self.begin_shutdown();
         self.listeners.stop();
-        for task in &self.tasks {
-            task.abort();
-        }
+        let _ = self.stop.send(true);
         let _ = self.drain.send(true);
-        if tokio::time::timeout(grace, self.drain.closed())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still open after {grace:?}; closing them");
-            self.runtime.upgrades.close_all();
-        }
+        let tasks_deadline = tokio::time::Instant::now() + TASKS_STOP;
+        let (drain, upgrades) = (&self.drain, &self.runtime.upgrades);
+        let connections = async {
+            if tokio::time::timeout(grace, drain.closed()).await.is_err() {
+                tracing::warn!("connections still open after {grace:?}; closing them");
+                upgrades.close_all();
+            }
+        };
+        let tasks = self.tasks;
+        let tasks = async move {
+            for (name, task) in tasks {
+                match tokio::time::timeout_at(tasks_deadline, task).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("{name} failed: {e}"),
+                    Err(_) => tracing::warn!("{name} did not stop within {TASKS_STOP:?}"),
+                }
+            }
+        };
+        tokio::join!(connections, tasks);
         self.admin.stop();
         let access_log = Arc::clone(&self.runtime);
         // The writer thread blocks: flush it off the async workers. Bounded

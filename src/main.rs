@@ -1,15 +1,14 @@
-//! `lb` binary: parse the command line, start logging, load the config,
-//! bind, and hand over to [`lb::run`].
+//! `lb` binary: parse the command line, start logging, and hand over to
+//! [`lb::process`] (`--check`, or run until stopped).
 
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use lb::config::Config;
+use lb::process::RunOptions;
 use lb::reload::WatchSettings;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 /// A live-reconfigurable HTTP load balancer driven by one config.yaml.
@@ -78,10 +77,6 @@ enum LogFormat {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// After the shutdown grace period, how long blocking threads (a config read
-/// stuck on a hung filesystem) may delay the exit.
-const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(500);
-
 /// At exit, how long the last log lines may take to reach stderr.
 const LOG_FLUSH: Duration = Duration::from_millis(200);
 
@@ -93,203 +88,35 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if cli.check {
-        for warning in lb::config::env_warnings() {
-            eprintln!("warning: {warning}");
-        }
-        return match Config::check(&cli.config) {
-            Ok(lb::config::Loaded {
-                config,
-                hash,
-                warnings,
-            }) => {
-                for warning in warnings {
-                    eprintln!("warning: {warning}");
-                }
-                println!(
-                    "{}: ok ({hash}): {}",
-                    cli.config.display(),
-                    config.summary()
-                );
-                print!("{}", config.route_table());
-                for warning in config.warnings() {
-                    eprintln!("warning: {}: {warning}", cli.config.display());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}", load_error(&cli.config, &e));
-                ExitCode::FAILURE
-            }
-        };
+        return lb::process::check(&cli.config);
     }
     let log_format = match cli.log_format {
         LogFormat::Text => lb::obs::logging::Format::Text,
         LogFormat::Json => lb::obs::logging::Format::Json,
     };
     let logging = lb::obs::logging::init(cli.log_level.as_deref(), log_format);
-    // Clients are served on the worker threads; this runtime only runs
-    // signals, health checks and the reloader.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("lb: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = runtime.block_on(serve(cli, logging.dropped_lines()));
-    // Dropping the runtime would wait for every blocking task, for ever if
-    // one is stuck; the exit must come within the grace period.
-    runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
-    logging.flush(LOG_FLUSH);
-    code
-}
-
-async fn serve(cli: Cli, log_lines_dropped: lb::obs::logging::DroppedLines) -> ExitCode {
-    // First, before anything can take time: SIGHUP's default action kills the process.
-    let (mut hangup, terminate, interrupt) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => {
-            eprintln!("lb: cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
-    for warning in lb::config::env_warnings() {
-        tracing::warn!("{warning}");
-    }
-    let (config, hash) = match Config::load_with_warnings(&cli.config) {
-        Ok(loaded) => {
-            for warning in &loaded.warnings {
-                tracing::warn!("{warning}");
-            }
-            (loaded.config, loaded.hash)
-        }
-        Err(e) => {
-            tracing::error!("{}", load_error(&cli.config, &e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let listener = match lb::net::listen::bind_alone(config.listen) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {}: {e}", config.listen);
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut settings = lb::Settings::new(
-        cli.config.clone(),
-        WatchSettings {
+    let options = RunOptions {
+        config: cli.config,
+        watch: WatchSettings {
             watch: !cli.no_watch,
             poll_interval: cli.poll_interval,
         },
-    );
-    if let Some(n) = cli.workers {
-        settings.workers = n;
-    }
-    settings.log_lines_dropped = log_lines_dropped;
-    settings.http1 = match cli.http1 {
-        Http1Arg::Fast => lb::http::server::Http1::Fast,
-        Http1Arg::Hyper => lb::http::server::Http1::Hyper,
+        workers: cli.workers,
+        http1: match cli.http1 {
+            Http1Arg::Fast => lb::http::server::Http1::Fast,
+            Http1Arg::Hyper => lb::http::server::Http1::Hyper,
+        },
+        shutdown_delay: cli.shutdown_delay,
+        shutdown_grace: cli.shutdown_grace,
+        access_log: match cli.log_format {
+            LogFormat::Text => lb::obs::access_log::Format::Text,
+            LogFormat::Json => lb::obs::access_log::Format::Json,
+        },
+        log_lines_dropped: logging.dropped_lines(),
     };
-    let admin = config.admin;
-    let mode = config.mode;
-    let access_log = match cli.log_format {
-        LogFormat::Text => lb::obs::access_log::Format::Text,
-        LogFormat::Json => lb::obs::access_log::Format::Json,
-    };
-    let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
-    let lb = match lb::Lb::start_logging_to(
-        listener,
-        config,
-        hash,
-        settings,
-        Some((access_log, stdout)),
-    ) {
-        Ok(lb) => lb,
-        Err(e) => {
-            tracing::error!("cannot start the worker threads: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if let (Some(addr), None) = (admin, lb.admin_addr()) {
-        tracing::error!("cannot serve the admin listener on {addr}");
-        return ExitCode::FAILURE;
-    }
-    tracing::info!(
-        "lb {} started: proxy {}://{}{} (pid {})",
-        lb::VERSION,
-        mode.name(),
-        lb.local_addr(),
-        lb.admin_addr()
-            .map(|a| format!(", admin http://{a}"))
-            .unwrap_or_default(),
-        std::process::id()
-    );
-    let reload = lb.reload_handle();
-    let (mut terminate, mut interrupt) = (terminate, interrupt);
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", cli.config.display());
-                reload.reload();
-            }
-            () = stop_signal(&mut terminate, &mut interrupt) => break,
-        }
-    }
-    // From here a second SIGTERM/SIGINT exits at once.
-    lb.begin_shutdown();
-    if !cli.shutdown_delay.is_zero() {
-        tracing::info!(
-            "shutting down: /readyz answers 503; still serving for {:?} (--shutdown-delay)",
-            cli.shutdown_delay
-        );
-        tokio::select! {
-            () = tokio::time::sleep(cli.shutdown_delay) => {}
-            () = stop_signal(&mut terminate, &mut interrupt) => return exit_now(),
-        }
-    }
-    tracing::info!("shutting down");
-    tokio::select! {
-        () = lb.shutdown(cli.shutdown_grace) => {
-            tracing::info!("lb stopped");
-            ExitCode::SUCCESS
-        }
-        () = stop_signal(&mut terminate, &mut interrupt) => exit_now(),
-    }
-}
-
-/// Why the config could not be loaded. A missing file is the newcomer's
-/// error (lb run outside the directory holding `config.yaml`): it is named
-/// by its absolute path, with how to point lb at the right one.
-fn load_error(path: &Path, error: &lb::config::ConfigError) -> String {
-    let missing =
-        std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
-    if !missing {
-        return error.to_string();
-    }
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    format!(
-        "{}: cannot read: no such file; lb reads ./config.yaml unless --config PATH (or LB_CONFIG) names another",
-        absolute.display()
-    )
-}
-
-fn exit_now() -> ExitCode {
-    tracing::warn!("second stop signal: exiting now");
-    ExitCode::FAILURE
-}
-
-async fn stop_signal(terminate: &mut Signal, interrupt: &mut Signal) {
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
+    let code = lb::process::main(options);
+    logging.flush(LOG_FLUSH);
+    code
 }
 
 /// `--poll-interval`: a duration greater than zero (zero would spin).

@@ -33,7 +33,8 @@
 //! and is counted in `ReloadStats::rejected`; a read that fails for lb's own
 //! shortage (its fd limit: see [`crate::obs::local`]) is no verdict on the file
 //! and rejects nothing. A panic while reloading is logged and the reloader
-//! carries on.
+//! carries on. The task ends on lb's stop signal (shutdown), at its next
+//! await point, even in the middle of a reload.
 
 use std::any::Any;
 use std::ffi::OsString;
@@ -49,7 +50,7 @@ use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout_at, Instant, MissedTickBehavior};
 
 use crate::config::{self, Config, ContentHash};
@@ -96,12 +97,14 @@ impl ReloadHandle {
     }
 }
 
-/// Starts the reload task.
+/// Starts the reload task, which runs until `stop` says `true` (or its
+/// sender is gone).
 pub fn spawn(
     path: PathBuf,
     runtime: Arc<Runtime>,
     listeners: Arc<Listeners>,
     settings: WatchSettings,
+    stop: watch::Receiver<bool>,
 ) -> (ReloadHandle, tokio::task::JoinHandle<()>) {
     let (tx, requests) = mpsc::channel(4);
     // Watch before returning, so no edit after `Lb::start` can go unseen.
@@ -121,7 +124,7 @@ pub fn spawn(
         changes,
         fs_watch,
     };
-    let task = tokio::spawn(reloader.run(settings));
+    let task = tokio::spawn(reloader.run(settings, stop));
     (ReloadHandle(tx), task)
 }
 
@@ -153,7 +156,16 @@ enum Wake {
 }
 
 impl Reloader {
-    async fn run(mut self, settings: WatchSettings) {
+    /// Serves until `stop`: a reload under way is dropped at its next await
+    /// point, and the file watch with the reloader.
+    async fn run(mut self, settings: WatchSettings, mut stop: watch::Receiver<bool>) {
+        tokio::select! {
+            () = self.serve(settings) => {}
+            _ = stop.wait_for(|&stop| stop) => {}
+        }
+    }
+
+    async fn serve(&mut self, settings: WatchSettings) {
         if settings.watch {
             // The file may have changed between its first read and the watch.
             self.guarded(Wake::Poll).await;

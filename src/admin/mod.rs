@@ -18,9 +18,10 @@
 //! encodings old (under 2 s at 10,000 backends and 18 ms an encoding), well
 //! within any scrape interval. A reload shows at once.
 //!
-//! The address is reloadable: a task follows every applied config and
-//! binds, moves or closes the listener. A move that cannot bind is logged
-//! and the old listener keeps serving (the rest of the config is applied).
+//! The address is reloadable: a task follows every applied config, until
+//! lb's stop signal (shutdown), and binds, moves or closes the listener. A
+//! move that cannot bind is logged and the old listener keeps serving (the
+//! rest of the config is applied).
 //! The listener keeps answering through shutdown's drain, until
 //! [`Admin::stop`].
 
@@ -39,7 +40,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Mutex as AsyncMutex, Semaphore};
+use tokio::sync::{oneshot, watch, Mutex as AsyncMutex, Semaphore};
 use tokio::task::JoinHandle;
 
 pub mod exposition;
@@ -108,12 +109,14 @@ struct Bound {
 }
 
 impl Admin {
-    /// Binds the configured admin address (if any) and follows reloads.
-    /// A failed bind is logged; `local_addr()` then says `None`.
+    /// Binds the configured admin address (if any) and follows reloads
+    /// until `stop` says `true` (or its sender is gone). A failed bind is
+    /// logged; `local_addr()` then says `None`.
     pub fn start(
         runtime: Arc<Runtime>,
         reload: ReloadHandle,
         config_path: PathBuf,
+        mut stop: watch::Receiver<bool>,
     ) -> (Arc<Admin>, JoinHandle<()>) {
         let admin = Arc::new(Admin {
             runtime,
@@ -126,8 +129,14 @@ impl Admin {
         let follower = Arc::clone(&admin);
         let task = tokio::spawn(async move {
             let mut changes = follower.runtime.subscribe();
-            while changes.changed().await.is_ok() {
-                follower.sync();
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => match changed {
+                        Ok(()) => follower.sync(),
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|&stop| stop) => break,
+                }
             }
         });
         (admin, task)
