@@ -71,6 +71,16 @@ impl TlsLb {
         Self::start_in(dir, yaml).await
     }
 
+    /// lb serving `c` as its one pair (`tls/server.crt`, `tls/server.key`)
+    /// in front of `backend`, `extra` YAML first.
+    async fn one_pair(backend: &Backend, c: &Cert, extra: &str) -> TlsLb {
+        TlsLb::start(
+            &format!("{extra}{}", tls_yaml(backend, ONE_PAIR)),
+            &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+        )
+        .await
+    }
+
     async fn start_in(dir: tempfile::TempDir, yaml: &str) -> TlsLb {
         let path = write(
             dir.path(),
@@ -166,11 +176,7 @@ const ONE_PAIR: &str = "    - {cert: tls/server.crt, key: tls/server.key}\n";
 async fn https_reaches_the_backend_with_x_forwarded_proto_https() {
     let backend = Backend::start("b1").await;
     let c = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &tls_yaml(&backend, ONE_PAIR),
-        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &c, "").await;
     let stream = handshake(
         lb.addr(),
         &connector(&[&c], &[b"http/1.1"]),
@@ -282,11 +288,7 @@ fn insecure_connector() -> TlsConnector {
 async fn h2_is_negotiated_by_alpn() {
     let backend = Backend::start("b1").await;
     let c = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &tls_yaml(&backend, ONE_PAIR),
-        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &c, "").await;
     let stream = handshake(
         lb.addr(),
         &connector(&[&c], &[b"h2", b"http/1.1"]),
@@ -336,11 +338,7 @@ async fn a_pair_renamed_over_applies_and_open_connections_carry_on() {
     let backend = Backend::start("b1").await;
     let old = cert(&["api.example.com"]);
     let new = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &tls_yaml(&backend, ONE_PAIR),
-        &[("tls/server.crt", &old.cert), ("tls/server.key", &old.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &old, "").await;
     // An open keep-alive connection from before the rotation.
     let stream = handshake(
         lb.addr(),
@@ -377,11 +375,7 @@ async fn half_a_rotation_keeps_the_old_pair_until_the_other_half_arrives() {
     let backend = Backend::start("b1").await;
     let old = cert(&["api.example.com"]);
     let new = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &tls_yaml(&backend, ONE_PAIR),
-        &[("tls/server.crt", &old.cert), ("tls/server.key", &old.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &old, "").await;
     let dir = lb.dir.path().join("tls");
     // The key first, written in place (cert-manager writes them apart).
     std::fs::write(dir.join("server.key"), &new.key).unwrap();
@@ -460,11 +454,7 @@ async fn a_kubernetes_secret_swap_applies() {
 async fn a_client_that_is_not_tls_costs_a_counted_failure_and_nothing_else() {
     let backend = Backend::start("b1").await;
     let c = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &tls_yaml(&backend, ONE_PAIR),
-        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &c, "").await;
     let mut plain = TcpStream::connect(lb.addr()).await.unwrap();
     plain
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -555,14 +545,7 @@ async fn client_auth_required_refuses_a_client_without_a_certificate() {
 async fn a_client_that_never_finishes_its_handshake_is_closed_after_client_header() {
     let backend = Backend::start("b1").await;
     let c = cert(&["api.example.com"]);
-    let lb = TlsLb::start(
-        &format!(
-            "timeouts: {{client_header: 300ms}}\n{}",
-            tls_yaml(&backend, ONE_PAIR)
-        ),
-        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
-    )
-    .await;
+    let lb = TlsLb::one_pair(&backend, &c, "timeouts: {client_header: 300ms}\n").await;
     // Three bytes of a record header, then silence.
     let mut stalled = TcpStream::connect(lb.addr()).await.unwrap();
     stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();

@@ -270,12 +270,23 @@ pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Recei
     use notify::Watcher;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = events_tx.send(());
-    })
-    .ok();
+    // Made when a terminator first exists: without TLS, no watch thread
+    // and no descriptors.
+    let mut watcher: Option<notify::RecommendedWatcher> = None;
     loop {
         let current = slot.current();
+        if current.is_some() && watcher.is_none() {
+            let tx = events_tx.clone();
+            watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+                let _ = tx.send(());
+            })
+            .map_err(|e| {
+                tracing::warn!(
+                    "cannot watch the certificate files ({e}); looking every {LOOK_EVERY:?}"
+                )
+            })
+            .ok();
+        }
         if let (Some(t), Some(w)) = (&current, watcher.as_mut()) {
             let dirs = t.directories();
             if dirs != watched {
