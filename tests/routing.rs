@@ -457,7 +457,15 @@ fn pools_and_routes_are_validated_with_their_key_path() {
         (pools.to_owned(), "routes: missing: with 2 pools"),
         (
             format!("mode: tcp\n{pools}routes:\n  - {{path_prefix: /v1, pool: web}}\n"),
-            "routes: mode: tcp has no Host or path",
+            "routes[0].path_prefix: mode: tcp has no Host or path",
+        ),
+        (
+            format!("{pools}routes:\n  - {{sni: a.test, pool: web}}\n"),
+            "routes[0].sni: routes by the TLS server name in mode: tcp only",
+        ),
+        (
+            format!("mode: tcp\n{pools}routes:\n  - {{sni: \"a.*.test\", pool: web}}\n"),
+            "routes[0].sni:",
         ),
         (
             "pools:\n  api: {backends: [{address: \"127.0.0.1\"}]}\n".to_owned(),

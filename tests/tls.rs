@@ -654,3 +654,82 @@ async fn a_reload_that_adds_a_certificate_serves_it_and_a_broken_one_is_refused(
         .unwrap();
     assert_eq!(served(&stream), api.der);
 }
+
+/// A TLS echo server with `c`'s certificate: what a passthrough pool's
+/// backend is (lb never sees inside).
+async fn tls_echo_backend(c: &Cert) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![c.der.clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let _ = tls.flush().await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn mode_tcp_routes_by_sni_without_terminating() {
+    let a = cert(&["a.test"]);
+    let other = cert(&["other.test"]);
+    let a_addr = tls_echo_backend(&a).await;
+    let other_addr = tls_echo_backend(&other).await;
+    let lb = TlsLb::start(
+        &format!(
+            "mode: tcp\npools:\n  a: {{backends: [{{address: {a_addr}}}]}}\n  other: {{backends: [{{address: {other_addr}}}]}}\nroutes:\n  - {{sni: a.test, pool: a}}\n  - {{pool: other}}\n"
+        ),
+        &[],
+    )
+    .await;
+    // Each client trusts only the backend it should reach: end to end TLS
+    // with that backend's certificate, through lb.
+    for (sni, expect) in [
+        ("a.test", &a),
+        ("A.test", &a),
+        ("other.test", &other),
+        ("x.test", &other),
+    ] {
+        // x.test: a name no certificate has, so look without verifying.
+        let connector = if sni == "x.test" {
+            insecure_connector()
+        } else {
+            connector(&[expect], &[])
+        };
+        let mut stream = handshake(lb.addr(), &connector, sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(served(&stream), expect.der, "{sni}");
+        stream.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    // Not TLS: closed, nothing relayed.
+    let mut plain = TcpStream::connect(lb.addr()).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(WAIT), plain.read_to_end(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+}

@@ -51,6 +51,9 @@ pub struct RawRoute {
     pub path_prefix: Option<String>,
     /// Remove the prefix before forwarding (`/admin/users` → `/users`).
     pub strip_prefix: Option<bool>,
+    /// `mode: tcp`: the TLS server name (SNI) this route takes, read from
+    /// the ClientHello without terminating; absent takes the rest.
+    pub sni: Option<String>,
     /// The pool that serves what this route matches.
     pub pool: Option<String>,
 }
@@ -242,6 +245,7 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
 pub(super) fn routes(
     raw: Option<Vec<RawRoute>>,
     pools: &[Arc<PoolConfig>],
+    tcp: bool,
 ) -> Result<Vec<RouteConfig>, Invalid> {
     let Some(raw) = raw else {
         if pools.len() > 1 {
@@ -267,14 +271,38 @@ pub(super) fn routes(
         ));
     }
     let mut out: Vec<RouteConfig> = Vec::with_capacity(raw.len());
-    for (i, r) in raw.into_iter().enumerate() {
+    for (i, mut r) in raw.into_iter().enumerate() {
         let at = |key: &str| format!("routes[{i}].{key}");
+        // mode: tcp routes by the ClientHello's server name alone; the
+        // name follows the Host rules (exact, then the longest wildcard).
+        if tcp {
+            for (key, set) in [
+                ("host", r.host.is_some()),
+                ("path_prefix", r.path_prefix.is_some()),
+                ("strip_prefix", r.strip_prefix.is_some()),
+            ] {
+                if set {
+                    return Err((
+                        at(key),
+                        "mode: tcp has no Host or path to route by: route by sni: (the TLS server name) or use one pool".to_owned(),
+                    ));
+                }
+            }
+            r.host = r.sni.take();
+        } else if r.sni.is_some() {
+            return Err((
+                at("sni"),
+                "routes by the TLS server name in mode: tcp only; an http route matches host:"
+                    .to_owned(),
+            ));
+        }
+        let host_key = if tcp { "sni" } else { "host" };
         let host = r
             .host
             .as_deref()
             .map(HostMatch::parse)
             .transpose()
-            .map_err(|m| (at("host"), m))?;
+            .map_err(|m| (at(host_key), m))?;
         let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_owned());
         check_path_prefix(&path_prefix).map_err(|m| (at("path_prefix"), m))?;
         let Some(name) = r.pool else {

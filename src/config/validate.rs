@@ -88,13 +88,7 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
         })?;
         pool_configs.push(Arc::new(pool));
     }
-    if mode == Mode::Tcp && raw_routes.is_some() {
-        return invalid(
-            "routes",
-            "mode: tcp has no Host or path to route by: use one pool (without routes:)",
-        );
-    }
-    let routes = pools::routes(raw_routes, &pool_configs)?;
+    let routes = pools::routes(raw_routes, &pool_configs, mode == Mode::Tcp)?;
     let admin = match raw.admin.as_deref() {
         None => None,
         Some(s) => Some(s.trim().parse().or_else(|_| {

@@ -31,11 +31,12 @@ use tokio::time::timeout;
 use crate::config::{BackendAddr, Strategy};
 use crate::core::conns::ConnectionGuard;
 use crate::core::passive::note_failure;
-use crate::core::runtime::{Runtime, Snapshot};
+use crate::core::runtime::{Pool, Runtime, Snapshot};
 use crate::core::selection::Steer;
 use crate::core::state::InFlight;
 use crate::io::tunnel::{copy_both_ways, Ended};
 use crate::obs::metrics::AttemptOutcome;
+use crate::tls::client_hello;
 
 use super::proxy_protocol;
 
@@ -54,7 +55,30 @@ pub(crate) fn serve(
     tokio::spawn(async move {
         let _counted = counted;
         let mut drain = drain;
-        let Some(upstream) = connect(&rt, &snap, peer).await else {
+        let mut client = client;
+        // Routes by SNI: the ClientHello is read (bounded) and relayed as is.
+        let (pool, hello) = if snap.config.routes.iter().any(|r| r.host.is_some()) {
+            let limit = snap.config.timeouts.client_header;
+            let read =
+                client_hello::read_client_hello(&mut client, client_hello::MAX_PEEK_BYTES, limit);
+            let (hello, sni) = match read.await {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::debug!(%peer, "tcp connection closed: no TLS server name to route by: {e}");
+                    return;
+                }
+            };
+            let Some(routed) = snap.route(sni.as_deref(), "/") else {
+                tracing::debug!(%peer, sni = sni.as_deref().unwrap_or(""), "tcp connection closed: no route for this server name");
+                return;
+            };
+            (routed.index, hello)
+        } else {
+            // The catch-all route's pool (a one-pool file's only pool).
+            let pool = snap.route(None, "/").map_or(0, |routed| routed.index);
+            (pool, Vec::new())
+        };
+        let Some(upstream) = connect(&rt, &snap, &snap.pools[pool], peer).await else {
             return;
         };
         let idle = snap.config.timeouts.tcp_idle;
@@ -67,12 +91,14 @@ pub(crate) fn serve(
             in_flight,
         } = upstream;
         let backend_state = Arc::clone(in_flight.state());
-        let mut client = client;
         let proxied = async {
             if let Some(version) = send_proxy_protocol {
                 let local = client.local_addr().map_err(Ended::Error)?;
                 let header = proxy_protocol::header(version, peer, local);
                 backend.write_all(&header).await.map_err(Ended::Error)?;
+            }
+            if !hello.is_empty() {
+                backend.write_all(&hello).await.map_err(Ended::Error)?;
             }
             Ok(copy_both_ways(
                 &mut client,
@@ -117,9 +143,7 @@ struct Upstream {
 
 /// Picks and connects a backend, trying the next eligible one after a
 /// failed or timed-out connect. `None` closes the client connection.
-async fn connect(rt: &Runtime, snap: &Snapshot, peer: SocketAddr) -> Option<Upstream> {
-    // mode: tcp has one pool (validate refuses routes there).
-    let pool = snap.first_pool();
+async fn connect(rt: &Runtime, snap: &Snapshot, pool: &Pool, peer: SocketAddr) -> Option<Upstream> {
     let policy = &pool.config.retry;
     let limit = snap.config.timeouts.connect;
     pool.shared.budget.deposit(&policy.budget);

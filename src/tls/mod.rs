@@ -1,7 +1,8 @@
 //! TLS building blocks that know nothing of the proxy: a certificate and
 //! key pair read from PEM files and checked against each other ([`pair`]),
-//! and the certificate store a handshake picks from by SNI, swappable while
-//! lb runs ([`store`]). `net::tls` builds a listener's TLS settings and
+//! the certificate store a handshake picks from by SNI, swappable while
+//! lb runs ([`store`]), and the ClientHello's server name read without
+//! terminating, for SNI routing in `mode: tcp` ([`client_hello`]). `net::tls` builds a listener's TLS settings and
 //! follows the files; `config` uses [`pair`] to check a file's pairs at
 //! load, so a broken pair is an error at its `tls.certificates[i]` line.
 //!
@@ -9,6 +10,7 @@
 //! machine here has, where aws-lc-rs (rustls's default, a little faster at
 //! handshakes) can need cmake or more, and CI starts from a clean clone.
 
+pub mod client_hello;
 pub mod pair;
 pub mod store;
 
