@@ -733,3 +733,45 @@ async fn mode_tcp_routes_by_sni_without_terminating() {
     let closed = tokio::time::timeout(Duration::from_secs(WAIT), plain.read_to_end(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
 }
+
+/// A plain TCP server that answers every connection with `name`.
+async fn named_tcp_backend(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                if tcp.read_exact(&mut buf).await.is_ok() {
+                    let _ = tcp.write_all(name.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn mode_tcp_with_tls_terminates_and_routes_by_the_sessions_name() {
+    let db = named_tcp_backend("db").await;
+    let rest = named_tcp_backend("rest").await;
+    let c = cert(&["db.example.com", "*.example.com"]);
+    let lb = TlsLb::start(
+        &format!(
+            "mode: tcp\ntls:\n  certificates:\n{ONE_PAIR}pools:\n  db: {{backends: [{{address: {db}}}]}}\n  rest: {{backends: [{{address: {rest}}}]}}\nroutes:\n  - {{sni: db.example.com, pool: db}}\n  - {{pool: rest}}\n"
+        ),
+        &[("tls/server.crt", &c.cert), ("tls/server.key", &c.key)],
+    )
+    .await;
+    for (sni, expect) in [("db.example.com", "db"), ("web.example.com", "rest")] {
+        let mut stream = handshake(lb.addr(), &connector(&[&c], &[]), sni)
+            .await
+            .unwrap();
+        // lb's certificate: it terminated TLS; the backend got plaintext.
+        assert_eq!(served(&stream), c.der);
+        stream.write_all(b"ping").await.unwrap();
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got).await;
+        assert_eq!(String::from_utf8_lossy(&got), expect, "{sni}");
+    }
+}

@@ -133,8 +133,9 @@ impl TlsSettings {
 
 type Invalid = (String, String);
 
-/// `tls:` → [`TlsSettings`], with the key path in each error.
-pub fn validate(raw: RawTls) -> Result<TlsSettings, Invalid> {
+/// `tls:` → [`TlsSettings`], with the key path in each error. `tcp`: the
+/// listener relays bytes, so it offers no ALPN unless the file lists some.
+pub fn validate(raw: RawTls, tcp: bool) -> Result<TlsSettings, Invalid> {
     let err = |field: &str, message: String| Err((format!("tls.{field}"), message));
     let raw_certs = raw.certificates.unwrap_or_default();
     if raw_certs.is_empty() {
@@ -169,6 +170,7 @@ pub fn validate(raw: RawTls) -> Result<TlsSettings, Invalid> {
         }
     };
     let alpn = match raw.alpn {
+        None if tcp => Vec::new(),
         None => vec![Alpn::H2, Alpn::Http11],
         Some(list) => {
             let mut alpn = Vec::new();

@@ -117,15 +117,9 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
             (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
             (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
         };
-    let tls = match (raw.tls.take(), mode) {
-        (None, _) => None,
-        (Some(_), Mode::Tcp) => {
-            return invalid(
-                "tls",
-                "is not supported with mode: tcp yet: terminate TLS on an http listener, or pass it through to the backends as it is",
-            )
-        }
-        (Some(raw_tls), Mode::Http) => Some(super::tls::validate(raw_tls)?),
+    let tls = match raw.tls.take() {
+        None => None,
+        Some(raw_tls) => Some(super::tls::validate(raw_tls, mode == Mode::Tcp)?),
     };
     Ok(Config {
         tls,

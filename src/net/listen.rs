@@ -373,23 +373,43 @@ pub(crate) fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let snap = ctx.runtime.snapshot();
-    if snap.config.mode == Mode::Tcp {
-        return tcp::serve(stream, peer, &ctx.runtime, snap, drain, guard);
+    let tcp_mode = snap.config.mode == Mode::Tcp;
+    if tcp_mode && tls.current().is_none() {
+        let local = stream.local_addr().unwrap_or(peer);
+        let conn = tcp::Accepted {
+            peer,
+            local,
+            terminated: None,
+        };
+        return tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
     }
     if let Some(terminator) = tls.current() {
         let limit = snap.config.timeouts.client_header;
-        drop(snap);
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let local = stream.local_addr().unwrap_or(peer);
             let handshake = tokio::time::timeout(limit, terminator.acceptor().accept(stream));
             match handshake.await {
+                Ok(Ok(stream)) if tcp_mode => {
+                    let server_name = stream.get_ref().1.server_name().map(str::to_owned);
+                    let conn = tcp::Accepted {
+                        peer,
+                        local,
+                        terminated: Some(server_name),
+                    };
+                    tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
+                }
                 // h2 goes to hyper; HTTP/1.1 to the path `--http1` names.
-                Ok(Ok(stream)) => match (ctx.http1, stream.get_ref().1.alpn_protocol()) {
-                    (Http1::Fast, None | Some(b"http/1.1")) => {
-                        fast::serve(stream, peer, ctx, drain, guard).await;
+                Ok(Ok(stream)) => {
+                    // The connection outlives reloads: it must not pin this config.
+                    drop(snap);
+                    match (ctx.http1, stream.get_ref().1.alpn_protocol()) {
+                        (Http1::Fast, None | Some(b"http/1.1")) => {
+                            fast::serve(stream, peer, ctx, drain, guard).await;
+                        }
+                        _ => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
                     }
-                    _ => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
-                },
+                }
                 Ok(Err(e)) => {
                     ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
                     tracing::debug!(%peer, "TLS handshake failed: {e}");

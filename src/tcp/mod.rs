@@ -14,4 +14,4 @@
 mod proxy;
 pub(crate) mod proxy_protocol;
 
-pub(crate) use proxy::serve;
+pub(crate) use proxy::{serve, Accepted};

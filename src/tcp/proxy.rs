@@ -43,21 +43,36 @@ use super::proxy_protocol;
 /// Proxies `client` (accepted from `peer` while `snap` was current) in its
 /// own task. The task holds `drain` until the connection is closed, which is
 /// what shutdown waits for, and `counted` (`limits.max_connections`).
-pub(crate) fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
+pub(crate) fn serve<C>(
+    client: C,
+    conn: Accepted,
     runtime: &Arc<Runtime>,
     snap: Arc<Snapshot>,
     drain: watch::Receiver<bool>,
     counted: ConnectionGuard,
-) {
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Accepted {
+        peer,
+        local,
+        terminated,
+    } = conn;
     let rt = Arc::clone(runtime);
     tokio::spawn(async move {
         let _counted = counted;
         let mut drain = drain;
         let mut client = client;
         // Routes by SNI: the ClientHello is read (bounded) and relayed as is.
-        let (pool, hello) = if snap.config.routes.iter().any(|r| r.host.is_some()) {
+        let sni_routes = snap.config.routes.iter().any(|r| r.host.is_some());
+        let (pool, hello) = if let (true, Some(sni)) = (sni_routes, &terminated) {
+            // lb terminated TLS: the session has the name.
+            let Some(routed) = snap.route(sni.as_deref(), "/") else {
+                tracing::debug!(%peer, sni = sni.as_deref().unwrap_or(""), "tcp connection closed: no route for this server name");
+                return;
+            };
+            (routed.index, Vec::new())
+        } else if sni_routes {
             let limit = snap.config.timeouts.client_header;
             let read =
                 client_hello::read_client_hello(&mut client, client_hello::MAX_PEEK_BYTES, limit);
@@ -93,7 +108,6 @@ pub(crate) fn serve(
         let backend_state = Arc::clone(in_flight.state());
         let proxied = async {
             if let Some(version) = send_proxy_protocol {
-                let local = client.local_addr().map_err(Ended::Error)?;
                 let header = proxy_protocol::header(version, peer, local);
                 backend.write_all(&header).await.map_err(Ended::Error)?;
             }
@@ -129,6 +143,16 @@ pub(crate) fn serve(
             }
         }
     });
+}
+
+/// What the listener knows of an accepted connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Accepted {
+    pub peer: SocketAddr,
+    /// The listener's address the client reached (for the PROXY header).
+    pub local: SocketAddr,
+    /// `Some` when lb terminated TLS: the server name the client asked for.
+    pub terminated: Option<Option<String>>,
 }
 
 /// A connected backend, counted in flight until the guard drops.
