@@ -8,6 +8,7 @@
 #   FLOOR=1 bash bench/compare.sh         # also the floor (bench/floor.rs)
 #   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
 #   bash bench/compare.sh routed          # 20 routes over 5 pools vs one pool (~1.5 min)
+#   bash bench/compare.sh tls             # HTTPS: TLS 1.3 handshakes/s, keep-alive, idle RSS (~4 min)
 #
 # The tcp scenario measures connections per second (connect, 1 KiB echo,
 # close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
@@ -21,6 +22,18 @@
 # the lb/nginx ratio routed next to single-pool. CONNECTIONS defaults to
 # "64" there; DURATION, WARMUP, ROUNDS, THREADS, PROXY_THREADS, BACKEND,
 # KEEP_TMP as below; IDLE, BASELINE and FLOOR do not apply.
+#
+# The tls scenario (bench/compare_tls.sh) puts lb, nginx and HAProxy behind
+# TLS 1.3 with the same ECDSA P-256 certificate (made with openssl in the
+# temp dir), each with its default session resumption, and measures: full
+# handshakes per second (wrk -H 'Connection: close', a new connection per
+# request, wrk's session reuse turned off by a small LD_PRELOAD shim that
+# also counts full and resumed handshakes), the same with wrk resuming
+# sessions as it does by itself, HTTPS keep-alive req/s at CONNECTIONS
+# (default "64 256"), and RSS per idle TLS connection at IDLE (default
+# "2000" there). HANDSHAKE_CONNECTIONS (wrk -c of the handshake runs,
+# default 32); DURATION, WARMUP, ROUNDS, THREADS, PROXY_THREADS, BACKEND,
+# KEEP_TMP as below; BASELINE and FLOOR do not apply.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -44,6 +57,7 @@ CONNECTIONS_SET=${CONNECTIONS:-}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64 256}
+IDLE_SET=${IDLE+set}
 IDLE=${IDLE-2000 10000}
 BASELINE=${BASELINE:-}
 THREADS=${THREADS:-2}
@@ -59,6 +73,9 @@ FLOOR_PORT=18085
 LB_ROUTED_PORT=18086
 NGINX_ROUTED_PORT=18087
 HAPROXY_ROUTED_PORT=18088
+LB_TLS_PORT=18443
+NGINX_TLS_PORT=18444
+HAPROXY_TLS_PORT=18445
 FLOOR=${FLOOR:-}
 
 SCENARIO=${1:-http}
@@ -69,8 +86,13 @@ routed)
     CONNECTIONS=${CONNECTIONS_SET:-64}
     FLOOR=
     ;;
+tls)
+    [[ -n $IDLE_SET ]] || IDLE=2000
+    FLOOR=
+    BASELINE=
+    ;;
 *)
-    echo "usage: compare.sh [http|tcp|routed]" >&2
+    echo "usage: compare.sh [http|tcp|routed|tls]" >&2
     exit 2
     ;;
 esac
@@ -161,7 +183,7 @@ to_ms() {
 
 
 for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT $FLOOR_PORT \
-    $LB_ROUTED_PORT $NGINX_ROUTED_PORT $HAPROXY_ROUTED_PORT; do
+    $LB_ROUTED_PORT $NGINX_ROUTED_PORT $HAPROXY_ROUTED_PORT $LB_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
@@ -333,19 +355,31 @@ HZ=$(getconf CLK_TCK)
 # measure NAME PORT CONNS [PID]: warm up, measure, append one line to $RUNS:
 # name conns req/s p50_ms p99_ms errors proxy_cpu_ticks box_busy_% requests
 # With WRK_SCRIPT set, wrk runs that Lua script (-s), warm-up included.
+# WRK_SCHEME=https drives the proxies over TLS (direct, a plain backend,
+# stays http); WRK_ARGS are more wrk options (-H 'Connection: close'),
+# WRK_ENV variables for wrk's environment (LD_PRELOAD=...), both for the
+# warm-up too; MEASURE_AFTER, a function called with NAME CONNS right after
+# the measured run.
 WRK_SCRIPT=
+WRK_SCHEME=http
+WRK_ARGS=()
+WRK_ENV=()
+MEASURE_AFTER=
 measure() {
     local name=$1 port=$2 conns=$3 pid=${4:-} pids=() out rps p50 p99 errors cpu0 cpu1 box0 box requests
-    local url="http://127.0.0.1:$port/" script=()
+    local scheme=$WRK_SCHEME script=()
+    [[ $name == direct ]] && scheme=http
+    local url="$scheme://127.0.0.1:$port/"
     if [[ -n $WRK_SCRIPT ]]; then script=(-s "$WRK_SCRIPT"); fi
-    log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then wrk -t$THREADS -c$conns -d$DURATION${WRK_SCRIPT:+ -s ${WRK_SCRIPT##*/}}"
-    wrk -t"$THREADS" -c"$conns" -d"$WARMUP" "${script[@]}" "$url" >/dev/null
+    log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then wrk -t$THREADS -c$conns -d$DURATION${WRK_SCRIPT:+ -s ${WRK_SCRIPT##*/}}${WRK_ARGS[*]:+ ${WRK_ARGS[*]}} $url"
+    env "${WRK_ENV[@]}" wrk -t"$THREADS" -c"$conns" -d"$WARMUP" "${script[@]}" "${WRK_ARGS[@]}" "$url" >/dev/null
     if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
     cpu0=$(cpu_ticks "${pids[@]}")
     box0=$(cpu_stat)
-    out=$(wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "${script[@]}" "$url")
+    out=$(env "${WRK_ENV[@]}" wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency "${script[@]}" "${WRK_ARGS[@]}" "$url")
     box=$(busy_between "$box0" "$(cpu_stat)")
     cpu1=$(cpu_ticks "${pids[@]}")
+    if [[ -n $MEASURE_AFTER ]]; then "$MEASURE_AFTER" "$name" "$conns"; fi
     echo "$out" >"$TMP/wrk-$name-$conns-$ROUND.txt"
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
     requests=$(awk '/requests in/ { print $1 }' <<<"$out")
@@ -413,12 +447,14 @@ throughput_table() {
 }
 
 # idle_rss NAME PORT PID N: RSS added by N idle keep-alive connections
-# (each served one request first), in KiB per connection.
+# (each served one request first), in KiB per connection. IDLE_CLIENTS_ARGS
+# are more idle_clients arguments (--tls ROOTS: HTTPS).
+IDLE_CLIENTS_ARGS=()
 idle_rss() {
     local name=$1 port=$2 pid=$3 n=$4 pids=() before after helper i
     mapfile -t pids < <(family "$pid")
     before=$(status_kib VmRSS "${pids[@]}")
-    "$IDLE_CLIENTS" "127.0.0.1:$port" "$n" >"$TMP/idle-$name-$n.out" 2>&1 &
+    "$IDLE_CLIENTS" "127.0.0.1:$port" "$n" "${IDLE_CLIENTS_ARGS[@]}" >"$TMP/idle-$name-$n.out" 2>&1 &
     helper=$!
     for ((i = 0; i < 600; i++)); do
         grep -q '^ready' "$TMP/idle-$name-$n.out" 2>/dev/null && break
@@ -446,6 +482,11 @@ if [[ $SCENARIO == routed ]]; then
     source "$(dirname "$0")/compare_routed.sh"
     exit 0
 fi
+if [[ $SCENARIO == tls ]]; then
+    # shellcheck source=bench/compare_tls.sh
+    source "$(dirname "$0")/compare_tls.sh"
+    exit 0
+fi
 
 start_proxies
 # The same binary on hyper alone, and the baseline, next to them.
@@ -461,8 +502,9 @@ if [[ -n $BASELINE ]]; then
     TARGETS+=("lb-base:$LB_BASE_PORT:$LB_BASE_PID")
 fi
 if [[ -n $FLOOR ]]; then
-    "$ROOT/target/release/examples/floor" "127.0.0.1:$FLOOR_PORT" \
-        $(for port in "${BACKEND_PORTS[@]}"; do echo "127.0.0.1:$port"; done) >"$TMP/floor.log" 2>&1 &
+    floor_backends=()
+    for port in "${BACKEND_PORTS[@]}"; do floor_backends+=("127.0.0.1:$port"); done
+    "$ROOT/target/release/examples/floor" "127.0.0.1:$FLOOR_PORT" "${floor_backends[@]}" >"$TMP/floor.log" 2>&1 &
     FLOOR_PID=$!
     PIDS+=("$FLOOR_PID")
     TARGETS+=("floor:$FLOOR_PORT:$FLOOR_PID")
