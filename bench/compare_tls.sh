@@ -282,7 +282,7 @@ echo "plain HTTP, no proxy, the same new connection per request: what TCP and HT
 echo "Keep-alive: wrk -t$THREADS -c{$KEEPALIVE_CONNECTIONS} -d$DURATION --latency over https, each target in turn."
 echo "$ROUNDS round(s); with more than one, each figure is the median over the rounds."
 echo "$NCPU CPUs: wrk, the backends and the proxy share them, so conn/s and req/s measure the whole box."
-echo "Proxies: lb (--workers $PROXY_THREADS; TLS is served by its hyper path; rustls with ring),"
+echo "Proxies: lb (--workers $PROXY_THREADS; HTTP/1 over TLS on its fast path; rustls with ring),"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (worker_processes $PROXY_THREADS, upstream keepalive 64; OpenSSL $(openssl version | awk '{ print $2 }')),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, http-reuse always, checks every 2s)."
 echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited)."
