@@ -75,6 +75,9 @@ pub fn check(path: &Path) -> ExitCode {
             }
             println!("{}: ok ({hash}): {}", path.display(), config.summary());
             print!("{}", config.route_table());
+            if let Some(tls) = &config.tls {
+                print!("{}", certificate_table(tls));
+            }
             for warning in config.warnings() {
                 eprintln!("warning: {}: {warning}", path.display());
             }
@@ -85,6 +88,34 @@ pub fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check`'s list of the certificates a TLS listener would serve: file,
+/// names, expiry (the files were read and checked by [`Config::check`]).
+fn certificate_table(tls: &config::tls::TlsSettings) -> String {
+    let mut out = String::from("certificates (the first is the default):\n");
+    for c in &tls.certificates {
+        match crate::tls::pair::CertPair::load(&c.cert, &c.key) {
+            Ok(pair) => {
+                let left = pair
+                    .info
+                    .not_after
+                    .duration_since(std::time::SystemTime::now())
+                    .map_or_else(
+                        |_| "EXPIRED".to_owned(),
+                        |d| format!("{} days left", d.as_secs() / 86_400),
+                    );
+                out.push_str(&format!(
+                    "  {}: {} (not after {}, {left})\n",
+                    c.cert.display(),
+                    pair.info.names.join(", "),
+                    httpdate::fmt_http_date(pair.info.not_after)
+                ));
+            }
+            Err(e) => out.push_str(&format!("  {e}\n")),
+        }
+    }
+    out
 }
 
 /// [`run`] on a current-thread runtime built for it, shut down within

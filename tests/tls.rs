@@ -775,3 +775,36 @@ async fn mode_tcp_with_tls_terminates_and_routes_by_the_sessions_name() {
         assert_eq!(String::from_utf8_lossy(&got), expect, "{sni}");
     }
 }
+
+#[test]
+fn check_lists_the_certificates_with_their_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cert(&["api.example.com", "*.example.com"]);
+    write(dir.path(), "s.crt", &c.cert);
+    write(dir.path(), "s.key", &c.key);
+    let path = write(
+        dir.path(),
+        "config.yaml",
+        "tls:\n  certificates:\n    - {cert: s.crt, key: s.key}\nbackends:\n  - address: 127.0.0.1:9\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--config", path.to_str().unwrap(), "--check"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("certificates (the first is the default):"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("s.crt: api.example.com, *.example.com (not after "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("days left)"), "{stdout}");
+}
