@@ -808,3 +808,35 @@ fn check_lists_the_certificates_with_their_expiry() {
     );
     assert!(stdout.contains("days left)"), "{stdout}");
 }
+
+#[tokio::test]
+async fn status_and_metrics_show_each_certificate() {
+    let backend = Backend::start("b1").await;
+    let c = cert(&["api.example.com"]);
+    let lb = TlsLb::one_pair(&backend, &c, "admin: 127.0.0.1:0\n").await;
+    let admin = lb.lb.admin_addr().expect("admin listener");
+    let status = get(&client(), &format!("http://{admin}/status")).await;
+    let json: serde_json::Value = serde_json::from_str(&status.text()).unwrap();
+    let first = &json["tls"]["certificates"][0];
+    assert_eq!(first["names"][0], "api.example.com", "{json}");
+    assert!(
+        first["cert"].as_str().unwrap().ends_with("tls/server.crt"),
+        "{json}"
+    );
+    assert!(first["not_after"].as_str().is_some(), "{json}");
+    assert!(first["error"].is_null(), "{json}");
+    let metrics = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("lb_tls_certificate_expiry_seconds{"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(line.contains("name=\"api.example.com\""), "{line}");
+    let expiry: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now, "{line}");
+}
