@@ -7,13 +7,17 @@
 //! src` checks that no loop exists among these modules:
 //!
 //! ```text
-//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config
+//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config → tls
 //! ```
 //!
+//! * [`tls`]: certificate and key pairs read from PEM and checked against
+//!   each other, the SNI certificate store behind the handshake resolver,
+//!   the ClientHello's server name read without terminating; nothing of the
+//!   proxy (config checks its files with it).
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
 //!   (raw serde structs → `validate()`, with env overrides): listener
 //!   settings, pools (each with its strategy, retry, health and steering),
-//!   routes and their host/path patterns; every error a
+//!   routes and their host/path/SNI patterns, `tls:`; every error a
 //!   [`config::Diagnostic`], `file:line:col: key: message`; and
 //!   [`config::ConfigDiff`]: what a reload changes, key by key.
 //! * [`obs`]: the counters every layer bumps ([`obs::metrics`]), the
@@ -39,10 +43,12 @@
 //!   pool and retries it ([`http::retry`]); bodies; the per-worker backend
 //!   client ([`http::client`]); `Upgrade` pass-through; affinity cookies;
 //!   the HTTP/2 stream watchdog ([`http::h2_stream`]).
-//! * [`tcp`]: `mode: tcp`, layer-4 proxying over the catch-all pool.
+//! * [`tcp`]: `mode: tcp`, layer-4 proxying: the catch-all pool, or a
+//!   pool picked by the TLS server name (passed through, or terminated).
 //! * [`net`]: listening sockets (one per worker, `SO_REUSEPORT`), accept
-//!   loops, the connection cap, the worker threads; it hands each accepted
-//!   connection to `http` or `tcp`.
+//!   loops, the connection cap, the worker threads, TLS termination and the
+//!   certificates that follow their files ([`net::tls`]); it hands each
+//!   accepted connection to `http` or `tcp`.
 //! * [`health`]: active health checks, and the verdict when they hold a
 //!   whole pool down.
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
