@@ -350,6 +350,11 @@ impl Reloader {
             }
         }
         self.last_seen = hash;
+        // A reload (SIGHUP, POST /reload) is also the moment to look at the
+        // certificates: the follower would within a second.
+        if let Some(tls) = self.listeners.tls().current() {
+            tls.recheck(&self.runtime);
+        }
         if hash == self.runtime.snapshot().hash {
             // After a rejected edit, the file coming back is news: the
             // error no longer stands.
