@@ -562,23 +562,53 @@ async fn lbs_own_fd_limit_is_never_blamed_on_a_backend() {
 
 /// Issue 20 item 5, tcp mode: a connection whose backend connect fails on
 /// lb's fd limit is closed without charging the backend.
+///
+/// Whether the last free descriptor goes to an accept (then the connect
+/// fails: the case under test) or no accept gets one at all depends on how
+/// many descriptors lb holds at rest, which the environment moves (CI's
+/// harness hands lb one fewer than a terminal does, and at limit 64 there no
+/// connect ever failed). Three neighbouring limits make the case happen
+/// under at least one of them wherever the test runs; measured here, 63, 64,
+/// 66, 67 and 68 each show it and 65 does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_mode_at_lbs_fd_limit_charges_no_backend() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = EchoBackend::start("echo").await;
+    let mut tried = Vec::new();
+    for limit in [64, 65, 66] {
+        let (echoed, closed, text) = fill_tcp_lb_to_its_fd_limit(backend.addr, limit).await;
+        tried.push(format!("limit {limit}: {echoed} echoed, {closed} closed"));
+        assert_not_charged(&text, backend.addr);
+        if closed > 0 {
+            assert!(
+                metric(&text, "lb_local_errors_total", &["op=\"connect\""]) > 0.0,
+                "{text}"
+            );
+            eprintln!("tcp mode, fd limit {limit}, 100 clients: {echoed} echoed, {closed} closed at the limit");
+            return;
+        }
+    }
+    panic!("no connection hit the limit: {}", tried.join("; "));
+}
+
+/// Runs a tcp-mode lb with `limit` descriptors, opens 100 clients to it and
+/// returns how many got their echo, how many were closed, and its metrics.
+async fn fill_tcp_lb_to_its_fd_limit(
+    backend: std::net::SocketAddr,
+    limit: u64,
+) -> (usize, usize, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
         &format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nmode: tcp\nbackends:\n  - address: {}\n",
-            backend.addr
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nmode: tcp\nbackends:\n  - address: {backend}\n"
         ),
     );
     let lb = spawn(
         &config,
         Spawn {
             args: &["--workers", "1"],
-            nofile: Some(64),
+            nofile: Some(limit),
             ..Spawn::default()
         },
     );
@@ -612,15 +642,8 @@ async fn tcp_mode_at_lbs_fd_limit_charges_no_backend() {
         held.push(s);
     }
     drop(held);
-    assert!(closed > 0, "no connection hit the limit ({echoed} echoed)");
-    let admin = client();
-    let text = scrape(&admin, lb.admin).await;
-    assert_not_charged(&text, backend.addr);
-    assert!(
-        metric(&text, "lb_local_errors_total", &["op=\"connect\""]) > 0.0,
-        "{text}"
-    );
-    eprintln!("tcp mode, fd limit 64, 100 clients: {echoed} echoed, {closed} closed at the limit");
+    let text = scrape(&client(), lb.admin).await;
+    (echoed, closed, text)
 }
 
 /// Issue 20 item 10: admin on `0.0.0.0:P` beside listen `127.0.0.1:P`
