@@ -311,15 +311,13 @@ impl Collector for Exporter {
         )?;
         let certificates = rt.tls.certificates();
         if !certificates.is_empty() {
-            let listener = rt.tls.listener();
             family(
                 &mut enc,
                 "lb_tls_certificate_expiry_seconds",
                 "When each served certificate expires (not-after, Unix seconds), by listener and SAN name",
                 MetricType::Gauge,
-                certificates.iter().flat_map(|c| {
+                certificates.iter().flat_map(|(listener, c)| {
                     let expiry = crate::obs::metrics::unix_seconds(c.not_after);
-                    let listener = listener.clone();
                     c.names.iter().map(move |name| {
                         (
                             vec![("listener", listener.clone()), ("name", name.clone())],

@@ -377,7 +377,7 @@ impl Admin {
                 "hash": snap.hash.to_string(),
                 "loaded_at": rfc3339(last.applied_at),
                 "loaded_at_unix": unix_seconds(last.applied_at),
-                "listen": snap.config.listen.to_string(),
+                "listen": snap.config.listen().to_string(),
                 "strategy": snap.first_pool().config.strategy.name(),
             },
             "last_reload": reload_json(&last),
@@ -396,6 +396,13 @@ impl Admin {
             "backends": backends,
             "pools": pools,
             "tls": tls_json(rt),
+            "listeners": snap.config.listeners.iter().map(|l| json!({
+                "name": l.name.as_str(),
+                "address": l.address.to_string(),
+                "mode": l.mode.name(),
+                "tls": l.tls.is_some(),
+                "redirect_https": l.redirect_https,
+            })).collect::<Vec<_>>(),
         })
     }
 }
@@ -408,8 +415,9 @@ fn tls_json(rt: &Runtime) -> serde_json::Value {
     }
     let certificates: Vec<_> = certificates
         .iter()
-        .map(|c| {
+        .map(|(listener, c)| {
             json!({
+                "listener": listener,
                 "cert": c.cert_file.display().to_string(),
                 "key": c.key_file.display().to_string(),
                 "names": c.names,

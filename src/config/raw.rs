@@ -61,6 +61,9 @@ pub struct RawConfig {
     pub routes: Option<Vec<super::pools::RawRoute>>,
     /// TLS termination on the listener; plain TCP when absent.
     pub tls: Option<super::tls::RawTls>,
+    /// Several listeners, each with its own address, mode and TLS (instead
+    /// of `listen`, `mode` and `tls`).
+    pub listeners: Option<Vec<super::listeners::RawListener>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigDiff, ContentHash, PoolConfig, PoolName};
+use crate::config::{Config, ConfigDiff, ContentHash, ListenerName, Mode, PoolConfig, PoolName};
 use crate::core::affinity::AffinityCookies;
 use crate::core::budget::RetryBudget;
 use crate::core::conns::ConnectionCount;
@@ -36,11 +36,21 @@ pub struct Snapshot {
     pub hash: ContentHash,
     /// The pools, in the config's order (`config.pools[i]` is `pools[i]`).
     pub pools: Vec<Pool>,
-    /// (Host, path) → pool, built once per config.
-    pub router: Router<RouteTarget>,
+    /// Per listener, in the config's order: (Host, path) → pool (a tcp
+    /// listener's by SNI), built once per config.
+    pub listeners: Vec<ListenerRoutes>,
     /// The largest `retry.buffer_body_limit` of any pool: what the fast
     /// path may read before it knows the request's pool.
     pub max_buffer_body_limit: u64,
+}
+
+/// What one listener's requests (or connections) are routed by.
+#[derive(Debug)]
+pub struct ListenerRoutes {
+    pub name: ListenerName,
+    pub router: Router<RouteTarget>,
+    /// Every request is answered with a 308 to this HTTPS port.
+    pub redirect_https: Option<u16>,
 }
 
 /// What a route sends to: a pool, and whether its prefix is removed.
@@ -63,11 +73,23 @@ pub struct Routed<'a> {
 }
 
 impl Snapshot {
-    /// The pool that serves a request for `host` (Host header or
-    /// `:authority`, as sent) and `path_and_query`; `None` when no route
-    /// matches (the client gets 404).
-    pub fn route<'a>(&'a self, host: Option<&str>, path_and_query: &'a str) -> Option<Routed<'a>> {
-        let found = self.router.find(host, path_and_query)?;
+    /// The routes of the listener named `listener`; `None` once a reload
+    /// removed it (its connections still open get 404s).
+    pub fn listener(&self, listener: &str) -> Option<&ListenerRoutes> {
+        // A handful at most: a scan of short names beats hashing.
+        self.listeners.iter().find(|l| l.name.as_str() == listener)
+    }
+
+    /// The pool that serves a request on `listener` for `host` (Host
+    /// header or `:authority`, as sent; a tcp listener's SNI) and
+    /// `path_and_query`; `None` when no route matches (the client gets 404).
+    pub fn route<'a>(
+        &'a self,
+        listener: &str,
+        host: Option<&str>,
+        path_and_query: &'a str,
+    ) -> Option<Routed<'a>> {
+        let found = self.listener(listener)?.router.find(host, path_and_query)?;
         let target = found.route.target;
         let rewritten = target
             .strip_prefix
@@ -416,20 +438,33 @@ fn build(
             )
         })
         .collect();
-    let router = Router::new(
-        config
-            .routes
-            .iter()
-            .map(|r| Route {
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.as_str().into(),
-                target: RouteTarget {
-                    pool: r.pool,
-                    strip_prefix: r.strip_prefix,
-                },
-            })
-            .collect(),
-    );
+    let to_route = |r: &crate::config::RouteConfig| Route {
+        host: r.host.clone(),
+        path_prefix: r.path_prefix.as_str().into(),
+        target: RouteTarget {
+            pool: r.pool,
+            strip_prefix: r.strip_prefix,
+        },
+    };
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| ListenerRoutes {
+            name: l.name.clone(),
+            router: Router::new(match l.mode {
+                Mode::Tcp => l.routes.iter().map(to_route).collect(),
+                // Redirected, every request: no pool serves there.
+                _ if l.redirect_https.is_some() => Vec::new(),
+                _ => config
+                    .routes
+                    .iter()
+                    .filter(|r| r.applies_on(&l.name))
+                    .map(to_route)
+                    .collect(),
+            }),
+            redirect_https: l.redirect_https,
+        })
+        .collect();
     let max_buffer_body_limit = config
         .pools
         .iter()
@@ -439,7 +474,7 @@ fn build(
     Snapshot {
         max_buffer_body_limit,
         pools,
-        router,
+        listeners,
         hash,
         config,
     }

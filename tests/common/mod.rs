@@ -377,7 +377,7 @@ impl TestLb {
         let yaml = with_listen(yaml);
         std::fs::write(&path, &yaml).unwrap();
         let (config, hash) = lb::config::Config::load(&path).unwrap();
-        let listener = lb::net::listen::bind(config.listen).unwrap();
+        let listener = lb::net::listen::bind(config.listen()).unwrap();
         let settings = settings(
             &path,
             lb::reload::WatchSettings {
