@@ -602,9 +602,13 @@ health_check:
     #[test]
     fn names_listeners_added_removed_and_moved() {
         let file = |listeners: &str| {
-            format!("listeners:\n{listeners}pools:\n  a: {{backends: [{{address: 127.0.0.1:9001}}]}}\n")
+            format!(
+                "listeners:\n{listeners}pools:\n  a: {{backends: [{{address: 127.0.0.1:9001}}]}}\n"
+            )
         };
-        let old = file("  - {name: web, address: 127.0.0.1:8080}\n  - {name: old, address: 127.0.0.1:8081}\n");
+        let old = file(
+            "  - {name: web, address: 127.0.0.1:8080}\n  - {name: old, address: 127.0.0.1:8081}\n",
+        );
         let new = file("  - {name: web, address: 127.0.0.1:9090}\n  - {name: new, address: 127.0.0.1:8082, redirect_https: 443}\n");
         assert_eq!(
             diff(&old, &new),
