@@ -7,7 +7,7 @@
 //! src` checks that no loop exists among these modules:
 //!
 //! ```text
-//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config → tls
+//! main → process → lib → {reload, admin, health, discovery} → net → {http, tcp} → io → core → obs → config → tls
 //! ```
 //!
 //! * [`tls`]: certificate and key pairs read from PEM and checked against
@@ -32,7 +32,8 @@
 //!   ([`core::state`]), so it survives reloads; the strategies
 //!   ([`core::selection`]); the retry budget; the passive-health verdict
 //!   ([`core::passive`]), the one place any path charges a backend;
-//!   [`core::failure`]: how an attempt failed; connection and upgrade counts.
+//!   [`core::failure`]: how an attempt failed; connection and upgrade counts;
+//!   [`core::discovered`]: what DNS found for each discovered pool.
 //! * [`io`]: byte movers shared by both protocol sides: [`io::tunnel`]
 //!   (both ways, half-close, idle bound) and [`io::stall`] (the bound on
 //!   each wait for a peer mid-exchange).
@@ -51,6 +52,9 @@
 //!   accepted connection to `http` or `tcp`.
 //! * [`health`]: active health checks, and the verdict when they hold a
 //!   whole pool down.
+//! * [`discovery`]: pools whose backends a DNS name gives (A/AAAA or SRV,
+//!   hickory-resolver), one follower task per pool, handing each new set to
+//!   the runtime ([`core::discovered`] keeps it across reloads).
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`process`]: lb as a process, what `main.rs` hands over to: `--check`,
 //!   signals (SIGHUP reloads; SIGTERM/SIGINT: shutdown delay, grace, a
@@ -66,6 +70,7 @@
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod discovery;
 pub mod health;
 pub mod http;
 pub mod io;
@@ -248,6 +253,7 @@ impl Lb {
             stop_rx.clone(),
         ));
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime), stop_rx.clone()));
+        let discovery = tokio::spawn(discovery::supervise(Arc::clone(&runtime), stop_rx.clone()));
         let (reload, reloader) = reload::spawn(
             settings.config_path.clone(),
             Arc::clone(&runtime),
@@ -274,6 +280,7 @@ impl Lb {
                 ("config reloader", reloader),
                 ("admin follower", admin_follower),
                 ("certificate follower", tls_follower),
+                ("dns discovery", discovery),
             ],
         })
     }

@@ -86,6 +86,9 @@ pub fn check(path: &Path) -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("warning: {}: {warning}", path.display());
             }
+            for warning in crate::discovery::check_names(&config) {
+                eprintln!("warning: {}: {warning}", path.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -150,6 +150,29 @@ impl Collector for Exporter {
                 (labels, count(&m.retries[r as usize]))
             }),
         )?;
+        let resolutions = rt.discovered.status();
+        if !resolutions.is_empty() {
+            family(
+                &mut enc,
+                "lb_dns_resolutions",
+                "Lookups of discovered pools' names, by result: ok, empty (NXDOMAIN or no records: the pool emptied), failed (timeout, SERVFAIL, REFUSED: the last good set kept)",
+                MetricType::Counter,
+                resolutions.iter().flat_map(|(pool, _, counts)| {
+                    [
+                        ("ok", &counts.ok),
+                        ("empty", &counts.empty),
+                        ("failed", &counts.failed),
+                    ]
+                    .map(|(result, n)| {
+                        let labels = vec![
+                            ("pool", pool.to_string()),
+                            ("result", result.to_owned()),
+                        ];
+                        (labels, count(n))
+                    })
+                }),
+            )?;
+        }
         counter(
             &mut enc,
             "lb_retry_budget_exhausted",

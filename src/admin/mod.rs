@@ -348,10 +348,24 @@ impl Admin {
             })
         };
         let backends: Vec<_> = snap.all_backends().map(backend_json).collect();
+        let resolutions = rt.discovered.status();
         let pools: serde_json::Map<String, serde_json::Value> = snap
             .pools
             .iter()
             .map(|p| {
+                let discovery = p.config.discovery.as_ref().map(|d| {
+                    let last = resolutions.iter().find(|(name, _, _)| name == p.name());
+                    json!({
+                        "name": d.describe(),
+                        "refresh": humantime::format_duration(d.refresh).to_string(),
+                        "resolver": d.resolver.map_or_else(|| "system".to_owned(), |r| r.to_string()),
+                        "last_resolution": last.map(|(_, r, _)| json!({
+                            "at": rfc3339(r.at),
+                            "result": r.result,
+                            "addresses": r.addresses.iter().map(|(a, ttl)| json!({"address": a, "ttl": ttl})).collect::<Vec<_>>(),
+                        })),
+                    })
+                });
                 let routes: Vec<String> = snap
                     .config
                     .routes
@@ -363,6 +377,7 @@ impl Admin {
                     "strategy": p.config.strategy.name(),
                     "pool_down": p.shared.down.load_full().as_deref().map(String::as_str),
                     "routes": routes,
+                    "discovery": discovery,
                     "backends": p.backends.iter().map(backend_json).collect::<Vec<_>>(),
                 });
                 (p.name().to_string(), value)

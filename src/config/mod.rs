@@ -40,6 +40,7 @@
 //! (see [`crate::core::runtime`]).
 
 mod diff;
+pub mod discovery;
 mod error;
 pub mod listeners;
 mod locate;
@@ -214,6 +215,11 @@ impl BackendAddr {
     /// For tests and examples; real addresses come from `validate`.
     pub fn from_static(s: &'static str) -> Self {
         BackendAddr(Arc::from(s))
+    }
+
+    /// The backend at `addr` (one that DNS discovery found).
+    pub fn from_socket(addr: SocketAddr) -> Self {
+        BackendAddr(Arc::from(addr.to_string()))
     }
 }
 
@@ -1095,10 +1101,19 @@ impl PoolConfig {
             1 => "retry off (1 attempt)".to_owned(),
             n => format!("retry {n} attempts"),
         };
+        let members = match &self.discovery {
+            Some(d) => format!(
+                "backends from {} (every {}, resolver {})",
+                d.describe(),
+                humantime::format_duration(d.refresh),
+                d.resolver
+                    .map_or_else(|| "from /etc/resolv.conf".to_owned(), |r| r.to_string())
+            ),
+            None => format!("{backends} (total weight {})", self.total_weight()),
+        };
         format!(
-            "{prefix}strategy {}, {backends} (total weight {}), {health}, {attempts}",
+            "{prefix}strategy {}, {members}, {health}, {attempts}",
             self.strategy,
-            self.total_weight(),
         )
     }
 }

@@ -32,6 +32,7 @@ type Invalid = (String, String);
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<super::discovery::RawDiscovery>,
     pub strategy: Option<RawStrategy>,
     pub health_check: Option<RawHealthCheck>,
     pub outlier_detection: Option<RawOutlierDetection>,
@@ -94,8 +95,12 @@ pub struct PoolConfig {
     pub name: PoolName,
     /// How a backend is chosen for each request.
     pub strategy: Strategy,
-    /// The members, in file order (order matters for round robin).
+    /// The members, in file order (order matters for round robin). A
+    /// discovered pool's are the addresses its name has now (empty as
+    /// validated; filled by the runtime from the last resolution).
     pub backends: Vec<BackendConfig>,
+    /// Where the members come from when DNS says: `None` for `backends:`.
+    pub discovery: Option<super::discovery::Discovery>,
     /// Active probing; `None` means every backend is eligible unless passive
     /// detection has ejected it.
     pub health_check: Option<HealthCheck>,
@@ -156,6 +161,7 @@ impl fmt::Display for RouteConfig {
 pub(super) fn defaults(raw: &mut RawConfig) -> RawPool {
     RawPool {
         backends: raw.backends.take(),
+        discovery: raw.discovery.take(),
         strategy: raw.strategy.take(),
         health_check: raw.health_check.take(),
         outlier_detection: raw.outlier_detection.take(),
@@ -196,6 +202,12 @@ pub(super) fn merged(
                 .to_owned(),
         ));
     }
+    if defaults.discovery.is_some() {
+        return Err((
+            "discovery".to_owned(),
+            "cannot be used with pools: give each pool its own pools.NAME.discovery".to_owned(),
+        ));
+    }
     if pools.is_empty() {
         return Err((
             "pools".to_owned(),
@@ -232,6 +244,7 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
     let applies = |wanted: RawStrategy| strategy == Some(wanted);
     RawPool {
         backends: pool.backends,
+        discovery: pool.discovery,
         health_check: pool.health_check.or_else(|| defaults.health_check.clone()),
         outlier_detection: pool
             .outlier_detection

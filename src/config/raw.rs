@@ -28,8 +28,11 @@ pub struct RawConfig {
     pub mode: Option<RawMode>,
     /// Load-balancing strategy name.
     pub strategy: Option<RawStrategy>,
-    /// The pool. Required: a proxy with nowhere to send traffic is a mistake.
+    /// The pool. Required (or `discovery`): a proxy with nowhere to send
+    /// traffic is a mistake.
     pub backends: Option<Vec<RawBackend>>,
+    /// The pool's backends from DNS instead of `backends`.
+    pub discovery: Option<super::discovery::RawDiscovery>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
     /// Active health checks; absent means every backend is eligible.

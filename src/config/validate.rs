@@ -372,7 +372,16 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         RawStrategy::ConsistentHash => Strategy::ConsistentHash,
         RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
-    let backends = backends(raw.backends)?;
+    let (backends, discovery) = match (raw.backends, raw.discovery) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "discovery",
+                "a pool has backends: or discovery:, not both (a discovered pool's backends are what its name resolves to)",
+            )
+        }
+        (None, Some(d)) => (Vec::new(), Some(super::discovery::validate(d)?)),
+        (listed, None) => (backends(listed)?, None),
+    };
     let health_check = raw
         .health_check
         .map(|hc| health_check(hc, mode))
@@ -404,6 +413,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         name,
         strategy,
         backends,
+        discovery,
         health_check,
         outlier_detection,
         retry,

@@ -159,6 +159,10 @@ impl Pool {
     /// As [`Pool::select`], for a request with a hash key or an affinity
     /// cookie: the pinned backend while it is eligible, else the strategy.
     pub fn select_for(&self, steer: &Steer, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if self.backends.is_empty() {
+            // A discovered pool whose name has no address (yet).
+            return None;
+        }
         if let Some(i) = steer.pinned.filter(|&i| eligible(i)) {
             return Some(i);
         }
@@ -336,6 +340,12 @@ pub struct Runtime {
     pub shutting_down: AtomicBool,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
+    /// What DNS found for each discovered pool (outlives reloads).
+    pub discovered: crate::core::discovered::Discovered,
+    /// Held while a snapshot is built and swapped in: a reload and a
+    /// discovered change are applied one after the other, never over each
+    /// other. Never taken on the request path.
+    applying: Mutex<()>,
 }
 
 impl Runtime {
@@ -360,6 +370,8 @@ impl Runtime {
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
+            discovered: Default::default(),
+            applying: Mutex::new(()),
         };
         runtime.reloads.record_applied();
         Arc::new(runtime)
@@ -391,6 +403,9 @@ impl Runtime {
     /// Builds a snapshot of `config` and swaps it in. Backends whose address
     /// stays keep their state; the diff says what changed.
     pub fn apply(&self, config: Config, hash: ContentHash) -> ConfigDiff {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        self.discovered.retain(&config);
+        let config = self.discovered.fill(config);
         let old = self.current.load_full();
         let next = build(config, hash, &self.states, &self.pools, Some(&old));
         let summary = ConfigDiff::between(&old.config, &next.config);
@@ -398,6 +413,32 @@ impl Runtime {
         self.reloads.record_applied();
         self.generation.send_modify(|g| *g += 1);
         summary
+    }
+
+    /// `backends` are what `pool`'s name resolves to now: applied when they
+    /// differ from what it had and the running config still discovers the
+    /// pool this way. Returns what changed, or `None`. Not a reload: the
+    /// config is the same; its discovered members changed.
+    pub fn rediscovered(
+        &self,
+        pool: &PoolName,
+        discovery: &crate::config::discovery::Discovery,
+        backends: Vec<crate::config::BackendConfig>,
+    ) -> Option<crate::config::ListDiff> {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.discovered.store(pool, discovery, backends) {
+            return None;
+        }
+        let old = self.current.load_full();
+        if old.config.pool(pool.as_str())?.discovery.as_ref() != Some(discovery) {
+            return None;
+        }
+        let config = self.discovered.fill(old.config.clone());
+        let next = build(config, old.hash, &self.states, &self.pools, Some(&old));
+        let diff = ConfigDiff::between(&old.config, &next.config);
+        self.current.store(Arc::new(next));
+        self.generation.send_modify(|g| *g += 1);
+        Some(diff.backends)
     }
 
     /// A receiver that wakes on every applied config.
@@ -415,10 +456,24 @@ fn build(
 ) -> Snapshot {
     let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
     shared.retain(|name, _| config.pool(name.as_str()).is_some());
+    // A discovered pool that had no member (its name did not resolve yet,
+    // or had no address): what joins it is its first set, unramped as the
+    // startup config's backends are.
+    let first_set = |name: &PoolName| {
+        config
+            .pool(name.as_str())
+            .is_some_and(|p| p.discovery.is_some())
+            && old.is_none_or(|o| {
+                o.pools
+                    .iter()
+                    .find(|p| p.name() == name)
+                    .is_none_or(|p| p.backends.is_empty())
+            })
+    };
     let pools = config
         .pools
         .iter()
-        .zip(states.sync(&config))
+        .zip(states.sync(&config, &first_set))
         .map(|(pool_config, states_of_pool)| {
             let old_pool = old.and_then(|o| o.pools.iter().find(|p| p.name() == &pool_config.name));
             let pool_shared =

@@ -109,7 +109,7 @@ impl Backend {
         v
     }
 
-    fn serve(listener: TcpListener, name: &str) -> Backend {
+    pub fn serve(listener: TcpListener, name: &str) -> Backend {
         let mut b = Backend {
             addr: listener.local_addr().unwrap(),
             name: name.to_owned(),
