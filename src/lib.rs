@@ -15,8 +15,9 @@
 //!   the ClientHello's server name read without terminating; nothing of the
 //!   proxy (config checks its files with it).
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides): listener
-//!   settings, pools (each with its strategy, retry, health and steering),
+//!   (raw serde structs → `validate()`, with env overrides): listeners
+//!   (`listeners:`, or the one `listen`/`mode`/`tls`), pools (each with its
+//!   strategy, retry, health, steering and DNS `discovery`),
 //!   routes and their host/path/SNI patterns, `tls:`; every error a
 //!   [`config::Diagnostic`], `file:line:col: key: message`; and
 //!   [`config::ConfigDiff`]: what a reload changes, key by key.
