@@ -167,6 +167,7 @@ async fn apply(
         let diff = rt.rediscovered(&pool, &discovery, backends)?;
         let took = cpu() - started;
         let took_ms = took.tv_sec as f64 * 1e3 + took.tv_nsec as f64 / 1e6;
+        rt.discovered.applied_in(&pool, took_ms);
         if !diff.is_empty() {
             tracing::info!(
                 "pool {pool}: {} now: +{} -{}{} (applied in {took_ms:.1} ms of CPU)",

@@ -362,6 +362,7 @@ impl Admin {
                         "last_resolution": last.map(|(_, r, _)| json!({
                             "at": rfc3339(r.at),
                             "result": r.result,
+                            "applied_cpu_ms": r.applied_cpu_ms,
                             "addresses": r.addresses.iter().map(|(a, ttl)| json!({"address": a, "ttl": ttl})).collect::<Vec<_>>(),
                         })),
                     })

@@ -30,6 +30,8 @@ pub struct Resolution {
     pub result: String,
     /// What the name resolved to last time it did: address and TTL (s).
     pub addresses: Vec<(String, u32)>,
+    /// CPU time the last change of the set took to apply (ms).
+    pub applied_cpu_ms: Option<f64>,
 }
 
 /// Per-pool counters of resolutions, for `/metrics`.
@@ -118,6 +120,7 @@ impl Discovered {
                     at: SystemTime::now(),
                     result: String::new(),
                     addresses: Vec::new(),
+                    applied_cpu_ms: None,
                 },
                 Arc::default(),
             )
@@ -126,6 +129,14 @@ impl Discovered {
         entry.0.result = result;
         if let Some(addresses) = addresses {
             entry.0.addresses = addresses;
+        }
+    }
+
+    /// How long (CPU ms) the last change of `pool`'s set took to apply.
+    pub fn applied_in(&self, pool: &PoolName, cpu_ms: f64) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((r, _)) = status.get_mut(pool) {
+            r.applied_cpu_ms = Some(cpu_ms);
         }
     }
 
@@ -141,6 +152,7 @@ impl Discovered {
                             at: SystemTime::now(),
                             result: "pending".to_owned(),
                             addresses: Vec::new(),
+                            applied_cpu_ms: None,
                         },
                         Arc::default(),
                     )
