@@ -1107,3 +1107,49 @@ fn listeners_config_mistakes_are_errors_at_their_key() {
         assert!(err.contains("config.yaml:"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_reload_whose_new_listener_cannot_serve_is_refused_whole() {
+    let api = Backend::start("api").await;
+    let web = Backend::start("web").await;
+    let c = cert(&["api.example.com"]);
+    let other = cert(&["other.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    write(dir.path(), "tls/server.crt", &c.cert);
+    write(dir.path(), "tls/server.key", &c.key);
+    // A key that is not the certificate's.
+    write(dir.path(), "tls/wrong.key", &other.key);
+    let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
+    let rt = lb.lb.runtime();
+    let rejected = || {
+        rt.reloads
+            .rejected
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let web_at = bound(&lb, "web").await;
+    // Another process holds this port: the new listener cannot bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_at = taken.local_addr().unwrap();
+    for (extra, why) in [
+        (
+            "  - {name: extra, address: 127.0.0.1:0, tls: {certificates: [{cert: tls/server.crt, key: tls/wrong.key}]}}\n".to_owned(),
+            "listeners[3].tls.certificates[0]",
+        ),
+        (
+            format!("  - {{name: extra, address: {taken_at}}}\n"),
+            "cannot listen on",
+        ),
+    ] {
+        let before = rejected();
+        // The same reload also sends everything to `api`: none of it applies.
+        let yaml = listeners_yaml(&api, &web, &extra).replace("  - {pool: web}\n", "  - {pool: api}\n");
+        rename_over(lb.dir.path(), "config.yaml", &yaml);
+        eventually!(WAIT, rejected() > before);
+        let error = rt.reloads.last().error.unwrap_or_default();
+        assert!(error.contains(why), "want {why}, got {error}");
+        assert!(lb.lb.local_addr_of("extra").is_none());
+        assert_eq!(plain_get(web_at, "a.test", "/").await.body, "web");
+    }
+    drop(taken);
+}
