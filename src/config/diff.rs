@@ -182,6 +182,7 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
         present: None,
         settings: &[
             ("strategy", |c| c.strategy.to_string()),
+            ("protocol", |c| c.protocol.to_string()),
             ("hash_key", |c| hash_key(&c.steering.hash_key)),
             ("peak_ewma.decay", |c| dur(c.steering.peak_ewma_decay)),
             ("slow_start", |c| opt(c.steering.slow_start.map(dur))),
@@ -548,6 +549,12 @@ health_check:
             diff(BASE, &other_path),
             "changed health_check.path /health→/ready"
         );
+    }
+
+    #[test]
+    fn a_changed_protocol_is_named() {
+        let new = format!("protocol: h2c\n{BASE}");
+        assert_eq!(diff(BASE, &new), "changed protocol http1→h2c");
     }
 
     #[test]

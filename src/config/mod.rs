@@ -188,6 +188,32 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// What lb speaks to a pool's backends (`protocol:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// HTTP/1.1, keep-alive pooled (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP: one multiplexed
+    /// connection per backend and worker. gRPC backends are served so.
+    H2c,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One pool member as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -1023,8 +1049,13 @@ impl PoolConfig {
             1 => "retry off (1 attempt)".to_owned(),
             n => format!("retry {n} attempts"),
         };
+        // The default protocol goes unsaid: every line before it existed.
+        let protocol = match self.protocol {
+            Protocol::Http1 => String::new(),
+            p => format!(", protocol {p}"),
+        };
         format!(
-            "{prefix}strategy {}, {backends} (total weight {}), {health}, {attempts}",
+            "{prefix}strategy {}{protocol}, {backends} (total weight {}), {health}, {attempts}",
             self.strategy,
             self.total_weight(),
         )

@@ -46,6 +46,8 @@ pub struct RawConfig {
     pub peak_ewma: Option<super::steering::RawPeakEwma>,
     /// Ramp-up window for joining backends; off when absent.
     pub slow_start: Option<HumanDuration>,
+    /// What lb speaks to the backends (`http1`, `h2c`); http1 when absent.
+    pub protocol: Option<RawProtocol>,
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
@@ -101,6 +103,27 @@ impl<'de> Deserialize<'de> for RawMode {
         d.deserialize_str(Named {
             what: "a mode",
             names: &[("http", RawMode::Http), ("tcp", RawMode::Tcp)],
+        })
+    }
+}
+
+/// `protocol:`: what lb speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawProtocol {
+    Http1,
+    H2c,
+    /// HTTP/2 over TLS (ALPN h2): refused by `validate` for now.
+    H2,
+    /// TLS, ALPN choosing h2 or http/1.1: refused by `validate` for now.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for RawProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use RawProtocol::*;
+        d.deserialize_str(Named {
+            what: "a backend protocol",
+            names: &[("http1", Http1), ("h2c", H2c), ("h2", H2), ("auto", Auto)],
         })
     }
 }

@@ -13,11 +13,11 @@ use ::http::uri::{Authority, PathAndQuery};
 use super::pools::{self, PoolConfig, PoolName, RawPool};
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
-    RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
+    RawProtocol, RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, ProxyProtocol,
-    RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
+    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, Protocol,
+    ProxyProtocol, RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
 type Invalid = (String, String);
@@ -146,6 +146,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         RawStrategy::ConsistentHash => Strategy::ConsistentHash,
         RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
+    let protocol = protocol(raw.protocol, mode)?;
     let backends = backends(raw.backends)?;
     let health_check = raw
         .health_check
@@ -182,7 +183,33 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         outlier_detection,
         retry,
         steering,
+        protocol,
     })
+}
+
+/// `protocol:` → what lb speaks to the pool's backends.
+fn protocol(raw: Option<RawProtocol>, mode: Mode) -> Result<Protocol, Invalid> {
+    let Some(raw) = raw else {
+        return Ok(Protocol::Http1);
+    };
+    if mode == Mode::Tcp {
+        return invalid(
+            "protocol",
+            "chooses the HTTP version spoken to backends: not available with mode: tcp (bytes are relayed as they come)",
+        );
+    }
+    match raw {
+        RawProtocol::Http1 => Ok(Protocol::Http1),
+        RawProtocol::H2c => Ok(Protocol::H2c),
+        RawProtocol::H2 => invalid(
+            "protocol",
+            "h2 (HTTP/2 over TLS to backends) is not supported yet; use h2c (HTTP/2 without TLS) or http1",
+        ),
+        RawProtocol::Auto => invalid(
+            "protocol",
+            "auto (TLS to backends, ALPN choosing h2 or http/1.1) is not supported yet; use h2c or http1",
+        ),
+    }
 }
 
 /// hyper's smallest read buffer; a head limit below it could not be honoured.
