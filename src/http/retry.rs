@@ -24,7 +24,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::{BackendAddr, RetryPolicy, Strategy};
+use crate::config::{BackendAddr, Protocol, RetryPolicy, Strategy};
 use crate::core::failure::FailureKind;
 use crate::core::passive::note_failure;
 use crate::core::runtime::{Pool, Runtime, Snapshot};
@@ -173,6 +173,8 @@ fn may_retry(
     match kind {
         FailureKind::Connect => retry_on.connect_failure && can_resend(),
         FailureKind::Reset => retry_on.reset && idempotent && replayable,
+        // Never processed (RFC 9113 §8.7): any method, if the body can go again.
+        FailureKind::Refused => replayable || can_resend(),
         FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
         FailureKind::Protocol | FailureKind::Local(_) => false,
     }
@@ -184,6 +186,7 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
         FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
         FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
         FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+        FailureKind::Refused => (StatusCode::BAD_GATEWAY, "refused the stream"),
         FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
         FailureKind::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "hit a local shortage"),
     }
@@ -222,8 +225,14 @@ pub async fn forward(
     let hold = parts.extensions.remove::<Hold>();
     let Call { snap, .. } = call;
     let backend_body = snap.config.timeouts.backend_body;
+    // hyper's HTTP/1 server sends only the trailers a `Trailer` header
+    // declares; an HTTP/2 backend declares none (gRPC's come unannounced).
+    let declare_trailers = call.pool.config.protocol == Protocol::H2c
+        && parts.version <= Version::HTTP_11
+        && parts.headers.contains_key(hyper::header::TE);
     let mut attempts = HyperAttempts {
         upgrade: upgrade.is_some(),
+        h2c: call.pool.config.protocol == Protocol::H2c,
         parts,
         body,
         pending: None,
@@ -233,7 +242,7 @@ pub async fn forward(
             let relayed = |body| {
                 RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
             };
-            pass_through(resp, relayed, index)
+            pass_through(resp, relayed, index, declare_trailers)
         }
         Outcome::Switched(resp, in_flight, index) => {
             let Some(client) = upgrade else {
@@ -443,6 +452,8 @@ pub(crate) async fn run<A: Attempts>(
 struct HyperAttempts {
     /// The client asked for a protocol switch.
     upgrade: bool,
+    /// The pool speaks HTTP/2 with prior knowledge (`protocol: h2c`).
+    h2c: bool,
     /// The rewritten request head, cloned into each request.
     parts: Parts,
     body: RequestBody,
@@ -456,7 +467,11 @@ impl HyperAttempts {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.backends[index].addr);
-        *req.version_mut() = Version::HTTP_11;
+        *req.version_mut() = if self.h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         *req.headers_mut() = self.parts.headers.clone();
         req
     }
@@ -481,6 +496,13 @@ impl Attempts for HyperAttempts {
         };
         let connect_timeout = snap.config.timeouts.connect;
         let req = self.request(pool, index, body);
+        if self.h2c {
+            // One multiplexed connection: hyper's client opens a new one
+            // when the backend closed it (GOAWAY) before this stream began.
+            return client::of_this_worker(connect_timeout, |c| c.request_h2c(req))
+                .await
+                .map_err(|e| client::classify(&e));
+        }
         let err = match client::of_this_worker(connect_timeout, |c| c.request(req)).await {
             Ok(resp) => return Ok(resp),
             Err(err) => err,
@@ -545,18 +567,49 @@ fn upstream_uri(original: &Uri, addr: &BackendAddr) -> Uri {
     Uri::from_parts(parts).unwrap_or_default()
 }
 
+/// The trailers gRPC sends; declared to an HTTP/1.1 client of a gRPC call.
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// `declare_trailers`: the client speaks HTTP/1.1, accepts trailers and
+/// gets an HTTP/2 backend's answer: its `Trailer` header names what the
+/// backend declared, and gRPC's own trailers for a gRPC answer.
 fn pass_through(
     resp: Response<Incoming>,
     relayed: impl FnOnce(Incoming) -> RelayedBody,
     index: usize,
+    declare_trailers: bool,
 ) -> Response<ResponseBody> {
+    use hyper::header::{HeaderValue, CONTENT_TYPE, TRAILER};
     let (mut parts, body) = resp.into_parts();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
     // decoded the chunked body; a kept Content-Length would cut it short.
     if parts.headers.contains_key(hyper::header::TRANSFER_ENCODING) {
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
+    let declared = if declare_trailers && !hyper::body::Body::is_end_stream(&body) {
+        let mut names: Vec<String> = parts
+            .headers
+            .get_all(TRAILER)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        let grpc = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| crate::http::grpc::is_grpc_content_type(v.as_bytes()));
+        if grpc {
+            names.push(GRPC_TRAILERS.to_owned());
+        }
+        HeaderValue::from_str(&names.join(", "))
+            .ok()
+            .filter(|_| !names.is_empty())
+    } else {
+        None
+    };
     crate::http::proxy::strip_hop_by_hop(&mut parts.headers);
+    if let Some(names) = declared {
+        parts.headers.insert(TRAILER, names);
+    }
     parts
         .extensions
         .insert(crate::http::affinity::ServedBy(index));

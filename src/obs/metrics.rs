@@ -91,14 +91,17 @@ pub enum RetryReason {
     Timeout,
     /// A status listed in `retry_on`.
     Status,
+    /// An HTTP/2 stream the backend refused unprocessed (`REFUSED_STREAM`).
+    Refused,
 }
 
 impl RetryReason {
-    pub(crate) const ALL: [RetryReason; 4] = [
+    pub(crate) const ALL: [RetryReason; 5] = [
         RetryReason::ConnectFailure,
         RetryReason::Reset,
         RetryReason::Timeout,
         RetryReason::Status,
+        RetryReason::Refused,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -107,6 +110,7 @@ impl RetryReason {
             RetryReason::Reset => "reset",
             RetryReason::Timeout => "timeout",
             RetryReason::Status => "status",
+            RetryReason::Refused => "refused_stream",
         }
     }
 }
@@ -204,7 +208,7 @@ pub struct Metrics {
     /// Client request durations, arrival to response head.
     pub(crate) duration: DurationHistogram,
     /// Retries by reason, indexed like `RetryReason::ALL`.
-    pub(crate) retries: [AtomicU64; 4],
+    pub(crate) retries: [AtomicU64; RetryReason::ALL.len()],
     /// Retries the budget refused.
     pub(crate) budget_exhausted: AtomicU64,
     /// Client connections closed because the client took no response
