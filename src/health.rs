@@ -18,8 +18,9 @@
 //! A backend starts eligible and is taken out after `unhealthy_threshold`
 //! failures in a row; it comes back after `healthy_threshold` passes.
 //!
-//! A probe is a GET of `health_check.path` in http mode and a plain TCP
-//! connect in tcp mode (no path); thresholds, logs and the carry-over of
+//! A probe is a GET of `health_check.path` in http mode (over HTTP/2 with
+//! prior knowledge for a `protocol: h2c` pool, whose backends may speak
+//! nothing else) and a plain TCP connect in tcp mode (no path); thresholds, logs and the carry-over of
 //! streaks across reloads are the same for both.
 //!
 //! When the checks hold every backend of the pool down, one line says so
@@ -57,7 +58,9 @@ use crate::tcp::proxy_protocol::local_header;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
-fn probe_client() -> ProbeClient {
+/// `h2c`: HTTP/2 with prior knowledge, for the backends of a `protocol:
+/// h2c` pool (which may speak nothing else).
+fn probe_client(h2c: bool) -> ProbeClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     // Probes keep one connection per backend alive (as Envoy does) rather
@@ -66,6 +69,7 @@ fn probe_client() -> ProbeClient {
         .pool_max_idle_per_host(1)
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_timer(TokioTimer::new())
+        .http2_only(h2c)
         .build(connector)
 }
 
@@ -296,7 +300,8 @@ async fn probe_loop(
     reasons: DownReasons,
 ) {
     // Owned by this task: ending the task closes the backend's connection.
-    let client = probe_client();
+    // Both connect lazily: only the pool's protocol's is ever used.
+    let (client, h2c_client) = (probe_client(false), probe_client(true));
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
     };
@@ -318,7 +323,8 @@ async fn probe_loop(
         let Some(settings) = current(&runtime, &state.pool) else {
             return;
         };
-        let result = probe(&client, &authority, &settings).await;
+        let client = if settings.h2c { &h2c_client } else { &client };
+        let result = probe(client, &authority, &settings).await;
         let hc = &settings.check;
         if let Err(ProbeFailure::Local(shortage, why)) = &result {
             // lb's own shortage says nothing about the backend: no verdict.
@@ -382,6 +388,8 @@ struct ProbeSettings {
     check: HealthCheck,
     /// `send_proxy_protocol` (tcp mode): a TCP probe opens with the header.
     proxy_protocol: Option<ProxyProtocol>,
+    /// The pool speaks HTTP/2 with prior knowledge: so do its probes.
+    h2c: bool,
 }
 
 fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeSettings> {
@@ -390,6 +398,7 @@ fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeS
     Some(ProbeSettings {
         check: pool.config.health_check.clone()?,
         proxy_protocol: snap.config.send_proxy_protocol,
+        h2c: pool.config.protocol == crate::config::Protocol::H2c,
     })
 }
 

@@ -703,3 +703,26 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
     let line = format!("lb_retries_total{{reason=\"refused_stream\"}} {refused}");
     assert!(text.contains(&line), "{line} not in:\n{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_pool_is_health_checked_over_http2() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(
+        &[addr],
+        "health_check:\n  path: /health\n  interval: 100ms\n  timeout: 100ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n",
+    ))
+    .await;
+    let probed = || {
+        seen.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.uri.path() == "/health" && h.version == http::Version::HTTP_2)
+            .count()
+    };
+    // An HTTP/1.1 probe would fail the HTTP/2-only backend's handshake.
+    eventually!(WAIT, probed() >= 3);
+    let answer = get(&client(), &t.url("/after-probes")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "ok");
+}
