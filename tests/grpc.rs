@@ -567,7 +567,45 @@ async fn own_answers_to_http1_grpc_calls_are_grpc_answers_too() {
 #[derive(Default)]
 struct H2Seen {
     heads: Mutex<Vec<http::request::Parts>>,
+    /// Each request's body and trailers, as they arrived.
+    bodies: Mutex<Vec<(Vec<u8>, Option<http::HeaderMap>)>>,
     refused: AtomicUsize,
+}
+
+/// One stream of [`h2_backend`].
+async fn h2_answer(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    refuse: bool,
+    seen: Arc<H2Seen>,
+) {
+    if refuse {
+        seen.refused.fetch_add(1, SeqCst);
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
+    }
+    let (head, mut body) = req.into_parts();
+    seen.heads.lock().unwrap().push(head);
+    let mut bytes = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.ok().flatten();
+    seen.bodies.lock().unwrap().push((bytes, trailers));
+    let resp = http::Response::builder()
+        .status(200)
+        .header("x-from", "h2")
+        .header("trailer", "x-trailer")
+        .body(())
+        .unwrap();
+    let Ok(mut stream) = respond.send_response(resp, false) else {
+        return;
+    };
+    let _ = stream.send_data(Bytes::from_static(b"ok"), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-trailer", "done".parse().unwrap());
+    let _ = stream.send_trailers(trailers);
 }
 
 /// A raw HTTP/2 (h2 crate) backend: `refuse` resets every stream with
@@ -581,27 +619,10 @@ async fn h2_backend(refuse: bool) -> (SocketAddr, Arc<H2Seen>) {
             let Ok(mut conn) = h2::server::handshake(socket).await else {
                 return;
             };
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                if refuse {
-                    seen.refused.fetch_add(1, SeqCst);
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                    continue;
-                }
-                let (head, _body) = req.into_parts();
-                seen.heads.lock().unwrap().push(head);
-                let resp = http::Response::builder()
-                    .status(200)
-                    .header("x-from", "h2")
-                    .header("trailer", "x-trailer")
-                    .body(())
-                    .unwrap();
-                let Ok(mut stream) = respond.send_response(resp, false) else {
-                    continue;
-                };
-                let _ = stream.send_data(Bytes::from_static(b"ok"), false);
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("x-trailer", "done".parse().unwrap());
-                let _ = stream.send_trailers(trailers);
+            // Each stream on a task of its own: the connection is driven
+            // by `accept` alone.
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                tokio::spawn(h2_answer(req, respond, refuse, Arc::clone(&seen)));
             }
         }
     })
@@ -667,7 +688,7 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
     let (refuser, seen) = h2_backend(true).await;
     let good = GrpcBackend::start("good").await;
     let t = TestLb::start(&format!(
-        "{}admin: 127.0.0.1:0\nretry:\n  attempts: 3\n",
+        "{}admin: 127.0.0.1:0\nretry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\n# The refuser is charged for each refusal: kept in, to be tried first.\noutlier_detection:\n  consecutive_failures: 0\n",
         h2c_yaml(&[refuser, good.addr], "")
     ))
     .await;
@@ -695,6 +716,62 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
         "round robin sent some calls to the refuser first"
     );
     assert!(refused <= CALLS, "no call was refused twice: {refused}");
+    // A tonic client's calls, whose bodies stream (no length): what was
+    // sent is kept, and sent again to the other backend.
+    let refused_before = seen.refused.load(SeqCst);
+    let ch = channel(&t).await;
+    for i in 0..CALLS {
+        let resp = call_unary(&ch, tonic::Request::new(msg("t", i as u32)))
+            .await
+            .expect("the call succeeds");
+        assert_eq!(resp.into_inner(), msg("good: t", i as u32));
+    }
+    // And bidi streams, refused after their first message was sent.
+    for _ in 0..2 {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+        let outgoing =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        tx.send(msg("first", 0)).await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(WAIT),
+            g.streaming(
+                tonic::Request::new(outgoing),
+                path("/test.Echo/Chat"),
+                codec,
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("the stream starts");
+        let mut incoming = resp.into_inner();
+        assert_eq!(
+            incoming.message().await.unwrap(),
+            Some(msg("echo first", 0))
+        );
+        tx.send(msg("second", 1)).await.unwrap();
+        assert_eq!(
+            incoming.message().await.unwrap(),
+            Some(msg("echo second", 1))
+        );
+        drop(tx);
+        assert_eq!(incoming.message().await.unwrap(), None);
+    }
+    assert_eq!(good.hits(), 2 * CALLS + 2);
+    let refused = seen.refused.load(SeqCst);
+    assert!(
+        refused > refused_before,
+        "round robin sent some streamed calls to the refuser first"
+    );
+    assert!(
+        refused <= 2 * CALLS + 2,
+        "no call was refused twice: {refused}"
+    );
     // Each refusal was retried exactly once, counted as such.
     let admin = t.lb.admin_addr().expect("admin bound");
     let text = get(&client(), &format!("http://{admin}/metrics"))
@@ -725,4 +802,49 @@ async fn an_h2c_pool_is_health_checked_over_http2() {
     let answer = get(&client(), &t.url("/after-probes")).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_the_backend() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(&[addr], "")).await;
+    let tcp = tokio::net::TcpStream::connect(t.lb.local_addr())
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // Streamed (no length), then buffered for replay (a known length).
+    for length in [None, Some(7)] {
+        let mut req = http::Request::post(format!("http://{}/up", t.lb.local_addr()));
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let mut client = client.clone().ready().await.unwrap();
+        let (resp, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"payload"), false)
+            .unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-client-trailer", "sent".parse().unwrap());
+        stream.send_trailers(trailers).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(WAIT), resp)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "answered in time (length {length:?}; the backend saw {} heads, {:?})",
+                    seen.heads.lock().unwrap().len(),
+                    seen.bodies.lock().unwrap()
+                )
+            })
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+        }
+        let (bytes, trailers) = seen.bodies.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(&bytes[..], b"payload", "length {length:?}");
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers, length {length:?}"));
+        assert_eq!(trailers["x-client-trailer"], "sent");
+    }
 }

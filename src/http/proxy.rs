@@ -190,13 +190,18 @@ async fn respond(
     // which is retried whatever the method: a small body is kept for that.
     let replay = policy.attempts.get() > 1 && (h2c || is_idempotent(&parts.method));
     let stall = snap.config.timeouts.client_body;
-    let body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
+    let mut body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
         Ok(body) => body,
         Err(e) => {
             tracing::debug!(%client_ip, %e, "bad request body");
             return retry::client_fault(e.fault);
         }
     };
+    if h2c && policy.attempts.get() > 1 {
+        // A streamed body (a gRPC call's) is kept as it goes, up to the
+        // same limit, for a stream the backend refuses unprocessed.
+        body.keep_for_refusals(policy.buffer_body_limit);
+    }
     let call = retry::Call {
         snap,
         pool,

@@ -36,6 +36,10 @@ use crate::http::upgrade::Hold;
 use crate::obs::local::Op;
 use crate::obs::metrics::{AttemptOutcome, RetryReason};
 
+/// How long a refused HTTP/2 stream's body may take to come back from the
+/// task that was sending it (it ends on the reset: microseconds at rest).
+const RECLAIM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Methods that may be sent twice (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -499,9 +503,18 @@ impl Attempts for HyperAttempts {
         if self.h2c {
             // One multiplexed connection: hyper's client opens a new one
             // when the backend closed it (GOAWAY) before this stream began.
-            return client::of_this_worker(connect_timeout, |c| c.request_h2c(req))
-                .await
-                .map_err(|e| client::classify(&e));
+            let sent = client::of_this_worker(connect_timeout, |c| c.request_h2c(req)).await;
+            let failure = match sent {
+                Ok(resp) => return Ok(resp),
+                Err(e) => client::classify(&e),
+            };
+            if failure.0 == FailureKind::Refused {
+                // The stream's body task gives the body back as it ends,
+                // which it does on the reset: wait for that, so the retry
+                // loop can send it again.
+                self.body.reclaim(RECLAIM_WITHIN).await;
+            }
+            return Err(failure);
         }
         let err = match client::of_this_worker(connect_timeout, |c| c.request(req)).await {
             Ok(resp) => return Ok(resp),
