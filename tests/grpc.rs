@@ -175,11 +175,67 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Echo {
     }
 }
 
-/// A tonic server of [`Echo`] on an ephemeral port (HTTP/2 only, as tonic
-/// serves by default).
+/// grpc.health.v1's messages, by hand.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// `grpc.health.v1.Health/Check`, answering what `status` holds; notes
+/// the services it was asked about.
+#[derive(Clone)]
+struct Health {
+    status: Arc<std::sync::atomic::AtomicI32>,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl tonic::server::NamedService for Health {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Health {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let codec = ProstCodec::<HealthCheckResponse, HealthCheckRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec);
+            let check = move |r: tonic::Request<HealthCheckRequest>| {
+                let me = me.clone();
+                async move {
+                    me.asked.lock().unwrap().push(r.into_inner().service);
+                    let status = me.status.load(SeqCst);
+                    Ok(tonic::Response::new(HealthCheckResponse { status }))
+                }
+            };
+            Ok(grpc.unary(Svc(check), req).await)
+        })
+    }
+}
+
+/// A tonic server of [`Echo`] and [`Health`] on an ephemeral port (HTTP/2
+/// only, as tonic serves by default).
 struct GrpcBackend {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    health: Health,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -192,14 +248,25 @@ impl GrpcBackend {
             name: Arc::from(name),
             hits: Arc::clone(&hits),
         };
+        let health = Health {
+            status: Arc::new(std::sync::atomic::AtomicI32::new(SERVING)),
+            asked: Arc::default(),
+        };
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let served = health.clone();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(echo)
+                .add_service(served)
                 .serve_with_incoming(incoming)
                 .await;
         });
-        GrpcBackend { addr, hits, task }
+        GrpcBackend {
+            addr,
+            hits,
+            health,
+            task,
+        }
     }
 
     fn hits(&self) -> usize {
@@ -847,4 +914,56 @@ async fn request_trailers_reach_the_backend() {
         let trailers = trailers.unwrap_or_else(|| panic!("no trailers, length {length:?}"));
         assert_eq!(trailers["x-client-trailer"], "sent");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_health_check_takes_a_not_serving_backend_out() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    b2.health.status.store(NOT_SERVING, SeqCst);
+    let t = TestLb::start(&h2c_yaml(
+        &[b1.addr, b2.addr],
+        "health_check:\n  grpc: true\n  grpc_service: test.Echo\n  interval: 300ms\n  timeout: 300ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n",
+    ))
+    .await;
+    let ch = channel(&t).await;
+    // Ten calls in a row all served by `only`.
+    async fn all_served_by(ch: &Channel, only: &str) -> bool {
+        for i in 0..10 {
+            match call_unary(ch, tonic::Request::new(msg("hc", i))).await {
+                Ok(r) if r.get_ref().text == format!("{only}: hc") => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+    eventually!(WAIT, all_served_by(&ch, "b1").await);
+    assert!(b2
+        .health
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s == "test.Echo"));
+    assert!(!b2.health.asked.lock().unwrap().is_empty());
+    // The other way round.
+    b2.health.status.store(SERVING, SeqCst);
+    b1.health.status.store(NOT_SERVING, SeqCst);
+    eventually!(WAIT, all_served_by(&ch, "b2").await);
+    // Both out: UNAVAILABLE, saying why.
+    b2.health.status.store(NOT_SERVING, SeqCst);
+    let mut last = None;
+    eventually!(
+        WAIT,
+        {
+            let status = call_unary(&ch, tonic::Request::new(msg("x", 0))).await;
+            let down = matches!(&status, Err(s) if s.code() == Code::Unavailable
+                && s.message().contains("the gRPC health check (gRPC health NOT_SERVING)"));
+            last.replace(status);
+            down
+        },
+        "{last:?}"
+    );
 }

@@ -195,6 +195,13 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
             ("health_check.path", |c| {
                 opt(c.health_check.as_ref().and_then(|h| h.path.as_ref()))
             }),
+            ("health_check.grpc_service", |c| {
+                opt(c
+                    .health_check
+                    .as_ref()
+                    .and_then(|h| h.grpc.as_ref())
+                    .map(|s| format!("{s:?}")))
+            }),
             ("health_check.interval", |c| {
                 opt(c.health_check.as_ref().map(|h| dur(h.interval)))
             }),

@@ -277,8 +277,11 @@ pub struct Timeouts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Path probed on each backend with GET; `None` (always, in tcp mode)
-    /// makes the probe a plain TCP connect.
+    /// makes the probe a plain TCP connect, or the gRPC check.
     pub path: Option<PathAndQuery>,
+    /// `grpc: true`: the service (`grpc_service`, "" for the whole server)
+    /// whose grpc.health.v1.Health/Check must answer SERVING.
+    pub grpc: Option<String>,
     /// Time between probes of one backend.
     pub interval: Duration,
     /// A probe slower than this fails.
@@ -1033,6 +1036,11 @@ impl PoolConfig {
                 interval,
                 ..
             }) => format!("health checks {path} every {interval:?}"),
+            Some(HealthCheck {
+                grpc: Some(service),
+                interval,
+                ..
+            }) => format!("health checks gRPC Health/Check {service:?} every {interval:?}"),
             Some(h) => format!("health checks tcp connect every {:?}", h.interval),
             None => "health checks off".to_owned(),
         };

@@ -224,6 +224,10 @@ pub struct RawTimeouts {
 #[serde(deny_unknown_fields, expecting = "a mapping like {path: /health}")]
 pub struct RawHealthCheck {
     pub path: Option<String>,
+    /// `true`: grpc.health.v1.Health/Check instead of a GET.
+    pub grpc: Option<bool>,
+    /// The service the gRPC check asks about; default "" (the server).
+    pub grpc_service: Option<String>,
     pub interval: Option<HumanDuration>,
     pub timeout: Option<HumanDuration>,
     pub healthy_threshold: Option<i64>,

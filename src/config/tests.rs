@@ -66,6 +66,31 @@ fn full_example_parses() {
 
 /// `protocol:` defaults to http1; the top-level value is each pool's default.
 #[test]
+fn grpc_health_checks_parse() {
+    let c = parse(&format!(
+        "protocol: h2c\nhealth_check:\n  grpc: true\n  grpc_service: my.Svc\n{MINIMAL}"
+    ))
+    .unwrap();
+    let hc = c.first_pool().health_check.clone().unwrap();
+    assert_eq!(hc.grpc.as_deref(), Some("my.Svc"));
+    assert!(hc.path.is_none());
+    assert!(
+        c.summary()
+            .contains("health checks gRPC Health/Check \"my.Svc\" every 2s"),
+        "{}",
+        c.summary()
+    );
+    let c = parse(&format!(
+        "protocol: h2c\nhealth_check: {{grpc: true}}\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.first_pool().health_check.clone().unwrap().grpc.as_deref(),
+        Some("")
+    );
+}
+
+#[test]
 fn protocol_is_a_pool_key_with_a_top_level_default() {
     use super::Protocol;
     assert_eq!(
@@ -294,6 +319,12 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
      "conf/lb.yaml:2:11: session_affinity.cookie: \"a b\" is not a valid cookie name"),
     ("session_affinity:\n  cookie: x\n  tll: 1h\nbackends:\n  - address: 127.0.0.1:9001\n",
      "conf/lb.yaml:3:3: session_affinity.tll: unknown key; expected cookie or ttl"),
+    ("health_check:\n  grpc: true\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:2:9: health_check.grpc: a gRPC health check needs protocol: h2c (gRPC is HTTP/2)"),
+    ("protocol: h2c\nhealth_check:\n  grpc: true\n  path: /health\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:4:9: health_check.path: a gRPC health check calls grpc.health.v1.Health/Check: remove the path"),
+    ("protocol: h2c\nhealth_check:\n  grpc_service: a.B\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:3:17: health_check.grpc_service: names the service of a gRPC health check: set grpc: true too"),
     ("protocol: h3\nbackends:\n  - address: 127.0.0.1:9001\n",
      "conf/lb.yaml:1:11: protocol: \"h3\" is not a backend protocol; expected one of http1, h2c, h2, auto"),
     ("protocol: h2\nbackends:\n  - address: 127.0.0.1:9001\n",

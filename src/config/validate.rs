@@ -150,7 +150,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
     let backends = backends(raw.backends)?;
     let health_check = raw
         .health_check
-        .map(|hc| health_check(hc, mode))
+        .map(|hc| health_check(hc, mode, protocol))
         .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
@@ -320,8 +320,41 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
     )))
 }
 
-fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid> {
+fn health_check(
+    raw: RawHealthCheck,
+    mode: Mode,
+    protocol: Protocol,
+) -> Result<HealthCheck, Invalid> {
+    let grpc = match (raw.grpc.unwrap_or(false), raw.grpc_service) {
+        (false, Some(_)) => {
+            return invalid(
+                "health_check.grpc_service",
+                "names the service of a gRPC health check: set grpc: true too",
+            )
+        }
+        (false, None) => None,
+        (true, _) if mode == Mode::Tcp => {
+            return invalid(
+                "health_check.grpc",
+                "a gRPC health check needs mode: http and protocol: h2c",
+            )
+        }
+        (true, _) if protocol != Protocol::H2c => {
+            return invalid(
+                "health_check.grpc",
+                "a gRPC health check needs protocol: h2c (gRPC is HTTP/2)",
+            )
+        }
+        (true, _) if raw.path.is_some() => {
+            return invalid(
+                "health_check.path",
+                "a gRPC health check calls grpc.health.v1.Health/Check: remove the path",
+            )
+        }
+        (true, service) => Some(service.unwrap_or_default()),
+    };
     let path = match (mode, raw.path) {
+        _ if grpc.is_some() => None,
         (Mode::Tcp, Some(path)) => {
             return invalid(
                 "health_check.path",
@@ -343,6 +376,7 @@ fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid>
     }
     Ok(HealthCheck {
         path,
+        grpc,
         interval,
         timeout,
         healthy_threshold: count(
