@@ -967,3 +967,69 @@ async fn the_grpc_health_check_takes_a_not_serving_backend_out() {
         "{last:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_grpc_calls_by_status() {
+    let backend = GrpcBackend::start("b1").await;
+    let dead = closed_port().await;
+    let t = TestLb::start(&format!(
+        "admin: 127.0.0.1:0\npools:\n  grpc:\n    protocol: h2c\n    backends: [{{address: {}}}]\n  dead:\n    protocol: h2c\n    backends: [{{address: {dead}}}]\nroutes:\n  - {{path_prefix: /test.Echo, pool: grpc}}\n  - {{path_prefix: /dead.Svc, pool: dead}}\n",
+        backend.addr
+    ))
+    .await;
+    let ch = channel(&t).await;
+    call_unary(&ch, tonic::Request::new(msg("ok", 0)))
+        .await
+        .unwrap();
+    call_unary(&ch, tonic::Request::new(msg("fail", 0)))
+        .await
+        .unwrap_err();
+    for (text, want) in [("then-fail", Some(Code::Aborted)), ("fine", None)] {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let mut stream = g
+            .server_streaming(
+                tonic::Request::new(msg(text, 3)),
+                path("/test.Echo/Count"),
+                codec,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status.code()),
+            }
+        };
+        assert_eq!(end, want);
+    }
+    // lb's own answers: a dead pool's, and one before any pool (no route).
+    for p in ["/dead.Svc/Call", "/nowhere.Svc/Call"] {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let path = http::uri::PathAndQuery::from_static(p);
+        let status = g
+            .unary(tonic::Request::new(msg("x", 0)), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let admin = t.lb.admin_addr().expect("admin bound");
+    let text = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text();
+    for line in [
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="0"} 2"#,
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="5"} 1"#,
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="10"} 1"#,
+        r#"lb_grpc_requests_total{pool="dead",grpc_status="14"} 1"#,
+        r#"lb_grpc_requests_total{pool="none",grpc_status="14"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert_eq!(text.matches("lb_grpc_requests_total{").count(), 5, "{text}");
+}

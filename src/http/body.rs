@@ -30,7 +30,7 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{HeaderMap, Method};
 use tokio::sync::oneshot;
 
-use crate::core::runtime::Runtime;
+use crate::core::runtime::{PoolShared, Runtime};
 use crate::core::state::InFlight;
 use crate::io::stall::Stall;
 
@@ -516,6 +516,9 @@ pub struct RelayedBody {
     path: String,
     /// Whose current snapshot judges the passive-health failure of a stall or a break.
     rt: Arc<Runtime>,
+    /// A gRPC call's pool, until its `grpc-status` is counted there (from
+    /// the trailers; at the drop as `none` if none came).
+    grpc: Option<Arc<PoolShared>>,
 }
 
 /// The error a response body cut for a stalled backend ends with: hyper's
@@ -542,6 +545,21 @@ impl RelayedBody {
             method,
             path,
             rt,
+            grpc: None,
+        }
+    }
+
+    /// Counts the call's `grpc-status` in `pool` when its trailers pass.
+    pub fn counting_grpc(mut self, pool: Arc<PoolShared>) -> Self {
+        self.grpc = Some(pool);
+        self
+    }
+}
+
+impl Drop for RelayedBody {
+    fn drop(&mut self) {
+        if let Some(pool) = self.grpc.take() {
+            pool.grpc.count(None);
         }
     }
 }
@@ -585,7 +603,16 @@ impl Body for RelayedBody {
                 }
                 Poll::Ready(Some(Err(BoxError::from(e))))
             }
-            Poll::Ready(Some(frame)) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
+            Poll::Ready(Some(frame)) => {
+                if let (Some(Ok(f)), Some(_)) = (&frame, &this.grpc) {
+                    if let Some(status) = f.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                        if let Some(pool) = this.grpc.take() {
+                            pool.grpc.count(Some(status.as_bytes()));
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
         }
     }
 

@@ -61,6 +61,11 @@ pub async fn handle(
     // lb's own answer (no backend relayed it) to a gRPC call: in gRPC's terms.
     if grpc && trace.relayed.is_none() {
         resp = grpc::own_answer(resp);
+        let counts = trace
+            .pool
+            .and_then(|p| snap.pools.get(p))
+            .map_or(&rt.metrics.grpc_unrouted, |p| &p.shared.grpc);
+        counts.count(resp.headers().get("grpc-status").map(|v| v.as_bytes()));
     }
     arrival.done(&rt, &snap, client_ip, resp.status().as_u16(), &trace);
     Ok(resp)

@@ -234,6 +234,7 @@ pub async fn forward(
     let declare_trailers = call.pool.config.protocol == Protocol::H2c
         && parts.version <= Version::HTTP_11
         && parts.headers.contains_key(hyper::header::TE);
+    let grpc = crate::http::grpc::is_grpc(&parts.headers).then(|| Arc::clone(&call.pool.shared));
     let mut attempts = HyperAttempts {
         upgrade: upgrade.is_some(),
         h2c: call.pool.config.protocol == Protocol::H2c,
@@ -243,8 +244,22 @@ pub async fn forward(
     };
     match run(rt, call, &method, &path, &mut attempts, trace).await {
         Outcome::Relay(resp, in_flight, index) => {
+            // A gRPC call's status: in the head of a trailers-only answer,
+            // else in the trailers at the body's end.
+            let grpc = grpc.and_then(|pool| match resp.headers().get("grpc-status") {
+                Some(status) => {
+                    pool.grpc.count(Some(status.as_bytes()));
+                    None
+                }
+                None => Some(pool),
+            });
             let relayed = |body| {
-                RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
+                let body =
+                    RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt));
+                match grpc {
+                    Some(pool) => body.counting_grpc(pool),
+                    None => body,
+                }
             };
             pass_through(resp, relayed, index, declare_trailers)
         }
