@@ -1033,3 +1033,18 @@ async fn metrics_count_grpc_calls_by_status() {
     }
     assert_eq!(text.matches("lb_grpc_requests_total{").count(), 5, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_grpc_timeout_caps_lbs_own() {
+    let backend = GrpcBackend::start("b1").await;
+    // timeouts.request stays at its 30s default: the call's 300ms rules.
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let mut req = grpc_post(&t.url("/test.Echo/Unary"), &msg("slow", 1));
+    req.headers_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let (parts, body, _) = read_all(&h2c_client(), req).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "4");
+    assert_eq!(parts.headers["grpc-message"], "lb: 504 Gateway Timeout");
+    assert!(body.is_empty());
+}

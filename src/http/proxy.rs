@@ -211,6 +211,7 @@ async fn respond(
         snap,
         pool,
         steer: &steer,
+        deadline: grpc::timeout(&parts.headers),
     };
     let mut resp = retry::forward(rt, call, parts, body, trace).await;
     affinity::on_response(pool, &steer, &mut resp);

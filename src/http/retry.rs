@@ -95,6 +95,9 @@ pub struct Call<'a> {
     pub snap: &'a Snapshot,
     pub pool: &'a Pool,
     pub steer: &'a Steer,
+    /// The client's own deadline for the call (gRPC's `grpc-timeout`),
+    /// which caps `timeouts.request` for it.
+    pub deadline: Option<std::time::Duration>,
 }
 
 pub(crate) enum Outcome<R> {
@@ -290,12 +293,21 @@ pub(crate) async fn run<A: Attempts>(
     attempts: &mut A,
     trace: &mut Trace,
 ) -> Outcome<A::Response> {
-    let Call { snap, pool, steer } = call;
+    let Call {
+        snap,
+        pool,
+        steer,
+        deadline: client_deadline,
+    } = call;
     let started = Instant::now();
     // `return` in the block ends the decisions; the trace is finished below.
     let outcome = async {
         let policy: &RetryPolicy = &pool.config.retry;
-        let deadline = started + snap.config.timeouts.request;
+        let request_timeout = match client_deadline {
+            Some(d) => snap.config.timeouts.request.min(d),
+            None => snap.config.timeouts.request,
+        };
+        let deadline = started + request_timeout;
         let idempotent = is_idempotent(method);
         pool.shared.budget.deposit(&policy.budget);
 

@@ -419,6 +419,8 @@ async fn serve_one<S: FastStream>(
                 snap,
                 pool,
                 steer: &steer,
+                // gRPC calls, whose `grpc-timeout` this is, go to hyper.
+                deadline: None,
             };
             let outcome = retry::run(rt, call, &head.method, path, &mut attempts, &mut trace).await;
             (outcome, attempts.request, attempts.awaited.is_some())
