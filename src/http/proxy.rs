@@ -1,6 +1,7 @@
 //! The HTTP request handler: turns a client request into an upstream one
-//! (forwarding headers, hop-by-hop stripping, HTTP/2 → HTTP/1.1, or to HTTP/2 for an h2c pool), hands it to
-//! the retry loop, and cleans the response on the way back.
+//! (forwarding headers, hop-by-hop stripping, HTTP/2 → HTTP/1.1, or either
+//! to HTTP/2 for an h2c pool), hands it to the retry loop, and cleans the
+//! response on the way back.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
