@@ -102,6 +102,9 @@ impl Echo {
             "slow" => {
                 tokio::time::sleep(Duration::from_secs(120)).await;
             }
+            "busy-on-b1" if &*self.name == "b1" => {
+                return Err(Status::unavailable("b1 is busy"));
+            }
             _ => {}
         }
         let mut resp = tonic::Response::new(Msg {
@@ -1047,4 +1050,36 @@ async fn the_clients_grpc_timeout_caps_lbs_own() {
     assert_eq!(parts.headers["grpc-status"], "4");
     assert_eq!(parts.headers["grpc-message"], "lb: 504 Gateway Timeout");
     assert!(body.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_unavailable_sends_a_call_answered_unavailable_elsewhere() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    let extra = "retry:\n  retry_on: [connect_failure, unavailable]\n  budget:\n    min_retries_per_second: 1000\n";
+    let t = TestLb::start(&h2c_yaml(&[b1.addr, b2.addr], extra)).await;
+    let ch = channel(&t).await;
+    for i in 0..6 {
+        let resp = call_unary(&ch, tonic::Request::new(msg("busy-on-b1", i)))
+            .await
+            .expect("b2 answers every call");
+        assert_eq!(resp.into_inner(), msg("b2: busy-on-b1", i));
+    }
+    assert!(b1.hits() >= 1, "round robin tried b1 first for some");
+    assert_eq!(b2.hits(), 6);
+    // Without it, b1's UNAVAILABLE reaches the client.
+    let t = TestLb::start(&h2c_yaml(&[b1.addr, b2.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        answers.push(call_unary(&ch, tonic::Request::new(msg("busy-on-b1", i))).await);
+    }
+    assert!(
+        answers.iter().any(
+            |a| matches!(a, Err(s) if s.code() == Code::Unavailable && s.message() == "b1 is busy")
+        ),
+        "{answers:?}"
+    );
 }

@@ -245,6 +245,7 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
                     (on.connect_failure, "connect_failure"),
                     (on.reset, "reset"),
                     (on.timeout, "timeout"),
+                    (on.unavailable, "unavailable"),
                 ];
                 let mut names: Vec<String> = classes
                     .iter()

@@ -328,6 +328,8 @@ pub struct RetryOn {
     pub reset: bool,
     /// No response head in time.
     pub timeout: bool,
+    /// A trailers-only gRPC answer with `grpc-status: 14` (UNAVAILABLE).
+    pub unavailable: bool,
     /// Response statuses that are retried, sorted.
     pub statuses: Vec<u16>,
 }

@@ -268,6 +268,8 @@ pub enum RawRetryOn {
     ConnectFailure,
     Reset,
     Timeout,
+    /// A trailers-only gRPC answer with `grpc-status: 14`.
+    Unavailable,
     Status(u16),
 }
 
@@ -277,7 +279,7 @@ impl<'de> Deserialize<'de> for RawRetryOn {
         impl Visitor<'_> for V {
             type Value = RawRetryOn;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("connect_failure, reset, timeout or a 5xx status code")
+                f.write_str("connect_failure, reset, timeout, unavailable or a 5xx status code")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawRetryOn, E> {
                 match u16::try_from(v) {
@@ -295,6 +297,7 @@ impl<'de> Deserialize<'de> for RawRetryOn {
                     "connect_failure" => Ok(RawRetryOn::ConnectFailure),
                     "reset" => Ok(RawRetryOn::Reset),
                     "timeout" => Ok(RawRetryOn::Timeout),
+                    "unavailable" => Ok(RawRetryOn::Unavailable),
                     // Environment overrides arrive as strings.
                     other => match other.parse::<u64>() {
                         Ok(n) => self.visit_u64(n),

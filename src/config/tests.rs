@@ -294,7 +294,7 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  retry_on: [connect_failure, 404]\n",
      "conf/lb.yaml:4:31: retry.retry_on[1]: 404 is not a 5xx status code (only server errors are retried)"),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  retry_on: [sometimes]\n",
-     "conf/lb.yaml:4:14: retry.retry_on[0]: expected connect_failure, reset, timeout or a 5xx status code, found \"sometimes\""),
+     "conf/lb.yaml:4:14: retry.retry_on[0]: expected connect_failure, reset, timeout, unavailable or a 5xx status code, found \"sometimes\""),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  budget:\n    ratio: -1\n",
      "conf/lb.yaml:5:12: retry.budget.ratio: -1 is out of range (0 to 1000)"),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  buffer_body_limit: 1GiB\n",

@@ -474,6 +474,7 @@ fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
         connect_failure: list.contains(&RawRetryOn::ConnectFailure),
         reset: list.contains(&RawRetryOn::Reset),
         timeout: list.contains(&RawRetryOn::Timeout),
+        unavailable: list.contains(&RawRetryOn::Unavailable),
         statuses,
     };
     let buffer_body_limit = raw.buffer_body_limit.map_or(64 * 1024, |b| b.0);

@@ -85,6 +85,12 @@ pub(crate) trait Attempts {
     /// True when the client asked for a protocol switch (`Upgrade`), so a
     /// 101 is the answer, not a broken backend.
     fn wants_upgrade(&self) -> bool;
+
+    /// True for a trailers-only gRPC answer with `grpc-status: 14`
+    /// (UNAVAILABLE), which `retry_on: unavailable` retries.
+    fn grpc_unavailable(_response: &Self::Response) -> bool {
+        false
+    }
 }
 
 /// What [`run`] concluded: the client gets one of these.
@@ -403,6 +409,16 @@ pub(crate) async fn run<A: Attempts>(
                         last = Some(Failed::Response(resp, in_flight, index));
                         continue;
                     }
+                    // gRPC's UNAVAILABLE says the call may be tried again,
+                    // whatever it is, if its body can be sent again whole.
+                    if policy.retry_on.unavailable
+                        && A::grpc_unavailable(&resp)
+                        && (attempts.is_replayable() || attempts.can_resend())
+                    {
+                        tracing::debug!(backend = %backend.addr, attempt, "grpc-status 14 (UNAVAILABLE)");
+                        last = Some(Failed::Response(resp, in_flight, index));
+                        continue;
+                    }
                     return Outcome::Relay(resp, in_flight, index);
                 }
                 Ok(Err(failure)) => failure,
@@ -589,6 +605,15 @@ impl Attempts for HyperAttempts {
 
     fn wants_upgrade(&self) -> bool {
         self.upgrade
+    }
+
+    fn grpc_unavailable(response: &Response<Incoming>) -> bool {
+        use hyper::body::Body as _;
+        response.body().is_end_stream()
+            && response
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|s| s.as_bytes() == b"14")
     }
 }
 
