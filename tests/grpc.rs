@@ -1083,3 +1083,51 @@ async fn retry_on_unavailable_sends_a_call_answered_unavailable_elsewhere() {
         "{answers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_a_reload_that_keeps_its_backend() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    let t = TestLb::start(&h2c_yaml(&[b1.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(msg("before", 0)).await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let mut incoming = tokio::time::timeout(
+        Duration::from_secs(WAIT),
+        g.streaming(
+            tonic::Request::new(outgoing),
+            path("/test.Echo/Chat"),
+            codec,
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("the stream starts")
+    .into_inner();
+    assert_eq!(
+        incoming.message().await.unwrap(),
+        Some(msg("echo before", 0))
+    );
+    // A reload that adds a backend and changes timeouts.connect (which
+    // rebuilds each worker's backend clients).
+    t.rewrite(&h2c_yaml(&[b1.addr, b2.addr], "timeouts:\n  connect: 2s\n"));
+    eventually!(WAIT, t.applied() >= 2);
+    for i in 1..4 {
+        tx.send(msg("after", i)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(WAIT), incoming.message())
+            .await
+            .expect("the stream goes on after the reload")
+            .unwrap();
+        assert_eq!(got, Some(msg("echo after", i)));
+    }
+    drop(tx);
+    assert_eq!(incoming.message().await.unwrap(), None);
+    assert_eq!(b1.hits(), 1, "the stream stayed on its backend");
+}
