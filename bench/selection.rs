@@ -137,7 +137,7 @@ fn pool(n: usize, weights: Weights) -> Vec<Backend> {
         ));
     }
     let config = Config::parse(yaml.as_bytes(), Path::new("bench")).expect("generated config");
-    let states = StateTable::default().sync(&config).remove(0);
+    let states = StateTable::default().sync(&config, &|_| false).remove(0);
     config
         .first_pool()
         .backends

@@ -7,7 +7,7 @@
 //! src` checks that no loop exists among these modules:
 //!
 //! ```text
-//! main → process → lib → {reload, admin, health} → net → {http, tcp} → io → core → obs → config → tls
+//! main → process → lib → {reload, admin, health, discovery} → net → {http, tcp} → io → core → obs → config → tls
 //! ```
 //!
 //! * [`tls`]: certificate and key pairs read from PEM and checked against
@@ -15,8 +15,9 @@
 //!   the ClientHello's server name read without terminating; nothing of the
 //!   proxy (config checks its files with it).
 //! * [`config`]: `config.yaml` → validated, immutable [`config::Config`]
-//!   (raw serde structs → `validate()`, with env overrides): listener
-//!   settings, pools (each with its strategy, retry, health and steering),
+//!   (raw serde structs → `validate()`, with env overrides): listeners
+//!   (`listeners:`, or the one `listen`/`mode`/`tls`), pools (each with its
+//!   strategy, retry, health, steering and DNS `discovery`),
 //!   routes and their host/path/SNI patterns, `tls:`; every error a
 //!   [`config::Diagnostic`], `file:line:col: key: message`; and
 //!   [`config::ConfigDiff`]: what a reload changes, key by key.
@@ -32,7 +33,8 @@
 //!   ([`core::state`]), so it survives reloads; the strategies
 //!   ([`core::selection`]); the retry budget; the passive-health verdict
 //!   ([`core::passive`]), the one place any path charges a backend;
-//!   [`core::failure`]: how an attempt failed; connection and upgrade counts.
+//!   [`core::failure`]: how an attempt failed; connection and upgrade counts;
+//!   [`core::discovered`]: what DNS found for each discovered pool.
 //! * [`io`]: byte movers shared by both protocol sides: [`io::tunnel`]
 //!   (both ways, half-close, idle bound) and [`io::stall`] (the bound on
 //!   each wait for a peer mid-exchange).
@@ -53,6 +55,9 @@
 //!   accepted connection to `http` or `tcp`.
 //! * [`health`]: active health checks, and the verdict when they hold a
 //!   whole pool down.
+//! * [`discovery`]: pools whose backends a DNS name gives (A/AAAA or SRV,
+//!   hickory-resolver), one follower task per pool, handing each new set to
+//!   the runtime ([`core::discovered`] keeps it across reloads).
 //! * [`reload`]: file watching, polling and SIGHUP-driven reloads.
 //! * [`process`]: lb as a process, what `main.rs` hands over to: `--check`,
 //!   signals (SIGHUP reloads; SIGTERM/SIGINT: shutdown delay, grace, a
@@ -68,6 +73,7 @@
 pub mod admin;
 pub mod config;
 pub mod core;
+pub mod discovery;
 pub mod health;
 pub mod http;
 pub mod io;
@@ -97,8 +103,7 @@ use crate::admin::Admin;
 use crate::config::{Config, ContentHash};
 use crate::core::runtime::Runtime;
 use crate::http::server::Http1;
-use crate::net::listen::Listeners;
-use crate::net::tls::TlsSlot;
+use crate::net::listen::{self, Listeners};
 use crate::net::workers::Workers;
 use crate::reload::{ReloadHandle, WatchSettings};
 
@@ -165,6 +170,9 @@ impl Lb {
     /// (loaded from `settings.config_path`, whose content hash is `hash`) on
     /// `settings.workers` worker threads. Health checks and the reloader run
     /// on the calling tokio runtime.
+    ///
+    /// `listener` serves the config's first listener; any other one
+    /// `listeners:` names is bound here ([`Lb::start_bound`] takes them all).
     pub fn start(
         listener: std::net::TcpListener,
         config: Config,
@@ -175,8 +183,7 @@ impl Lb {
     }
 
     /// [`Lb::start`], with the access log going to `access_log` (format and
-    /// writer) instead of stdout as text, set before the first client can
-    /// connect.
+    /// writer) instead of stdout as text.
     pub fn start_logging_to(
         listener: std::net::TcpListener,
         config: Config,
@@ -184,7 +191,31 @@ impl Lb {
         settings: Settings,
         access_log: Option<(obs::access_log::Format, Box<dyn std::io::Write + Send>)>,
     ) -> std::io::Result<Lb> {
-        let configured = config.listen;
+        let mut sockets = vec![listener];
+        for l in &config.listeners[1..] {
+            sockets.push(listen::bind_alone(l.address)?);
+        }
+        Self::start_bound(sockets, config, hash, settings, access_log)
+    }
+
+    /// Starts serving with one bound socket per listener of `config`, in
+    /// its order, with the access log going to `access_log` (format and
+    /// writer) instead of stdout as text, set before the first client can
+    /// connect.
+    pub fn start_bound(
+        sockets: Vec<std::net::TcpListener>,
+        config: Config,
+        hash: ContentHash,
+        settings: Settings,
+        access_log: Option<(obs::access_log::Format, Box<dyn std::io::Write + Send>)>,
+    ) -> std::io::Result<Lb> {
+        if sockets.len() != config.listeners.len() {
+            return Err(std::io::Error::other(format!(
+                "{} sockets for {} listeners",
+                sockets.len(),
+                config.listeners.len()
+            )));
+        }
         tracing::info!(%hash, "config loaded: {}", config.summary());
         for warning in config.warnings() {
             tracing::warn!("{warning}");
@@ -200,27 +231,32 @@ impl Lb {
         let (drain, drain_rx) = watch::channel(false);
         // Background tasks end on this (connections on `drain`).
         let (stop, stop_rx) = watch::channel(false);
-        // Before the first accept: a TLS listener never serves plaintext.
-        let tls = Arc::new(TlsSlot::default());
-        let terminator = tls
-            .prepare(runtime.snapshot().config.tls.as_ref(), &runtime)
+        // Certificates before the first accept: a TLS listener never
+        // serves plaintext.
+        let snap = runtime.snapshot();
+        let ready = snap
+            .config
+            .listeners
+            .iter()
+            .zip(sockets)
+            .map(|(l, socket)| listen::Ready::new(l, socket, &runtime))
+            .collect::<Result<Vec<_>, String>>()
             .map_err(std::io::Error::other)?;
-        tls.set(terminator, &runtime);
-        let tls_follower = tokio::spawn(net::tls::follow(
-            Arc::clone(&tls),
-            Arc::clone(&runtime),
-            stop_rx.clone(),
-        ));
+        drop(snap);
         let listeners = Listeners::start(
-            listener,
-            configured,
+            ready,
             Arc::clone(&runtime),
             Arc::clone(&workers),
             settings.http1,
-            tls,
             drain_rx,
         );
+        let tls_follower = tokio::spawn(net::tls::follow(
+            Arc::clone(&listeners),
+            Arc::clone(&runtime),
+            stop_rx.clone(),
+        ));
         let health = tokio::spawn(health::supervise(Arc::clone(&runtime), stop_rx.clone()));
+        let discovery = tokio::spawn(discovery::supervise(Arc::clone(&runtime), stop_rx.clone()));
         let (reload, reloader) = reload::spawn(
             settings.config_path.clone(),
             Arc::clone(&runtime),
@@ -247,6 +283,7 @@ impl Lb {
                 ("config reloader", reloader),
                 ("admin follower", admin_follower),
                 ("certificate follower", tls_follower),
+                ("dns discovery", discovery),
             ],
         })
     }
@@ -275,9 +312,16 @@ impl Lb {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Where clients can connect now (changes when `listen` is reloaded).
+    /// Where clients can connect to the first listener now (changes when
+    /// `listen` is reloaded).
     pub fn local_addr(&self) -> SocketAddr {
         self.listeners.local_addr()
+    }
+
+    /// Where clients can connect to the listener named `name` now (a file
+    /// without `listeners:` has one, `default`).
+    pub fn local_addr_of(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.local_addr_of(name)
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {

@@ -75,10 +75,18 @@ pub fn check(path: &Path) -> ExitCode {
             }
             println!("{}: ok ({hash}): {}", path.display(), config.summary());
             print!("{}", config.route_table());
-            if let Some(tls) = &config.tls {
-                print!("{}", certificate_table(tls));
+            for l in &config.listeners {
+                if let Some(tls) = &l.tls {
+                    if config.listeners_named {
+                        println!("listener {}:", l.name);
+                    }
+                    print!("{}", certificate_table(tls));
+                }
             }
             for warning in config.warnings() {
+                eprintln!("warning: {}: {warning}", path.display());
+            }
+            for warning in crate::discovery::check_names(&config) {
                 eprintln!("warning: {}: {warning}", path.display());
             }
             ExitCode::SUCCESS
@@ -171,13 +179,21 @@ pub async fn run(options: RunOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match crate::net::listen::bind_alone(config.listen) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(target: TARGET, "cannot listen on {}: {e}", config.listen);
-            return ExitCode::FAILURE;
+    let mut sockets = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        match crate::net::listen::bind_alone(l.address) {
+            Ok(socket) => sockets.push(socket),
+            Err(e) => {
+                let which = if config.listeners_named {
+                    format!(" (listener {})", l.name)
+                } else {
+                    String::new()
+                };
+                tracing::error!(target: TARGET, "cannot listen on {}{which}: {e}", l.address);
+                return ExitCode::FAILURE;
+            }
         }
-    };
+    }
     let mut settings = Settings::new(options.config.clone(), options.watch);
     if let Some(n) = options.workers {
         settings.workers = n;
@@ -185,13 +201,19 @@ pub async fn run(options: RunOptions) -> ExitCode {
     settings.log_lines_dropped = options.log_lines_dropped;
     settings.http1 = options.http1;
     let admin = config.admin;
-    let scheme = match (config.mode, &config.tls) {
+    let scheme = |l: &config::ListenerConfig| match (l.mode, &l.tls) {
         (lb_mode, None) => lb_mode.name(),
         (_, Some(_)) => "https",
     };
+    let proxies: Vec<(config::ListenerName, &'static str)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), scheme(l)))
+        .collect();
+    let named = config.listeners_named;
     let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
-    let lb = match Lb::start_logging_to(
-        listener,
+    let lb = match Lb::start_bound(
+        sockets,
         config,
         hash,
         settings,
@@ -207,11 +229,23 @@ pub async fn run(options: RunOptions) -> ExitCode {
         tracing::error!(target: TARGET, "cannot serve the admin listener on {addr}");
         return ExitCode::FAILURE;
     }
+    let proxy: Vec<String> = proxies
+        .iter()
+        .map(|(name, scheme)| {
+            let at = lb
+                .local_addr_of(name.as_str())
+                .unwrap_or_else(|| lb.local_addr());
+            if named {
+                format!("{name} {scheme}://{at}")
+            } else {
+                format!("{scheme}://{at}")
+            }
+        })
+        .collect();
     tracing::info!(target: TARGET,
-        "lb {} started: proxy {}://{}{} (pid {})",
+        "lb {} started: proxy {}{} (pid {})",
         crate::VERSION,
-        scheme,
-        lb.local_addr(),
+        proxy.join(", "),
         lb.admin_addr()
             .map(|a| format!(", admin http://{a}"))
             .unwrap_or_default(),

@@ -352,7 +352,7 @@ impl Reloader {
         self.last_seen = hash;
         // A reload (SIGHUP, POST /reload) is also the moment to look at the
         // certificates: the follower would within a second.
-        if let Some(tls) = self.listeners.tls().current() {
+        for tls in self.listeners.terminators() {
             tls.recheck(&self.runtime);
         }
         if hash == self.runtime.snapshot().hash {
@@ -380,48 +380,15 @@ impl Reloader {
                 return;
             }
         };
-        let mode = self.runtime.snapshot().config.mode;
-        if config.mode != mode {
-            // Clients already connected speak the old protocol, and the pool
-            // of one mode is rarely a pool for the other: a restart is the
-            // deliberate way to switch.
-            self.reject(format_args!(
-                "{}: mode: cannot change from {mode} to {} while lb runs; restart lb to switch",
-                self.path.display(),
-                config.mode
-            ));
-            return;
-        }
-        let current = self.listeners.configured();
-        let new_listener = if config.listen != current {
-            // On another port, no socket of this lb can be in the way.
-            let bind = if config.listen.port() == current.port() {
-                crate::net::listen::bind
-            } else {
-                crate::net::listen::bind_alone
-            };
-            match bind(config.listen) {
-                Ok(listener) => Some(listener),
-                Err(e) => {
-                    self.reject(format_args!("cannot listen on {}: {e}", config.listen));
-                    return;
-                }
-            }
-        } else {
-            None
-        };
-        let tls = match self
-            .listeners
-            .tls()
-            .prepare(config.tls.as_ref(), &self.runtime)
-        {
-            Ok(tls) => tls,
+        // Sockets bound and certificates loaded before anything changes:
+        // a reload that cannot have its listeners is refused whole.
+        let plan = match self.listeners.plan(&config) {
+            Ok(plan) => plan,
             Err(e) => {
-                self.reject(format_args!("{}: tls: {e}", self.path.display()));
+                self.reject(format_args!("{}: {e}", self.path.display()));
                 return;
             }
         };
-        let listen = config.listen;
         for warning in config.warnings() {
             tracing::warn!("{}: {warning}", self.path.display());
         }
@@ -438,10 +405,7 @@ impl Reloader {
                 return;
             }
         };
-        self.listeners.tls().set(tls, &self.runtime);
-        if let Some(listener) = new_listener {
-            self.listeners.replace(listener, listen);
-        }
+        self.listeners.commit(plan);
         tracing::info!(%hash, "config reloaded ({why}): {summary}");
     }
 

@@ -358,7 +358,7 @@ async fn start_lb_with(yaml: &str, http1: Http1) -> (lb::Lb, tempfile::TempDir) 
         },
     );
     s.http1 = http1;
-    let listener = lb::net::listen::bind(config.listen).unwrap();
+    let listener = lb::net::listen::bind(config.listen()).unwrap();
     (lb::Lb::start(listener, config, hash, s).unwrap(), dir)
 }
 

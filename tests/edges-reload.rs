@@ -25,7 +25,7 @@ const SLOW_POLL: Duration = Duration::from_secs(60);
 /// lb in-process on the config at `path` (which says `listen: 127.0.0.1:0`).
 async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
     let (config, hash) = lb::config::Config::load(path).unwrap();
-    let listener = lb::net::listen::bind(config.listen).unwrap();
+    let listener = lb::net::listen::bind(config.listen()).unwrap();
     let settings = settings(
         path,
         lb::reload::WatchSettings {

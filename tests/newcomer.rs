@@ -362,7 +362,7 @@ fn the_shipped_docker_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.yaml");
     let bytes = std::fs::read(&path).unwrap();
     let config = lb::config::Config::parse(&bytes, &path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.listen().to_string(), "0.0.0.0:8080");
     assert_eq!(
         config.admin.map(|a| a.to_string()).as_deref(),
         Some("0.0.0.0:9901")

@@ -35,7 +35,7 @@ const NO_POLL: Duration = Duration::from_secs(3600);
 /// `listen: 127.0.0.1:0`), watching it with the given poll interval.
 async fn start_at(path: &Path, poll_interval: Duration) -> lb::Lb {
     let (config, hash) = lb::config::Config::load(path).unwrap();
-    let listener = lb::net::listen::bind(config.listen).unwrap();
+    let listener = lb::net::listen::bind(config.listen()).unwrap();
     let settings = settings(
         path,
         lb::reload::WatchSettings {

@@ -435,7 +435,7 @@ fn parse(yaml: &str) -> Result<lb::config::Config, String> {
 #[test]
 fn tcp_config_keys_defaults_and_errors() {
     let c = parse("mode: tcp\nbackends:\n  - address: 127.0.0.1:5432\nhealth_check: {}\n").unwrap();
-    assert_eq!(c.mode, lb::config::Mode::Tcp);
+    assert_eq!(c.listeners[0].mode, lb::config::Mode::Tcp);
     assert_eq!(c.timeouts.tcp_idle, Duration::from_secs(3600));
     assert_eq!(c.first_pool().health_check.clone().unwrap().path, None);
     let c = parse(

@@ -82,13 +82,14 @@ impl TlsLb {
     }
 
     async fn start_in(dir: tempfile::TempDir, yaml: &str) -> TlsLb {
-        let path = write(
-            dir.path(),
-            "config.yaml",
-            &format!("listen: 127.0.0.1:0\n{yaml}"),
-        );
+        Self::start_exact(dir, &format!("listen: 127.0.0.1:0\n{yaml}")).await
+    }
+
+    /// lb with `yaml` as it is (a `listeners:` file), in `dir`.
+    async fn start_exact(dir: tempfile::TempDir, yaml: &str) -> TlsLb {
+        let path = write(dir.path(), "config.yaml", yaml);
         let (config, hash) = lb::config::Config::load(&path).unwrap();
-        let listener = lb::net::listen::bind(config.listen).unwrap();
+        let listener = lb::net::listen::bind(config.listen()).unwrap();
         let settings = settings(
             &path,
             lb::reload::WatchSettings {
@@ -110,7 +111,7 @@ impl TlsLb {
         let certs = rt.tls.certificates();
         serde_json::json!(certs
             .iter()
-            .map(|c| serde_json::json!({"names": c.names, "error": c.error}))
+            .map(|(_, c)| serde_json::json!({"names": c.names, "error": c.error}))
             .collect::<Vec<_>>())
     }
 }
@@ -839,4 +840,270 @@ async fn status_and_metrics_show_each_certificate() {
         .unwrap()
         .as_secs_f64();
     assert!(expiry > now, "{line}");
+}
+
+// ---- Several listeners (issue 17 item 3) ----
+
+/// `GET path` with `host` to a plain-HTTP `addr`.
+async fn plain_get(addr: SocketAddr, host: &str, path: &str) -> Answer {
+    send(
+        &client(),
+        Request::get(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+}
+
+/// A listener's bound address once lb has it (a reload adds listeners).
+async fn bound(lb: &TlsLb, name: &str) -> SocketAddr {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
+    loop {
+        if let Some(addr) = lb.lb.local_addr_of(name) {
+            return addr;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener {name} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn listeners_yaml(api: &Backend, web: &Backend, extra_listener: &str) -> String {
+    format!(
+        "listeners:\n\
+         \x20 - {{name: web, address: 127.0.0.1:0}}\n\
+         \x20 - {{name: websecure, address: 127.0.0.1:0, tls: {{certificates: [{{cert: tls/server.crt, key: tls/server.key}}]}}}}\n\
+         \x20 - {{name: plain-redirect, address: 127.0.0.1:0, redirect_https: 8443}}\n\
+         {extra_listener}\
+         pools:\n\
+         \x20 api: {{backends: [{{address: {}}}]}}\n\
+         \x20 web: {{backends: [{{address: {}}}]}}\n\
+         routes:\n\
+         \x20 - {{path_prefix: /api, pool: api, listeners: [websecure]}}\n\
+         \x20 - {{pool: web}}\n",
+        api.addr, web.addr
+    )
+}
+
+#[tokio::test]
+async fn listeners_each_serve_their_routes_and_the_redirect_answers_308() {
+    let api = Backend::start("api").await;
+    let web = Backend::start("web").await;
+    let c = cert(&["api.example.com"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    write(dir.path(), "tls/server.crt", &c.cert);
+    write(dir.path(), "tls/server.key", &c.key);
+    let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
+    let (plain, secure, redirect) = (
+        bound(&lb, "web").await,
+        bound(&lb, "websecure").await,
+        bound(&lb, "plain-redirect").await,
+    );
+    // /api is websecure's only: on web the catch-all serves it.
+    let on_web = plain_get(plain, "api.example.com", "/api/x").await;
+    assert_eq!(on_web.status, 200);
+    assert_eq!(on_web.body, "web");
+    let stream = handshake(secure, &connector(&[&c], &[]), "api.example.com")
+        .await
+        .unwrap();
+    assert_eq!(get_over(stream, "/api/x").await, (200, "api".to_owned()));
+    // The redirect: same host (port dropped) and target, the HTTPS port.
+    let moved = plain_get(redirect, "shop.example.com:8081", "/cart?id=7").await;
+    assert_eq!(moved.status, 308, "{:?}", moved.body);
+    assert_eq!(
+        moved.headers["location"],
+        "https://shop.example.com:8443/cart?id=7"
+    );
+    assert_eq!(
+        api.hits() + web.hits(),
+        2,
+        "the redirect reached no backend"
+    );
+    // Plaintext to the TLS listener is no request.
+    let mut raw = TcpStream::connect(secure).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(WAIT), raw.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn listeners_are_added_moved_and_removed_by_reload() {
+    let api = Backend::start("api").await;
+    let web = Backend::start("web").await;
+    let c = cert(&["api.example.com"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    write(dir.path(), "tls/server.crt", &c.cert);
+    write(dir.path(), "tls/server.key", &c.key);
+    let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
+    let rt = lb.lb.runtime();
+    let applied = || rt.reloads.applied.load(std::sync::atomic::Ordering::SeqCst);
+    let web_at = bound(&lb, "web").await;
+    // An open keep-alive connection on the listener that will go.
+    let redirect_at = bound(&lb, "plain-redirect").await;
+    let mut kept = TcpStream::connect(redirect_at).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    kept.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 308");
+    // Added: `extra`; removed: `plain-redirect`.
+    let before = applied();
+    let yaml = listeners_yaml(&api, &web, "  - {name: extra, address: 127.0.0.1:0}\n").replace(
+        "  - {name: plain-redirect, address: 127.0.0.1:0, redirect_https: 8443}\n",
+        "",
+    );
+    rename_over(lb.dir.path(), "config.yaml", &yaml);
+    eventually!(WAIT, applied() > before);
+    let extra = bound(&lb, "extra").await;
+    assert_eq!(plain_get(extra, "a.test", "/").await.body, "web");
+    assert!(lb.lb.local_addr_of("plain-redirect").is_none());
+    // Its socket is closed, and its open connection was drained.
+    eventually!(WAIT, TcpStream::connect(redirect_at).await.is_err());
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(WAIT), kept.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(ended, Ok(Ok(_)) | Ok(Err(_))),
+        "the removed listener's connection stays open"
+    );
+    // Unchanged: `web` kept its socket.
+    assert_eq!(lb.lb.local_addr_of("web"), Some(web_at));
+    // Moved: `web` to a new port, the old one closed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let new_port = free.local_addr().unwrap();
+    drop(free);
+    let before = applied();
+    rename_over(
+        lb.dir.path(),
+        "config.yaml",
+        &yaml.replace(
+            "{name: web, address: 127.0.0.1:0}",
+            &format!("{{name: web, address: {new_port}}}"),
+        ),
+    );
+    eventually!(WAIT, applied() > before);
+    assert_eq!(lb.lb.local_addr_of("web"), Some(new_port));
+    assert_eq!(plain_get(new_port, "a.test", "/").await.body, "web");
+    eventually!(WAIT, TcpStream::connect(web_at).await.is_err());
+    // A mode change by name is refused whole; the old config serves on.
+    let rejected = rt
+        .reloads
+        .rejected
+        .load(std::sync::atomic::Ordering::SeqCst);
+    rename_over(
+        lb.dir.path(),
+        "config.yaml",
+        &yaml.replace(
+            "{name: extra, address: 127.0.0.1:0}",
+            "{name: extra, address: 127.0.0.1:0, mode: tcp, pool: web}",
+        ),
+    );
+    eventually!(
+        WAIT,
+        rt.reloads
+            .rejected
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > rejected
+    );
+    let error = rt.reloads.last().error.unwrap_or_default();
+    assert!(
+        error.contains("listener extra cannot change from http to tcp"),
+        "{error}"
+    );
+    assert_eq!(plain_get(extra, "a.test", "/").await.body, "web");
+}
+
+#[tokio::test]
+async fn a_tcp_listener_names_its_pool_and_another_routes_by_sni_beside_http() {
+    let db = named_tcp_backend("db__").await;
+    let a = cert(&["a.test"]);
+    let other = cert(&["other.test"]);
+    let a_addr = tls_echo_backend(&a).await;
+    let other_addr = tls_echo_backend(&other).await;
+    let web = Backend::start("web").await;
+    let lb = TlsLb::start_exact(
+        tempfile::tempdir().unwrap(),
+        &format!(
+            "listeners:\n\
+             \x20 - {{name: web, address: 127.0.0.1:0}}\n\
+             \x20 - {{name: postgres, address: 127.0.0.1:0, mode: tcp, pool: db}}\n\
+             \x20 - {{name: passthrough, address: 127.0.0.1:0, mode: tcp, routes: [{{sni: a.test, pool: a}}, {{pool: other}}]}}\n\
+             pools:\n\
+             \x20 db: {{backends: [{{address: {db}}}]}}\n\
+             \x20 a: {{backends: [{{address: {a_addr}}}]}}\n\
+             \x20 other: {{backends: [{{address: {other_addr}}}]}}\n\
+             \x20 web: {{backends: [{{address: {}}}]}}\n\
+             routes:\n\
+             \x20 - {{pool: web}}\n",
+            web.addr
+        ),
+    )
+    .await;
+    let mut pg = TcpStream::connect(bound(&lb, "postgres").await)
+        .await
+        .unwrap();
+    pg.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    pg.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"db__");
+    let passthrough = bound(&lb, "passthrough").await;
+    for (sni, expect) in [("a.test", &a), ("other.test", &other)] {
+        let stream = handshake(passthrough, &connector(&[expect], &[]), sni)
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        // The backend's own certificate: lb never terminated.
+        assert_eq!(served(&stream), expect.der, "{sni}");
+    }
+    let answer = plain_get(bound(&lb, "web").await, "x.test", "/").await;
+    assert_eq!(answer.body, "web");
+}
+
+#[test]
+fn listeners_config_mistakes_are_errors_at_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pools = "pools:\n  a: {backends: [{address: 127.0.0.1:9001}]}\n";
+    for (yaml, want) in [
+        (
+            format!("listen: 127.0.0.1:8080\nlisteners:\n  - {{name: web, address: 127.0.0.1:8081}}\n{pools}"),
+            "listen: cannot be used with listeners:",
+        ),
+        (
+            format!("listeners:\n  - {{name: web, address: 127.0.0.1:8081}}\n{pools}routes:\n  - {{pool: a, listeners: [wbe]}}\n"),
+            "routes[0].listeners: no http listener named \"wbe\"",
+        ),
+        (
+            format!("listeners:\n  - {{name: pg, address: 127.0.0.1:5432, mode: tcp}}\n{pools}"),
+            "listeners[0]: a tcp listener needs pool: NAME",
+        ),
+        (
+            format!("listeners:\n  - {{name: web, address: 127.0.0.1:8081}}\n  - {{name: web, address: 127.0.0.1:8082}}\n{pools}"),
+            "listeners[1].name: \"web\" names two listeners",
+        ),
+        (
+            format!("listeners:\n  - {{name: a, address: 127.0.0.1:8081}}\n  - {{name: b, address: 127.0.0.1:8081}}\n{pools}"),
+            "listeners[1].address: 127.0.0.1:8081 is also the address of listener a",
+        ),
+        (
+            format!("listeners:\n  - {{name: pg, address: 127.0.0.1:5432, mode: tcp, pool: b}}\n{pools}"),
+            "listeners[0].pool: no pool named \"b\"",
+        ),
+        (
+            format!("listeners:\n  - {{name: r, address: 127.0.0.1:80, redirect_https: 70000}}\n{pools}"),
+            "listeners[0].redirect_https: 70000 is not a port",
+        ),
+    ] {
+        let path = write(dir.path(), "config.yaml", &yaml);
+        let err = lb::config::Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains(want), "{yaml}\nwant {want}\ngot  {err}");
+        // At the key's line in the file.
+        assert!(err.contains("config.yaml:"), "{err}");
+    }
 }

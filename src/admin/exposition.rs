@@ -168,6 +168,29 @@ impl Collector for Exporter {
                 (labels, count(&m.retries[r as usize]))
             }),
         )?;
+        let resolutions = rt.discovered.status();
+        if !resolutions.is_empty() {
+            family(
+                &mut enc,
+                "lb_dns_resolutions",
+                "Lookups of discovered pools' names, by result: ok, empty (NXDOMAIN or no records: the pool emptied), failed (timeout, SERVFAIL, REFUSED: the last good set kept)",
+                MetricType::Counter,
+                resolutions.iter().flat_map(|(pool, _, counts)| {
+                    [
+                        ("ok", &counts.ok),
+                        ("empty", &counts.empty),
+                        ("failed", &counts.failed),
+                    ]
+                    .map(|(result, n)| {
+                        let labels = vec![
+                            ("pool", pool.to_string()),
+                            ("result", result.to_owned()),
+                        ];
+                        (labels, count(n))
+                    })
+                }),
+            )?;
+        }
         counter(
             &mut enc,
             "lb_retry_budget_exhausted",
@@ -329,15 +352,13 @@ impl Collector for Exporter {
         )?;
         let certificates = rt.tls.certificates();
         if !certificates.is_empty() {
-            let listener = rt.tls.listener();
             family(
                 &mut enc,
                 "lb_tls_certificate_expiry_seconds",
                 "When each served certificate expires (not-after, Unix seconds), by listener and SAN name",
                 MetricType::Gauge,
-                certificates.iter().flat_map(|c| {
+                certificates.iter().flat_map(|(listener, c)| {
                     let expiry = crate::obs::metrics::unix_seconds(c.not_after);
-                    let listener = listener.clone();
                     c.names.iter().map(move |name| {
                         (
                             vec![("listener", listener.clone()), ("name", name.clone())],

@@ -348,10 +348,25 @@ impl Admin {
             })
         };
         let backends: Vec<_> = snap.all_backends().map(backend_json).collect();
+        let resolutions = rt.discovered.status();
         let pools: serde_json::Map<String, serde_json::Value> = snap
             .pools
             .iter()
             .map(|p| {
+                let discovery = p.config.discovery.as_ref().map(|d| {
+                    let last = resolutions.iter().find(|(name, _, _)| name == p.name());
+                    json!({
+                        "name": d.describe(),
+                        "refresh": humantime::format_duration(d.refresh).to_string(),
+                        "resolver": d.resolver.map_or_else(|| "system".to_owned(), |r| r.to_string()),
+                        "last_resolution": last.map(|(_, r, _)| json!({
+                            "at": rfc3339(r.at),
+                            "result": r.result,
+                            "applied_cpu_ms": r.applied_cpu_ms,
+                            "addresses": r.addresses.iter().map(|(a, ttl)| json!({"address": a, "ttl": ttl})).collect::<Vec<_>>(),
+                        })),
+                    })
+                });
                 let routes: Vec<String> = snap
                     .config
                     .routes
@@ -363,6 +378,7 @@ impl Admin {
                     "strategy": p.config.strategy.name(),
                     "pool_down": p.shared.down.load_full().as_deref().map(String::as_str),
                     "routes": routes,
+                    "discovery": discovery,
                     "backends": p.backends.iter().map(backend_json).collect::<Vec<_>>(),
                 });
                 (p.name().to_string(), value)
@@ -377,7 +393,7 @@ impl Admin {
                 "hash": snap.hash.to_string(),
                 "loaded_at": rfc3339(last.applied_at),
                 "loaded_at_unix": unix_seconds(last.applied_at),
-                "listen": snap.config.listen.to_string(),
+                "listen": snap.config.listen().to_string(),
                 "strategy": snap.first_pool().config.strategy.name(),
             },
             "last_reload": reload_json(&last),
@@ -396,6 +412,13 @@ impl Admin {
             "backends": backends,
             "pools": pools,
             "tls": tls_json(rt),
+            "listeners": snap.config.listeners.iter().map(|l| json!({
+                "name": l.name.as_str(),
+                "address": l.address.to_string(),
+                "mode": l.mode.name(),
+                "tls": l.tls.is_some(),
+                "redirect_https": l.redirect_https,
+            })).collect::<Vec<_>>(),
         })
     }
 }
@@ -408,8 +431,9 @@ fn tls_json(rt: &Runtime) -> serde_json::Value {
     }
     let certificates: Vec<_> = certificates
         .iter()
-        .map(|c| {
+        .map(|(listener, c)| {
             json!({
+                "listener": listener,
                 "cert": c.cert_file.display().to_string(),
                 "key": c.key_file.display().to_string(),
                 "names": c.names,

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{Config, HashKey, PoolConfig, PoolName, RouteConfig};
+use super::{Config, HashKey, ListenerName, PoolConfig, PoolName, RouteConfig};
 
 /// What changed from one config to the next.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub struct ConfigDiff {
     pub pools: ListDiff,
     /// The routes, by host and prefix.
     pub routes: ListDiff,
+    /// The listeners, by name, when either file names them.
+    pub listeners: ListDiff,
 }
 
 /// One setting (or optional section) whose value differs.
@@ -99,8 +101,8 @@ const SECTIONS: &[Section<Config>] = &[
         name: "",
         present: None,
         settings: &[
-            ("listen", |c| c.listen.to_string()),
-            ("mode", |c| c.mode.to_string()),
+            ("listen", |c| opt(c.sole_listener().map(|l| l.address))),
+            ("mode", |c| opt(c.sole_listener().map(|l| l.mode))),
             ("admin", |c| opt(c.admin.as_ref())),
             ("access_log", |c| c.access_log.to_string()),
             ("send_proxy_protocol", |c| {
@@ -126,10 +128,10 @@ const SECTIONS: &[Section<Config>] = &[
     },
     Section {
         name: "tls",
-        present: Some(|c| c.tls.is_some()),
+        present: Some(|c| sole_tls(c).is_some()),
         settings: &[
             ("tls.certificates", |c| {
-                c.tls.as_ref().map_or_else(String::new, |t| {
+                sole_tls(c).map_or_else(String::new, |t| {
                     let pairs: Vec<String> = t
                         .certificates
                         .iter()
@@ -139,10 +141,10 @@ const SECTIONS: &[Section<Config>] = &[
                 })
             }),
             ("tls.min_version", |c| {
-                opt(c.tls.as_ref().map(|t| format!("{:?}", t.min_version)))
+                opt(sole_tls(c).map(|t| format!("{:?}", t.min_version)))
             }),
             ("tls.alpn", |c| {
-                opt(c.tls.as_ref().map(|t| {
+                opt(sole_tls(c).map(|t| {
                     let ids: Vec<&str> = t
                         .alpn
                         .iter()
@@ -152,9 +154,7 @@ const SECTIONS: &[Section<Config>] = &[
                 }))
             }),
             ("tls.client_auth", |c| {
-                opt(c
-                    .tls
-                    .as_ref()
+                opt(sole_tls(c)
                     .and_then(|t| t.client_auth.as_ref())
                     .map(|a| format!("{} required={}", a.ca.display(), a.required)))
             }),
@@ -327,6 +327,7 @@ impl ConfigDiff {
             backends: backends(old, new, named),
             pools,
             routes: routes(old, new),
+            listeners: listeners(old, new),
         };
         if diff.is_empty() && old != new {
             // A setting missing from SECTIONS: say that something changed
@@ -346,6 +347,7 @@ impl ConfigDiff {
             && self.backends.is_empty()
             && self.pools.is_empty()
             && self.routes.is_empty()
+            && self.listeners.is_empty()
     }
 }
 
@@ -448,12 +450,39 @@ fn backends(old: &Config, new: &Config, named: bool) -> ListDiff {
 
 /// The routes by host and prefix: a route whose pool or stripping changed
 /// is changed in place.
+/// Every route with the tcp listener that owns it (`None`: an http route).
+fn owned_routes(c: &Config) -> Vec<(Option<&ListenerName>, &RouteConfig)> {
+    c.routes
+        .iter()
+        .map(|r| (None, r))
+        .chain(
+            c.listeners
+                .iter()
+                .flat_map(|l| l.routes.iter().map(move |r| (Some(&l.name), r))),
+        )
+        .collect()
+}
+
 fn routes(old: &Config, new: &Config) -> ListDiff {
-    let key = |r: &RouteConfig| (r.host.clone(), r.path_prefix.clone());
-    let describe = |c: &Config, r: &RouteConfig| format!("{r} -> {}", c.pools[r.pool].name);
+    let key = |(owner, r): &(Option<&ListenerName>, &RouteConfig)| {
+        (
+            owner.cloned(),
+            r.host.clone(),
+            r.path_prefix.clone(),
+            r.listeners.clone(),
+        )
+    };
+    let describe = |c: &Config, (owner, r): &(Option<&ListenerName>, &RouteConfig)| {
+        let on = match owner {
+            Some(l) if c.listeners_named => format!(" (listener {l})"),
+            _ => String::new(),
+        };
+        format!("{r}{on} -> {}", c.pools[r.pool].name)
+    };
+    let (old_routes, new_routes) = (owned_routes(old), owned_routes(new));
     let mut diff = ListDiff::default();
-    for r in &new.routes {
-        match old.routes.iter().find(|o| key(o) == key(r)) {
+    for r in &new_routes {
+        match old_routes.iter().find(|o| key(o) == key(r)) {
             None => diff.added.push(describe(new, r)),
             Some(o) if describe(old, o) != describe(new, r) => {
                 diff.changed
@@ -462,12 +491,56 @@ fn routes(old: &Config, new: &Config) -> ListDiff {
             Some(_) => {}
         }
     }
-    for r in &old.routes {
-        if !new.routes.iter().any(|n| key(n) == key(r)) {
+    for r in &old_routes {
+        if !new_routes.iter().any(|n| key(n) == key(r)) {
             diff.removed.push(describe(old, r));
         }
     }
     diff
+}
+
+/// The listeners by name, when either file names them (a file with one
+/// `listen:` reports `listen`, `mode` and `tls.*` as settings).
+fn listeners(old: &Config, new: &Config) -> ListDiff {
+    let mut diff = ListDiff::default();
+    if !(old.listeners_named || new.listeners_named) {
+        return diff;
+    }
+    for l in &new.listeners {
+        let Some(o) = old.listener(l.name.as_str()) else {
+            diff.added.push(format!("{} at {}", l.name, l.address));
+            continue;
+        };
+        if o.address != l.address {
+            diff.changed
+                .push(format!("{} address {}→{}", l.name, o.address, l.address));
+        }
+        if o.mode != l.mode {
+            diff.changed
+                .push(format!("{} mode {}→{}", l.name, o.mode, l.mode));
+        }
+        if o.tls != l.tls {
+            diff.changed.push(format!("{} tls", l.name));
+        }
+        if o.redirect_https != l.redirect_https {
+            diff.changed.push(format!(
+                "{} redirect_https {}→{}",
+                l.name,
+                opt(o.redirect_https),
+                opt(l.redirect_https)
+            ));
+        }
+    }
+    for o in &old.listeners {
+        if new.listener(o.name.as_str()).is_none() {
+            diff.removed.push(format!("{} at {}", o.name, o.address));
+        }
+    }
+    diff
+}
+
+fn sole_tls(c: &Config) -> Option<&super::tls::TlsSettings> {
+    c.sole_listener().and_then(|l| l.tls.as_ref())
 }
 
 impl fmt::Display for Changed {
@@ -493,7 +566,11 @@ impl fmt::Display for ConfigDiff {
             let keys: Vec<String> = self.changed.iter().map(Changed::to_string).collect();
             parts.push(format!("changed {}", keys.join(", ")));
         }
-        for (what, list) in [("pools", &self.pools), ("routes", &self.routes)] {
+        for (what, list) in [
+            ("listeners", &self.listeners),
+            ("pools", &self.pools),
+            ("routes", &self.routes),
+        ] {
             if !list.is_empty() {
                 parts.push(list.describe(what));
             }
@@ -529,6 +606,23 @@ health_check:
 
     fn diff(old: &str, new: &str) -> String {
         ConfigDiff::between(&config(old), &config(new)).to_string()
+    }
+
+    #[test]
+    fn names_listeners_added_removed_and_moved() {
+        let file = |listeners: &str| {
+            format!(
+                "listeners:\n{listeners}pools:\n  a: {{backends: [{{address: 127.0.0.1:9001}}]}}\n"
+            )
+        };
+        let old = file(
+            "  - {name: web, address: 127.0.0.1:8080}\n  - {name: old, address: 127.0.0.1:8081}\n",
+        );
+        let new = file("  - {name: web, address: 127.0.0.1:9090}\n  - {name: new, address: 127.0.0.1:8082, redirect_https: 443}\n");
+        assert_eq!(
+            diff(&old, &new),
+            "listeners +1 -1 (added new at 127.0.0.1:8082; removed old at 127.0.0.1:8081; web address 127.0.0.1:8080→127.0.0.1:9090)"
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@
 //! (see [`crate::core::runtime`]).
 
 mod diff;
+pub mod discovery;
 mod error;
+pub mod listeners;
 mod locate;
 pub mod pools;
 mod raw;
@@ -63,6 +65,7 @@ use sha2::{Digest, Sha256};
 
 pub use diff::{Changed, ConfigDiff, ListDiff};
 pub use error::{line_column, ConfigError, Diagnostic, Origin};
+pub use listeners::{ListenerConfig, ListenerName};
 pub use locate::Position;
 pub use pools::{PoolConfig, PoolName, RouteConfig};
 pub use raw::RawConfig;
@@ -73,10 +76,13 @@ pub use steering::{HashKey, SessionAffinity, Steering, DEFAULT_PEAK_EWMA_DECAY};
 /// A validated configuration. Cheap to share: it lives inside an `Arc`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Where clients connect.
-    pub listen: SocketAddr,
-    /// What the listener speaks.
-    pub mode: Mode,
+    /// Where clients connect, each with its protocol and TLS (a file
+    /// without `listeners:` has one, `default`, made of `listen`, `mode`
+    /// and `tls`).
+    pub listeners: Vec<ListenerConfig>,
+    /// Whether the file names its listeners (`listeners:`), so messages
+    /// name them too.
+    pub listeners_named: bool,
     /// Connect, request and client-header limits.
     pub timeouts: Timeouts,
     /// Caps that keep one client (or many) from exhausting lb.
@@ -91,11 +97,10 @@ pub struct Config {
     pub send_proxy_protocol: Option<ProxyProtocol>,
     /// The pools by name (a file without `pools:` has one, `default`).
     pub pools: Vec<Arc<PoolConfig>>,
-    /// Which pool serves a request, in file order (a file without `routes:`
-    /// has one catch-all route).
+    /// Which pool serves a request on an http listener, in file order (a
+    /// file without `routes:` has one catch-all route). A tcp listener's
+    /// routes are its own ([`ListenerConfig::routes`]).
     pub routes: Vec<RouteConfig>,
-    /// TLS termination on the listener; `None` serves plain TCP.
-    pub tls: Option<tls::TlsSettings>,
 }
 
 /// Resource caps on the client side.
@@ -236,6 +241,11 @@ impl BackendAddr {
     /// For tests and examples; real addresses come from `validate`.
     pub fn from_static(s: &'static str) -> Self {
         BackendAddr(Arc::from(s))
+    }
+
+    /// The backend at `addr` (one that DNS discovery found).
+    pub fn from_socket(addr: SocketAddr) -> Self {
+        BackendAddr(Arc::from(addr.to_string()))
     }
 }
 
@@ -937,9 +947,18 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(placer.figment_diagnostic(&e)))?;
         let mut config = validate::validate(raw)
             .map_err(|(field, message)| ConfigError::Invalid(placer.diagnostic(field, message)))?;
-        if let Some(tls) = &mut config.tls {
+        let named = config.listeners_named;
+        for (i, listener) in config.listeners.iter_mut().enumerate() {
+            let Some(tls) = &mut listener.tls else {
+                continue;
+            };
             tls.resolve_against(path.parent().unwrap_or(Path::new(".")));
             tls.check_files().map_err(|(field, message)| {
+                let field = if named {
+                    format!("listeners[{i}].{field}")
+                } else {
+                    field
+                };
                 ConfigError::Invalid(placer.diagnostic(field, message))
             })?;
         }
@@ -952,6 +971,32 @@ impl Config {
             .map(|(field, message)| placer.diagnostic(field, message))
             .collect();
         Ok((config, warnings))
+    }
+
+    /// The first listener's address: a file without `listeners:` listens
+    /// only there.
+    pub fn listen(&self) -> SocketAddr {
+        // validate() refuses a config without a listener.
+        self.listeners[0].address
+    }
+
+    /// The one listener of a file without `listeners:` (`listen`, `mode`,
+    /// `tls` at the top level); `None` when the file names its listeners.
+    pub fn sole_listener(&self) -> Option<&ListenerConfig> {
+        (!self.listeners_named).then(|| &self.listeners[0])
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name.as_str() == name)
+    }
+
+    /// Every route of every listener: the http routes, then each tcp
+    /// listener's own.
+    pub fn all_routes(&self) -> impl Iterator<Item = &RouteConfig> + Clone {
+        self.routes
+            .iter()
+            .chain(self.listeners.iter().flat_map(|l| l.routes.iter()))
     }
 
     /// The pool named `name`.
@@ -975,7 +1020,7 @@ impl Config {
 
     /// Pools that no route reaches (for a warning at load and in `--check`).
     pub fn warnings(&self) -> Vec<String> {
-        pools::unreachable_pools(&self.pools, &self.routes)
+        pools::unreachable_pools(&self.pools, self.all_routes())
             .into_iter()
             .map(|name| format!("pools.{name}: no route sends requests to this pool"))
             .collect()
@@ -999,24 +1044,29 @@ impl Config {
                 pools.join("; ")
             )
         };
-        format!(
-            "listen {} ({}), {served}, {admin}, access log {access_log}",
-            self.listen, self.mode
-        )
+        let listen = match self.sole_listener() {
+            Some(l) => format!("listen {} ({})", l.address, l.mode),
+            None => {
+                let all: Vec<String> = self.listeners.iter().map(|l| l.summary()).collect();
+                format!("listeners {}", all.join(", "))
+            }
+        };
+        format!("{listen}, {served}, {admin}, access log {access_log}")
     }
 
     /// The route table, one line per route in file order, for `lb --check`;
     /// empty for a file without `pools:` (its one route takes everything).
     pub fn route_table(&self) -> String {
         let mut out = String::new();
-        if self.pools.len() == 1 && self.pools[0].name.as_str() == PoolName::DEFAULT {
-            return out;
-        }
-        for (i, r) in self.routes.iter().enumerate() {
-            let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
+        let line = |out: &mut String, key: String, host: String, path: &str, r: &RouteConfig| {
+            let on = if r.listeners.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<&str> = r.listeners.iter().map(ListenerName::as_str).collect();
+                format!(" (on {})", names.join(", "))
+            };
             out.push_str(&format!(
-                "  routes[{i}]  host {host:<24} path {:<16} -> pool {}{}\n",
-                r.path_prefix,
+                "  {key}  {host:<29} path {path:<16} -> pool {}{}{on}\n",
                 self.pools[r.pool].name,
                 if r.strip_prefix {
                     " (strip prefix)"
@@ -1024,6 +1074,34 @@ impl Config {
                     ""
                 }
             ));
+        };
+        let pattern = |r: &RouteConfig| r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
+        if self.listeners_named {
+            out.push_str("listeners:\n");
+            for l in &self.listeners {
+                out.push_str(&format!("  {}\n", l.summary()));
+            }
+        } else if self.pools.len() == 1 && self.pools[0].name.as_str() == PoolName::DEFAULT {
+            return out;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            line(
+                &mut out,
+                format!("routes[{i}]"),
+                format!("host {}", pattern(r)),
+                &r.path_prefix,
+                r,
+            );
+        }
+        for (li, l) in self.listeners.iter().enumerate() {
+            for (i, r) in l.routes.iter().enumerate() {
+                let key = if self.listeners_named {
+                    format!("listeners[{li}].routes[{i}]")
+                } else {
+                    format!("routes[{i}]")
+                };
+                line(&mut out, key, format!("sni {}", pattern(r)), "-", r);
+            }
         }
         out
     }
@@ -1064,10 +1142,19 @@ impl PoolConfig {
             Protocol::Http1 => String::new(),
             p => format!(", protocol {p}"),
         };
+        let members = match &self.discovery {
+            Some(d) => format!(
+                "backends from {} (every {}, resolver {})",
+                d.describe(),
+                humantime::format_duration(d.refresh),
+                d.resolver
+                    .map_or_else(|| "from /etc/resolv.conf".to_owned(), |r| r.to_string())
+            ),
+            None => format!("{backends} (total weight {})", self.total_weight()),
+        };
         format!(
-            "{prefix}strategy {}{protocol}, {backends} (total weight {}), {health}, {attempts}",
+            "{prefix}strategy {}{protocol}, {members}, {health}, {attempts}",
             self.strategy,
-            self.total_weight(),
         )
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::listeners::ListenerName;
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawOutlierDetection, RawProtocol,
     RawRetry, RawStrategy,
@@ -33,6 +34,7 @@ type Invalid = (String, String);
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<super::discovery::RawDiscovery>,
     pub strategy: Option<RawStrategy>,
     pub health_check: Option<RawHealthCheck>,
     pub outlier_detection: Option<RawOutlierDetection>,
@@ -59,6 +61,9 @@ pub struct RawRoute {
     pub sni: Option<String>,
     /// The pool that serves what this route matches.
     pub pool: Option<String>,
+    /// With `listeners:`, the http listeners this route applies to; absent
+    /// means every one.
+    pub listeners: Option<Vec<String>>,
 }
 
 /// A pool's name: `[A-Za-z0-9_-]+`, the key of its runtime state together
@@ -93,8 +98,12 @@ pub struct PoolConfig {
     pub name: PoolName,
     /// How a backend is chosen for each request.
     pub strategy: Strategy,
-    /// The members, in file order (order matters for round robin).
+    /// The members, in file order (order matters for round robin). A
+    /// discovered pool's are the addresses its name has now (empty as
+    /// validated; filled by the runtime from the last resolution).
     pub backends: Vec<BackendConfig>,
+    /// Where the members come from when DNS says: `None` for `backends:`.
+    pub discovery: Option<super::discovery::Discovery>,
     /// Active probing; `None` means every backend is eligible unless passive
     /// detection has ejected it.
     pub health_check: Option<HealthCheck>,
@@ -125,6 +134,15 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Index into `Config::pools`.
     pub pool: usize,
+    /// The listeners it applies to; empty: every http listener.
+    pub listeners: Vec<ListenerName>,
+}
+
+impl RouteConfig {
+    /// Whether requests on `listener` may take this route.
+    pub fn applies_on(&self, listener: &ListenerName) -> bool {
+        self.listeners.is_empty() || self.listeners.contains(listener)
+    }
 }
 
 impl fmt::Display for RouteConfig {
@@ -136,6 +154,10 @@ impl fmt::Display for RouteConfig {
         if self.strip_prefix {
             f.write_str(" (strip prefix)")?;
         }
+        if !self.listeners.is_empty() {
+            let names: Vec<&str> = self.listeners.iter().map(ListenerName::as_str).collect();
+            write!(f, " on {}", names.join(","))?;
+        }
         Ok(())
     }
 }
@@ -144,6 +166,7 @@ impl fmt::Display for RouteConfig {
 pub(super) fn defaults(raw: &mut RawConfig) -> RawPool {
     RawPool {
         backends: raw.backends.take(),
+        discovery: raw.discovery.take(),
         strategy: raw.strategy.take(),
         health_check: raw.health_check.take(),
         outlier_detection: raw.outlier_detection.take(),
@@ -185,6 +208,12 @@ pub(super) fn merged(
                 .to_owned(),
         ));
     }
+    if defaults.discovery.is_some() {
+        return Err((
+            "discovery".to_owned(),
+            "cannot be used with pools: give each pool its own pools.NAME.discovery".to_owned(),
+        ));
+    }
     if pools.is_empty() {
         return Err((
             "pools".to_owned(),
@@ -221,6 +250,7 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
     let applies = |wanted: RawStrategy| strategy == Some(wanted);
     RawPool {
         backends: pool.backends,
+        discovery: pool.discovery,
         health_check: pool.health_check.or_else(|| defaults.health_check.clone()),
         outlier_detection: pool
             .outlier_detection
@@ -249,10 +279,14 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
 
 /// Routes validated against the pools, or the implicit catch-all when the
 /// file has one pool and no `routes:`.
+///
+/// `http_listeners` is `None` for a file without `listeners:` (no route may
+/// name one), else the names a route's `listeners:` may take.
 pub(super) fn routes(
     raw: Option<Vec<RawRoute>>,
     pools: &[Arc<PoolConfig>],
     tcp: bool,
+    http_listeners: Option<&[ListenerName]>,
 ) -> Result<Vec<RouteConfig>, Invalid> {
     let Some(raw) = raw else {
         if pools.len() > 1 {
@@ -269,6 +303,7 @@ pub(super) fn routes(
             path_prefix: "/".to_owned(),
             strip_prefix: false,
             pool: 0,
+            listeners: Vec::new(),
         }]);
     };
     if raw.is_empty() {
@@ -325,15 +360,56 @@ pub(super) fn routes(
                 format!("no pool named {name:?} (pools: {})", known.join(", ")),
             ));
         };
+        let listeners = match (r.listeners, http_listeners) {
+            (None, _) => Vec::new(),
+            (Some(_), None) => {
+                return Err((
+                    at("listeners"),
+                    "needs listeners: at the top level (a file with one listen: has one listener)"
+                        .to_owned(),
+                ))
+            }
+            (Some(names), Some(known)) => {
+                if names.is_empty() {
+                    return Err((
+                        at("listeners"),
+                        "is empty: name at least one listener, or drop the key (every http listener)".to_owned(),
+                    ));
+                }
+                let mut out = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(l) = known.iter().find(|l| l.as_str() == name) else {
+                        let known: Vec<&str> = known.iter().map(ListenerName::as_str).collect();
+                        return Err((
+                            at("listeners"),
+                            format!(
+                                "no http listener named {name:?} that routes requests (those are: {})",
+                                known.join(", ")
+                            ),
+                        ));
+                    };
+                    out.push(l.clone());
+                }
+                out
+            }
+        };
         let route = RouteConfig {
             host,
             path_prefix,
             strip_prefix: r.strip_prefix.unwrap_or(false),
             pool,
+            listeners,
+        };
+        // The same host and prefix twice on a listener both reach: the
+        // second could never match there.
+        let overlap = |o: &RouteConfig| {
+            o.listeners.is_empty()
+                || route.listeners.is_empty()
+                || o.listeners.iter().any(|l| route.listeners.contains(l))
         };
         if let Some(first) = out
             .iter()
-            .position(|o| o.host == route.host && o.path_prefix == route.path_prefix)
+            .position(|o| o.host == route.host && o.path_prefix == route.path_prefix && overlap(o))
         {
             return Err((
                 format!("routes[{i}]"),
@@ -350,11 +426,14 @@ pub(super) fn routes(
 
 /// Pools that no route reaches: a warning, not an error (a pool may be
 /// kept while its routes are edited).
-pub fn unreachable_pools(pools: &[Arc<PoolConfig>], routes: &[RouteConfig]) -> Vec<PoolName> {
+pub fn unreachable_pools<'r>(
+    pools: &[Arc<PoolConfig>],
+    routes: impl Iterator<Item = &'r RouteConfig> + Clone,
+) -> Vec<PoolName> {
     pools
         .iter()
         .enumerate()
-        .filter(|(i, _)| !routes.iter().any(|r| r.pool == *i))
+        .filter(|(i, _)| !routes.clone().any(|r| r.pool == *i))
         .map(|(_, p)| p.name.clone())
         .collect()
 }

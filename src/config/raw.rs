@@ -28,8 +28,11 @@ pub struct RawConfig {
     pub mode: Option<RawMode>,
     /// Load-balancing strategy name.
     pub strategy: Option<RawStrategy>,
-    /// The pool. Required: a proxy with nowhere to send traffic is a mistake.
+    /// The pool. Required (or `discovery`): a proxy with nowhere to send
+    /// traffic is a mistake.
     pub backends: Option<Vec<RawBackend>>,
+    /// The pool's backends from DNS instead of `backends`.
+    pub discovery: Option<super::discovery::RawDiscovery>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
     /// Active health checks; absent means every backend is eligible.
@@ -63,6 +66,9 @@ pub struct RawConfig {
     pub routes: Option<Vec<super::pools::RawRoute>>,
     /// TLS termination on the listener; plain TCP when absent.
     pub tls: Option<super::tls::RawTls>,
+    /// Several listeners, each with its own address, mode and TLS (instead
+    /// of `listen`, `mode` and `tls`).
+    pub listeners: Option<Vec<super::listeners::RawListener>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -21,7 +21,7 @@ const MINIMAL: &str = "backends:\n  - address: 127.0.0.1:9001\n";
 #[test]
 fn minimal_config_gets_defaults() {
     let c = parse(MINIMAL).unwrap();
-    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.listen().to_string(), "127.0.0.1:8080");
     assert_eq!(c.first_pool().strategy, Strategy::RoundRobin);
     assert_eq!(c.first_pool().backends[0].weight, 1);
     assert_eq!(c.timeouts.connect, Duration::from_secs(1));
@@ -228,7 +228,7 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
     ("backends:\n  - address: 127.0.0.1:9001\nlimits:\n  max_connections: 99999999999999999999999\n",
      "conf/lb.yaml:4:20: limits.max_connections: 99999999999999999999999 is too large"),
     ("listen: 127.0.0.1:8080\nstratgy: random\nbackends:\n  - address: 127.0.0.1:9001\n",
-     "conf/lb.yaml:2:1: stratgy: unknown key; expected one of listen, mode, strategy, backends, timeouts, health_check, outlier_detection, retry, hash_key, session_affinity, peak_ewma, slow_start, protocol, limits, admin, access_log, send_proxy_protocol, pools, routes, tls"),
+     "conf/lb.yaml:2:1: stratgy: unknown key; expected one of listen, mode, strategy, backends, discovery, timeouts, health_check, outlier_detection, retry, hash_key, session_affinity, peak_ewma, slow_start, protocol, limits, admin, access_log, send_proxy_protocol, pools, routes, tls, listeners"),
     ("backends:\n  - address: 127.0.0.1:9001\n    wieght: 2\n",
      "conf/lb.yaml:3:5: backends[0].wieght: unknown key; expected address or weight"),
     ("backends:\n  - weight: 2\n",

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ::http::uri::{Authority, PathAndQuery};
 
+use super::listeners::{self, ListenerConfig, ListenerName};
 use super::pools::{self, PoolConfig, PoolName, RawPool};
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
@@ -54,19 +55,27 @@ fn wildcard_overlap(admin: SocketAddr, listen: SocketAddr) -> Option<String> {
 pub const MAX_WEIGHT: i64 = 256;
 
 pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
-    let listen = match raw.listen.as_deref() {
-        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-        Some(s) => s.trim().parse().or_else(|_| {
-            invalid(
-                "listen",
-                format!("{s:?} is not an IP:port address (like 127.0.0.1:8080 or [::]:80)"),
-            )
-        })?,
-    };
-    let mode = match raw.mode.unwrap_or(RawMode::Http) {
+    let raw_listeners = raw.listeners.take();
+    let listeners_named = raw_listeners.is_some();
+    // The legacy listener's mode decides its pools' too.
+    let legacy_mode = match raw.mode.unwrap_or(RawMode::Http) {
         RawMode::Http => Mode::Http,
         RawMode::Tcp => Mode::Tcp,
     };
+    if listeners_named {
+        for (key, set) in [
+            ("listen", raw.listen.is_some()),
+            ("mode", raw.mode.is_some()),
+            ("tls", raw.tls.is_some()),
+        ] {
+            if set {
+                return invalid(
+                    key,
+                    "cannot be used with listeners: give each listener its address, mode and tls under listeners:",
+                );
+            }
+        }
+    }
     let timeouts = Timeouts {
         connect: positive("timeouts.connect", raw.timeouts.connect, 1_000)?,
         request: positive("timeouts.request", raw.timeouts.request, 30_000)?,
@@ -78,18 +87,183 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
         tcp_idle: positive("timeouts.tcp_idle", raw.timeouts.tcp_idle, 3_600_000)?,
     };
     let limits = limits(std::mem::take(&mut raw.limits))?;
+    // Listeners first, as written: the pools they reach decide each
+    // pool's mode (a pool only tcp listeners reach is a tcp pool).
+    let mut drafts = match raw_listeners {
+        None => vec![Draft {
+            name: ListenerName::from_static(ListenerName::DEFAULT),
+            address: match raw.listen.as_deref() {
+                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+                Some(s) => listeners::address(s, "listen")?,
+            },
+            mode: legacy_mode,
+            tls: raw.tls.take().map(|t| (t, "tls".to_owned())),
+            redirect_https: None,
+            routes: None,
+            pool_shorthand: false,
+            tcp_routes: None,
+            at: String::new(),
+        }],
+        Some(raw_listeners) => {
+            if raw_listeners.is_empty() {
+                return invalid("listeners", "is empty: list at least one {name, address}");
+            }
+            let mut drafts = Vec::with_capacity(raw_listeners.len());
+            for (i, l) in raw_listeners.into_iter().enumerate() {
+                let at = format!("listeners[{i}]");
+                let name = listeners::name(l.name, &at)?;
+                let Some(address) = l.address else {
+                    return invalid(
+                        format!("{at}.address"),
+                        "missing: the IP:port this listener accepts on",
+                    );
+                };
+                let address = listeners::address(&address, &format!("{at}.address"))?;
+                let mode = match l.mode.unwrap_or(RawMode::Http) {
+                    RawMode::Http => Mode::Http,
+                    RawMode::Tcp => Mode::Tcp,
+                };
+                let redirect_https = l
+                    .redirect_https
+                    .map(|p| listeners::redirect_port(p, &format!("{at}.redirect_https")))
+                    .transpose()?;
+                let pool_shorthand = l.pool.is_some();
+                let routes = match mode {
+                    Mode::Tcp => {
+                        if redirect_https.is_some() {
+                            return invalid(
+                                format!("{at}.redirect_https"),
+                                "redirects HTTP requests: a tcp listener has none (drop it, or mode: http)",
+                            );
+                        }
+                        Some(listeners::tcp_routes(l.pool, l.routes, &at)?)
+                    }
+                    Mode::Http => {
+                        for (key, set) in
+                            [("pool", l.pool.is_some()), ("routes", l.routes.is_some())]
+                        {
+                            if set {
+                                return invalid(
+                                    format!("{at}.{key}"),
+                                    "an http listener is served by the top-level routes: (a route's listeners: [NAME] keeps it to some listeners)",
+                                );
+                            }
+                        }
+                        if redirect_https.is_some() && l.tls.is_some() {
+                            return invalid(
+                                format!("{at}.redirect_https"),
+                                "this listener already speaks TLS: redirect_https belongs on a plain-HTTP listener",
+                            );
+                        }
+                        None
+                    }
+                };
+                drafts.push(Draft {
+                    name,
+                    address,
+                    mode,
+                    tls: l.tls.map(|t| (t, format!("{at}.tls"))),
+                    redirect_https,
+                    routes,
+                    pool_shorthand,
+                    tcp_routes: None,
+                    at: format!("{at}."),
+                });
+            }
+            drafts
+        }
+    };
     let defaults = pools::defaults(&mut raw);
     let raw_routes = raw.routes.take();
+    let http_listeners: Vec<ListenerName> = drafts
+        .iter()
+        .filter(|d| d.mode == Mode::Http && d.redirect_https.is_none())
+        .map(|d| d.name.clone())
+        .collect();
+    if listeners_named && http_listeners.is_empty() && raw_routes.is_some() {
+        return invalid(
+            "routes",
+            "no http listener routes requests: a tcp listener's routes go under its own routes:",
+        );
+    }
+    let merged = pools::merged(defaults, raw.pools.take(), &raw_routes)?;
+    let tcp_only: Vec<bool> = merged
+        .iter()
+        .map(|(name, _, _)| {
+            tcp_only_pool(
+                &drafts,
+                &raw_routes,
+                !http_listeners.is_empty(),
+                name.as_str(),
+            )
+        })
+        .collect();
     let mut pool_configs = Vec::new();
-    for (name, pool_raw, prefix) in pools::merged(defaults, raw.pools.take(), &raw_routes)? {
+    for ((name, pool_raw, prefix), tcp_only) in merged.into_iter().zip(tcp_only) {
+        let mode = if tcp_only { Mode::Tcp } else { Mode::Http };
         let pool = pool(name, pool_raw, mode).map_err(|(field, message)| match &prefix {
             Some(prefix) => (format!("{prefix}{field}"), message),
             None => (field, message),
         })?;
         pool_configs.push(Arc::new(pool));
     }
-    let routes = pools::routes(raw_routes, &pool_configs, mode == Mode::Tcp)?;
-    let admin = match raw.admin.as_deref() {
+    let routes = if !listeners_named {
+        // The one listener's routes: by SNI in tcp mode.
+        let routes = pools::routes(raw_routes, &pool_configs, legacy_mode == Mode::Tcp, None)?;
+        if legacy_mode == Mode::Tcp {
+            drafts[0].tcp_routes = Some(routes);
+            Vec::new()
+        } else {
+            routes
+        }
+    } else if http_listeners.is_empty() {
+        Vec::new()
+    } else {
+        if let Some(sni) = raw_routes.iter().flatten().position(|r| r.sni.is_some()) {
+            return invalid(
+                format!("routes[{sni}].sni"),
+                "routes by the TLS server name on a tcp listener: put it in that listener's routes:",
+            );
+        }
+        pools::routes(raw_routes, &pool_configs, false, Some(&http_listeners))?
+    };
+    let mut listeners = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let routes = match (d.tcp_routes, d.routes) {
+            (Some(routes), _) => routes,
+            (None, Some(raw)) => {
+                // `pool: NAME` is written as one key, not a route.
+                let shorthand = raw.len() == 1 && raw[0].sni.is_none() && d.pool_shorthand;
+                pools::routes(Some(raw), &pool_configs, true, None).map_err(
+                    |(field, message)| {
+                        if shorthand {
+                            (format!("{}pool", d.at), message)
+                        } else {
+                            (format!("{}{field}", d.at), message)
+                        }
+                    },
+                )?
+            }
+            (None, None) => Vec::new(),
+        };
+        let tls = match d.tls {
+            None => None,
+            Some((raw_tls, key)) => Some(
+                super::tls::validate(raw_tls, d.mode == Mode::Tcp)
+                    .map_err(|(field, message)| (field.replacen("tls", &key, 1), message))?,
+            ),
+        };
+        listeners.push(ListenerConfig {
+            name: d.name,
+            address: d.address,
+            mode: d.mode,
+            tls,
+            redirect_https: d.redirect_https,
+            routes,
+        });
+    }
+    listeners::check_distinct(&listeners)?;
+    let admin: Option<SocketAddr> = match raw.admin.as_deref() {
         None => None,
         Some(s) => Some(s.trim().parse().or_else(|_| {
             invalid(
@@ -98,33 +272,38 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
             )
         })?),
     };
-    if admin.is_some_and(|a: SocketAddr| a == listen && a.port() != 0) {
-        return invalid("admin", "must differ from listen");
+    if let Some(admin) = admin {
+        for l in &listeners {
+            let which = if listeners_named {
+                format!("listener {}", l.name)
+            } else {
+                "listen".to_owned()
+            };
+            if admin == l.address && admin.port() != 0 {
+                return invalid("admin", format!("must differ from {which}"));
+            }
+            if let Some(clash) = wildcard_overlap(admin, l.address) {
+                return invalid(
+                    "admin",
+                    format!("{clash}: lb cannot listen on both; give admin a port of its own"),
+                );
+            }
+        }
     }
-    if let Some(clash) = admin.and_then(|a| wildcard_overlap(a, listen)) {
-        return invalid(
-            "admin",
-            format!("{clash}: lb cannot listen on both; give admin a port of its own"),
-        );
-    }
+    let any_tcp = listeners.iter().any(|l| l.mode == Mode::Tcp);
     let send_proxy_protocol =
-        match (raw.send_proxy_protocol, mode) {
+        match (raw.send_proxy_protocol, any_tcp) {
             (None, _) => None,
-            (Some(_), Mode::Http) => return invalid(
+            (Some(_), false) => return invalid(
                 "send_proxy_protocol",
                 "is only supported with mode: tcp (HTTP mode passes the client in X-Forwarded-For)",
             ),
-            (Some(RawProxyProtocol::V1), Mode::Tcp) => Some(ProxyProtocol::V1),
-            (Some(RawProxyProtocol::V2), Mode::Tcp) => Some(ProxyProtocol::V2),
+            (Some(RawProxyProtocol::V1), true) => Some(ProxyProtocol::V1),
+            (Some(RawProxyProtocol::V2), true) => Some(ProxyProtocol::V2),
         };
-    let tls = match raw.tls.take() {
-        None => None,
-        Some(raw_tls) => Some(super::tls::validate(raw_tls, mode == Mode::Tcp)?),
-    };
     Ok(Config {
-        tls,
-        listen,
-        mode,
+        listeners,
+        listeners_named,
         timeouts,
         limits,
         admin,
@@ -133,6 +312,53 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
         pools: pool_configs,
         routes,
     })
+}
+
+/// A listener between its raw form and its validated one: its routes
+/// wait for the pools.
+struct Draft {
+    name: ListenerName,
+    address: SocketAddr,
+    mode: Mode,
+    /// `tls:` as written, with its key path (`listeners[1].tls`).
+    tls: Option<(super::tls::RawTls, String)>,
+    redirect_https: Option<u16>,
+    /// tcp: its routes as written.
+    routes: Option<Vec<super::pools::RawRoute>>,
+    /// tcp: its routes came from `pool: NAME`.
+    pool_shorthand: bool,
+    /// tcp: its routes once validated (the legacy listener's, which are
+    /// the top-level `routes:`).
+    tcp_routes: Option<Vec<super::RouteConfig>>,
+    /// The key-path prefix of its keys (`listeners[1].`; none for `listen`).
+    at: String,
+}
+
+/// Whether only tcp listeners reach `pool`: it is validated as a tcp pool
+/// (a connect health check, no cookies). Any other pool is an HTTP pool.
+fn tcp_only_pool(
+    drafts: &[Draft],
+    http_routes: &Option<Vec<super::pools::RawRoute>>,
+    http_listeners: bool,
+    pool: &str,
+) -> bool {
+    let legacy_tcp = drafts.len() == 1 && drafts[0].at.is_empty() && drafts[0].mode == Mode::Tcp;
+    if legacy_tcp {
+        return true;
+    }
+    let by_tcp = drafts.iter().any(|d| {
+        d.routes
+            .iter()
+            .flatten()
+            .any(|r| r.pool.as_deref() == Some(pool))
+    });
+    let by_http = http_listeners
+        && match http_routes {
+            // One pool and no routes: it takes every http request.
+            None => true,
+            Some(routes) => routes.iter().any(|r| r.pool.as_deref() == Some(pool)),
+        };
+    by_tcp && !by_http
 }
 
 /// One pool's keys (already merged over the top-level defaults) → its
@@ -147,7 +373,16 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
     let protocol = protocol(raw.protocol, mode)?;
-    let backends = backends(raw.backends)?;
+    let (backends, discovery) = match (raw.backends, raw.discovery) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "discovery",
+                "a pool has backends: or discovery:, not both (a discovered pool's backends are what its name resolves to)",
+            )
+        }
+        (None, Some(d)) => (Vec::new(), Some(super::discovery::validate(d)?)),
+        (listed, None) => (backends(listed)?, None),
+    };
     let health_check = raw
         .health_check
         .map(|hc| health_check(hc, mode, protocol))
@@ -179,6 +414,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         name,
         strategy,
         backends,
+        discovery,
         health_check,
         outlier_detection,
         retry,

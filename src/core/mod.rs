@@ -7,6 +7,7 @@
 pub mod affinity;
 pub mod budget;
 pub mod conns;
+pub mod discovered;
 pub mod failure;
 pub mod passive;
 pub mod route;

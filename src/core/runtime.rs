@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigDiff, ContentHash, PoolConfig, PoolName};
+use crate::config::{Config, ConfigDiff, ContentHash, ListenerName, Mode, PoolConfig, PoolName};
 use crate::core::affinity::AffinityCookies;
 use crate::core::budget::RetryBudget;
 use crate::core::conns::ConnectionCount;
@@ -36,11 +36,21 @@ pub struct Snapshot {
     pub hash: ContentHash,
     /// The pools, in the config's order (`config.pools[i]` is `pools[i]`).
     pub pools: Vec<Pool>,
-    /// (Host, path) → pool, built once per config.
-    pub router: Router<RouteTarget>,
+    /// Per listener, in the config's order: (Host, path) → pool (a tcp
+    /// listener's by SNI), built once per config.
+    pub listeners: Vec<ListenerRoutes>,
     /// The largest `retry.buffer_body_limit` of any pool: what the fast
     /// path may read before it knows the request's pool.
     pub max_buffer_body_limit: u64,
+}
+
+/// What one listener's requests (or connections) are routed by.
+#[derive(Debug)]
+pub struct ListenerRoutes {
+    pub name: ListenerName,
+    pub router: Router<RouteTarget>,
+    /// Every request is answered with a 308 to this HTTPS port.
+    pub redirect_https: Option<u16>,
 }
 
 /// What a route sends to: a pool, and whether its prefix is removed.
@@ -63,11 +73,23 @@ pub struct Routed<'a> {
 }
 
 impl Snapshot {
-    /// The pool that serves a request for `host` (Host header or
-    /// `:authority`, as sent) and `path_and_query`; `None` when no route
-    /// matches (the client gets 404).
-    pub fn route<'a>(&'a self, host: Option<&str>, path_and_query: &'a str) -> Option<Routed<'a>> {
-        let found = self.router.find(host, path_and_query)?;
+    /// The routes of the listener named `listener`; `None` once a reload
+    /// removed it (its connections still open get 404s).
+    pub fn listener(&self, listener: &str) -> Option<&ListenerRoutes> {
+        // A handful at most: a scan of short names beats hashing.
+        self.listeners.iter().find(|l| l.name.as_str() == listener)
+    }
+
+    /// The pool that serves a request on `listener` for `host` (Host
+    /// header or `:authority`, as sent; a tcp listener's SNI) and
+    /// `path_and_query`; `None` when no route matches (the client gets 404).
+    pub fn route<'a>(
+        &'a self,
+        listener: &str,
+        host: Option<&str>,
+        path_and_query: &'a str,
+    ) -> Option<Routed<'a>> {
+        let found = self.listener(listener)?.router.find(host, path_and_query)?;
         let target = found.route.target;
         let rewritten = target
             .strip_prefix
@@ -139,6 +161,10 @@ impl Pool {
     /// As [`Pool::select`], for a request with a hash key or an affinity
     /// cookie: the pinned backend while it is eligible, else the strategy.
     pub fn select_for(&self, steer: &Steer, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if self.backends.is_empty() {
+            // A discovered pool whose name has no address (yet).
+            return None;
+        }
         if let Some(i) = steer.pinned.filter(|&i| eligible(i)) {
             return Some(i);
         }
@@ -316,6 +342,12 @@ pub struct Runtime {
     pub shutting_down: AtomicBool,
     /// Bumped on every applied config; the health checker waits on it.
     generation: watch::Sender<u64>,
+    /// What DNS found for each discovered pool (outlives reloads).
+    pub discovered: crate::core::discovered::Discovered,
+    /// Held while a snapshot is built and swapped in: a reload and a
+    /// discovered change are applied one after the other, never over each
+    /// other. Never taken on the request path.
+    applying: Mutex<()>,
 }
 
 impl Runtime {
@@ -340,6 +372,8 @@ impl Runtime {
             upgrades: Upgrades::default(),
             shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
+            discovered: Default::default(),
+            applying: Mutex::new(()),
         };
         runtime.reloads.record_applied();
         Arc::new(runtime)
@@ -371,6 +405,9 @@ impl Runtime {
     /// Builds a snapshot of `config` and swaps it in. Backends whose address
     /// stays keep their state; the diff says what changed.
     pub fn apply(&self, config: Config, hash: ContentHash) -> ConfigDiff {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        self.discovered.retain(&config);
+        let config = self.discovered.fill(config);
         let old = self.current.load_full();
         let next = build(config, hash, &self.states, &self.pools, Some(&old));
         let summary = ConfigDiff::between(&old.config, &next.config);
@@ -378,6 +415,32 @@ impl Runtime {
         self.reloads.record_applied();
         self.generation.send_modify(|g| *g += 1);
         summary
+    }
+
+    /// `backends` are what `pool`'s name resolves to now: applied when they
+    /// differ from what it had and the running config still discovers the
+    /// pool this way. Returns what changed, or `None`. Not a reload: the
+    /// config is the same; its discovered members changed.
+    pub fn rediscovered(
+        &self,
+        pool: &PoolName,
+        discovery: &crate::config::discovery::Discovery,
+        backends: Vec<crate::config::BackendConfig>,
+    ) -> Option<crate::config::ListDiff> {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.discovered.store(pool, discovery, backends) {
+            return None;
+        }
+        let old = self.current.load_full();
+        if old.config.pool(pool.as_str())?.discovery.as_ref() != Some(discovery) {
+            return None;
+        }
+        let config = self.discovered.fill(old.config.clone());
+        let next = build(config, old.hash, &self.states, &self.pools, Some(&old));
+        let diff = ConfigDiff::between(&old.config, &next.config);
+        self.current.store(Arc::new(next));
+        self.generation.send_modify(|g| *g += 1);
+        Some(diff.backends)
     }
 
     /// A receiver that wakes on every applied config.
@@ -395,10 +458,24 @@ fn build(
 ) -> Snapshot {
     let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
     shared.retain(|name, _| config.pool(name.as_str()).is_some());
+    // A discovered pool that had no member (its name did not resolve yet,
+    // or had no address): what joins it is its first set, unramped as the
+    // startup config's backends are.
+    let first_set = |name: &PoolName| {
+        config
+            .pool(name.as_str())
+            .is_some_and(|p| p.discovery.is_some())
+            && old.is_none_or(|o| {
+                o.pools
+                    .iter()
+                    .find(|p| p.name() == name)
+                    .is_none_or(|p| p.backends.is_empty())
+            })
+    };
     let pools = config
         .pools
         .iter()
-        .zip(states.sync(&config))
+        .zip(states.sync(&config, &first_set))
         .map(|(pool_config, states_of_pool)| {
             let old_pool = old.and_then(|o| o.pools.iter().find(|p| p.name() == &pool_config.name));
             let pool_shared =
@@ -419,20 +496,33 @@ fn build(
             )
         })
         .collect();
-    let router = Router::new(
-        config
-            .routes
-            .iter()
-            .map(|r| Route {
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.as_str().into(),
-                target: RouteTarget {
-                    pool: r.pool,
-                    strip_prefix: r.strip_prefix,
-                },
-            })
-            .collect(),
-    );
+    let to_route = |r: &crate::config::RouteConfig| Route {
+        host: r.host.clone(),
+        path_prefix: r.path_prefix.as_str().into(),
+        target: RouteTarget {
+            pool: r.pool,
+            strip_prefix: r.strip_prefix,
+        },
+    };
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| ListenerRoutes {
+            name: l.name.clone(),
+            router: Router::new(match l.mode {
+                Mode::Tcp => l.routes.iter().map(to_route).collect(),
+                // Redirected, every request: no pool serves there.
+                _ if l.redirect_https.is_some() => Vec::new(),
+                _ => config
+                    .routes
+                    .iter()
+                    .filter(|r| r.applies_on(&l.name))
+                    .map(to_route)
+                    .collect(),
+            }),
+            redirect_https: l.redirect_https,
+        })
+        .collect();
     let max_buffer_body_limit = config
         .pools
         .iter()
@@ -442,7 +532,7 @@ fn build(
     Snapshot {
         max_buffer_body_limit,
         pools,
-        router,
+        listeners,
         hash,
         config,
     }

@@ -324,8 +324,13 @@ impl StateTable {
 
     /// Returns the state of each backend of each pool of `config`, in
     /// config order, keeping existing ones (by pool and address) and creating
-    /// fresh ones; forgets backends no longer listed.
-    pub fn sync(&self, config: &Config) -> Vec<Vec<Arc<BackendState>>> {
+    /// fresh ones; forgets backends no longer listed. Fresh ones of a pool
+    /// `unramped` names start without a slow-start ramp, as at startup.
+    pub fn sync(
+        &self,
+        config: &Config,
+        unramped: &dyn Fn(&PoolName) -> bool,
+    ) -> Vec<Vec<Arc<BackendState>>> {
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let joined_at = if self.synced.swap(true, Relaxed) {
             self.clock.now_ms()
@@ -337,6 +342,7 @@ impl StateTable {
             .pools
             .iter()
             .map(|pool| {
+                let joined_at = if unramped(&pool.name) { 0 } else { joined_at };
                 pool.backends
                     .iter()
                     .map(|b| {
@@ -418,10 +424,10 @@ mod tests {
             .unwrap()
         };
         let table = StateTable::new(Clock::new());
-        let first = table.sync(&yaml(1)).remove(0);
+        let first = table.sync(&yaml(1), &|_| false).remove(0);
         assert_eq!(first[0].ramp_start_ms(), 0);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let second = table.sync(&yaml(2)).remove(0);
+        let second = table.sync(&yaml(2), &|_| false).remove(0);
         assert_eq!(second[0].ramp_start_ms(), 0);
         assert!(second[1].ramp_start_ms() >= 5000);
         second[0].set_healthy(false);

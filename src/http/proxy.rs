@@ -47,6 +47,7 @@ static PROTECTED: [HeaderName; 3] = [header::HOST, header::CONTENT_LENGTH, heade
 pub async fn handle(
     rt: Arc<Runtime>,
     client_ip: IpAddr,
+    listener: Arc<str>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = rt.snapshot();
@@ -58,7 +59,7 @@ pub async fn handle(
     );
     let mut trace = Trace::default();
     let grpc = grpc::is_grpc(req.headers());
-    let mut resp = respond(&rt, &snap, client_ip, req, &mut trace).await;
+    let mut resp = respond(&rt, &snap, client_ip, &listener, req, &mut trace).await;
     // lb's own answer (no backend relayed it) to a gRPC call: in gRPC's terms.
     if grpc && trace.relayed.is_none() {
         resp = grpc::own_answer(resp);
@@ -142,6 +143,7 @@ async fn respond(
     rt: &Arc<Runtime>,
     snap: &Snapshot,
     client_ip: IpAddr,
+    listener: &str,
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<ResponseBody> {
@@ -158,7 +160,10 @@ async fn respond(
     }
     let uri = parts.uri.clone();
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-    let Some(routed) = snap.route(route_host(&parts), path_and_query) else {
+    if let Some(port) = snap.listener(listener).and_then(|l| l.redirect_https) {
+        return redirect_https(route_host(&parts), port, path_and_query);
+    }
+    let Some(routed) = snap.route(listener, route_host(&parts), path_and_query) else {
         return no_route(client_ip, &parts.method, path_and_query).response();
     };
     let pool = routed.pool;
@@ -229,6 +234,42 @@ pub(crate) fn route_host(head: &impl HeadView) -> Option<&str> {
             .next()
             .and_then(|v| std::str::from_utf8(v).ok()),
     }
+}
+
+/// A plain-HTTP listener's answer to every request: `308 Permanent
+/// Redirect` to the same host and target over HTTPS on `port` (308, not
+/// 301: the method and body are kept, as Traefik's and Caddy's redirects
+/// do). A request without a host cannot be sent anywhere: 400.
+fn redirect_https(host: Option<&str>, port: u16, path_and_query: &str) -> Response<ResponseBody> {
+    let Some(host) = host.map(strip_port).filter(|h| !h.is_empty()) else {
+        return Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request (no Host to redirect to)",
+        )
+        .response();
+    };
+    let location = if port == 443 {
+        format!("https://{host}{path_and_query}")
+    } else {
+        format!("https://{host}:{port}{path_and_query}")
+    };
+    let Ok(location) = HeaderValue::try_from(location) else {
+        return Refusal::new(StatusCode::BAD_REQUEST, "400 Bad Request").response();
+    };
+    let mut resp = retry::text(
+        StatusCode::PERMANENT_REDIRECT,
+        "lb: 308 Permanent Redirect to HTTPS\n".to_owned(),
+    );
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp
+}
+
+/// `host` without its `:port` (an IPv6 literal keeps its brackets).
+fn strip_port(host: &str) -> &str {
+    if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
+        return &host[..end + 2];
+    }
+    host.split(':').next().unwrap_or(host)
 }
 
 /// The 404 of a request no route matches: nothing was sent to any backend.

@@ -88,6 +88,9 @@ pub(crate) struct ConnContext {
     pub worker: usize,
     /// `--http1`: the fast path or hyper for every connection.
     pub http1: Http1,
+    /// The name of the listener that accepted the connection: its routes
+    /// serve the connection's requests.
+    pub listener: Arc<str>,
 }
 
 /// Serves a connection with hyper (HTTP/1.1 or h2c), `prefix` being bytes
@@ -111,6 +114,7 @@ pub(crate) fn serve_hyper<S: ClientStream>(
     let rt = Arc::clone(runtime);
     let for_service = Arc::clone(&activity);
     let for_upgrade = hold.clone();
+    let listener = Arc::clone(&ctx.listener);
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         if over_tls {
             req.extensions_mut().insert(proxy::OverTls);
@@ -119,7 +123,7 @@ pub(crate) fn serve_hyper<S: ClientStream>(
             req.extensions_mut().insert(for_upgrade.clone());
         }
         let request = RequestGuard::start(&for_service, clock);
-        let response = proxy::handle(Arc::clone(&rt), peer.ip(), req);
+        let response = proxy::handle(Arc::clone(&rt), peer.ip(), Arc::clone(&listener), req);
         let rt = Arc::clone(&rt);
         async move {
             let resp = response.await?;

@@ -2,10 +2,13 @@
 //! the connection cap, and the drain signal each worker's connections wait
 //! on. Each accepted connection goes to [`crate::http::server`].
 //!
-//! The listening address is reloadable. [`Listeners::replace`] starts an
-//! accept loop on an already-bound new socket before it stops the old one,
-//! so there is no moment without a listener; connections accepted on the old
-//! socket carry on until their clients are done.
+//! Listeners are reloadable, each known by its name: [`Listeners::plan`]
+//! binds what a new config adds or moves (and loads its certificates)
+//! before anything changes, so a reload that cannot have its listeners is
+//! refused whole; [`Listeners::commit`] then starts the new accept loops
+//! before it stops the old ones, so there is no moment without a listener.
+//! Connections accepted on a moved listener's old socket carry on until
+//! their clients are done; a removed listener's are drained.
 //!
 //! At most `limits.max_connections` client connections are open: accept
 //! pauses at the cap, across every worker.
@@ -20,12 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::config::Mode;
+use crate::config::{Config, ListenerConfig, ListenerName, Mode};
 use crate::core::conns::ConnectionGuard;
 use crate::core::runtime::Runtime;
 use crate::http::fast;
 use crate::http::server::{draining, serve_hyper, ConnContext, Http1};
-use crate::net::tls::TlsSlot;
+use crate::net::tls::{Terminator, TlsSlot};
 use crate::net::workers::Workers;
 use crate::tcp;
 use bytes::Bytes;
@@ -102,23 +105,37 @@ fn per_worker(first: std::net::TcpListener, workers: usize) -> Vec<std::net::Tcp
     sockets
 }
 
-/// The sockets currently accepting clients, one per worker.
+/// One listener as it serves now: its sockets (one per worker), and what
+/// its connections need.
 #[derive(Debug)]
 struct Active {
-    /// The `listen` value they were bound for (may be port 0).
+    name: ListenerName,
+    /// The address it was bound for (may be port 0).
     configured: SocketAddr,
     /// What the OS actually bound.
     local: SocketAddr,
+    mode: Mode,
+    /// Its TLS termination, if any: swapped by reloads, read per connection.
+    tls: Arc<TlsSlot>,
     /// Dropping or firing these stops the accept loops (each drains its
     /// socket's queue before closing it).
     stop: Vec<oneshot::Sender<()>>,
+    /// `true` when a reload removes the listener: its connections finish
+    /// their requests and close, as on shutdown.
+    retire: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Set {
+    /// In the config's order.
+    listeners: Vec<Active>,
     /// Handed to each connection: `true` asks it to finish its current
     /// requests and close; the sender's `closed()` resolves when all have.
     /// Taken on shutdown, so only live connections hold one.
     drain: Option<watch::Receiver<bool>>,
 }
 
-/// Owner of the accept loops; shared by `Lb` and the reloader.
+/// Owner of every listener's accept loops; shared by `Lb` and the reloader.
 #[derive(Debug)]
 pub struct Listeners {
     runtime: Arc<Runtime>,
@@ -126,92 +143,303 @@ pub struct Listeners {
     workers: Arc<Workers>,
     /// Which code serves HTTP/1 connections (`--http1`).
     http1: Http1,
-    /// TLS termination, when `tls:` is set; read per connection.
-    tls: Arc<TlsSlot>,
     /// Touched only on reload and shutdown.
-    active: Mutex<Active>,
+    set: Mutex<Set>,
+}
+
+/// What a reload changes about the listeners, made ready (sockets bound,
+/// certificates loaded) before the new config applies, so that a reload
+/// that cannot have its listeners is refused whole.
+#[derive(Debug)]
+pub struct Plan {
+    steps: Vec<Step>,
+    /// Names of the listeners the new config no longer has.
+    removed: Vec<ListenerName>,
+}
+
+#[derive(Debug)]
+enum Step {
+    /// A listener kept by name: its TLS as the new config has it, and a new
+    /// socket when its address changed.
+    Keep {
+        name: ListenerName,
+        tls: Option<Arc<Terminator>>,
+        moved: Option<(std::net::TcpListener, SocketAddr)>,
+    },
+    /// A listener the new config adds.
+    Add(Ready),
+}
+
+/// A listener bound and with its TLS loaded, not yet accepting.
+#[derive(Debug)]
+pub struct Ready {
+    name: ListenerName,
+    configured: SocketAddr,
+    socket: std::net::TcpListener,
+    mode: Mode,
+    tls: Arc<TlsSlot>,
+}
+
+impl Ready {
+    /// `socket` (bound for `config`) with the listener's TLS loaded. `Err`
+    /// names the file that cannot serve.
+    pub fn new(
+        config: &ListenerConfig,
+        socket: std::net::TcpListener,
+        rt: &Runtime,
+    ) -> Result<Ready, String> {
+        let tls = Arc::new(TlsSlot::new(config.name.clone()));
+        let terminator = tls.prepare(config.tls.as_ref(), rt)?;
+        tls.set(terminator, rt);
+        Ok(Ready {
+            name: config.name.clone(),
+            configured: config.address,
+            socket,
+            mode: config.mode,
+            tls,
+        })
+    }
 }
 
 impl Listeners {
+    /// Starts accepting on every listener of `ready`.
     pub fn start(
-        listener: std::net::TcpListener,
-        configured: SocketAddr,
+        ready: Vec<Ready>,
         runtime: Arc<Runtime>,
         workers: Arc<Workers>,
         http1: Http1,
-        tls: Arc<TlsSlot>,
         drain: watch::Receiver<bool>,
     ) -> Arc<Self> {
-        let local = listener.local_addr().unwrap_or(configured);
         let listeners = Arc::new(Listeners {
             runtime,
             workers,
             http1,
-            tls,
-            active: Mutex::new(Active {
-                configured,
-                local,
-                stop: Vec::new(),
+            set: Mutex::new(Set {
+                listeners: Vec::new(),
                 drain: Some(drain.clone()),
             }),
         });
-        let stop = listeners.spawn_accept_loops(listener, &drain);
-        listeners.active().stop = stop;
+        let active = ready
+            .into_iter()
+            .map(|r| listeners.activate(r, &drain))
+            .collect();
+        listeners.set().listeners = active;
         listeners
     }
 
-    /// The listener's TLS (swapped by reloads).
-    pub fn tls(&self) -> &Arc<TlsSlot> {
-        &self.tls
+    fn set(&self) -> std::sync::MutexGuard<'_, Set> {
+        self.set.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn active(&self) -> std::sync::MutexGuard<'_, Active> {
-        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Every listener's TLS termination, for the certificate follower and
+    /// reloads.
+    pub fn terminators(&self) -> Vec<Arc<Terminator>> {
+        self.set()
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.current())
+            .collect()
     }
 
-    /// The configured `listen` currently served.
-    pub fn configured(&self) -> SocketAddr {
-        self.active().configured
-    }
-
-    /// The address clients can connect to now.
+    /// Where clients can connect to the first listener now.
     pub fn local_addr(&self) -> SocketAddr {
-        self.active().local
+        let set = self.set();
+        set.listeners
+            .first()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.local)
     }
 
-    /// Serves `listener` (and a sibling socket per other worker) from now
-    /// on, then stops accepting on the previous sockets, draining their
-    /// accept queues first.
-    pub fn replace(&self, listener: std::net::TcpListener, configured: SocketAddr) {
-        let local = listener.local_addr().unwrap_or(configured);
-        let mut active = self.active();
-        let Some(drain) = active.drain.clone() else {
+    /// Where clients can connect to the listener named `name` now.
+    pub fn local_addr_of(&self, name: &str) -> Option<SocketAddr> {
+        self.set()
+            .listeners
+            .iter()
+            .find(|l| l.name.as_str() == name)
+            .map(|l| l.local)
+    }
+
+    /// Each listener's name, configured and bound address.
+    pub fn addresses(&self) -> Vec<(ListenerName, SocketAddr, SocketAddr)> {
+        self.set()
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.configured, l.local))
+            .collect()
+    }
+
+    /// Binds what `config` adds or moves and loads its certificates,
+    /// changing nothing yet. `Err` says why the reload cannot have its
+    /// listeners (a bind that failed, a certificate that cannot serve, a
+    /// listener's mode changed).
+    pub fn plan(&self, config: &Config) -> Result<Plan, String> {
+        let set = self.set();
+        // A port this lb listens on is shared with its own sockets
+        // (`SO_REUSEPORT`); on any other, no socket of this lb is in the way.
+        let ours = |port: u16| {
+            set.listeners
+                .iter()
+                .any(|l| l.configured.port() == port || l.local.port() == port)
+        };
+        let bind_for = |addr: SocketAddr| {
+            let bind = if addr.port() != 0 && ours(addr.port()) {
+                bind
+            } else {
+                bind_alone
+            };
+            bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+        };
+        let mut steps = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let Some(current) = set.listeners.iter().find(|a| a.name == l.name) else {
+                let socket = bind_for(l.address)?;
+                steps.push(Step::Add(Ready::new(l, socket, &self.runtime)?));
+                continue;
+            };
+            if current.mode != l.mode {
+                // Clients already connected speak the old protocol, and
+                // the pool of one mode is rarely a pool for the other.
+                return Err(if config.listeners_named {
+                    format!(
+                        "listeners[{i}].mode: listener {} cannot change from {} to {} while lb runs; give it a new name (a new listener) or restart lb",
+                        l.name, current.mode, l.mode
+                    )
+                } else {
+                    format!(
+                        "mode: cannot change from {} to {} while lb runs; restart lb to switch",
+                        current.mode, l.mode
+                    )
+                });
+            }
+            let moved = if l.address == current.configured {
+                None
+            } else {
+                Some((bind_for(l.address)?, l.address))
+            };
+            let tls = current
+                .tls
+                .prepare(l.tls.as_ref(), &self.runtime)
+                .map_err(|e| format!("tls: {e}"))?;
+            steps.push(Step::Keep {
+                name: l.name.clone(),
+                tls,
+                moved,
+            });
+        }
+        let removed = set
+            .listeners
+            .iter()
+            .filter(|a| config.listener(a.name.as_str()).is_none())
+            .map(|a| a.name.clone())
+            .collect();
+        Ok(Plan { steps, removed })
+    }
+
+    /// Carries out `plan` (once its config is the current one): new TLS
+    /// for new handshakes, moved and added listeners accepting before the
+    /// old sockets stop, removed ones closed and their connections drained.
+    pub fn commit(&self, plan: Plan) {
+        let mut set = self.set();
+        let Some(drain) = set.drain.clone() else {
             return; // shutting down
         };
-        let stop = self.spawn_accept_loops(listener, &drain);
-        for old in std::mem::replace(&mut active.stop, stop) {
-            let _ = old.send(());
+        let mut old = std::mem::take(&mut set.listeners);
+        let mut next = Vec::with_capacity(plan.steps.len());
+        for step in plan.steps {
+            match step {
+                Step::Add(ready) => next.push(self.activate(ready, &drain)),
+                Step::Keep { name, tls, moved } => {
+                    let Some(at) = old.iter().position(|a| a.name == name) else {
+                        continue;
+                    };
+                    let mut active = old.remove(at);
+                    active.tls.set(tls, &self.runtime);
+                    if let Some((socket, configured)) = moved {
+                        let local = socket.local_addr().unwrap_or(configured);
+                        let stop = self.spawn_accept_loops(
+                            socket,
+                            &active.name,
+                            active.mode,
+                            &active.tls,
+                            &drain,
+                            &active.retire,
+                        );
+                        for previous in std::mem::replace(&mut active.stop, stop) {
+                            let _ = previous.send(());
+                        }
+                        active.configured = configured;
+                        active.local = local;
+                    }
+                    next.push(active);
+                }
+            }
         }
-        active.configured = configured;
-        active.local = local;
+        for gone in old {
+            debug_assert!(plan.removed.contains(&gone.name));
+            self.retire(gone);
+        }
+        set.listeners = next;
     }
 
-    /// Stops accepting new connections (shutdown).
+    /// Stops accepting new connections on every listener (shutdown).
     pub fn stop(&self) {
-        let mut active = self.active();
-        active.drain = None;
-        for stop in active.stop.drain(..) {
+        let mut set = self.set();
+        set.drain = None;
+        for l in &mut set.listeners {
+            for stop in l.stop.drain(..) {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    /// A removed listener: accept stops, its connections are asked to
+    /// finish and close, its certificates leave `/status`.
+    fn retire(&self, gone: Active) {
+        tracing::info!(
+            "listener {} removed: no longer accepting on {}",
+            gone.name,
+            gone.local
+        );
+        for stop in gone.stop {
             let _ = stop.send(());
+        }
+        let _ = gone.retire.send(true);
+        gone.tls.set(None, &self.runtime);
+    }
+
+    fn activate(&self, ready: Ready, drain: &watch::Receiver<bool>) -> Active {
+        let local = ready.socket.local_addr().unwrap_or(ready.configured);
+        let (retire, _) = watch::channel(false);
+        let stop = self.spawn_accept_loops(
+            ready.socket,
+            &ready.name,
+            ready.mode,
+            &ready.tls,
+            drain,
+            &retire,
+        );
+        Active {
+            name: ready.name,
+            configured: ready.configured,
+            local,
+            mode: ready.mode,
+            tls: ready.tls,
+            stop,
+            retire,
         }
     }
 
     fn spawn_accept_loops(
         &self,
         listener: std::net::TcpListener,
+        name: &ListenerName,
+        mode: Mode,
+        tls: &Arc<TlsSlot>,
         drain: &watch::Receiver<bool>,
+        retire: &watch::Sender<bool>,
     ) -> Vec<oneshot::Sender<()>> {
         let sockets = per_worker(listener, self.workers.len());
         let mut stops = Vec::with_capacity(sockets.len());
+        let named = self.runtime.snapshot().config.listeners_named;
         for (worker, (socket, handle)) in
             sockets.into_iter().zip(self.workers.handles()).enumerate()
         {
@@ -220,12 +448,24 @@ impl Listeners {
                 runtime: Arc::clone(&self.runtime),
                 worker,
                 http1: self.http1,
+                listener: name.shared(),
+            };
+            let own = Own {
+                mode,
+                tls: Arc::clone(tls),
+                // Said in the logs when the file names its listeners.
+                label: if named {
+                    format!("listener {name} ")
+                } else {
+                    String::new()
+                },
             };
             handle.spawn(accept_loop(
                 socket,
                 ctx,
-                Arc::clone(&self.tls),
+                own,
                 drain.clone(),
+                retire.subscribe(),
                 rx,
             ));
             stops.push(tx);
@@ -234,14 +474,23 @@ impl Listeners {
     }
 }
 
+/// What an accept loop knows of its listener.
+struct Own {
+    mode: Mode,
+    tls: Arc<TlsSlot>,
+    /// `listener web ` in its log lines, or nothing for a file's one listener.
+    label: String,
+}
+
 /// How often a persistent accept error is logged, at most.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn accept_loop(
     socket: std::net::TcpListener,
     ctx: ConnContext,
-    tls: Arc<TlsSlot>,
+    own: Own,
     drain: watch::Receiver<bool>,
+    retire: watch::Receiver<bool>,
     mut rx: oneshot::Receiver<()>,
 ) {
     let listener = match TcpListener::from_std(socket) {
@@ -251,13 +500,14 @@ async fn accept_loop(
             return;
         }
     };
-    let drain = worker_drain(drain);
+    let drain = worker_drain(drain, retire);
     let runtime = &ctx.runtime;
     let addr = listener
         .local_addr()
         .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+    let label = &own.label;
     if ctx.worker == 0 {
-        tracing::info!("listening on {addr}");
+        tracing::info!("{label}listening on {addr}");
     }
     let cap = || runtime.snapshot().config.limits.max_connections;
     // Accept errors since the last one logged, and when that was.
@@ -294,7 +544,7 @@ async fn accept_loop(
                         }
                     };
                     match guard {
-                        Some(guard) => serve(stream, peer, guard, &ctx, &tls, drain.clone()),
+                        Some(guard) => serve(stream, peer, guard, &ctx, &own, drain.clone()),
                         None => break,
                     }
                 }
@@ -325,12 +575,12 @@ async fn accept_loop(
             if let Ok(stream) = stream {
                 // Already connected: past the cap rather than reset.
                 let guard = ctx.runtime.connections.admit();
-                serve(stream, peer, guard, &ctx, &tls, drain.clone());
+                serve(stream, peer, guard, &ctx, &own, drain.clone());
             }
         }
     }
     if ctx.worker == 0 {
-        tracing::info!("stopped accepting on {addr}");
+        tracing::info!("{label}stopped accepting on {addr}");
     }
 }
 
@@ -343,11 +593,19 @@ async fn accept_loop(
 /// begins, and the sender's drop when the grace ends (tcp connections and
 /// upgrades run until then). It holds the shared receiver while any of its
 /// own is alive, so shutdown still sees this worker's connections as open.
-fn worker_drain(mut drain: watch::Receiver<bool>) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(*drain.borrow());
+fn worker_drain(
+    mut drain: watch::Receiver<bool>,
+    mut retire: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*drain.borrow() || *retire.borrow());
     tokio::spawn(async move {
         tokio::select! {
             () = draining(&mut drain) => {
+                let _ = tx.send(true);
+            }
+            // The listener was removed by a reload: as a drain, for its
+            // connections only.
+            Ok(_) = retire.wait_for(|gone| *gone) => {
                 let _ = tx.send(true);
             }
             // The listener and all its connections are gone.
@@ -361,72 +619,70 @@ fn worker_drain(mut drain: watch::Receiver<bool>) -> watch::Receiver<bool> {
     rx
 }
 
-/// Serves one accepted connection: `mode: tcp` relays it, else the
-/// HTTP side (the fast path or hyper, by `--http1`).
-pub(crate) fn serve(
+/// Serves one accepted connection: a tcp listener relays it, an http one
+/// hands it to the HTTP side (the fast path or hyper, by `--http1`); TLS
+/// first when the listener terminates it.
+fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     guard: ConnectionGuard,
     ctx: &ConnContext,
-    tls: &TlsSlot,
+    own: &Own,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let snap = ctx.runtime.snapshot();
-    let tcp_mode = snap.config.mode == Mode::Tcp;
-    if tcp_mode && tls.current().is_none() {
-        let local = stream.local_addr().unwrap_or(peer);
-        let conn = tcp::Accepted {
-            peer,
-            local,
-            terminated: None,
-        };
-        return tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
-    }
-    if let Some(terminator) = tls.current() {
-        let limit = snap.config.timeouts.client_header;
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+    let tcp_mode = own.mode == Mode::Tcp;
+    let Some(terminator) = own.tls.current() else {
+        if tcp_mode {
             let local = stream.local_addr().unwrap_or(peer);
-            let handshake = tokio::time::timeout(limit, terminator.acceptor().accept(stream));
-            match handshake.await {
-                Ok(Ok(stream)) if tcp_mode => {
-                    let server_name = stream.get_ref().1.server_name().map(str::to_owned);
-                    let conn = tcp::Accepted {
-                        peer,
-                        local,
-                        terminated: Some(server_name),
-                    };
-                    tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
-                }
-                // h2 goes to hyper; HTTP/1.1 to the path `--http1` names.
-                Ok(Ok(stream)) => {
-                    // The connection outlives reloads: it must not pin this config.
-                    drop(snap);
-                    match (ctx.http1, stream.get_ref().1.alpn_protocol()) {
-                        (Http1::Fast, None | Some(b"http/1.1")) => {
-                            fast::serve(stream, peer, ctx, drain, guard).await;
-                        }
-                        _ => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
-                    }
-                }
-                Ok(Err(e)) => {
-                    ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                }
-                Err(_) => {
-                    ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
-                    tracing::debug!(%peer, "TLS handshake took longer than {limit:?} (timeouts.client_header)");
-                }
-            }
-        });
-        return;
-    }
-    drop(snap);
-    match ctx.http1 {
-        Http1::Fast => {
-            tokio::spawn(fast::serve(stream, peer, ctx.clone(), drain, guard));
+            let conn = tcp::Accepted {
+                peer,
+                local,
+                terminated: None,
+                listener: Arc::clone(&ctx.listener),
+            };
+            let snap = ctx.runtime.snapshot();
+            return tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
         }
-        Http1::Hyper => serve_hyper(stream, false, Bytes::new(), peer, guard, ctx, drain),
-    }
+        return match ctx.http1 {
+            Http1::Fast => {
+                tokio::spawn(fast::serve(stream, peer, ctx.clone(), drain, guard));
+            }
+            Http1::Hyper => serve_hyper(stream, false, Bytes::new(), peer, guard, ctx, drain),
+        };
+    };
+    let limit = ctx.runtime.snapshot().config.timeouts.client_header;
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let local = stream.local_addr().unwrap_or(peer);
+        let handshake = tokio::time::timeout(limit, terminator.acceptor().accept(stream));
+        match handshake.await {
+            Ok(Ok(stream)) if tcp_mode => {
+                let server_name = stream.get_ref().1.server_name().map(str::to_owned);
+                let conn = tcp::Accepted {
+                    peer,
+                    local,
+                    terminated: Some(server_name),
+                    listener: Arc::clone(&ctx.listener),
+                };
+                let snap = ctx.runtime.snapshot();
+                tcp::serve(stream, conn, &ctx.runtime, snap, drain, guard);
+            }
+            // h2 goes to hyper; HTTP/1.1 to the path `--http1` names.
+            Ok(Ok(stream)) => match (ctx.http1, stream.get_ref().1.alpn_protocol()) {
+                (Http1::Fast, None | Some(b"http/1.1")) => {
+                    fast::serve(stream, peer, ctx, drain, guard).await;
+                }
+                _ => serve_hyper(stream, true, Bytes::new(), peer, guard, &ctx, drain),
+            },
+            Ok(Err(e)) => {
+                ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+            }
+            Err(_) => {
+                ctx.runtime.tls.handshake_failures.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "TLS handshake took longer than {limit:?} (timeouts.client_header)");
+            }
+        }
+    });
 }

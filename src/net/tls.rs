@@ -1,4 +1,4 @@
-//! TLS termination on the listener: the handshake (bounded by
+//! TLS termination on a listener: the handshake (bounded by
 //! `timeouts.client_header`), and the certificates, which follow their
 //! files while lb runs.
 //!
@@ -26,7 +26,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::tls::{TlsSettings, TlsVersion};
+use crate::config::ListenerName;
 use crate::core::runtime::Runtime;
+use crate::net::listen::Listeners;
 use crate::obs::tls::CertStatus;
 use crate::tls::pair::{self, CertPair, PairError};
 use crate::tls::store::{CertStore, LiveResolver};
@@ -40,6 +42,9 @@ const SETTLE: Duration = Duration::from_millis(20);
 
 /// TLS for the listener: its settings, its acceptor and its live store.
 pub struct Terminator {
+    /// The listener it terminates for (its certificates are shown under
+    /// this name).
+    listener: ListenerName,
     settings: TlsSettings,
     acceptor: TlsAcceptor,
     resolver: Arc<LiveResolver>,
@@ -58,7 +63,7 @@ impl std::fmt::Debug for Terminator {
 impl Terminator {
     /// Loads every pair of `settings`; any that cannot serve is an error
     /// naming its file.
-    pub fn new(settings: &TlsSettings) -> Result<Terminator, String> {
+    pub fn new(settings: &TlsSettings, listener: ListenerName) -> Result<Terminator, String> {
         let pairs = settings
             .certificates
             .iter()
@@ -97,6 +102,7 @@ impl Terminator {
         let mut config = builder.with_cert_resolver(Arc::clone(&resolver) as _);
         config.alpn_protocols = settings.alpn.iter().map(|a| a.id().to_vec()).collect();
         Ok(Terminator {
+            listener,
             settings: settings.clone(),
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
@@ -203,7 +209,7 @@ impl Terminator {
                 error: judged.error.clone(),
             })
             .collect();
-        rt.tls.set(rt.snapshot().config.listen.to_string(), certs);
+        rt.tls.set(self.listener.as_str(), certs);
     }
 }
 
@@ -225,13 +231,24 @@ fn not_yet(why: &str) -> String {
     }
 }
 
-/// The listener's TLS, if any: swapped by reloads, read per connection.
-#[derive(Debug, Default)]
-pub struct TlsSlot(ArcSwapOption<Terminator>);
+/// A listener's TLS, if any: swapped by reloads, read per connection.
+#[derive(Debug)]
+pub struct TlsSlot {
+    listener: ListenerName,
+    current: ArcSwapOption<Terminator>,
+}
 
 impl TlsSlot {
+    /// The slot of the listener named `listener`, empty (plain TCP).
+    pub fn new(listener: ListenerName) -> TlsSlot {
+        TlsSlot {
+            listener,
+            current: ArcSwapOption::empty(),
+        }
+    }
+
     pub fn current(&self) -> Option<Arc<Terminator>> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
     /// What `settings` need: the current terminator when it has the same
@@ -250,7 +267,7 @@ impl TlsSlot {
                 t.recheck(rt);
                 Ok(Some(t))
             }
-            _ => Terminator::new(settings).map(|t| Some(Arc::new(t))),
+            _ => Terminator::new(settings, self.listener.clone()).map(|t| Some(Arc::new(t))),
         }
     }
 
@@ -258,15 +275,15 @@ impl TlsSlot {
     pub fn set(&self, next: Option<Arc<Terminator>>, rt: &Runtime) {
         match &next {
             Some(t) => t.publish(rt),
-            None => rt.tls.set(String::new(), Vec::new()),
+            None => rt.tls.remove(self.listener.as_str()),
         }
-        self.0.store(next);
+        self.current.store(next);
     }
 }
 
-/// Follows the certificate files of whatever terminator `slot` holds,
-/// until `stop` turns true.
-pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
+/// Follows the certificate files of every listener's terminator, until
+/// `stop` turns true.
+pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
     use notify::Watcher;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
@@ -274,8 +291,8 @@ pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Recei
     // and no descriptors.
     let mut watcher: Option<notify::RecommendedWatcher> = None;
     loop {
-        let current = slot.current();
-        if current.is_some() && watcher.is_none() {
+        let current = listeners.terminators();
+        if !current.is_empty() && watcher.is_none() {
             let tx = events_tx.clone();
             watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
                 let _ = tx.send(());
@@ -287,8 +304,8 @@ pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Recei
             })
             .ok();
         }
-        if let (Some(t), Some(w)) = (&current, watcher.as_mut()) {
-            let dirs = t.directories();
+        if let Some(w) = watcher.as_mut() {
+            let dirs: BTreeSet<PathBuf> = current.iter().flat_map(|t| t.directories()).collect();
             if dirs != watched {
                 for gone in watched.difference(&dirs) {
                     let _ = w.unwatch(gone);
@@ -301,6 +318,7 @@ pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Recei
                 watched = dirs;
             }
         }
+        drop(current);
         tokio::select! {
             () = crate::http::server::draining(&mut stop) => return,
             Some(()) = events.recv() => {
@@ -311,7 +329,7 @@ pub async fn follow(slot: Arc<TlsSlot>, rt: Arc<Runtime>, mut stop: watch::Recei
             // again at each look.
             () = tokio::time::sleep(LOOK_EVERY) => watched.clear(),
         }
-        if let Some(t) = slot.current() {
+        for t in listeners.terminators() {
             t.recheck(&rt);
         }
     }

@@ -22,10 +22,8 @@ pub struct CertStatus {
 
 #[derive(Debug, Default)]
 pub struct TlsStatus {
-    /// The listener's certificates, in config order; empty without TLS.
-    certificates: Mutex<Vec<CertStatus>>,
-    /// The listener, as `listen` names it, for the metric's label.
-    listener: Mutex<String>,
+    /// Each TLS listener's certificates, in config order, by listener name.
+    certificates: Mutex<Vec<(String, Vec<CertStatus>)>>,
     /// Handshakes that failed or timed out (the client's doing).
     pub handshake_failures: AtomicU64,
     /// Certificate files that changed but could not be applied.
@@ -35,25 +33,33 @@ pub struct TlsStatus {
 }
 
 impl TlsStatus {
-    pub fn set(&self, listener: String, certificates: Vec<CertStatus>) {
-        *self.listener.lock().unwrap_or_else(PoisonError::into_inner) = listener;
-        *self
+    /// What `listener` serves now.
+    pub fn set(&self, listener: &str, certificates: Vec<CertStatus>) {
+        let mut all = self
             .certificates
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = certificates;
+            .unwrap_or_else(PoisonError::into_inner);
+        match all.iter_mut().find(|(l, _)| l == listener) {
+            Some((_, certs)) => *certs = certificates,
+            None => all.push((listener.to_owned(), certificates)),
+        }
     }
 
-    pub fn certificates(&self) -> Vec<CertStatus> {
+    /// `listener` serves no TLS (any more).
+    pub fn remove(&self, listener: &str) {
         self.certificates
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .retain(|(l, _)| l != listener);
     }
 
-    pub fn listener(&self) -> String {
-        self.listener
+    /// Every certificate served, with its listener's name.
+    pub fn certificates(&self) -> Vec<(String, CertStatus)> {
+        self.certificates
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .flat_map(|(l, certs)| certs.iter().map(move |c| (l.clone(), c.clone())))
+            .collect()
     }
 }

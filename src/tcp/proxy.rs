@@ -57,6 +57,7 @@ pub(crate) fn serve<C>(
         peer,
         local,
         terminated,
+        listener,
     } = conn;
     let rt = Arc::clone(runtime);
     tokio::spawn(async move {
@@ -64,10 +65,13 @@ pub(crate) fn serve<C>(
         let mut drain = drain;
         let mut client = client;
         // Routes by SNI: the ClientHello is read (bounded) and relayed as is.
-        let sni_routes = snap.config.routes.iter().any(|r| r.host.is_some());
+        let Some(own) = snap.config.listener(&listener) else {
+            return;
+        };
+        let sni_routes = own.routes.iter().any(|r| r.host.is_some());
         let (pool, hello) = if let (true, Some(sni)) = (sni_routes, &terminated) {
             // lb terminated TLS: the session has the name.
-            let Some(routed) = snap.route(sni.as_deref(), "/") else {
+            let Some(routed) = snap.route(&listener, sni.as_deref(), "/") else {
                 tracing::debug!(%peer, sni = sni.as_deref().unwrap_or(""), "tcp connection closed: no route for this server name");
                 return;
             };
@@ -83,14 +87,17 @@ pub(crate) fn serve<C>(
                     return;
                 }
             };
-            let Some(routed) = snap.route(sni.as_deref(), "/") else {
+            let Some(routed) = snap.route(&listener, sni.as_deref(), "/") else {
                 tracing::debug!(%peer, sni = sni.as_deref().unwrap_or(""), "tcp connection closed: no route for this server name");
                 return;
             };
             (routed.index, hello)
         } else {
             // The catch-all route's pool (a one-pool file's only pool).
-            let pool = snap.route(None, "/").map_or(0, |routed| routed.index);
+            let Some(routed) = snap.route(&listener, None, "/") else {
+                return;
+            };
+            let pool = routed.index;
             (pool, Vec::new())
         };
         let Some(upstream) = connect(&rt, &snap, &snap.pools[pool], peer).await else {
@@ -153,6 +160,8 @@ pub(crate) struct Accepted {
     pub local: SocketAddr,
     /// `Some` when lb terminated TLS: the server name the client asked for.
     pub terminated: Option<Option<String>>,
+    /// The name of the listener that accepted it, whose routes apply.
+    pub listener: Arc<str>,
 }
 
 /// A connected backend, counted in flight until the guard drops.

@@ -109,7 +109,7 @@ impl Backend {
         v
     }
 
-    fn serve(listener: TcpListener, name: &str) -> Backend {
+    pub fn serve(listener: TcpListener, name: &str) -> Backend {
         let mut b = Backend {
             addr: listener.local_addr().unwrap(),
             name: name.to_owned(),
@@ -377,7 +377,7 @@ impl TestLb {
         let yaml = with_listen(yaml);
         std::fs::write(&path, &yaml).unwrap();
         let (config, hash) = lb::config::Config::load(&path).unwrap();
-        let listener = lb::net::listen::bind(config.listen).unwrap();
+        let listener = lb::net::listen::bind(config.listen()).unwrap();
         let settings = settings(
             &path,
             lb::reload::WatchSettings {

@@ -229,3 +229,38 @@ pub(crate) mod testing {
         eligible: &all,
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    /// A discovered pool whose name has no address yet has no members:
+    /// every strategy builds over none and picks none, without a panic.
+    #[test]
+    fn every_strategy_builds_over_an_empty_pool_and_picks_nothing() {
+        let none = pool(&[]);
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::LeastConnections,
+            Strategy::Random,
+            Strategy::PowerOfTwoChoices,
+            Strategy::ConsistentHash,
+            Strategy::PeakEwma,
+        ] {
+            for slow_start in [None, Some(std::time::Duration::from_secs(10))] {
+                let steering = Steering {
+                    slow_start,
+                    ..Steering::default()
+                };
+                let selector = build(strategy, &steering, &none, Clock::new());
+                let keyed = Pick {
+                    key: Some(7),
+                    eligible: &all,
+                };
+                assert_eq!(selector.select(&none, &ANY), None, "{strategy:?}");
+                assert_eq!(selector.select(&none, &keyed), None, "{strategy:?}");
+            }
+        }
+    }
+}

@@ -255,7 +255,16 @@ pub(crate) async fn serve<S: FastStream>(
         }
         let snap = rt.worker_snapshot();
         // Boxed: an idle connection's task then holds only the state above.
-        let step = Box::pin(serve_one(&mut stream, &mut buf, peer, &rt, &snap, &drain)).await;
+        let step = Box::pin(serve_one(
+            &mut stream,
+            &mut buf,
+            peer,
+            &ctx.listener,
+            &rt,
+            &snap,
+            &drain,
+        ))
+        .await;
         drop(snap);
         match step {
             Step::Next(done_at) => {
@@ -296,6 +305,7 @@ async fn serve_one<S: FastStream>(
     stream: &mut S,
     buf: &mut Buf,
     peer: SocketAddr,
+    listener: &str,
     rt: &crate::core::runtime::Runtime,
     snap: &Snapshot,
     drain: &watch::Receiver<bool>,
@@ -333,9 +343,10 @@ async fn serve_one<S: FastStream>(
         Step::Hyper(all.freeze())
     };
     let path_and_query = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Some(routed) = snap.route(proxy::route_host(&head), path_and_query) else {
-        // hyper's path answers it alike (404, nothing sent upstream); the
-        // fast path has no own-answer writer for a request with a body.
+    let Some(routed) = snap.route(listener, proxy::route_host(&head), path_and_query) else {
+        // hyper's path answers it alike (404, or a redirecting listener's
+        // 308; nothing sent upstream); the fast path has no own-answer
+        // writer for a request with a body.
         return to_hyper(buf);
     };
     let pool = routed.pool;
