@@ -1131,3 +1131,85 @@ async fn a_stream_outlives_a_reload_that_keeps_its_backend() {
     assert_eq!(incoming.message().await.unwrap(), None);
     assert_eq!(b1.hits(), 1, "the stream stayed on its backend");
 }
+
+/// A raw HTTP/2 backend, frame by frame: once two streams have opened it
+/// sends a graceful GOAWAY whose last stream id is the first, answers that
+/// one `200` and never the second.
+async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answered = Arc::new(AtomicUsize::new(0));
+    let a = Arc::clone(&answered);
+    let addr = raw_server(move |mut s| {
+        let answered = Arc::clone(&a);
+        async move {
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                return;
+            }
+            let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+                let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                f.extend_from_slice(&[kind, flags]);
+                f.extend_from_slice(&stream.to_be_bytes());
+                f.extend_from_slice(payload);
+                f
+            };
+            let _ = s.write_all(&frame(4, 0, 0, &[])).await; // SETTINGS
+            let mut streams = Vec::new();
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let (kind, flags) = (head[3], head[4]);
+                let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                if kind == 4 && flags & 1 == 0 {
+                    let _ = s.write_all(&frame(4, 1, 0, &[])).await; // SETTINGS ACK
+                }
+                if kind == 1 && !streams.contains(&stream) {
+                    streams.push(stream);
+                    if streams.len() == 2 {
+                        let mut goaway = streams[0].to_be_bytes().to_vec();
+                        goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                        let _ = s.write_all(&frame(7, 0, 0, &goaway)).await;
+                        // `:status: 200` (HPACK static index 8), END_HEADERS | END_STREAM.
+                        let _ = s.write_all(&frame(1, 0x5, streams[0], &[0x88])).await;
+                        answered.fetch_add(1, SeqCst);
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (addr, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_above_a_goaways_last_stream_id_go_to_another_backend() {
+    let (raw, answered) = goaway_backend().await;
+    let (good, seen) = h2_backend(false).await;
+    // Weights 256:1: both requests go to the raw backend first.
+    let t = TestLb::start(&format!(
+        "protocol: h2c\nbackends:\n  - address: {raw}\n    weight: 256\n  - address: {good}\n    weight: 1\n"
+    ))
+    .await;
+    let c = h2c_client();
+    let post = |n: u32| {
+        Request::post(t.url(&format!("/call/{n}")))
+            .header("content-length", "4")
+            .body(Full::new(Bytes::from_static(b"body")))
+            .unwrap()
+    };
+    // Two POSTs at once on one client connection: one lb worker, one
+    // backend connection.
+    let (a, b) = tokio::join!(send(&c, post(1)), send(&c, post(2)));
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(answered.load(SeqCst), 1, "the raw backend answered one");
+    let heads = seen.heads.lock().unwrap();
+    assert_eq!(heads.len(), 1, "the other went to the good backend, once");
+}

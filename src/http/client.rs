@@ -299,13 +299,20 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String
     (kind, root_cause(err))
 }
 
-/// Whether an HTTP/2 backend reset the stream with `REFUSED_STREAM`
-/// before processing any of it (RFC 9113 §8.7).
+/// Whether an HTTP/2 backend refused the stream before processing any of
+/// it (RFC 9113 §8.7): reset with `REFUSED_STREAM`, or above the last
+/// stream id of a graceful GOAWAY (`NO_ERROR`; h2 fails only those streams
+/// with it, those at or below it run on, and an error GOAWAY fails every
+/// stream with its own code).
 fn refused_stream(err: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+                _ => false,
+            };
         }
         cur = e.source();
     }
