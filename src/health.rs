@@ -18,8 +18,9 @@
 //! A backend starts eligible and is taken out after `unhealthy_threshold`
 //! failures in a row; it comes back after `healthy_threshold` passes.
 //!
-//! A probe is a GET of `health_check.path` in http mode and a plain TCP
-//! connect in tcp mode (no path); thresholds, logs and the carry-over of
+//! A probe is a GET of `health_check.path` in http mode (over HTTP/2 with
+//! prior knowledge for a `protocol: h2c` pool, whose backends may speak
+//! nothing else) and a plain TCP connect in tcp mode (no path); thresholds, logs and the carry-over of
 //! streaks across reloads are the same for both.
 //!
 //! When the checks hold every backend of the pool down, one line says so
@@ -35,7 +36,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -55,9 +56,11 @@ use crate::core::state::BackendState;
 use crate::obs::local::{Op, Shortage};
 use crate::tcp::proxy_protocol::local_header;
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+type ProbeClient = Client<HttpConnector, Full<Bytes>>;
 
-fn probe_client() -> ProbeClient {
+/// `h2c`: HTTP/2 with prior knowledge, for the backends of a `protocol:
+/// h2c` pool (which may speak nothing else).
+fn probe_client(h2c: bool) -> ProbeClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     // Probes keep one connection per backend alive (as Envoy does) rather
@@ -66,6 +69,7 @@ fn probe_client() -> ProbeClient {
         .pool_max_idle_per_host(1)
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_timer(TokioTimer::new())
+        .http2_only(h2c)
         .build(connector)
 }
 
@@ -138,9 +142,10 @@ fn pool_verdict(
         .iter()
         .map(|b| reasons.get(&(pool.name().clone(), b.addr.clone())))
         .collect::<Option<_>>()?;
-    let check = match &hc.path {
-        Some(path) => format!("GET {path}"),
-        None => "the TCP connect check".to_owned(),
+    let check = match (&hc.path, &hc.grpc) {
+        (Some(path), _) => format!("GET {path}"),
+        (None, Some(_)) => "the gRPC health check".to_owned(),
+        (None, None) => "the TCP connect check".to_owned(),
     };
     let who = match failures.len() {
         1 => "the only backend fails".to_owned(),
@@ -296,7 +301,8 @@ async fn probe_loop(
     reasons: DownReasons,
 ) {
     // Owned by this task: ending the task closes the backend's connection.
-    let client = probe_client();
+    // Both connect lazily: only the pool's protocol's is ever used.
+    let (client, h2c_client) = (probe_client(false), probe_client(true));
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
     };
@@ -318,7 +324,8 @@ async fn probe_loop(
         let Some(settings) = current(&runtime, &state.pool) else {
             return;
         };
-        let result = probe(&client, &authority, &settings).await;
+        let client = if settings.h2c { &h2c_client } else { &client };
+        let result = probe(client, &authority, &settings).await;
         let hc = &settings.check;
         if let Err(ProbeFailure::Local(shortage, why)) = &result {
             // lb's own shortage says nothing about the backend: no verdict.
@@ -382,6 +389,8 @@ struct ProbeSettings {
     check: HealthCheck,
     /// `send_proxy_protocol` (tcp mode): a TCP probe opens with the header.
     proxy_protocol: Option<ProxyProtocol>,
+    /// The pool speaks HTTP/2 with prior knowledge: so do its probes.
+    h2c: bool,
 }
 
 fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeSettings> {
@@ -390,6 +399,7 @@ fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeS
     Some(ProbeSettings {
         check: pool.config.health_check.clone()?,
         proxy_protocol: snap.config.send_proxy_protocol,
+        h2c: pool.config.protocol == crate::config::Protocol::H2c,
     })
 }
 
@@ -400,9 +410,10 @@ async fn probe(
     settings: &ProbeSettings,
 ) -> Result<(), ProbeFailure> {
     let hc = &settings.check;
-    match &hc.path {
-        Some(path) => http_probe(client, authority, path.clone(), hc.timeout).await,
-        None => tcp_probe(authority, hc.timeout, settings.proxy_protocol).await,
+    match (&hc.path, &hc.grpc) {
+        (Some(path), _) => http_probe(client, authority, path.clone(), hc.timeout).await,
+        (None, Some(service)) => grpc_probe(client, authority, service, hc.timeout).await,
+        (None, None) => tcp_probe(authority, hc.timeout, settings.proxy_protocol).await,
     }
 }
 
@@ -431,6 +442,177 @@ async fn tcp_probe(
     }
 }
 
+/// One call of grpc.health.v1.Health/Check for `service` (over the h2c
+/// client): an OK answer saying SERVING within the timeout passes.
+async fn grpc_probe(
+    client: &ProbeClient,
+    authority: &Authority,
+    service: &str,
+    limit: Duration,
+) -> Result<(), ProbeFailure> {
+    let uri = format!("http://{authority}/grpc.health.v1.Health/Check");
+    let mut req = Request::new(Full::new(grpc_health::request(service)));
+    *req.method_mut() = hyper::Method::POST;
+    *req.uri_mut() = uri
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| ProbeFailure::Failed(e.to_string()))?;
+    let headers = req.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+    headers.insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| {
+            let why = crate::http::client::root_cause(&e).to_string();
+            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
+                Some(shortage) => ProbeFailure::Local(shortage, why),
+                None => ProbeFailure::Failed(why),
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        if !parts.status.is_success() {
+            return Err(ProbeFailure::Status(parts.status));
+        }
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| ProbeFailure::Failed(e.to_string()))?;
+        // grpc-status in the trailers, or in the head of a trailers-only answer.
+        let trailers = collected.trailers().cloned();
+        let status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| parts.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if status != "0" {
+            let message = trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-message"))
+                .or_else(|| parts.headers.get("grpc-message"))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return Err(ProbeFailure::Failed(format!(
+                "grpc-status {status:?} {message}"
+            )));
+        }
+        match grpc_health::serving(&collected.to_bytes()) {
+            Some(1) => Ok(()),
+            Some(n) => Err(ProbeFailure::Failed(format!(
+                "gRPC health {}",
+                grpc_health::status_name(n)
+            ))),
+            None => Err(ProbeFailure::Failed("not a gRPC health answer".to_owned())),
+        }
+    };
+    match timeout(limit, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeFailure::TimedOut(limit)),
+    }
+}
+
+/// grpc.health.v1's two messages, by hand (one field each).
+mod grpc_health {
+    use hyper::body::Bytes;
+
+    /// A gRPC-framed `HealthCheckRequest { service }`.
+    pub fn request(service: &str) -> Bytes {
+        let mut msg = Vec::with_capacity(service.len() + 6);
+        if !service.is_empty() {
+            msg.push(0x0a); // field 1, length-delimited
+            varint(&mut msg, service.len() as u64);
+            msg.extend_from_slice(service.as_bytes());
+        }
+        let mut out = Vec::with_capacity(5 + msg.len());
+        out.push(0); // not compressed
+        out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        out.extend_from_slice(&msg);
+        Bytes::from(out)
+    }
+
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// The `status` of a gRPC-framed `HealthCheckResponse` (0 when absent,
+    /// as proto3 leaves a default out); `None` if it is not one.
+    pub fn serving(body: &[u8]) -> Option<u64> {
+        let (prefix, rest) = body.split_at_checked(5)?;
+        if prefix[0] != 0 {
+            return None; // compressed: lb asked for none
+        }
+        let len = u32::from_be_bytes(prefix[1..5].try_into().ok()?) as usize;
+        let msg = rest.get(..len)?;
+        let (mut at, mut status) = (0, 0);
+        while at < msg.len() {
+            let key = read_varint(msg, &mut at)?;
+            match key & 7 {
+                0 => {
+                    let v = read_varint(msg, &mut at)?;
+                    if key >> 3 == 1 {
+                        status = v;
+                    }
+                }
+                2 => {
+                    let n = read_varint(msg, &mut at)? as usize;
+                    at = at.checked_add(n).filter(|&end| end <= msg.len())?;
+                }
+                1 => at += 8,
+                5 => at += 4,
+                _ => return None,
+            }
+        }
+        Some(status)
+    }
+
+    pub fn status_name(n: u64) -> &'static str {
+        match n {
+            0 => "UNKNOWN",
+            1 => "SERVING",
+            2 => "NOT_SERVING",
+            3 => "SERVICE_UNKNOWN",
+            _ => "status unknown to lb",
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn messages_by_hand() {
+            assert_eq!(&request("")[..], &[0, 0, 0, 0, 0]);
+            assert_eq!(
+                &request("a.B")[..],
+                &[0, 0, 0, 0, 5, 0x0a, 3, b'a', b'.', b'B']
+            );
+            assert_eq!(serving(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+            assert_eq!(serving(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+            assert_eq!(serving(&[0, 0, 0, 0, 0]), Some(0));
+            assert_eq!(serving(&[0, 0, 0]), None);
+        }
+    }
+}
+
 /// One GET of the health path: a 2xx or 3xx within the timeout passes.
 async fn http_probe(
     client: &ProbeClient,
@@ -443,7 +625,7 @@ async fn http_probe(
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
     let uri = Uri::from_parts(parts).map_err(|e| ProbeFailure::Failed(e.to_string()))?;
-    let mut req = Request::new(Empty::new());
+    let mut req = Request::new(Full::default());
     *req.uri_mut() = uri;
     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
         req.headers_mut().insert(HOST, host);

@@ -43,8 +43,10 @@
 //!   hands what it does not serve to hyper); per-request header work and
 //!   routing ([`http::proxy`]); the attempt loop that sends a request to its
 //!   pool and retries it ([`http::retry`]); bodies; the per-worker backend
-//!   client ([`http::client`]); `Upgrade` pass-through; affinity cookies;
-//!   the HTTP/2 stream watchdog ([`http::h2_stream`]).
+//!   clients ([`http::client`]: HTTP/1.1, and HTTP/2 to `protocol: h2c`
+//!   pools); `Upgrade` pass-through; affinity cookies; the HTTP/2 stream
+//!   watchdog ([`http::h2_stream`]); gRPC calls ([`http::grpc`]: which
+//!   requests are, lb's own answers to them).
 //! * [`tcp`]: `mode: tcp`, layer-4 proxying: the catch-all pool, or a
 //!   pool picked by the TLS server name (passed through, or terminated).
 //! * [`net`]: listening sockets (one per worker, `SO_REUSEPORT`), accept

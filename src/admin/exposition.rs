@@ -128,6 +128,24 @@ impl Collector for Exporter {
             let sum = h.sum_us.load(Relaxed) as f64 / 1e6;
             e.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)?;
         }
+        let grpc = snap
+            .pools
+            .iter()
+            .map(|p| (p.name().to_string(), &p.shared.grpc))
+            .chain(std::iter::once((NO_BACKEND.to_owned(), &m.grpc_unrouted)))
+            .flat_map(|(pool, counts)| {
+                counts.nonzero().map(move |(status, n)| {
+                    let labels = vec![("pool", pool.clone()), ("grpc_status", status)];
+                    (labels, ConstCounter::new(n))
+                })
+            });
+        family(
+            &mut enc,
+            "lb_grpc_requests",
+            "gRPC calls (content-type application/grpc), by the grpc-status their client got (none: the stream ended without one)",
+            MetricType::Counter,
+            grpc,
+        )?;
         family(
             &mut enc,
             "lb_upstream_attempts",

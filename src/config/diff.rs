@@ -182,6 +182,7 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
         present: None,
         settings: &[
             ("strategy", |c| c.strategy.to_string()),
+            ("protocol", |c| c.protocol.to_string()),
             ("hash_key", |c| hash_key(&c.steering.hash_key)),
             ("peak_ewma.decay", |c| dur(c.steering.peak_ewma_decay)),
             ("slow_start", |c| opt(c.steering.slow_start.map(dur))),
@@ -193,6 +194,13 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
         settings: &[
             ("health_check.path", |c| {
                 opt(c.health_check.as_ref().and_then(|h| h.path.as_ref()))
+            }),
+            ("health_check.grpc_service", |c| {
+                opt(c
+                    .health_check
+                    .as_ref()
+                    .and_then(|h| h.grpc.as_ref())
+                    .map(|s| format!("{s:?}")))
             }),
             ("health_check.interval", |c| {
                 opt(c.health_check.as_ref().map(|h| dur(h.interval)))
@@ -237,6 +245,7 @@ const POOL_SECTIONS: &[Section<PoolConfig>] = &[
                     (on.connect_failure, "connect_failure"),
                     (on.reset, "reset"),
                     (on.timeout, "timeout"),
+                    (on.unavailable, "unavailable"),
                 ];
                 let mut names: Vec<String> = classes
                     .iter()
@@ -642,6 +651,12 @@ health_check:
             diff(BASE, &other_path),
             "changed health_check.path /health→/ready"
         );
+    }
+
+    #[test]
+    fn a_changed_protocol_is_named() {
+        let new = format!("protocol: h2c\n{BASE}");
+        assert_eq!(diff(BASE, &new), "changed protocol http1→h2c");
     }
 
     #[test]

@@ -193,6 +193,32 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// What lb speaks to a pool's backends (`protocol:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// HTTP/1.1, keep-alive pooled (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP: one multiplexed
+    /// connection per backend and worker. gRPC backends are served so.
+    H2c,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One pool member as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -261,8 +287,11 @@ pub struct Timeouts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Path probed on each backend with GET; `None` (always, in tcp mode)
-    /// makes the probe a plain TCP connect.
+    /// makes the probe a plain TCP connect, or the gRPC check.
     pub path: Option<PathAndQuery>,
+    /// `grpc: true`: the service (`grpc_service`, "" for the whole server)
+    /// whose grpc.health.v1.Health/Check must answer SERVING.
+    pub grpc: Option<String>,
     /// Time between probes of one backend.
     pub interval: Duration,
     /// A probe slower than this fails.
@@ -309,6 +338,8 @@ pub struct RetryOn {
     pub reset: bool,
     /// No response head in time.
     pub timeout: bool,
+    /// A trailers-only gRPC answer with `grpc-status: 14` (UNAVAILABLE).
+    pub unavailable: bool,
     /// Response statuses that are retried, sorted.
     pub statuses: Vec<u16>,
 }
@@ -1085,6 +1116,11 @@ impl PoolConfig {
                 interval,
                 ..
             }) => format!("health checks {path} every {interval:?}"),
+            Some(HealthCheck {
+                grpc: Some(service),
+                interval,
+                ..
+            }) => format!("health checks gRPC Health/Check {service:?} every {interval:?}"),
             Some(h) => format!("health checks tcp connect every {:?}", h.interval),
             None => "health checks off".to_owned(),
         };
@@ -1101,6 +1137,11 @@ impl PoolConfig {
             1 => "retry off (1 attempt)".to_owned(),
             n => format!("retry {n} attempts"),
         };
+        // The default protocol goes unsaid: every line before it existed.
+        let protocol = match self.protocol {
+            Protocol::Http1 => String::new(),
+            p => format!(", protocol {p}"),
+        };
         let members = match &self.discovery {
             Some(d) => format!(
                 "backends from {} (every {}, resolver {})",
@@ -1112,7 +1153,7 @@ impl PoolConfig {
             None => format!("{backends} (total weight {})", self.total_weight()),
         };
         format!(
-            "{prefix}strategy {}, {members}, {health}, {attempts}",
+            "{prefix}strategy {}{protocol}, {members}, {health}, {attempts}",
             self.strategy,
         )
     }

@@ -3,7 +3,7 @@
 //!
 //! The top-level pool keys (`backends`, `strategy`, `health_check`, `retry`,
 //! `outlier_detection`, `hash_key`, `session_affinity`, `peak_ewma`,
-//! `slow_start`) are each pool's defaults: a pool that sets a key replaces
+//! `slow_start`, `protocol`) are each pool's defaults: a pool that sets a key replaces
 //! the default's value for that key whole (as an nginx `location` replaces
 //! a `server`'s directive), one that does not inherits it. A file without
 //! `pools` is one pool named `default` with a catch-all route, so every
@@ -17,12 +17,14 @@ use serde::Deserialize;
 
 use super::listeners::ListenerName;
 use super::raw::{
-    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawOutlierDetection, RawRetry,
-    RawStrategy,
+    HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawOutlierDetection, RawProtocol,
+    RawRetry, RawStrategy,
 };
 use super::steering::{RawPeakEwma, RawSessionAffinity};
 use super::{check_path_prefix, HostMatch};
-use super::{BackendConfig, HealthCheck, OutlierDetection, RetryPolicy, Steering, Strategy};
+use super::{
+    BackendConfig, HealthCheck, OutlierDetection, Protocol, RetryPolicy, Steering, Strategy,
+};
 
 type Invalid = (String, String);
 
@@ -41,6 +43,7 @@ pub struct RawPool {
     pub session_affinity: Option<RawSessionAffinity>,
     pub peak_ewma: Option<RawPeakEwma>,
     pub slow_start: Option<HumanDuration>,
+    pub protocol: Option<RawProtocol>,
 }
 
 /// One entry of `routes:` as written.
@@ -110,6 +113,8 @@ pub struct PoolConfig {
     pub retry: RetryPolicy,
     /// Hash key, sticky cookie, peak-EWMA decay and slow start.
     pub steering: Steering,
+    /// What lb speaks to the backends.
+    pub protocol: Protocol,
 }
 
 impl PoolConfig {
@@ -170,6 +175,7 @@ pub(super) fn defaults(raw: &mut RawConfig) -> RawPool {
         session_affinity: raw.session_affinity.take(),
         peak_ewma: raw.peak_ewma.take(),
         slow_start: raw.slow_start.take(),
+        protocol: raw.protocol.take(),
     }
 }
 
@@ -266,6 +272,7 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
                 .filter(|_| applies(RawStrategy::PeakEwma))
         }),
         slow_start: pool.slow_start.or(defaults.slow_start),
+        protocol: pool.protocol.or(defaults.protocol),
         strategy,
     }
 }

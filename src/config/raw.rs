@@ -49,6 +49,8 @@ pub struct RawConfig {
     pub peak_ewma: Option<super::steering::RawPeakEwma>,
     /// Ramp-up window for joining backends; off when absent.
     pub slow_start: Option<HumanDuration>,
+    /// What lb speaks to the backends (`http1`, `h2c`); http1 when absent.
+    pub protocol: Option<RawProtocol>,
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
@@ -107,6 +109,27 @@ impl<'de> Deserialize<'de> for RawMode {
         d.deserialize_str(Named {
             what: "a mode",
             names: &[("http", RawMode::Http), ("tcp", RawMode::Tcp)],
+        })
+    }
+}
+
+/// `protocol:`: what lb speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawProtocol {
+    Http1,
+    H2c,
+    /// HTTP/2 over TLS (ALPN h2): refused by `validate` for now.
+    H2,
+    /// TLS, ALPN choosing h2 or http/1.1: refused by `validate` for now.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for RawProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use RawProtocol::*;
+        d.deserialize_str(Named {
+            what: "a backend protocol",
+            names: &[("http1", Http1), ("h2c", H2c), ("h2", H2), ("auto", Auto)],
         })
     }
 }
@@ -207,6 +230,10 @@ pub struct RawTimeouts {
 #[serde(deny_unknown_fields, expecting = "a mapping like {path: /health}")]
 pub struct RawHealthCheck {
     pub path: Option<String>,
+    /// `true`: grpc.health.v1.Health/Check instead of a GET.
+    pub grpc: Option<bool>,
+    /// The service the gRPC check asks about; default "" (the server).
+    pub grpc_service: Option<String>,
     pub interval: Option<HumanDuration>,
     pub timeout: Option<HumanDuration>,
     pub healthy_threshold: Option<i64>,
@@ -247,6 +274,8 @@ pub enum RawRetryOn {
     ConnectFailure,
     Reset,
     Timeout,
+    /// A trailers-only gRPC answer with `grpc-status: 14`.
+    Unavailable,
     Status(u16),
 }
 
@@ -256,7 +285,7 @@ impl<'de> Deserialize<'de> for RawRetryOn {
         impl Visitor<'_> for V {
             type Value = RawRetryOn;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("connect_failure, reset, timeout or a 5xx status code")
+                f.write_str("connect_failure, reset, timeout, unavailable or a 5xx status code")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawRetryOn, E> {
                 match u16::try_from(v) {
@@ -274,6 +303,7 @@ impl<'de> Deserialize<'de> for RawRetryOn {
                     "connect_failure" => Ok(RawRetryOn::ConnectFailure),
                     "reset" => Ok(RawRetryOn::Reset),
                     "timeout" => Ok(RawRetryOn::Timeout),
+                    "unavailable" => Ok(RawRetryOn::Unavailable),
                     // Environment overrides arrive as strings.
                     other => match other.parse::<u64>() {
                         Ok(n) => self.visit_u64(n),

@@ -64,6 +64,59 @@ fn full_example_parses() {
     assert_eq!(c.first_pool().outlier_detection.consecutive_failures, None);
 }
 
+/// `protocol:` defaults to http1; the top-level value is each pool's default.
+#[test]
+fn grpc_health_checks_parse() {
+    let c = parse(&format!(
+        "protocol: h2c\nhealth_check:\n  grpc: true\n  grpc_service: my.Svc\n{MINIMAL}"
+    ))
+    .unwrap();
+    let hc = c.first_pool().health_check.clone().unwrap();
+    assert_eq!(hc.grpc.as_deref(), Some("my.Svc"));
+    assert!(hc.path.is_none());
+    assert!(
+        c.summary()
+            .contains("health checks gRPC Health/Check \"my.Svc\" every 2s"),
+        "{}",
+        c.summary()
+    );
+    let c = parse(&format!(
+        "protocol: h2c\nhealth_check: {{grpc: true}}\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.first_pool().health_check.clone().unwrap().grpc.as_deref(),
+        Some("")
+    );
+}
+
+#[test]
+fn protocol_is_a_pool_key_with_a_top_level_default() {
+    use super::Protocol;
+    assert_eq!(
+        parse(MINIMAL).unwrap().first_pool().protocol,
+        Protocol::Http1
+    );
+    let c = parse(
+        "protocol: h2c\npools:\n  a:\n    backends: [{address: 127.0.0.1:9001}]\n  b:\n    protocol: http1\n    backends: [{address: 127.0.0.1:9002}]\nroutes:\n  - {path_prefix: /a, pool: a}\n  - {path_prefix: /, pool: b}\n",
+    )
+    .unwrap();
+    assert_eq!(c.pools[0].protocol, Protocol::H2c);
+    assert_eq!(c.pools[1].protocol, Protocol::Http1);
+    assert!(
+        c.summary()
+            .contains("pool a: strategy round_robin, protocol h2c, 1 backend"),
+        "{}",
+        c.summary()
+    );
+    assert!(
+        c.summary()
+            .contains("pool b: strategy round_robin, 1 backend"),
+        "{}",
+        c.summary()
+    );
+}
+
 #[test]
 fn response_relay_timeouts_load() {
     let c = parse(&format!(
@@ -175,7 +228,7 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
     ("backends:\n  - address: 127.0.0.1:9001\nlimits:\n  max_connections: 99999999999999999999999\n",
      "conf/lb.yaml:4:20: limits.max_connections: 99999999999999999999999 is too large"),
     ("listen: 127.0.0.1:8080\nstratgy: random\nbackends:\n  - address: 127.0.0.1:9001\n",
-     "conf/lb.yaml:2:1: stratgy: unknown key; expected one of listen, mode, strategy, backends, discovery, timeouts, health_check, outlier_detection, retry, hash_key, session_affinity, peak_ewma, slow_start, limits, admin, access_log, send_proxy_protocol, pools, routes, tls, listeners"),
+     "conf/lb.yaml:2:1: stratgy: unknown key; expected one of listen, mode, strategy, backends, discovery, timeouts, health_check, outlier_detection, retry, hash_key, session_affinity, peak_ewma, slow_start, protocol, limits, admin, access_log, send_proxy_protocol, pools, routes, tls, listeners"),
     ("backends:\n  - address: 127.0.0.1:9001\n    wieght: 2\n",
      "conf/lb.yaml:3:5: backends[0].wieght: unknown key; expected address or weight"),
     ("backends:\n  - weight: 2\n",
@@ -241,7 +294,7 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  retry_on: [connect_failure, 404]\n",
      "conf/lb.yaml:4:31: retry.retry_on[1]: 404 is not a 5xx status code (only server errors are retried)"),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  retry_on: [sometimes]\n",
-     "conf/lb.yaml:4:14: retry.retry_on[0]: expected connect_failure, reset, timeout or a 5xx status code, found \"sometimes\""),
+     "conf/lb.yaml:4:14: retry.retry_on[0]: expected connect_failure, reset, timeout, unavailable or a 5xx status code, found \"sometimes\""),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  budget:\n    ratio: -1\n",
      "conf/lb.yaml:5:12: retry.budget.ratio: -1 is out of range (0 to 1000)"),
     ("backends:\n  - address: 127.0.0.1:9001\nretry:\n  buffer_body_limit: 1GiB\n",
@@ -266,6 +319,20 @@ const BAD_CONFIGS: &[(&str, &str)] = &[
      "conf/lb.yaml:2:11: session_affinity.cookie: \"a b\" is not a valid cookie name"),
     ("session_affinity:\n  cookie: x\n  tll: 1h\nbackends:\n  - address: 127.0.0.1:9001\n",
      "conf/lb.yaml:3:3: session_affinity.tll: unknown key; expected cookie or ttl"),
+    ("health_check:\n  grpc: true\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:2:9: health_check.grpc: a gRPC health check needs protocol: h2c (gRPC is HTTP/2)"),
+    ("protocol: h2c\nhealth_check:\n  grpc: true\n  path: /health\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:4:9: health_check.path: a gRPC health check calls grpc.health.v1.Health/Check: remove the path"),
+    ("protocol: h2c\nhealth_check:\n  grpc_service: a.B\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:3:17: health_check.grpc_service: names the service of a gRPC health check: set grpc: true too"),
+    ("protocol: h3\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:1:11: protocol: \"h3\" is not a backend protocol; expected one of http1, h2c, h2, auto"),
+    ("protocol: h2\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:1:11: protocol: h2 (HTTP/2 over TLS to backends) is not supported yet; use h2c (HTTP/2 without TLS) or http1"),
+    ("pools:\n  grpc:\n    protocol: auto\n    backends:\n      - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:3:15: pools.grpc.protocol: auto (TLS to backends, ALPN choosing h2 or http/1.1) is not supported yet; use h2c or http1"),
+    ("mode: tcp\nprotocol: h2c\nbackends:\n  - address: 127.0.0.1:9001\n",
+     "conf/lb.yaml:2:11: protocol: chooses the HTTP version spoken to backends: not available with mode: tcp (bytes are relayed as they come)"),
     ("slow_start: soon\nbackends:\n  - address: 127.0.0.1:9001\n",
      "conf/lb.yaml:1:13: slow_start: \"soon\" is not a duration; write it like 250ms, 2s or 1m 30s"),
     ("listen: 127.0.0.1:8080\nadmin: 127.0.0.1:8080\nbackends:\n  - address: 127.0.0.1:9001\n",

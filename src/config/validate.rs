@@ -14,11 +14,11 @@ use super::listeners::{self, ListenerConfig, ListenerName};
 use super::pools::{self, PoolConfig, PoolName, RawPool};
 use super::raw::{
     HumanDuration, RawBackend, RawConfig, RawHealthCheck, RawLimits, RawMode, RawOutlierDetection,
-    RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
+    RawProtocol, RawProxyProtocol, RawRetry, RawRetryOn, RawStrategy,
 };
 use super::{
-    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, ProxyProtocol,
-    RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
+    BackendAddr, BackendConfig, Config, HealthCheck, Limits, Mode, OutlierDetection, Protocol,
+    ProxyProtocol, RetryBudgetConfig, RetryOn, RetryPolicy, Strategy, Timeouts,
 };
 
 type Invalid = (String, String);
@@ -372,6 +372,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         RawStrategy::ConsistentHash => Strategy::ConsistentHash,
         RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
+    let protocol = protocol(raw.protocol, mode)?;
     let (backends, discovery) = match (raw.backends, raw.discovery) {
         (Some(_), Some(_)) => {
             return invalid(
@@ -384,7 +385,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
     };
     let health_check = raw
         .health_check
-        .map(|hc| health_check(hc, mode))
+        .map(|hc| health_check(hc, mode, protocol))
         .transpose()?;
     let outlier_detection = outlier_detection(raw.outlier_detection)?;
     let retry = retry(raw.retry)?;
@@ -418,7 +419,33 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         outlier_detection,
         retry,
         steering,
+        protocol,
     })
+}
+
+/// `protocol:` → what lb speaks to the pool's backends.
+fn protocol(raw: Option<RawProtocol>, mode: Mode) -> Result<Protocol, Invalid> {
+    let Some(raw) = raw else {
+        return Ok(Protocol::Http1);
+    };
+    if mode == Mode::Tcp {
+        return invalid(
+            "protocol",
+            "chooses the HTTP version spoken to backends: not available with mode: tcp (bytes are relayed as they come)",
+        );
+    }
+    match raw {
+        RawProtocol::Http1 => Ok(Protocol::Http1),
+        RawProtocol::H2c => Ok(Protocol::H2c),
+        RawProtocol::H2 => invalid(
+            "protocol",
+            "h2 (HTTP/2 over TLS to backends) is not supported yet; use h2c (HTTP/2 without TLS) or http1",
+        ),
+        RawProtocol::Auto => invalid(
+            "protocol",
+            "auto (TLS to backends, ALPN choosing h2 or http/1.1) is not supported yet; use h2c or http1",
+        ),
+    }
 }
 
 /// hyper's smallest read buffer; a head limit below it could not be honoured.
@@ -529,8 +556,41 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
     )))
 }
 
-fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid> {
+fn health_check(
+    raw: RawHealthCheck,
+    mode: Mode,
+    protocol: Protocol,
+) -> Result<HealthCheck, Invalid> {
+    let grpc = match (raw.grpc.unwrap_or(false), raw.grpc_service) {
+        (false, Some(_)) => {
+            return invalid(
+                "health_check.grpc_service",
+                "names the service of a gRPC health check: set grpc: true too",
+            )
+        }
+        (false, None) => None,
+        (true, _) if mode == Mode::Tcp => {
+            return invalid(
+                "health_check.grpc",
+                "a gRPC health check needs mode: http and protocol: h2c",
+            )
+        }
+        (true, _) if protocol != Protocol::H2c => {
+            return invalid(
+                "health_check.grpc",
+                "a gRPC health check needs protocol: h2c (gRPC is HTTP/2)",
+            )
+        }
+        (true, _) if raw.path.is_some() => {
+            return invalid(
+                "health_check.path",
+                "a gRPC health check calls grpc.health.v1.Health/Check: remove the path",
+            )
+        }
+        (true, service) => Some(service.unwrap_or_default()),
+    };
     let path = match (mode, raw.path) {
+        _ if grpc.is_some() => None,
         (Mode::Tcp, Some(path)) => {
             return invalid(
                 "health_check.path",
@@ -552,6 +612,7 @@ fn health_check(raw: RawHealthCheck, mode: Mode) -> Result<HealthCheck, Invalid>
     }
     Ok(HealthCheck {
         path,
+        grpc,
         interval,
         timeout,
         healthy_threshold: count(
@@ -649,6 +710,7 @@ fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
         connect_failure: list.contains(&RawRetryOn::ConnectFailure),
         reset: list.contains(&RawRetryOn::Reset),
         timeout: list.contains(&RawRetryOn::Timeout),
+        unavailable: list.contains(&RawRetryOn::Unavailable),
         statuses,
     };
     let buffer_body_limit = raw.buffer_body_limit.map_or(64 * 1024, |b| b.0);

@@ -11,6 +11,9 @@ pub enum FailureKind {
     Connect,
     /// The connection broke after (part of) the request was sent.
     Reset,
+    /// The backend refused the request before processing any of it (an
+    /// HTTP/2 `REFUSED_STREAM`): safe to send elsewhere, whatever the method.
+    Refused,
     /// No response head within the per-try or request timeout.
     Timeout,
     /// The backend answered something lb cannot relay (an unasked-for 101).
@@ -33,7 +36,7 @@ impl FailureKind {
             // A local shortage is never charged as an attempt (the retry
             // loop returns first); were it ever, it reached no backend.
             FailureKind::Connect | FailureKind::Local(_) => AttemptOutcome::Connect,
-            FailureKind::Reset => AttemptOutcome::Reset,
+            FailureKind::Reset | FailureKind::Refused => AttemptOutcome::Reset,
             FailureKind::Timeout => AttemptOutcome::Timeout,
             FailureKind::Protocol => AttemptOutcome::Protocol,
         }
@@ -44,6 +47,7 @@ impl FailureKind {
         match self {
             FailureKind::Connect | FailureKind::Local(_) => RetryReason::ConnectFailure,
             FailureKind::Reset => RetryReason::Reset,
+            FailureKind::Refused => RetryReason::Refused,
             // Protocol failures are never retried; counted as resets if one ever is.
             FailureKind::Timeout => RetryReason::Timeout,
             FailureKind::Protocol => RetryReason::Reset,

@@ -140,6 +140,8 @@ pub struct PoolShared {
     /// Requests routed here that lb answered itself (no backend available,
     /// every attempt failed), by status.
     pub own_answers: crate::obs::metrics::StatusCounts,
+    /// gRPC calls routed here, by the `grpc-status` their client got.
+    pub grpc: crate::obs::metrics::GrpcCounts,
     /// Why the pool is dead, while health checks hold every backend down
     /// (`all 3 backends fail GET /health (404 Not Found): …`); written by
     /// the health checker, read by the 503 answer and `/status`.
@@ -481,6 +483,7 @@ fn build(
                     Arc::new(PoolShared {
                         budget: RetryBudget::new(states.clock()),
                         own_answers: Default::default(),
+                        grpc: Default::default(),
                         down: ArcSwapOption::empty(),
                     })
                 }));

@@ -7,12 +7,16 @@
 //!   replay the same bytes) or streaming (sent once, never buffered whole).
 //! * [`UpstreamBody`]: the body of one attempt, handed to the HTTP client.
 //!   A streaming body that the client drops without ever polling (the
-//!   connect failed, so nothing was sent) is handed back for the next try.
+//!   connect failed, so nothing was sent) is handed back for the next try;
+//!   for an HTTP/2 pool, so is one already partly sent while what it sent
+//!   fits `retry.buffer_body_limit` (kept as it went), so that a stream the
+//!   backend refused unprocessed can go to another backend whole.
 //! * [`ResponseBody`]: what the client gets: the backend's body streamed
 //!   through ([`RelayedBody`]: holding the backend's in-flight slot until it
 //!   ends, each wait for it bounded by `timeouts.backend_body`), or a short
 //!   text from lb itself.
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::io;
 use std::pin::Pin;
@@ -23,10 +27,10 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
-use hyper::Method;
+use hyper::{HeaderMap, Method};
 use tokio::sync::oneshot;
 
-use crate::core::runtime::Runtime;
+use crate::core::runtime::{PoolShared, Runtime};
 use crate::core::state::InFlight;
 use crate::io::stall::Stall;
 
@@ -182,16 +186,45 @@ impl Body for ClientBody {
 /// The client's request body, prepared for one or more attempts.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// Held in memory; every attempt sends a copy (a cheap `Bytes` clone).
-    Buffered(Bytes),
+    /// Held in memory, with the client's trailers if it sent any; every
+    /// attempt sends a copy (a cheap `Bytes` clone).
+    Buffered(Bytes, Option<HeaderMap>),
     /// Not yet read. `None` once an attempt has consumed it.
     Streaming {
-        body: Option<ClientBody>,
-        /// Where an unpolled body comes back after a failed connect.
-        returned: Option<oneshot::Receiver<ClientBody>>,
+        body: Option<Resumable>,
+        /// Where an unpolled body comes back after a failed connect (and a
+        /// partly sent one after a refused stream, see `keep`).
+        returned: Option<oneshot::Receiver<Resumable>>,
         /// Outlives the body inside hyper's client: how it ended.
         watch: Arc<BodyWatch>,
+        /// Up to how many bytes an attempt keeps what it sent, to give the
+        /// body back after it was polled; 0: never (HTTP/1.1 pools).
+        keep: u64,
     },
+}
+
+/// A streaming body between attempts: the client's body, and the frames
+/// earlier attempts took from it, sent again first.
+#[derive(Debug)]
+pub struct Resumable {
+    body: ClientBody,
+    sent: VecDeque<Frame<Bytes>>,
+}
+
+/// A copy of a data or trailers frame.
+fn copy_frame(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(data) = frame.data_ref() {
+        return Some(Frame::data(data.clone()));
+    }
+    frame.trailers_ref().map(|t| Frame::trailers(t.clone()))
+}
+
+fn data_len(frames: &VecDeque<Frame<Bytes>>) -> u64 {
+    frames
+        .iter()
+        .filter_map(Frame::data_ref)
+        .map(|d| d.len() as u64)
+        .sum()
 }
 
 /// The client went away, stalled or sent a broken body while it was being
@@ -214,7 +247,7 @@ impl RequestBody {
         stall: Duration,
     ) -> Result<Self, BufferError> {
         if body.is_end_stream() {
-            return Ok(RequestBody::Buffered(Bytes::new()));
+            return Ok(RequestBody::Buffered(Bytes::new(), None));
         }
         let body = ClientBody::new(body, stall);
         let watch = Arc::clone(body.watch());
@@ -229,20 +262,53 @@ impl RequestBody {
                             fault: watch.fault().unwrap_or(ClientFault::Malformed),
                             message: e.to_string(),
                         })?;
-                Ok(RequestBody::Buffered(collected.to_bytes()))
+                let trailers = collected.trailers().cloned();
+                Ok(RequestBody::Buffered(collected.to_bytes(), trailers))
             }
             _ => Ok(RequestBody::Streaming {
-                body: Some(body),
+                body: Some(Resumable {
+                    body,
+                    sent: VecDeque::new(),
+                }),
                 returned: None,
                 watch,
+                keep: 0,
             }),
+        }
+    }
+
+    /// A streaming body's attempts keep up to `limit` bytes of what they
+    /// send, so a stream refused unprocessed (HTTP/2 `REFUSED_STREAM`) can
+    /// be sent again after it was polled.
+    pub fn keep_for_refusals(&mut self, limit: u64) {
+        if let RequestBody::Streaming { keep, .. } = self {
+            *keep = limit;
+        }
+    }
+
+    /// Waits (up to `within`) for the last attempt's streaming body to come
+    /// back; true when it did (or the body is buffered).
+    pub async fn reclaim(&mut self, within: Duration) -> bool {
+        match self {
+            RequestBody::Buffered(..) => true,
+            RequestBody::Streaming { body, returned, .. } => {
+                if body.is_none() {
+                    if let Some(rx) = returned.take() {
+                        *body = tokio::time::timeout(within, rx)
+                            .await
+                            .ok()
+                            .and_then(Result::ok);
+                    }
+                }
+                body.is_some()
+            }
         }
     }
 
     /// How the client's side of the body failed, if it did.
     pub fn client_fault(&self) -> Option<ClientFault> {
         match self {
-            RequestBody::Buffered(_) => None,
+            RequestBody::Buffered(..) => None,
             RequestBody::Streaming { watch, .. } => watch.fault(),
         }
     }
@@ -250,28 +316,39 @@ impl RequestBody {
     /// True while an attempt's body waits for the client's next bytes.
     pub fn waiting_on_client(&self) -> bool {
         match self {
-            RequestBody::Buffered(_) => false,
+            RequestBody::Buffered(..) => false,
             RequestBody::Streaming { watch, .. } => watch.waiting_on_client(),
         }
     }
 
     /// True when every attempt can send the whole body again.
     pub fn is_replayable(&self) -> bool {
-        matches!(self, RequestBody::Buffered(_))
+        matches!(self, RequestBody::Buffered(..))
     }
 
     /// The body for the next attempt, or `None` when a streaming body has
     /// already been sent.
     pub fn next_attempt(&mut self) -> Option<UpstreamBody> {
         match self {
-            RequestBody::Buffered(bytes) => Some(UpstreamBody::Full(Some(bytes.clone()))),
-            RequestBody::Streaming { body, returned, .. } => {
-                let inner = body.take().or_else(|| returned.take()?.try_recv().ok())?;
+            RequestBody::Buffered(bytes, trailers) => {
+                Some(UpstreamBody::Full(Some(bytes.clone()), trailers.clone()))
+            }
+            RequestBody::Streaming {
+                body,
+                returned,
+                keep,
+                ..
+            } => {
+                let Resumable { body: inner, sent } =
+                    body.take().or_else(|| returned.take()?.try_recv().ok())?;
                 let (tx, rx) = oneshot::channel();
                 *returned = Some(rx);
                 Some(UpstreamBody::Streaming(Reclaimable {
                     inner: Some(inner),
+                    replay: sent,
                     polled: false,
+                    kept: (*keep > 0).then(|| (VecDeque::new(), 0)),
+                    keep: *keep,
                     give_back: Some(tx),
                 }))
             }
@@ -281,7 +358,7 @@ impl RequestBody {
     /// True when the last attempt's body came back unsent (or never left).
     pub fn can_resend(&mut self) -> bool {
         match self {
-            RequestBody::Buffered(_) => true,
+            RequestBody::Buffered(..) => true,
             RequestBody::Streaming { body, returned, .. } => {
                 if body.is_none() {
                     *body = returned.take().and_then(|mut rx| rx.try_recv().ok());
@@ -292,21 +369,53 @@ impl RequestBody {
     }
 }
 
-/// A streaming body that returns itself if dropped before its first poll.
+/// A streaming body that returns itself if dropped before its first poll,
+/// or, while what it sent is kept (see `keep`), after it.
 #[derive(Debug)]
 pub struct Reclaimable {
     inner: Option<ClientBody>,
+    /// Frames an earlier attempt took from `inner`: sent first.
+    replay: VecDeque<Frame<Bytes>>,
     /// Set by the first `poll_frame`: from then on bytes may have left.
     polled: bool,
-    give_back: Option<oneshot::Sender<ClientBody>>,
+    /// Copies of the frames this attempt sent and their data bytes, while
+    /// those are at most `keep`; `None` past that (or when `keep` is 0).
+    kept: Option<(VecDeque<Frame<Bytes>>, u64)>,
+    keep: u64,
+    give_back: Option<oneshot::Sender<Resumable>>,
+}
+
+impl Reclaimable {
+    /// Notes `frame` as sent.
+    fn sent(&mut self, frame: &Frame<Bytes>) {
+        let Some((kept, bytes)) = &mut self.kept else {
+            return;
+        };
+        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+        match copy_frame(frame) {
+            Some(copy) if *bytes + len <= self.keep => {
+                *bytes += len;
+                kept.push_back(copy);
+            }
+            _ => self.kept = None,
+        }
+    }
 }
 
 impl Drop for Reclaimable {
     fn drop(&mut self) {
-        if !self.polled {
-            if let (Some(body), Some(tx)) = (self.inner.take(), self.give_back.take()) {
-                let _ = tx.send(body);
-            }
+        let sent = if self.polled {
+            // What was sent, then what was still to be replayed.
+            self.kept.take().map(|(mut kept, _)| {
+                kept.extend(self.replay.drain(..));
+                kept
+            })
+        } else {
+            Some(std::mem::take(&mut self.replay))
+        };
+        if let (Some(sent), Some(body), Some(tx)) = (sent, self.inner.take(), self.give_back.take())
+        {
+            let _ = tx.send(Resumable { body, sent });
         }
     }
 }
@@ -314,7 +423,8 @@ impl Drop for Reclaimable {
 /// The body of one upstream attempt.
 #[derive(Debug)]
 pub enum UpstreamBody {
-    Full(Option<Bytes>),
+    /// A buffered body and the client's trailers.
+    Full(Option<Bytes>, Option<HeaderMap>),
     Streaming(Reclaimable),
 }
 
@@ -327,36 +437,63 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Full(bytes) => Poll::Ready(
-                bytes
-                    .take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
+            UpstreamBody::Full(bytes, trailers) => {
+                let frame = match bytes.take().filter(|b| !b.is_empty()) {
+                    Some(b) => Some(Frame::data(b)),
+                    None => trailers.take().map(Frame::trailers),
+                };
+                Poll::Ready(frame.map(Ok))
+            }
             UpstreamBody::Streaming(r) => {
                 r.polled = true;
-                match r.inner.as_mut() {
-                    Some(inner) => Pin::new(inner).poll_frame(cx),
-                    None => Poll::Ready(None),
-                }
+                let frame = match r.replay.pop_front() {
+                    Some(frame) => frame,
+                    None => match r.inner.as_mut() {
+                        Some(inner) => match Pin::new(inner).poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => frame,
+                            other => return other,
+                        },
+                        None => return Poll::Ready(None),
+                    },
+                };
+                r.sent(&frame);
+                Poll::Ready(Some(Ok(frame)))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            UpstreamBody::Streaming(r) => r.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+            UpstreamBody::Full(b, trailers) => {
+                b.as_ref().is_none_or(|b| b.is_empty()) && trailers.is_none()
+            }
+            UpstreamBody::Streaming(r) => {
+                r.replay.is_empty() && r.inner.as_ref().is_none_or(|b| b.is_end_stream())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Streaming(r) => r
-                .inner
-                .as_ref()
-                .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
+            UpstreamBody::Full(b, _) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpstreamBody::Streaming(r) => {
+                let inner = r
+                    .inner
+                    .as_ref()
+                    .map_or(SizeHint::with_exact(0), |b| b.size_hint());
+                if r.replay.is_empty() {
+                    return inner;
+                }
+                let replay = data_len(&r.replay);
+                let mut hint = SizeHint::new();
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + replay);
+                }
+                hint.set_lower(inner.lower() + replay);
+                hint
+            }
         }
     }
 }
@@ -379,6 +516,9 @@ pub struct RelayedBody {
     path: String,
     /// Whose current snapshot judges the passive-health failure of a stall or a break.
     rt: Arc<Runtime>,
+    /// A gRPC call's pool, until its `grpc-status` is counted there (from
+    /// the trailers; at the drop as `none` if none came).
+    grpc: Option<Arc<PoolShared>>,
 }
 
 /// The error a response body cut for a stalled backend ends with: hyper's
@@ -405,6 +545,21 @@ impl RelayedBody {
             method,
             path,
             rt,
+            grpc: None,
+        }
+    }
+
+    /// Counts the call's `grpc-status` in `pool` when its trailers pass.
+    pub fn counting_grpc(mut self, pool: Arc<PoolShared>) -> Self {
+        self.grpc = Some(pool);
+        self
+    }
+}
+
+impl Drop for RelayedBody {
+    fn drop(&mut self) {
+        if let Some(pool) = self.grpc.take() {
+            pool.grpc.count(None);
         }
     }
 }
@@ -448,7 +603,16 @@ impl Body for RelayedBody {
                 }
                 Poll::Ready(Some(Err(BoxError::from(e))))
             }
-            Poll::Ready(Some(frame)) => Poll::Ready(frame.map(|f| f.map_err(BoxError::from))),
+            Poll::Ready(Some(frame)) => {
+                if let (Some(Ok(f)), Some(_)) = (&frame, &this.grpc) {
+                    if let Some(status) = f.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                        if let Some(pool) = this.grpc.take() {
+                            pool.grpc.count(Some(status.as_bytes()));
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
         }
     }
 

@@ -34,14 +34,24 @@ use crate::obs::local::Shortage;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on idle connections kept per backend.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// An h2c backend connection without streams is closed after this long;
+/// it multiplexes, so one per backend and worker is kept warm.
+const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often an h2c backend connection is PINGed, busy or idle, and how
+/// long an answer may take before the connection is closed as dead.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One worker's backend client: its keep-alive pool, and a client without
+/// One worker's backend client: its keep-alive pool, a client without
 /// one for the resend after a stale pooled connection (which must go on a
-/// new connection: the pool may hold more the backend has closed).
+/// new connection: the pool may hold more the backend has closed), and the
+/// HTTP/2 (prior knowledge) client of `protocol: h2c` pools, which
+/// multiplexes every request to one backend on one connection.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     pooled: Client<WatchedConnector, UpstreamBody>,
     fresh: Client<WatchedConnector, UpstreamBody>,
+    h2c: Client<WatchedConnector, UpstreamBody>,
 }
 
 impl UpstreamClient {
@@ -53,6 +63,12 @@ impl UpstreamClient {
     /// Sends `req` on a new connection, closed after this exchange.
     pub fn request_fresh(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
         self.fresh.request(req)
+    }
+
+    /// Sends `req` as one more stream on the backend's HTTP/2 connection
+    /// (opened with prior knowledge if there is none).
+    pub fn request_h2c(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
+        self.h2c.request(req)
     }
 }
 
@@ -92,9 +108,19 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
             .timer(TokioTimer::new())
             .build(connector.clone())
     };
+    let h2c = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(H2_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(H2_PING_INTERVAL)
+        .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        .build(connector.clone());
     UpstreamClient {
         pooled: build(POOL_MAX_IDLE_PER_HOST),
         fresh: build(0),
+        h2c,
     }
 }
 
@@ -265,10 +291,32 @@ pub fn stale(err: &hyper_util::client::legacy::Error) -> Option<Stale> {
 pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
     let kind = if err.is_connect() {
         Shortage::in_chain(err).map_or(FailureKind::Connect, FailureKind::Local)
+    } else if refused_stream(err) {
+        FailureKind::Refused
     } else {
         FailureKind::Reset
     };
     (kind, root_cause(err))
+}
+
+/// Whether an HTTP/2 backend refused the stream before processing any of
+/// it (RFC 9113 §8.7): reset with `REFUSED_STREAM`, or above the last
+/// stream id of a graceful GOAWAY (`NO_ERROR`; h2 fails only those streams
+/// with it, those at or below it run on, and an error GOAWAY fails every
+/// stream with its own code).
+fn refused_stream(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+                _ => false,
+            };
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The innermost message of an error chain: "Connection refused (os error 111)"

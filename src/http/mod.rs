@@ -10,6 +10,7 @@ pub mod affinity;
 pub mod body;
 pub mod client;
 pub mod fast;
+pub mod grpc;
 pub mod h2_stream;
 pub mod proxy;
 pub mod retry;

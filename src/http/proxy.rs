@@ -1,6 +1,7 @@
 //! The HTTP request handler: turns a client request into an upstream one
-//! (forwarding headers, hop-by-hop stripping, HTTP/2 → HTTP/1.1), hands it to
-//! the retry loop, and cleans the response on the way back.
+//! (forwarding headers, hop-by-hop stripping, HTTP/2 → HTTP/1.1, or either
+//! to HTTP/2 for an h2c pool), hands it to the retry loop, and cleans the
+//! response on the way back.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -12,9 +13,11 @@ use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use crate::config::Protocol;
 use crate::core::runtime::{Runtime, Snapshot};
 use crate::http::affinity;
 use crate::http::body::{RequestBody, ResponseBody};
+use crate::http::grpc;
 use crate::http::retry::{self, is_idempotent, Trace};
 use crate::http::upgrade;
 use crate::obs::access_log::Entry;
@@ -55,7 +58,17 @@ pub async fn handle(
         req.uri().path(),
     );
     let mut trace = Trace::default();
-    let resp = respond(&rt, &snap, client_ip, &listener, req, &mut trace).await;
+    let grpc = grpc::is_grpc(req.headers());
+    let mut resp = respond(&rt, &snap, client_ip, &listener, req, &mut trace).await;
+    // lb's own answer (no backend relayed it) to a gRPC call: in gRPC's terms.
+    if grpc && trace.relayed.is_none() {
+        resp = grpc::own_answer(resp);
+        let counts = trace
+            .pool
+            .and_then(|p| snap.pools.get(p))
+            .map_or(&rt.metrics.grpc_unrouted, |p| &p.shared.grpc);
+        counts.count(resp.headers().get("grpc-status").map(|v| v.as_bytes()));
+    }
     arrival.done(&rt, &snap, client_ip, resp.status().as_u16(), &trace);
     Ok(resp)
 }
@@ -138,6 +151,9 @@ async fn respond(
     let upgrade = upgrade::requested(&parts)
         .then(|| parts.headers.get(header::UPGRADE).cloned())
         .flatten();
+    // `TE` is hop-by-hop, but `trailers` in it is the message's: gRPC
+    // servers want it, and an HTTP/2 backend is told so.
+    let te_trailers = accepts_trailers(&parts.headers);
     if let Err(refusal) = check_request(&parts) {
         tracing::debug!(%client_ip, method = %parts.method, status = %refusal.status, "refused: {}", refusal.reason);
         return refusal.response();
@@ -152,6 +168,15 @@ async fn respond(
     };
     let pool = routed.pool;
     trace.pool = Some(routed.index);
+    let h2c = pool.config.protocol == Protocol::H2c;
+    if h2c && upgrade.is_some() {
+        let refusal = Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "protocol upgrades (WebSocket) are not supported to an h2c pool",
+        );
+        tracing::debug!(%client_ip, method = %parts.method, pool = %pool.name(), "refused: {}", refusal.reason);
+        return refusal.response();
+    }
     if let Some(path) = routed.rewritten {
         match rewrite_path(&uri, &path) {
             Some(uri) => parts.uri = uri,
@@ -166,20 +191,33 @@ async fn respond(
     if let Some(value) = upgrade {
         upgrade::restore_headers(&mut parts.headers, value);
     }
+    if h2c && te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let policy = &pool.config.retry;
-    let replay = policy.attempts.get() > 1 && is_idempotent(&parts.method);
+    // An HTTP/2 backend may refuse a stream unprocessed (REFUSED_STREAM),
+    // which is retried whatever the method: a small body is kept for that.
+    let replay = policy.attempts.get() > 1 && (h2c || is_idempotent(&parts.method));
     let stall = snap.config.timeouts.client_body;
-    let body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
+    let mut body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
         Ok(body) => body,
         Err(e) => {
             tracing::debug!(%client_ip, %e, "bad request body");
             return retry::client_fault(e.fault);
         }
     };
+    if h2c && policy.attempts.get() > 1 {
+        // A streamed body (a gRPC call's) is kept as it goes, up to the
+        // same limit, for a stream the backend refuses unprocessed.
+        body.keep_for_refusals(policy.buffer_body_limit);
+    }
     let call = retry::Call {
         snap,
         pool,
         steer: &steer,
+        deadline: grpc::timeout(&parts.headers),
     };
     let mut resp = retry::forward(rt, call, parts, body, trace).await;
     affinity::on_response(pool, &steer, &mut resp);
@@ -509,6 +547,21 @@ fn rewrite_head(parts: &mut Parts, client_ip: IpAddr) -> Result<(), Refusal> {
     let headers = &mut parts.headers;
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     Ok(())
+}
+
+/// Whether a `TE` header lists `trailers`.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            coding
+                .split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 /// Marks a request that came over a TLS connection lb terminated

@@ -24,7 +24,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::{BackendAddr, RetryPolicy, Strategy};
+use crate::config::{BackendAddr, Protocol, RetryPolicy, Strategy};
 use crate::core::failure::FailureKind;
 use crate::core::passive::note_failure;
 use crate::core::runtime::{Pool, Runtime, Snapshot};
@@ -35,6 +35,10 @@ use crate::http::client::{self, Stale};
 use crate::http::upgrade::Hold;
 use crate::obs::local::Op;
 use crate::obs::metrics::{AttemptOutcome, RetryReason};
+
+/// How long a refused HTTP/2 stream's body may take to come back from the
+/// task that was sending it (it ends on the reset: microseconds at rest).
+const RECLAIM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Methods that may be sent twice (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &Method) -> bool {
@@ -81,6 +85,12 @@ pub(crate) trait Attempts {
     /// True when the client asked for a protocol switch (`Upgrade`), so a
     /// 101 is the answer, not a broken backend.
     fn wants_upgrade(&self) -> bool;
+
+    /// True for a trailers-only gRPC answer with `grpc-status: 14`
+    /// (UNAVAILABLE), which `retry_on: unavailable` retries.
+    fn grpc_unavailable(_response: &Self::Response) -> bool {
+        false
+    }
 }
 
 /// What [`run`] concluded: the client gets one of these.
@@ -91,6 +101,9 @@ pub struct Call<'a> {
     pub snap: &'a Snapshot,
     pub pool: &'a Pool,
     pub steer: &'a Steer,
+    /// The client's own deadline for the call (gRPC's `grpc-timeout`),
+    /// which caps `timeouts.request` for it.
+    pub deadline: Option<std::time::Duration>,
 }
 
 pub(crate) enum Outcome<R> {
@@ -173,6 +186,8 @@ fn may_retry(
     match kind {
         FailureKind::Connect => retry_on.connect_failure && can_resend(),
         FailureKind::Reset => retry_on.reset && idempotent && replayable,
+        // Never processed (RFC 9113 §8.7): any method, if the body can go again.
+        FailureKind::Refused => replayable || can_resend(),
         FailureKind::Timeout => retry_on.timeout && idempotent && replayable,
         FailureKind::Protocol | FailureKind::Local(_) => false,
     }
@@ -184,6 +199,7 @@ fn final_status(kind: FailureKind) -> (StatusCode, &'static str) {
         FailureKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timed out"),
         FailureKind::Connect => (StatusCode::BAD_GATEWAY, "unreachable"),
         FailureKind::Reset => (StatusCode::BAD_GATEWAY, "failed"),
+        FailureKind::Refused => (StatusCode::BAD_GATEWAY, "refused the stream"),
         FailureKind::Protocol => (StatusCode::BAD_GATEWAY, "broke the protocol"),
         FailureKind::Local(_) => (StatusCode::SERVICE_UNAVAILABLE, "hit a local shortage"),
     }
@@ -222,18 +238,39 @@ pub async fn forward(
     let hold = parts.extensions.remove::<Hold>();
     let Call { snap, .. } = call;
     let backend_body = snap.config.timeouts.backend_body;
+    // hyper's HTTP/1 server sends only the trailers a `Trailer` header
+    // declares; an HTTP/2 backend declares none (gRPC's come unannounced).
+    let declare_trailers = call.pool.config.protocol == Protocol::H2c
+        && parts.version <= Version::HTTP_11
+        && parts.headers.contains_key(hyper::header::TE);
+    let grpc = crate::http::grpc::is_grpc(&parts.headers).then(|| Arc::clone(&call.pool.shared));
     let mut attempts = HyperAttempts {
         upgrade: upgrade.is_some(),
+        h2c: call.pool.config.protocol == Protocol::H2c,
         parts,
         body,
         pending: None,
     };
     match run(rt, call, &method, &path, &mut attempts, trace).await {
         Outcome::Relay(resp, in_flight, index) => {
+            // A gRPC call's status: in the head of a trailers-only answer,
+            // else in the trailers at the body's end.
+            let grpc = grpc.and_then(|pool| match resp.headers().get("grpc-status") {
+                Some(status) => {
+                    pool.grpc.count(Some(status.as_bytes()));
+                    None
+                }
+                None => Some(pool),
+            });
             let relayed = |body| {
-                RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
+                let body =
+                    RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt));
+                match grpc {
+                    Some(pool) => body.counting_grpc(pool),
+                    None => body,
+                }
             };
-            pass_through(resp, relayed, index)
+            pass_through(resp, relayed, index, declare_trailers)
         }
         Outcome::Switched(resp, in_flight, index) => {
             let Some(client) = upgrade else {
@@ -262,12 +299,21 @@ pub(crate) async fn run<A: Attempts>(
     attempts: &mut A,
     trace: &mut Trace,
 ) -> Outcome<A::Response> {
-    let Call { snap, pool, steer } = call;
+    let Call {
+        snap,
+        pool,
+        steer,
+        deadline: client_deadline,
+    } = call;
     let started = Instant::now();
     // `return` in the block ends the decisions; the trace is finished below.
     let outcome = async {
         let policy: &RetryPolicy = &pool.config.retry;
-        let deadline = started + snap.config.timeouts.request;
+        let request_timeout = match client_deadline {
+            Some(d) => snap.config.timeouts.request.min(d),
+            None => snap.config.timeouts.request,
+        };
+        let deadline = started + request_timeout;
         let idempotent = is_idempotent(method);
         pool.shared.budget.deposit(&policy.budget);
 
@@ -363,6 +409,16 @@ pub(crate) async fn run<A: Attempts>(
                         last = Some(Failed::Response(resp, in_flight, index));
                         continue;
                     }
+                    // gRPC's UNAVAILABLE says the call may be tried again,
+                    // whatever it is, if its body can be sent again whole.
+                    if policy.retry_on.unavailable
+                        && A::grpc_unavailable(&resp)
+                        && (attempts.is_replayable() || attempts.can_resend())
+                    {
+                        tracing::debug!(backend = %backend.addr, attempt, "grpc-status 14 (UNAVAILABLE)");
+                        last = Some(Failed::Response(resp, in_flight, index));
+                        continue;
+                    }
                     return Outcome::Relay(resp, in_flight, index);
                 }
                 Ok(Err(failure)) => failure,
@@ -443,6 +499,8 @@ pub(crate) async fn run<A: Attempts>(
 struct HyperAttempts {
     /// The client asked for a protocol switch.
     upgrade: bool,
+    /// The pool speaks HTTP/2 with prior knowledge (`protocol: h2c`).
+    h2c: bool,
     /// The rewritten request head, cloned into each request.
     parts: Parts,
     body: RequestBody,
@@ -456,7 +514,11 @@ impl HyperAttempts {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.backends[index].addr);
-        *req.version_mut() = Version::HTTP_11;
+        *req.version_mut() = if self.h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         *req.headers_mut() = self.parts.headers.clone();
         req
     }
@@ -481,6 +543,22 @@ impl Attempts for HyperAttempts {
         };
         let connect_timeout = snap.config.timeouts.connect;
         let req = self.request(pool, index, body);
+        if self.h2c {
+            // One multiplexed connection: hyper's client opens a new one
+            // when the backend closed it (GOAWAY) before this stream began.
+            let sent = client::of_this_worker(connect_timeout, |c| c.request_h2c(req)).await;
+            let failure = match sent {
+                Ok(resp) => return Ok(resp),
+                Err(e) => client::classify(&e),
+            };
+            if failure.0 == FailureKind::Refused {
+                // The stream's body task gives the body back as it ends,
+                // which it does on the reset: wait for that, so the retry
+                // loop can send it again.
+                self.body.reclaim(RECLAIM_WITHIN).await;
+            }
+            return Err(failure);
+        }
         let err = match client::of_this_worker(connect_timeout, |c| c.request(req)).await {
             Ok(resp) => return Ok(resp),
             Err(err) => err,
@@ -528,6 +606,15 @@ impl Attempts for HyperAttempts {
     fn wants_upgrade(&self) -> bool {
         self.upgrade
     }
+
+    fn grpc_unavailable(response: &Response<Incoming>) -> bool {
+        use hyper::body::Body as _;
+        response.body().is_end_stream()
+            && response
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|s| s.as_bytes() == b"14")
+    }
 }
 
 fn upstream_uri(original: &Uri, addr: &BackendAddr) -> Uri {
@@ -545,18 +632,49 @@ fn upstream_uri(original: &Uri, addr: &BackendAddr) -> Uri {
     Uri::from_parts(parts).unwrap_or_default()
 }
 
+/// The trailers gRPC sends; declared to an HTTP/1.1 client of a gRPC call.
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// `declare_trailers`: the client speaks HTTP/1.1, accepts trailers and
+/// gets an HTTP/2 backend's answer: its `Trailer` header names what the
+/// backend declared, and gRPC's own trailers for a gRPC answer.
 fn pass_through(
     resp: Response<Incoming>,
     relayed: impl FnOnce(Incoming) -> RelayedBody,
     index: usize,
+    declare_trailers: bool,
 ) -> Response<ResponseBody> {
+    use hyper::header::{HeaderValue, CONTENT_TYPE, TRAILER};
     let (mut parts, body) = resp.into_parts();
     // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length. hyper
     // decoded the chunked body; a kept Content-Length would cut it short.
     if parts.headers.contains_key(hyper::header::TRANSFER_ENCODING) {
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
+    let declared = if declare_trailers && !hyper::body::Body::is_end_stream(&body) {
+        let mut names: Vec<String> = parts
+            .headers
+            .get_all(TRAILER)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        let grpc = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| crate::http::grpc::is_grpc_content_type(v.as_bytes()));
+        if grpc {
+            names.push(GRPC_TRAILERS.to_owned());
+        }
+        HeaderValue::from_str(&names.join(", "))
+            .ok()
+            .filter(|_| !names.is_empty())
+    } else {
+        None
+    };
     crate::http::proxy::strip_hop_by_hop(&mut parts.headers);
+    if let Some(names) = declared {
+        parts.headers.insert(TRAILER, names);
+    }
     parts
         .extensions
         .insert(crate::http::affinity::ServedBy(index));

@@ -48,6 +48,45 @@ impl StatusCounts {
     }
 }
 
+/// gRPC calls by the `grpc-status` their client got, for
+/// `lb_grpc_requests_total`: codes 0 to 16, then calls that ended without
+/// one (the stream broke).
+#[derive(Debug, Default)]
+pub struct GrpcCounts(pub(crate) [AtomicU64; GrpcCounts::SLOTS]);
+
+impl GrpcCounts {
+    /// The 17 codes of grpc/doc/statuscodes.md, and `none`.
+    pub(crate) const SLOTS: usize = 18;
+
+    /// Counts one call that ended with `grpc-status` `code` (its text, as
+    /// sent); `None`: without one. A code outside the 17 is UNKNOWN (2), as
+    /// clients take it.
+    pub fn count(&self, code: Option<&[u8]>) {
+        let slot = match code {
+            None => Self::SLOTS - 1,
+            Some(text) => std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.trim().parse::<usize>().ok())
+                .filter(|&c| c < Self::SLOTS - 1)
+                .unwrap_or(2),
+        };
+        self.0[slot].fetch_add(1, Relaxed);
+    }
+
+    /// The `grpc_status` label of each slot, with its count when nonzero.
+    pub(crate) fn nonzero(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        self.0.iter().enumerate().filter_map(|(i, n)| {
+            let n = n.load(Relaxed);
+            let label = if i == Self::SLOTS - 1 {
+                "none".to_owned()
+            } else {
+                i.to_string()
+            };
+            (n > 0).then_some((label, n))
+        })
+    }
+}
+
 /// How one upstream attempt ended, for `lb_upstream_attempts_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -91,14 +130,17 @@ pub enum RetryReason {
     Timeout,
     /// A status listed in `retry_on`.
     Status,
+    /// An HTTP/2 stream the backend refused unprocessed (`REFUSED_STREAM`).
+    Refused,
 }
 
 impl RetryReason {
-    pub(crate) const ALL: [RetryReason; 4] = [
+    pub(crate) const ALL: [RetryReason; 5] = [
         RetryReason::ConnectFailure,
         RetryReason::Reset,
         RetryReason::Timeout,
         RetryReason::Status,
+        RetryReason::Refused,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -107,6 +149,7 @@ impl RetryReason {
             RetryReason::Reset => "reset",
             RetryReason::Timeout => "timeout",
             RetryReason::Status => "status",
+            RetryReason::Refused => "refused_stream",
         }
     }
 }
@@ -201,10 +244,12 @@ pub struct Metrics {
     /// request, no route); a routed request lb answers itself (no backend
     /// available, every attempt failed) counts in its pool's `PoolShared`.
     pub(crate) unrouted: StatusCounts,
+    /// gRPC calls lb answered before any pool was chosen (no route).
+    pub grpc_unrouted: GrpcCounts,
     /// Client request durations, arrival to response head.
     pub(crate) duration: DurationHistogram,
     /// Retries by reason, indexed like `RetryReason::ALL`.
-    pub(crate) retries: [AtomicU64; 4],
+    pub(crate) retries: [AtomicU64; RetryReason::ALL.len()],
     /// Retries the budget refused.
     pub(crate) budget_exhausted: AtomicU64,
     /// Client connections closed because the client took no response

@@ -75,13 +75,14 @@ use relay::{encode_own, relay, Answer, Cut};
 use request::{parse_request, skip_unread_body, Parsed, PendingBody};
 use upstream::FastAttempts;
 
-use crate::config::Strategy;
+use crate::config::{Protocol, Strategy};
 use crate::core::conns::ConnectionGuard;
 use crate::core::passive;
 use crate::core::runtime::Snapshot;
 use crate::core::selection::Steer;
 use crate::http::affinity;
-use crate::http::proxy;
+use crate::http::grpc;
+use crate::http::proxy::{self, HeadView};
 use crate::http::retry::{self, Outcome, Trace};
 use crate::http::server::ClientStream;
 use crate::http::server::ConnContext;
@@ -349,6 +350,17 @@ async fn serve_one<S: FastStream>(
         return to_hyper(buf);
     };
     let pool = routed.pool;
+    // (gRPC calls are POSTs: other methods skip the header scan.)
+    let grpc = head.method == Method::POST
+        && head
+            .values("content-type")
+            .next()
+            .is_some_and(grpc::is_grpc_content_type);
+    if pool.config.protocol != Protocol::Http1 || grpc {
+        // HTTP/2 to the backend (protocol translation), or a gRPC call
+        // whose every own answer is a gRPC one: hyper's path serves both.
+        return to_hyper(buf);
+    }
     if head.body_len > pool.config.retry.buffer_body_limit {
         // Larger than this pool replays: hyper streams it.
         return to_hyper(buf);
@@ -418,6 +430,8 @@ async fn serve_one<S: FastStream>(
                 snap,
                 pool,
                 steer: &steer,
+                // gRPC calls, whose `grpc-timeout` this is, go to hyper.
+                deadline: None,
             };
             let outcome = retry::run(rt, call, &head.method, path, &mut attempts, &mut trace).await;
             (outcome, attempts.request, attempts.awaited.is_some())

@@ -1,0 +1,1215 @@
+//! gRPC and HTTP/2 to backends (issue 18, first slice): `protocol: h2c`
+//! pools served by real tonic servers, called by real tonic clients (and by
+//! HTTP/1.1 clients, translated), trailers and metadata relayed both ways,
+//! lb's own answers in gRPC's terms, and a stream the backend refused
+//! (`REFUSED_STREAM`) retried once elsewhere.
+//!
+//! No protoc: the one message type is a hand-written prost struct, and the
+//! service is routed by hand over `tonic::server::Grpc`.
+
+// tonic's API hands out `Result<_, Status>`, whose error is large.
+#![allow(clippy::result_large_err)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{Stream, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use prost::Message as _;
+use tonic::codec::ProstCodec;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// The one message: some text and a number.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Msg {
+    #[prost(string, tag = "1")]
+    text: String,
+    #[prost(uint32, tag = "2")]
+    n: u32,
+}
+
+fn msg(text: &str, n: u32) -> Msg {
+    Msg {
+        text: text.to_owned(),
+        n,
+    }
+}
+
+type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
+
+/// A closure as the tower service tonic's `Grpc` handlers take.
+struct Svc<F>(F);
+
+impl<F, Req, Fut, Resp> tower_service::Service<Req> for Svc<F>
+where
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    type Response = Resp;
+    type Error = Status;
+    type Future = Fut;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Fut {
+        (self.0)(req)
+    }
+}
+
+/// `test.Echo`: `Unary` (echo with the backend's name; `fail` answers
+/// NOT_FOUND with metadata, `slow` never answers), `Count` (server
+/// streaming: `n` messages, then OK, or ABORTED when the text is
+/// `then-fail`), `Chat` (bidi: each message echoed as it comes).
+#[derive(Clone)]
+struct Echo {
+    name: Arc<str>,
+    hits: Arc<AtomicUsize>,
+}
+
+impl tonic::server::NamedService for Echo {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl Echo {
+    async fn unary(self, req: tonic::Request<Msg>) -> Result<tonic::Response<Msg>, Status> {
+        let md = req.metadata().clone();
+        let m = req.into_inner();
+        match m.text.as_str() {
+            "fail" => {
+                let mut err_md = MetadataMap::new();
+                err_md.insert_bin("x-err-bin", MetadataValue::from_bytes(&[0, 1, 2, 255]));
+                return Err(Status::with_metadata(
+                    Code::NotFound,
+                    "no such thing: ü",
+                    err_md,
+                ));
+            }
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            "busy-on-b1" if &*self.name == "b1" => {
+                return Err(Status::unavailable("b1 is busy"));
+            }
+            _ => {}
+        }
+        let mut resp = tonic::Response::new(Msg {
+            text: format!("{}: {}", self.name, m.text),
+            n: m.n,
+        });
+        let out = resp.metadata_mut();
+        out.insert("x-backend", self.name.parse().unwrap());
+        if let Some(v) = md.get("x-req") {
+            out.insert("x-echo", v.clone());
+        }
+        if let Some(v) = md.get_bin("x-req-bin") {
+            out.insert_bin("x-echo-bin", v.clone());
+        }
+        if let Some(v) = md.get("te") {
+            out.insert("x-saw-te", v.clone());
+        }
+        Ok(resp)
+    }
+
+    async fn count(self, req: tonic::Request<Msg>) -> Result<tonic::Response<MsgStream>, Status> {
+        let m = req.into_inner();
+        let fail = m.text == "then-fail";
+        let items = futures_util::stream::iter((0..m.n).map(|i| Ok(msg("item", i))));
+        let stream: MsgStream = if fail {
+            Box::pin(items.chain(futures_util::stream::once(async {
+                Err(Status::aborted("stopped after the items"))
+            })))
+        } else {
+            Box::pin(items)
+        };
+        Ok(tonic::Response::new(stream))
+    }
+
+    async fn chat(
+        self,
+        req: tonic::Request<tonic::Streaming<Msg>>,
+    ) -> Result<tonic::Response<MsgStream>, Status> {
+        let stream = req
+            .into_inner()
+            .map(|m| m.map(|m| msg(&format!("echo {}", m.text), m.n)));
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Echo {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            me.hits.fetch_add(1, SeqCst);
+            let mut grpc = tonic::server::Grpc::new(ProstCodec::<Msg, Msg>::default());
+            let resp = match req.uri().path() {
+                "/test.Echo/Unary" => grpc.unary(Svc(move |r| me.clone().unary(r)), req).await,
+                "/test.Echo/Count" => {
+                    grpc.server_streaming(Svc(move |r| me.clone().count(r)), req)
+                        .await
+                }
+                "/test.Echo/Chat" => grpc.streaming(Svc(move |r| me.clone().chat(r)), req).await,
+                _ => Status::unimplemented("no such method").into_http(),
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// grpc.health.v1's messages, by hand.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// `grpc.health.v1.Health/Check`, answering what `status` holds; notes
+/// the services it was asked about.
+#[derive(Clone)]
+struct Health {
+    status: Arc<std::sync::atomic::AtomicI32>,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl tonic::server::NamedService for Health {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Health {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let codec = ProstCodec::<HealthCheckResponse, HealthCheckRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec);
+            let check = move |r: tonic::Request<HealthCheckRequest>| {
+                let me = me.clone();
+                async move {
+                    me.asked.lock().unwrap().push(r.into_inner().service);
+                    let status = me.status.load(SeqCst);
+                    Ok(tonic::Response::new(HealthCheckResponse { status }))
+                }
+            };
+            Ok(grpc.unary(Svc(check), req).await)
+        })
+    }
+}
+
+/// A tonic server of [`Echo`] and [`Health`] on an ephemeral port (HTTP/2
+/// only, as tonic serves by default).
+struct GrpcBackend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    health: Health,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GrpcBackend {
+    async fn start(name: &str) -> GrpcBackend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let echo = Echo {
+            name: Arc::from(name),
+            hits: Arc::clone(&hits),
+        };
+        let health = Health {
+            status: Arc::new(std::sync::atomic::AtomicI32::new(SERVING)),
+            asked: Arc::default(),
+        };
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let served = health.clone();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(echo)
+                .add_service(served)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        GrpcBackend {
+            addr,
+            hits,
+            health,
+            task,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(SeqCst)
+    }
+}
+
+impl Drop for GrpcBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config whose one pool (protocol from the top-level default) is `addrs`.
+fn h2c_yaml(addrs: &[SocketAddr], extra: &str) -> String {
+    let mut s = String::from("protocol: h2c\nbackends:\n");
+    for a in addrs {
+        s.push_str(&format!("  - address: {a}\n"));
+    }
+    s.push_str(extra);
+    s
+}
+
+async fn channel(t: &TestLb) -> Channel {
+    Channel::from_shared(format!("http://{}", t.lb.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to lb")
+}
+
+fn path(p: &'static str) -> http::uri::PathAndQuery {
+    http::uri::PathAndQuery::from_static(p)
+}
+
+async fn call_unary(
+    ch: &Channel,
+    req: tonic::Request<Msg>,
+) -> Result<tonic::Response<Msg>, Status> {
+    let mut g = tonic::client::Grpc::new(ch.clone());
+    g.ready()
+        .await
+        .map_err(|e| Status::unknown(e.to_string()))?;
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let call = g.unary(req, path("/test.Echo/Unary"), codec);
+    tokio::time::timeout(Duration::from_secs(WAIT), call)
+        .await
+        .expect("the call ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_call_with_metadata_both_ways() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut req = tonic::Request::new(msg("hello", 7));
+    req.metadata_mut().insert("x-req", "abc".parse().unwrap());
+    req.metadata_mut()
+        .insert_bin("x-req-bin", MetadataValue::from_bytes(&[0, 159, 146, 150]));
+    let resp = call_unary(&ch, req).await.expect("the call succeeds");
+    let md = resp.metadata().clone();
+    assert_eq!(resp.into_inner(), msg("b1: hello", 7));
+    assert_eq!(md.get("x-backend").unwrap(), "b1");
+    assert_eq!(md.get("x-echo").unwrap(), "abc");
+    assert_eq!(
+        md.get_bin("x-echo-bin")
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .as_ref(),
+        &[0, 159, 146, 150]
+    );
+    // `TE: trailers` reached the backend.
+    assert_eq!(md.get("x-saw-te").unwrap(), "trailers");
+    assert_eq!(backend.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_status_message_and_metadata_are_relayed() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let ch = channel(&t).await;
+    // A trailers-only answer (the handler failed before any message).
+    let status = call_unary(&ch, tonic::Request::new(msg("fail", 0)))
+        .await
+        .expect_err("the call fails");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(status.message(), "no such thing: ü");
+    assert_eq!(
+        status
+            .metadata()
+            .get_bin("x-err-bin")
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .as_ref(),
+        &[0, 1, 2, 255]
+    );
+    // Trailers after messages: the status arrives at the stream's end.
+    let mut g = tonic::client::Grpc::new(ch.clone());
+    g.ready().await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let resp = g
+        .server_streaming(
+            tonic::Request::new(msg("then-fail", 3)),
+            path("/test.Echo/Count"),
+            codec,
+        )
+        .await
+        .expect("the stream starts");
+    let mut stream = resp.into_inner();
+    for i in 0..3 {
+        assert_eq!(stream.message().await.unwrap(), Some(msg("item", i)));
+    }
+    let end = stream
+        .message()
+        .await
+        .expect_err("the stream ends in an error");
+    assert_eq!(end.code(), Code::Aborted);
+    assert_eq!(end.message(), "stopped after the items");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streaming_relays_thousands_of_messages_in_order() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    const N: u32 = 2_000;
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let resp = g
+        .server_streaming(
+            tonic::Request::new(msg("go", N)),
+            path("/test.Echo/Count"),
+            codec,
+        )
+        .await
+        .expect("the stream starts");
+    let mut stream = resp.into_inner();
+    let mut next = 0;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+        .await
+        .expect("a message or the end in time")
+        .expect("no error")
+    {
+        assert_eq!(m, msg("item", next));
+        next += 1;
+    }
+    assert_eq!(next, N);
+    // The OK status came in the trailers.
+    let trailers = stream.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidi_stream_answers_each_message_before_the_next_is_sent() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(msg("m", 0)).await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(WAIT),
+        g.streaming(
+            tonic::Request::new(outgoing),
+            path("/test.Echo/Chat"),
+            codec,
+        ),
+    )
+    .await
+    .expect("the stream starts in time")
+    .expect("the stream starts");
+    let mut incoming = resp.into_inner();
+    // Each answer comes while the request stream is still open: nothing
+    // waits for the whole request body.
+    for i in 0..20u32 {
+        if i > 0 {
+            tx.send(msg("m", i)).await.unwrap();
+        }
+        let got = tokio::time::timeout(Duration::from_secs(WAIT), incoming.message())
+            .await
+            .expect("the echo comes before the next message is sent")
+            .unwrap();
+        assert_eq!(got, Some(msg("echo m", i)));
+    }
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(WAIT), incoming.message())
+        .await
+        .expect("the stream ends");
+    assert_eq!(end.unwrap(), None);
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_answers_unavailable_when_no_backend_can_serve() {
+    // Every backend down: connects refused.
+    let (a, b) = (closed_port().await, closed_port().await);
+    let t = TestLb::start(&h2c_yaml(&[a, b], "")).await;
+    let ch = channel(&t).await;
+    let status = call_unary(&ch, tonic::Request::new(msg("x", 1)))
+        .await
+        .expect_err("no backend answers");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().starts_with("lb: "), "{status:?}");
+
+    // No healthy backend: the health check holds the only one down.
+    let t = TestLb::start(&h2c_yaml(
+        &[closed_port().await],
+        "health_check:\n  interval: 100ms\n  timeout: 100ms\n  unhealthy_threshold: 1\n",
+    ))
+    .await;
+    let ch = channel(&t).await;
+    let mut last = None;
+    eventually!(
+        WAIT,
+        {
+            let status = call_unary(&ch, tonic::Request::new(msg("x", 1)))
+                .await
+                .expect_err("no backend answers");
+            let held_down = status.code() == Code::Unavailable
+                && status
+                    .message()
+                    .starts_with("lb: no healthy backend available");
+            last.replace(status);
+            held_down
+        },
+        "the health check holds the pool down: {last:?}"
+    );
+
+    let live = GrpcBackend::start("b1").await;
+
+    // No route for the call.
+    let t = TestLb::start(&format!(
+        "pools:\n  grpc:\n    protocol: h2c\n    backends:\n      - address: {}\nroutes:\n  - path_prefix: /other.Service\n    pool: grpc\n",
+        live.addr
+    ))
+    .await;
+    let ch = channel(&t).await;
+    let status = call_unary(&ch, tonic::Request::new(msg("x", 1)))
+        .await
+        .expect_err("no route");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "lb: 404 Not Found");
+    assert_eq!(live.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_deadline_exceeded() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "timeouts:\n  request: 1s\n")).await;
+    let ch = channel(&t).await;
+    let status = call_unary(&ch, tonic::Request::new(msg("slow", 1)))
+        .await
+        .expect_err("lb gives up");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().starts_with("lb: 504"), "{status:?}");
+}
+
+/// A gRPC message framed for the wire: uncompressed, length-prefixed.
+fn frame(m: &Msg) -> Bytes {
+    let body = m.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+fn unframe(bytes: &[u8]) -> Msg {
+    assert!(bytes.len() >= 5, "a framed message: {bytes:?}");
+    let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+    Msg::decode(&bytes[5..5 + len]).unwrap()
+}
+
+fn grpc_post(url: &str, m: &Msg) -> Request<Full<Bytes>> {
+    let body = frame(m);
+    Request::post(url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("content-length", body.len())
+        .body(Full::new(body))
+        .unwrap()
+}
+
+/// A response with its body and trailers read whole.
+async fn read_all(
+    client: &TestClient,
+    req: Request<Full<Bytes>>,
+) -> (http::response::Parts, Bytes, Option<http::HeaderMap>) {
+    let resp = tokio::time::timeout(Duration::from_secs(WAIT), client.request(req))
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.expect("body read");
+    let trailers = collected.trailers().cloned();
+    (parts, collected.to_bytes(), trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_reaches_an_h2c_pool() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let c = client();
+    // A gRPC call over HTTP/1.1: the answer's status comes in chunked trailers.
+    let (parts, body, trailers) = read_all(
+        &c,
+        grpc_post(&t.url("/test.Echo/Unary"), &msg("over h1", 3)),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-backend"], "b1");
+    assert_eq!(unframe(&body), msg("b1: over h1", 3));
+    let trailers = trailers.expect("trailers relayed to the HTTP/1.1 client");
+    assert_eq!(trailers["grpc-status"], "0");
+    // And again on the same connection, then a trailers-only error.
+    let (parts, body, _) =
+        read_all(&c, grpc_post(&t.url("/test.Echo/Unary"), &msg("fail", 0))).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "5");
+    assert_eq!(parts.headers["grpc-message"], "no%20such%20thing:%20%C3%BC");
+    assert!(body.is_empty());
+    assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_answers_to_http1_grpc_calls_are_grpc_answers_too() {
+    let t = TestLb::start(&h2c_yaml(&[closed_port().await], "")).await;
+    let (parts, body, _) = read_all(
+        &client(),
+        grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 1)),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["content-type"], "application/grpc");
+    assert_eq!(parts.headers["grpc-status"], "14");
+    assert_eq!(parts.headers["grpc-message"], "lb: 502 Bad Gateway");
+    assert!(body.is_empty());
+    // The same on an HTTP/1.1 pool (the fast path hands gRPC calls over).
+    let t = TestLb::start(&format!(
+        "backends:\n  - address: {}\n",
+        closed_port().await
+    ))
+    .await;
+    let (parts, _, _) = read_all(
+        &client(),
+        grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 1)),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "14");
+}
+
+/// What an `h2` backend saw of each request, and how it answers.
+#[derive(Default)]
+struct H2Seen {
+    heads: Mutex<Vec<http::request::Parts>>,
+    /// Each request's body and trailers, as they arrived.
+    bodies: Mutex<Vec<(Vec<u8>, Option<http::HeaderMap>)>>,
+    refused: AtomicUsize,
+}
+
+/// One stream of [`h2_backend`].
+async fn h2_answer(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    refuse: bool,
+    seen: Arc<H2Seen>,
+) {
+    if refuse {
+        seen.refused.fetch_add(1, SeqCst);
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
+    }
+    let (head, mut body) = req.into_parts();
+    seen.heads.lock().unwrap().push(head);
+    let mut bytes = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.ok().flatten();
+    seen.bodies.lock().unwrap().push((bytes, trailers));
+    let resp = http::Response::builder()
+        .status(200)
+        .header("x-from", "h2")
+        .header("trailer", "x-trailer")
+        .body(())
+        .unwrap();
+    let Ok(mut stream) = respond.send_response(resp, false) else {
+        return;
+    };
+    let _ = stream.send_data(Bytes::from_static(b"ok"), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-trailer", "done".parse().unwrap());
+    let _ = stream.send_trailers(trailers);
+}
+
+/// A raw HTTP/2 (h2 crate) backend: `refuse` resets every stream with
+/// REFUSED_STREAM; otherwise it answers `ok` with a trailer.
+async fn h2_backend(refuse: bool) -> (SocketAddr, Arc<H2Seen>) {
+    let seen = Arc::new(H2Seen::default());
+    let s = Arc::clone(&seen);
+    let addr = raw_server(move |socket| {
+        let seen = Arc::clone(&s);
+        async move {
+            let Ok(mut conn) = h2::server::handshake(socket).await else {
+                return;
+            };
+            // Each stream on a task of its own: the connection is driven
+            // by `accept` alone.
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                tokio::spawn(h2_answer(req, respond, refuse, Arc::clone(&seen)));
+            }
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_are_translated_for_an_h2c_backend() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(&[addr], "")).await;
+    let req = Request::get(t.url("/plain?q=1"))
+        .header("connection", "keep-alive, x-hop")
+        .header("keep-alive", "timeout=5")
+        .header("x-hop", "1")
+        .header("te", "trailers")
+        .header("x-kept", "yes")
+        .body(Full::default())
+        .unwrap();
+    let (parts, body, trailers) = read_all(&client(), req).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-from"], "h2");
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(trailers.expect("trailers")["x-trailer"], "done");
+    let heads = seen.heads.lock().unwrap();
+    let head = &heads[0];
+    assert_eq!(head.version, http::Version::HTTP_2);
+    assert_eq!(head.uri.path_and_query().unwrap(), "/plain?q=1");
+    for gone in ["connection", "keep-alive", "x-hop"] {
+        assert!(
+            !head.headers.contains_key(gone),
+            "{gone} forwarded: {:?}",
+            head.headers
+        );
+    }
+    assert_eq!(head.headers["te"], "trailers");
+    assert_eq!(head.headers["x-kept"], "yes");
+    assert!(head.headers.contains_key("x-forwarded-for"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_an_h2c_pool_is_refused() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(&[addr], "")).await;
+    let req = Request::get(t.url("/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::default())
+        .unwrap();
+    let answer = send(&client(), req).await;
+    assert_eq!(answer.status, 501);
+    assert_eq!(
+        answer.text(),
+        "lb: protocol upgrades (WebSocket) are not supported to an h2c pool\n"
+    );
+    assert!(seen.heads.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried_once_on_another_backend() {
+    let (refuser, seen) = h2_backend(true).await;
+    let good = GrpcBackend::start("good").await;
+    let t = TestLb::start(&format!(
+        "{}admin: 127.0.0.1:0\nretry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\n# The refuser is charged for each refusal: kept in, to be tried first.\noutlier_detection:\n  consecutive_failures: 0\n",
+        h2c_yaml(&[refuser, good.addr], "")
+    ))
+    .await;
+    // POSTs (not idempotent): a refused stream was never processed.
+    let c = h2c_client();
+    const CALLS: usize = 6;
+    for i in 0..CALLS {
+        let (parts, body, trailers) = read_all(
+            &c,
+            grpc_post(&t.url("/test.Echo/Unary"), &msg("r", i as u32)),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(unframe(&body), msg("good: r", i as u32));
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    }
+    assert_eq!(
+        good.hits(),
+        CALLS,
+        "each call reached the good backend once"
+    );
+    let refused = seen.refused.load(SeqCst);
+    assert!(
+        refused >= 1,
+        "round robin sent some calls to the refuser first"
+    );
+    assert!(refused <= CALLS, "no call was refused twice: {refused}");
+    // A tonic client's calls, whose bodies stream (no length): what was
+    // sent is kept, and sent again to the other backend.
+    let refused_before = seen.refused.load(SeqCst);
+    let ch = channel(&t).await;
+    for i in 0..CALLS {
+        let resp = call_unary(&ch, tonic::Request::new(msg("t", i as u32)))
+            .await
+            .expect("the call succeeds");
+        assert_eq!(resp.into_inner(), msg("good: t", i as u32));
+    }
+    // And bidi streams, refused after their first message was sent.
+    for _ in 0..2 {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+        let outgoing =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        tx.send(msg("first", 0)).await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(WAIT),
+            g.streaming(
+                tonic::Request::new(outgoing),
+                path("/test.Echo/Chat"),
+                codec,
+            ),
+        )
+        .await
+        .expect("in time")
+        .expect("the stream starts");
+        let mut incoming = resp.into_inner();
+        assert_eq!(
+            incoming.message().await.unwrap(),
+            Some(msg("echo first", 0))
+        );
+        tx.send(msg("second", 1)).await.unwrap();
+        assert_eq!(
+            incoming.message().await.unwrap(),
+            Some(msg("echo second", 1))
+        );
+        drop(tx);
+        assert_eq!(incoming.message().await.unwrap(), None);
+    }
+    assert_eq!(good.hits(), 2 * CALLS + 2);
+    let refused = seen.refused.load(SeqCst);
+    assert!(
+        refused > refused_before,
+        "round robin sent some streamed calls to the refuser first"
+    );
+    assert!(
+        refused <= 2 * CALLS + 2,
+        "no call was refused twice: {refused}"
+    );
+    // Each refusal was retried exactly once, counted as such.
+    let admin = t.lb.admin_addr().expect("admin bound");
+    let text = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text();
+    let line = format!("lb_retries_total{{reason=\"refused_stream\"}} {refused}");
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_pool_is_health_checked_over_http2() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(
+        &[addr],
+        "health_check:\n  path: /health\n  interval: 100ms\n  timeout: 100ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n",
+    ))
+    .await;
+    let probed = || {
+        seen.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.uri.path() == "/health" && h.version == http::Version::HTTP_2)
+            .count()
+    };
+    // An HTTP/1.1 probe would fail the HTTP/2-only backend's handshake.
+    eventually!(WAIT, probed() >= 3);
+    let answer = get(&client(), &t.url("/after-probes")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_the_backend() {
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(&[addr], "")).await;
+    let tcp = tokio::net::TcpStream::connect(t.lb.local_addr())
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // Streamed (no length), then buffered for replay (a known length).
+    for length in [None, Some(7)] {
+        let mut req = http::Request::post(format!("http://{}/up", t.lb.local_addr()));
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let mut client = client.clone().ready().await.unwrap();
+        let (resp, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"payload"), false)
+            .unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-client-trailer", "sent".parse().unwrap());
+        stream.send_trailers(trailers).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(WAIT), resp)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "answered in time (length {length:?}; the backend saw {} heads, {:?})",
+                    seen.heads.lock().unwrap().len(),
+                    seen.bodies.lock().unwrap()
+                )
+            })
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+        }
+        let (bytes, trailers) = seen.bodies.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(&bytes[..], b"payload", "length {length:?}");
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers, length {length:?}"));
+        assert_eq!(trailers["x-client-trailer"], "sent");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_health_check_takes_a_not_serving_backend_out() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    b2.health.status.store(NOT_SERVING, SeqCst);
+    let t = TestLb::start(&h2c_yaml(
+        &[b1.addr, b2.addr],
+        "health_check:\n  grpc: true\n  grpc_service: test.Echo\n  interval: 300ms\n  timeout: 300ms\n  healthy_threshold: 1\n  unhealthy_threshold: 1\n",
+    ))
+    .await;
+    let ch = channel(&t).await;
+    // Ten calls in a row all served by `only`.
+    async fn all_served_by(ch: &Channel, only: &str) -> bool {
+        for i in 0..10 {
+            match call_unary(ch, tonic::Request::new(msg("hc", i))).await {
+                Ok(r) if r.get_ref().text == format!("{only}: hc") => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+    eventually!(WAIT, all_served_by(&ch, "b1").await);
+    assert!(b2
+        .health
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s == "test.Echo"));
+    assert!(!b2.health.asked.lock().unwrap().is_empty());
+    // The other way round.
+    b2.health.status.store(SERVING, SeqCst);
+    b1.health.status.store(NOT_SERVING, SeqCst);
+    eventually!(WAIT, all_served_by(&ch, "b2").await);
+    // Both out: UNAVAILABLE, saying why.
+    b2.health.status.store(NOT_SERVING, SeqCst);
+    let mut last = None;
+    eventually!(
+        WAIT,
+        {
+            let status = call_unary(&ch, tonic::Request::new(msg("x", 0))).await;
+            let down = matches!(&status, Err(s) if s.code() == Code::Unavailable
+                && s.message().contains("the gRPC health check (gRPC health NOT_SERVING)"));
+            last.replace(status);
+            down
+        },
+        "{last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_grpc_calls_by_status() {
+    let backend = GrpcBackend::start("b1").await;
+    let dead = closed_port().await;
+    let t = TestLb::start(&format!(
+        "admin: 127.0.0.1:0\npools:\n  grpc:\n    protocol: h2c\n    backends: [{{address: {}}}]\n  dead:\n    protocol: h2c\n    backends: [{{address: {dead}}}]\nroutes:\n  - {{path_prefix: /test.Echo, pool: grpc}}\n  - {{path_prefix: /dead.Svc, pool: dead}}\n",
+        backend.addr
+    ))
+    .await;
+    let ch = channel(&t).await;
+    call_unary(&ch, tonic::Request::new(msg("ok", 0)))
+        .await
+        .unwrap();
+    call_unary(&ch, tonic::Request::new(msg("fail", 0)))
+        .await
+        .unwrap_err();
+    for (text, want) in [("then-fail", Some(Code::Aborted)), ("fine", None)] {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let mut stream = g
+            .server_streaming(
+                tonic::Request::new(msg(text, 3)),
+                path("/test.Echo/Count"),
+                codec,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status.code()),
+            }
+        };
+        assert_eq!(end, want);
+    }
+    // lb's own answers: a dead pool's, and one before any pool (no route).
+    for p in ["/dead.Svc/Call", "/nowhere.Svc/Call"] {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let codec = ProstCodec::<Msg, Msg>::default();
+        let path = http::uri::PathAndQuery::from_static(p);
+        let status = g
+            .unary(tonic::Request::new(msg("x", 0)), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let admin = t.lb.admin_addr().expect("admin bound");
+    let text = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .text();
+    for line in [
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="0"} 2"#,
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="5"} 1"#,
+        r#"lb_grpc_requests_total{pool="grpc",grpc_status="10"} 1"#,
+        r#"lb_grpc_requests_total{pool="dead",grpc_status="14"} 1"#,
+        r#"lb_grpc_requests_total{pool="none",grpc_status="14"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert_eq!(text.matches("lb_grpc_requests_total{").count(), 5, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_grpc_timeout_caps_lbs_own() {
+    let backend = GrpcBackend::start("b1").await;
+    // timeouts.request stays at its 30s default: the call's 300ms rules.
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let mut req = grpc_post(&t.url("/test.Echo/Unary"), &msg("slow", 1));
+    req.headers_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let (parts, body, _) = read_all(&h2c_client(), req).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "4");
+    assert_eq!(parts.headers["grpc-message"], "lb: 504 Gateway Timeout");
+    assert!(body.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_unavailable_sends_a_call_answered_unavailable_elsewhere() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    let extra = "retry:\n  retry_on: [connect_failure, unavailable]\n  budget:\n    min_retries_per_second: 1000\n";
+    let t = TestLb::start(&h2c_yaml(&[b1.addr, b2.addr], extra)).await;
+    let ch = channel(&t).await;
+    for i in 0..6 {
+        let resp = call_unary(&ch, tonic::Request::new(msg("busy-on-b1", i)))
+            .await
+            .expect("b2 answers every call");
+        assert_eq!(resp.into_inner(), msg("b2: busy-on-b1", i));
+    }
+    assert!(b1.hits() >= 1, "round robin tried b1 first for some");
+    assert_eq!(b2.hits(), 6);
+    // Without it, b1's UNAVAILABLE reaches the client.
+    let t = TestLb::start(&h2c_yaml(&[b1.addr, b2.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        answers.push(call_unary(&ch, tonic::Request::new(msg("busy-on-b1", i))).await);
+    }
+    assert!(
+        answers.iter().any(
+            |a| matches!(a, Err(s) if s.code() == Code::Unavailable && s.message() == "b1 is busy")
+        ),
+        "{answers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_a_reload_that_keeps_its_backend() {
+    let (b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    let t = TestLb::start(&h2c_yaml(&[b1.addr], "")).await;
+    let ch = channel(&t).await;
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(msg("before", 0)).await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let mut incoming = tokio::time::timeout(
+        Duration::from_secs(WAIT),
+        g.streaming(
+            tonic::Request::new(outgoing),
+            path("/test.Echo/Chat"),
+            codec,
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("the stream starts")
+    .into_inner();
+    assert_eq!(
+        incoming.message().await.unwrap(),
+        Some(msg("echo before", 0))
+    );
+    // A reload that adds a backend and changes timeouts.connect (which
+    // rebuilds each worker's backend clients).
+    t.rewrite(&h2c_yaml(&[b1.addr, b2.addr], "timeouts:\n  connect: 2s\n"));
+    eventually!(WAIT, t.applied() >= 2);
+    for i in 1..4 {
+        tx.send(msg("after", i)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(WAIT), incoming.message())
+            .await
+            .expect("the stream goes on after the reload")
+            .unwrap();
+        assert_eq!(got, Some(msg("echo after", i)));
+    }
+    drop(tx);
+    assert_eq!(incoming.message().await.unwrap(), None);
+    assert_eq!(b1.hits(), 1, "the stream stayed on its backend");
+}
+
+/// A raw HTTP/2 backend, frame by frame: once two streams have opened it
+/// sends a graceful GOAWAY whose last stream id is the first, answers that
+/// one `200` and never the second.
+async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answered = Arc::new(AtomicUsize::new(0));
+    let a = Arc::clone(&answered);
+    let addr = raw_server(move |mut s| {
+        let answered = Arc::clone(&a);
+        async move {
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                return;
+            }
+            let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+                let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                f.extend_from_slice(&[kind, flags]);
+                f.extend_from_slice(&stream.to_be_bytes());
+                f.extend_from_slice(payload);
+                f
+            };
+            let _ = s.write_all(&frame(4, 0, 0, &[])).await; // SETTINGS
+            let mut streams = Vec::new();
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let (kind, flags) = (head[3], head[4]);
+                let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                if kind == 4 && flags & 1 == 0 {
+                    let _ = s.write_all(&frame(4, 1, 0, &[])).await; // SETTINGS ACK
+                }
+                if kind == 1 && !streams.contains(&stream) {
+                    streams.push(stream);
+                    if streams.len() == 2 {
+                        let mut goaway = streams[0].to_be_bytes().to_vec();
+                        goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                        let _ = s.write_all(&frame(7, 0, 0, &goaway)).await;
+                        // `:status: 200` (HPACK static index 8), END_HEADERS | END_STREAM.
+                        let _ = s.write_all(&frame(1, 0x5, streams[0], &[0x88])).await;
+                        answered.fetch_add(1, SeqCst);
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (addr, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_above_a_goaways_last_stream_id_go_to_another_backend() {
+    let (raw, answered) = goaway_backend().await;
+    let (good, seen) = h2_backend(false).await;
+    // Weights 256:1: both requests go to the raw backend first.
+    let t = TestLb::start(&format!(
+        "protocol: h2c\nbackends:\n  - address: {raw}\n    weight: 256\n  - address: {good}\n    weight: 1\n"
+    ))
+    .await;
+    let c = h2c_client();
+    let post = |n: u32| {
+        Request::post(t.url(&format!("/call/{n}")))
+            .header("content-length", "4")
+            .body(Full::new(Bytes::from_static(b"body")))
+            .unwrap()
+    };
+    // Two POSTs at once on one client connection: one lb worker, one
+    // backend connection.
+    let (a, b) = tokio::join!(send(&c, post(1)), send(&c, post(2)));
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(answered.load(SeqCst), 1, "the raw backend answered one");
+    let heads = seen.heads.lock().unwrap();
+    assert_eq!(heads.len(), 1, "the other went to the good backend, once");
+}
