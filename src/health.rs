@@ -73,6 +73,16 @@ fn probe_client(h2c: bool) -> ProbeClient {
         .build(connector)
 }
 
+/// A probe the backend did not answer: lb's own shortage (no verdict) or
+/// the backend's failure.
+fn unanswered(e: hyper_util::client::legacy::Error) -> ProbeFailure {
+    let why = crate::http::client::root_cause(&e).to_string();
+    match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
+        Some(shortage) => ProbeFailure::Local(shortage, why),
+        None => ProbeFailure::Failed(why),
+    }
+}
+
 /// Why a probe failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ProbeFailure {
@@ -464,13 +474,7 @@ async fn grpc_probe(
     headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
     headers.insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| {
-            let why = crate::http::client::root_cause(&e).to_string();
-            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
-                Some(shortage) => ProbeFailure::Local(shortage, why),
-                None => ProbeFailure::Failed(why),
-            }
-        })?;
+        let resp = client.request(req).await.map_err(unanswered)?;
         let (parts, body) = resp.into_parts();
         if !parts.status.is_success() {
             return Err(ProbeFailure::Status(parts.status));
@@ -633,13 +637,7 @@ async fn http_probe(
     req.headers_mut()
         .insert(USER_AGENT, HeaderValue::from_static("lb-health-check"));
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| {
-            let why = crate::http::client::root_cause(&e).to_string();
-            match Shortage::in_chain(&e).filter(|_| e.is_connect()) {
-                Some(shortage) => ProbeFailure::Local(shortage, why),
-                None => ProbeFailure::Failed(why),
-            }
-        })?;
+        let resp = client.request(req).await.map_err(unanswered)?;
         let status = resp.status();
         // Read the (small) body so the connection can be reused.
         let _ = resp.into_body().collect().await;

@@ -871,6 +871,15 @@ async fn bound(lb: &TlsLb, name: &str) -> SocketAddr {
     }
 }
 
+/// A config directory holding `c` as `tls/server.crt` and `tls/server.key`.
+fn dir_with_pair(c: &Cert) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    write(dir.path(), "tls/server.crt", &c.cert);
+    write(dir.path(), "tls/server.key", &c.key);
+    dir
+}
+
 fn listeners_yaml(api: &Backend, web: &Backend, extra_listener: &str) -> String {
     format!(
         "listeners:\n\
@@ -890,13 +899,12 @@ fn listeners_yaml(api: &Backend, web: &Backend, extra_listener: &str) -> String 
 
 #[tokio::test]
 async fn listeners_each_serve_their_routes_and_the_redirect_answers_308() {
-    let api = Backend::start("api").await;
-    let web = Backend::start("web").await;
-    let c = cert(&["api.example.com"]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-    write(dir.path(), "tls/server.crt", &c.cert);
-    write(dir.path(), "tls/server.key", &c.key);
+    let (api, web, c) = (
+        Backend::start("api").await,
+        Backend::start("web").await,
+        cert(&["api.example.com"]),
+    );
+    let dir = dir_with_pair(&c);
     let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
     let (plain, secure, redirect) = (
         bound(&lb, "web").await,
@@ -935,13 +943,12 @@ async fn listeners_each_serve_their_routes_and_the_redirect_answers_308() {
 
 #[tokio::test]
 async fn listeners_are_added_moved_and_removed_by_reload() {
-    let api = Backend::start("api").await;
-    let web = Backend::start("web").await;
-    let c = cert(&["api.example.com"]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-    write(dir.path(), "tls/server.crt", &c.cert);
-    write(dir.path(), "tls/server.key", &c.key);
+    let (api, web, c) = (
+        Backend::start("api").await,
+        Backend::start("web").await,
+        cert(&["api.example.com"]),
+    );
+    let dir = dir_with_pair(&c);
     let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
     let rt = lb.lb.runtime();
     let applied = || rt.reloads.applied.load(std::sync::atomic::Ordering::SeqCst);
@@ -1110,14 +1117,13 @@ fn listeners_config_mistakes_are_errors_at_their_key() {
 
 #[tokio::test]
 async fn a_reload_whose_new_listener_cannot_serve_is_refused_whole() {
-    let api = Backend::start("api").await;
-    let web = Backend::start("web").await;
-    let c = cert(&["api.example.com"]);
+    let (api, web, c) = (
+        Backend::start("api").await,
+        Backend::start("web").await,
+        cert(&["api.example.com"]),
+    );
     let other = cert(&["other.test"]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-    write(dir.path(), "tls/server.crt", &c.cert);
-    write(dir.path(), "tls/server.key", &c.key);
+    let dir = dir_with_pair(&c);
     // A key that is not the certificate's.
     write(dir.path(), "tls/wrong.key", &other.key);
     let lb = TlsLb::start_exact(dir, &listeners_yaml(&api, &web, "")).await;
