@@ -357,7 +357,7 @@ async fn an_address_that_stays_keeps_its_health_and_a_joiner_ramps_up() {
         &dns,
         "hc.test",
         port,
-        "health_check: {path: /health, interval: 100ms, timeout: 50ms, unhealthy_threshold: 1}\nslow_start: 30s\n",
+        "health_check: {path: /health, interval: 100ms, timeout: 50ms, unhealthy_threshold: 1}\nslow_start: 120s\n",
     );
     let lb = TestLb::start(&yaml).await;
     eventually!(WAIT, bodies(&lb, 1).await[0].starts_with("200"));

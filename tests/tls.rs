@@ -858,17 +858,8 @@ async fn plain_get(addr: SocketAddr, host: &str, path: &str) -> Answer {
 
 /// A listener's bound address once lb has it (a reload adds listeners).
 async fn bound(lb: &TlsLb, name: &str) -> SocketAddr {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
-    loop {
-        if let Some(addr) = lb.lb.local_addr_of(name) {
-            return addr;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "listener {name} never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually!(WAIT, lb.lb.local_addr_of(name).is_some());
+    lb.lb.local_addr_of(name).unwrap()
 }
 
 /// A config directory holding `c` as `tls/server.crt` and `tls/server.key`.
