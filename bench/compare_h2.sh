@@ -25,7 +25,9 @@
 # and prints "-"); failed (h2load: every request not answered 2xx, errors
 # included) and errored (transport errors, timeouts) summed over the rounds;
 # the proxy's CPU µs per request (utime+stime of its processes over the
-# measured run, divided by the requests done); box busy.
+# measured run, divided by the requests done); box busy; other CPU (busy
+# time none of h2load, the backends or the proxy used: other work on the
+# box, roughly, interrupts included).
 # Then lb/haproxy ratios against issue 18's target: lb at least 1.2× HAProxy's
 # req/s and at most 0.8× its CPU per request.
 # shellcheck shell=bash
@@ -34,6 +36,14 @@ STREAMS=${STREAMS:-10}
 LATENCY_LOG=${LATENCY_LOG:-1}
 H2="$TMP/h2"
 mkdir -p "$H2"
+# h2load's per-request logs (tens of MB a run) go to tmpfs when there is one:
+# on a disk the kernel's writeback threads write them out during later runs,
+# CPU taken from the box (read as `other CPU`) in the middle of a measurement.
+LOGDIR=$H2
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+    LOGDIR=$(mktemp -d /dev/shm/lb-h2load.XXXXXX)
+    trap 'rm -rf "$LOGDIR"; cleanup' EXIT
+fi
 command -v h2load >/dev/null || die "needs h2load: apt-get install -y nghttp2-client"
 
 # --- configs -----------------------------------------------------------------
@@ -118,20 +128,22 @@ percentiles() {
 # command substitution running it has been reaped.
 child_ticks() { awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat"; }
 
-# "user+nice+system total" ticks of all CPUs (no irq, softirq, steal: the
-# kernel does not charge those to processes).
-cpu_task_stat() { awk '/^cpu / { print $2 + $3 + $4, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+# "busy total" ticks of all CPUs; busy: user, nice, system, irq and softirq
+# (a process's stime includes the irq and softirq ticks taken while it ran,
+# which /proc/stat files under irq and softirq), not idle, iowait, steal.
+cpu_task_stat() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 
 # measure_h2 NAME PORT CONNS [PID]: warm up, measure, append one line to $RUNS:
 # name conns req/s mean_ms max_ms p50_ms p99_ms failed errored proxy_cpu_ticks box_busy_% requests_done other_%
-# other_%: user+system CPU of every process outside the benchmark (not
-# h2load, the backends, the proxy measured), % of all CPUs: other work on a
-# shared box, which skews the figures when it is more than a few %.
+# other_%: CPU busy time not spent by h2load, the backends or the proxy
+# measured, % of all CPUs: other work on a shared box (and interrupts that
+# land outside those processes), which skews the figures when it is more
+# than a few %.
 # shellcheck disable=SC2153 # ROUNDS is compare.sh's
 measure_h2() {
     local name=$1 port=$2 conns=$3 pid=${4:-} pids=() out rps mean max p50 p99 failed errored cpu0 cpu1 box0 box ndone
     local own0 own1 task0 task1 other
-    local url="http://127.0.0.1:$port/" logfile="$H2/log-$name-$conns-$ROUND.tsv" logarg=()
+    local url="http://127.0.0.1:$port/" logfile="$LOGDIR/log-$name-$conns-$ROUND.tsv" logarg=()
     [[ $LATENCY_LOG == 1 ]] && logarg=(--log-file="$logfile")
     log "round $ROUND/$ROUNDS, $name, c=$conns: warm-up $WARMUP, then h2load -t$THREADS -c$conns -m$STREAMS -D$DURATION $url"
     h2load -t"$THREADS" -c"$conns" -m"$STREAMS" -D"$WARMUP" "$url" >"$H2/warmup-$name-$conns-$ROUND.txt" 2>&1 ||
@@ -226,8 +238,8 @@ echo "Proxies: lb (--workers $PROXY_THREADS; its listener serves h2c by hyper; p
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, bind proto h2, server proto h2, http-reuse always, checks every 2s)."
 echo "direct: h2load to the first backend alone (examples/backend, hyper-util auto: h2c), no proxy."
 echo "box busy: all CPUs together during the run (100% = every CPU busy; below it, something waited);"
-echo "other CPU: user+system time of processes outside the benchmark (not h2load, the backends or the"
-echo "proxy measured), % of all CPUs: other work on the box, which skews the run when above a few %."
+echo "other CPU: CPU busy time not spent by h2load, the backends or the proxy measured, % of all CPUs:"
+echo "other work on the box, which skews the run when above a few %."
 echo "Before the runs: CPUs ${BUSY_BEFORE}% busy with other work, load average $LOAD_BEFORE."
 for conns in $CONNECTIONS; do
     echo
