@@ -9,6 +9,7 @@
 #   bash bench/compare.sh tcp             # mode: tcp vs nginx stream vs HAProxy mode tcp
 #   bash bench/compare.sh routed          # 20 routes over 5 pools vs one pool (~1.5 min)
 #   bash bench/compare.sh tls             # HTTPS: TLS 1.3 handshakes/s, keep-alive, idle RSS (~4 min)
+#   bash bench/compare.sh h2              # h2c both sides, h2load -m10 at c=16 and c=64, lb vs HAProxy (~1.5 min)
 #
 # The tcp scenario measures connections per second (connect, 1 KiB echo,
 # close; examples/tcp_bench rate) and the throughput of one 1 GiB echo
@@ -34,6 +35,19 @@
 # "2000" there). HANDSHAKE_CONNECTIONS (wrk -c of the handshake runs,
 # default 32); DURATION, WARMUP, ROUNDS, THREADS, PROXY_THREADS, BACKEND,
 # KEEP_TMP as below; BASELINE and FLOOR do not apply.
+#
+# The h2 scenario (bench/compare_h2.sh) speaks HTTP/2 cleartext with prior
+# knowledge (h2c) from client to proxy and from proxy to backends: h2load
+# (apt-get install -y nghttp2-client) drives the first backend directly, lb
+# (its listener serves h2c; a pool with `protocol: h2c`) and HAProxy (`bind
+# ... proto h2`, `server ... proto h2`) with STREAMS (default 10, h2load -m)
+# streams per connection at CONNECTIONS (default "16 64" there); reported:
+# req/s, mean/p50/p99/max latency, h2load's failed and errored counts, the
+# proxy's CPU µs per request, box busy, and lb/HAProxy ratios against issue
+# 18's target. nginx is left out: it has no h2c upstream but grpc_pass (gRPC
+# framing only). LATENCY_LOG=0 skips h2load's per-request log (p50/p99);
+# DURATION, WARMUP, ROUNDS, THREADS, PROXY_THREADS, BACKEND, KEEP_TMP as
+# below; IDLE, BASELINE and FLOOR do not apply.
 #
 # Environment: DURATION (wrk -d, default 10s), WARMUP (default 2s),
 # ROUNDS (default 1: each target is measured ROUNDS times, interleaved, and
@@ -76,6 +90,8 @@ HAPROXY_ROUTED_PORT=18088
 LB_TLS_PORT=18443
 NGINX_TLS_PORT=18444
 HAPROXY_TLS_PORT=18445
+LB_H2_PORT=18092
+HAPROXY_H2_PORT=18093
 FLOOR=${FLOOR:-}
 
 SCENARIO=${1:-http}
@@ -91,8 +107,14 @@ tls)
     FLOOR=
     BASELINE=
     ;;
+h2)
+    CONNECTIONS=${CONNECTIONS_SET:-16 64}
+    IDLE=
+    FLOOR=
+    BASELINE=
+    ;;
 *)
-    echo "usage: compare.sh [http|tcp|routed|tls]" >&2
+    echo "usage: compare.sh [http|tcp|routed|tls|h2]" >&2
     exit 2
     ;;
 esac
@@ -106,6 +128,9 @@ missing=()
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 command -v wrk >/dev/null || missing+=(wrk)
+if [[ $SCENARIO == h2 ]] && ! command -v h2load >/dev/null; then
+    die "the h2 scenario needs h2load: apt-get install -y nghttp2-client"
+fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     # policy-rc.d keeps the packages from starting system services.
@@ -183,7 +208,8 @@ to_ms() {
 
 
 for port in "${BACKEND_PORTS[@]}" $LB_PORT $NGINX_PORT $HAPROXY_PORT $LB_HYPER_PORT $LB_BASE_PORT $FLOOR_PORT \
-    $LB_ROUTED_PORT $NGINX_ROUTED_PORT $HAPROXY_ROUTED_PORT $LB_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
+    $LB_ROUTED_PORT $NGINX_ROUTED_PORT $HAPROXY_ROUTED_PORT $LB_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT \
+    $LB_H2_PORT $HAPROXY_H2_PORT; do
     port_open "$port" && die "127.0.0.1:$port is already in use"
 done
 
@@ -485,6 +511,11 @@ fi
 if [[ $SCENARIO == tls ]]; then
     # shellcheck source=bench/compare_tls.sh
     source "$(dirname "$0")/compare_tls.sh"
+    exit 0
+fi
+if [[ $SCENARIO == h2 ]]; then
+    # shellcheck source=bench/compare_h2.sh
+    source "$(dirname "$0")/compare_h2.sh"
     exit 0
 fi
 

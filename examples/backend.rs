@@ -9,7 +9,9 @@
 //! Every port speaks HTTP/1.1 and cleartext HTTP/2. Any path answers `200`
 //! with a body such as `backend 9001: GET /some/path` and an `x-backend: 9001`
 //! header. The request body is read to the end and its length reported.
-//! `/health` answers `200 ok`.
+//! `/health` answers `200 ok`. `/protocol` answers `200` with the HTTP
+//! version the request arrived in (`HTTP/1.1`, `HTTP/2.0`): what a proxy in
+//! front of it speaks to its backends.
 //!
 //! Commands typed at the `> ` prompt (`PORT` is a port number or `all`):
 //!
@@ -294,6 +296,7 @@ async fn respond(
     state: Arc<PortState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = request.method().clone();
+    let version = request.version();
     let path = request.uri().path().to_string();
     let health = path == "/health";
     let counter = if health {
@@ -323,6 +326,7 @@ async fn respond(
             (StatusCode::SERVICE_UNAVAILABLE, "sick\n".to_string())
         }
         None if health => (StatusCode::OK, "ok\n".to_string()),
+        None if path == "/protocol" => (StatusCode::OK, format!("{version:?}\n")),
         None if body_len > 0 => (
             StatusCode::OK,
             format!("backend {port}: {method} {path} ({body_len} bytes)\n"),
