@@ -123,7 +123,15 @@ pub(crate) fn serve_hyper<S: ClientStream>(
             req.extensions_mut().insert(for_upgrade.clone());
         }
         let request = RequestGuard::start(&for_service, clock);
-        let response = proxy::handle(Arc::clone(&rt), peer.ip(), Arc::clone(&listener), req);
+        // Boxed: the request's future is large (the attempt loop, bodies,
+        // retries), and hyper moves the service's future into each HTTP/2
+        // stream's task; a pointer moves, the state stays put.
+        let response = Box::pin(proxy::handle(
+            Arc::clone(&rt),
+            peer.ip(),
+            Arc::clone(&listener),
+            req,
+        ));
         let rt = Arc::clone(&rt);
         async move {
             let resp = response.await?;
