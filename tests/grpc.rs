@@ -293,6 +293,34 @@ fn h2c_yaml(addrs: &[SocketAddr], extra: &str) -> String {
     s
 }
 
+/// Opens a bidi `Chat` call on `ch` with `first` already sent: the sender
+/// for the rest of the request stream, and the answers.
+async fn open_chat(
+    ch: Channel,
+    first: Msg,
+) -> (tokio::sync::mpsc::Sender<Msg>, tonic::Streaming<Msg>) {
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(first).await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let incoming = tokio::time::timeout(
+        Duration::from_secs(WAIT),
+        g.streaming(
+            tonic::Request::new(outgoing),
+            path("/test.Echo/Chat"),
+            codec,
+        ),
+    )
+    .await
+    .expect("the stream starts in time")
+    .expect("the stream starts")
+    .into_inner();
+    (tx, incoming)
+}
+
 async fn channel(t: &TestLb) -> Channel {
     Channel::from_shared(format!("http://{}", t.lb.local_addr()))
         .unwrap()
@@ -430,25 +458,7 @@ async fn bidi_stream_answers_each_message_before_the_next_is_sent() {
     let backend = GrpcBackend::start("b1").await;
     let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
     let ch = channel(&t).await;
-    let mut g = tonic::client::Grpc::new(ch);
-    g.ready().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
-    let outgoing =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    tx.send(msg("m", 0)).await.unwrap();
-    let codec = ProstCodec::<Msg, Msg>::default();
-    let resp = tokio::time::timeout(
-        Duration::from_secs(WAIT),
-        g.streaming(
-            tonic::Request::new(outgoing),
-            path("/test.Echo/Chat"),
-            codec,
-        ),
-    )
-    .await
-    .expect("the stream starts in time")
-    .expect("the stream starts");
-    let mut incoming = resp.into_inner();
+    let (tx, mut incoming) = open_chat(ch, msg("m", 0)).await;
     // Each answer comes while the request stream is still open: nothing
     // waits for the whole request body.
     for i in 0..20u32 {
@@ -798,28 +808,7 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
     }
     // And bidi streams, refused after their first message was sent.
     for _ in 0..2 {
-        let mut g = tonic::client::Grpc::new(ch.clone());
-        g.ready().await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
-        let outgoing =
-            futures_util::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-            );
-        tx.send(msg("first", 0)).await.unwrap();
-        let codec = ProstCodec::<Msg, Msg>::default();
-        let resp = tokio::time::timeout(
-            Duration::from_secs(WAIT),
-            g.streaming(
-                tonic::Request::new(outgoing),
-                path("/test.Echo/Chat"),
-                codec,
-            ),
-        )
-        .await
-        .expect("in time")
-        .expect("the stream starts");
-        let mut incoming = resp.into_inner();
+        let (tx, mut incoming) = open_chat(ch.clone(), msg("first", 0)).await;
         assert_eq!(
             incoming.message().await.unwrap(),
             Some(msg("echo first", 0))
@@ -1092,25 +1081,7 @@ async fn a_stream_outlives_a_reload_that_keeps_its_backend() {
     );
     let t = TestLb::start(&h2c_yaml(&[b1.addr], "")).await;
     let ch = channel(&t).await;
-    let mut g = tonic::client::Grpc::new(ch);
-    g.ready().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
-    let outgoing =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    tx.send(msg("before", 0)).await.unwrap();
-    let codec = ProstCodec::<Msg, Msg>::default();
-    let mut incoming = tokio::time::timeout(
-        Duration::from_secs(WAIT),
-        g.streaming(
-            tonic::Request::new(outgoing),
-            path("/test.Echo/Chat"),
-            codec,
-        ),
-    )
-    .await
-    .expect("in time")
-    .expect("the stream starts")
-    .into_inner();
+    let (tx, mut incoming) = open_chat(ch, msg("before", 0)).await;
     assert_eq!(
         incoming.message().await.unwrap(),
         Some(msg("echo before", 0))
