@@ -41,7 +41,6 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderValue, HOST, USER_AGENT};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper::{Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::AsyncWriteExt;
@@ -53,24 +52,69 @@ use tokio::time::{sleep_until, timeout, Instant};
 use crate::config::{BackendAddr, HealthCheck, PoolName, ProxyProtocol};
 use crate::core::runtime::{Pool, Runtime};
 use crate::core::state::BackendState;
+use crate::http::client::BackendConnector;
 use crate::obs::local::{Op, Shortage};
 use crate::tcp::proxy_protocol::local_header;
+use crate::tls::client::ClientTls;
 
-type ProbeClient = Client<HttpConnector, Full<Bytes>>;
+type ProbeClient = Client<BackendConnector, Full<Bytes>>;
 
-/// `h2c`: HTTP/2 with prior knowledge, for the backends of a `protocol:
-/// h2c` pool (which may speak nothing else).
-fn probe_client(h2c: bool) -> ProbeClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
+/// Bounds a probe's connect and TLS handshake; the probe's own timeout
+/// (`health_check.timeout`) cuts it first.
+const PROBE_CONNECT_BOUND: Duration = Duration::from_secs(60);
+
+/// `http2`: HTTP/2 only (with prior knowledge, or ALPN h2 over TLS), for
+/// the backends of a `protocol: h2c` or `h2` pool (which may speak nothing
+/// else); `tls`: the pool's, so probes see the backend as requests do.
+fn probe_client(http2: bool, tls: Option<Arc<ClientTls>>) -> ProbeClient {
     // Probes keep one connection per backend alive (as Envoy does) rather
     // than opening one per probe: far cheaper at 1,000 backends.
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1)
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_timer(TokioTimer::new())
-        .http2_only(h2c)
-        .build(connector)
+        .http2_only(http2)
+        .build(BackendConnector::new(PROBE_CONNECT_BOUND, tls))
+}
+
+/// One backend's probe clients: plain ones, and those of its pool's TLS
+/// (rebuilt when the pool's `ClientTls` is replaced). Each connects lazily:
+/// only the pool's protocol's is ever used.
+struct ProbeClients {
+    plain: (ProbeClient, ProbeClient),
+    tls: Option<(Arc<ClientTls>, ProbeClient, ProbeClient)>,
+}
+
+impl ProbeClients {
+    fn new() -> Self {
+        ProbeClients {
+            plain: (probe_client(false, None), probe_client(true, None)),
+            tls: None,
+        }
+    }
+
+    fn for_settings(&mut self, settings: &ProbeSettings) -> &ProbeClient {
+        let (any, http2_only) = match &settings.tls {
+            None => (&self.plain.0, &self.plain.1),
+            Some(tls) => {
+                let current = self.tls.as_ref().is_some_and(|(t, ..)| Arc::ptr_eq(t, tls));
+                if !current {
+                    self.tls = Some((
+                        Arc::clone(tls),
+                        probe_client(false, Some(Arc::clone(tls))),
+                        probe_client(true, Some(Arc::clone(tls))),
+                    ));
+                }
+                let (_, any, http2_only) = self.tls.as_ref().expect("set above");
+                (any, http2_only)
+            }
+        };
+        if settings.http2 {
+            http2_only
+        } else {
+            any
+        }
+    }
 }
 
 /// A probe the backend did not answer: lb's own shortage (no verdict) or
@@ -311,8 +355,7 @@ async fn probe_loop(
     reasons: DownReasons,
 ) {
     // Owned by this task: ending the task closes the backend's connection.
-    // Both connect lazily: only the pool's protocol's is ever used.
-    let (client, h2c_client) = (probe_client(false), probe_client(true));
+    let mut clients = ProbeClients::new();
     let Some(mut changes) = runtime.upgrade().map(|rt| rt.subscribe()) else {
         return;
     };
@@ -334,7 +377,7 @@ async fn probe_loop(
         let Some(settings) = current(&runtime, &state.pool) else {
             return;
         };
-        let client = if settings.h2c { &h2c_client } else { &client };
+        let client = clients.for_settings(&settings);
         let result = probe(client, &authority, &settings).await;
         let hc = &settings.check;
         if let Err(ProbeFailure::Local(shortage, why)) = &result {
@@ -399,8 +442,10 @@ struct ProbeSettings {
     check: HealthCheck,
     /// `send_proxy_protocol` (tcp mode): a TCP probe opens with the header.
     proxy_protocol: Option<ProxyProtocol>,
-    /// The pool speaks HTTP/2 with prior knowledge: so do its probes.
-    h2c: bool,
+    /// The pool speaks HTTP/2 only: so do its probes.
+    http2: bool,
+    /// The pool's backends are HTTPS: so are its probes.
+    tls: Option<Arc<ClientTls>>,
 }
 
 fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeSettings> {
@@ -409,7 +454,8 @@ fn current(runtime: &std::sync::Weak<Runtime>, pool: &PoolName) -> Option<ProbeS
     Some(ProbeSettings {
         check: pool.config.health_check.clone()?,
         proxy_protocol: snap.config.send_proxy_protocol,
-        h2c: pool.config.protocol == crate::config::Protocol::H2c,
+        http2: pool.config.protocol.is_http2(),
+        tls: pool.tls.clone(),
     })
 }
 
@@ -420,9 +466,14 @@ async fn probe(
     settings: &ProbeSettings,
 ) -> Result<(), ProbeFailure> {
     let hc = &settings.check;
+    let scheme = if settings.tls.is_some() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
     match (&hc.path, &hc.grpc) {
-        (Some(path), _) => http_probe(client, authority, path.clone(), hc.timeout).await,
-        (None, Some(service)) => grpc_probe(client, authority, service, hc.timeout).await,
+        (Some(path), _) => http_probe(client, scheme, authority, path.clone(), hc.timeout).await,
+        (None, Some(service)) => grpc_probe(client, scheme, authority, service, hc.timeout).await,
         (None, None) => tcp_probe(authority, hc.timeout, settings.proxy_protocol).await,
     }
 }
@@ -456,11 +507,12 @@ async fn tcp_probe(
 /// client): an OK answer saying SERVING within the timeout passes.
 async fn grpc_probe(
     client: &ProbeClient,
+    scheme: Scheme,
     authority: &Authority,
     service: &str,
     limit: Duration,
 ) -> Result<(), ProbeFailure> {
-    let uri = format!("http://{authority}/grpc.health.v1.Health/Check");
+    let uri = format!("{scheme}://{authority}/grpc.health.v1.Health/Check");
     let mut req = Request::new(Full::new(grpc_health::request(service)));
     *req.method_mut() = hyper::Method::POST;
     *req.uri_mut() = uri
@@ -620,12 +672,13 @@ mod grpc_health {
 /// One GET of the health path: a 2xx or 3xx within the timeout passes.
 async fn http_probe(
     client: &ProbeClient,
+    scheme: Scheme,
     authority: &Authority,
     path: PathAndQuery,
     limit: Duration,
 ) -> Result<(), ProbeFailure> {
     let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
     let uri = Uri::from_parts(parts).map_err(|e| ProbeFailure::Failed(e.to_string()))?;

@@ -355,6 +355,7 @@ impl Reloader {
         for tls in self.listeners.terminators() {
             tls.recheck(&self.runtime);
         }
+        crate::net::tls::recheck_backend_tls(&self.runtime);
         if hash == self.runtime.snapshot().hash {
             // After a rejected edit, the file coming back is news: the
             // error no longer stands.
@@ -368,9 +369,10 @@ impl Reloader {
             return;
         }
         let path = self.path.clone();
-        let parsed = tokio::task::spawn_blocking(move || Config::parse(&bytes, &path)).await;
-        let config = match parsed {
-            Ok(Ok(config)) => config,
+        let parsed =
+            tokio::task::spawn_blocking(move || Config::parse_with_warnings(&bytes, &path)).await;
+        let (config, positioned) = match parsed {
+            Ok(Ok(parsed)) => parsed,
             Ok(Err(e)) => {
                 self.reject(e);
                 return;
@@ -389,6 +391,11 @@ impl Reloader {
                 return;
             }
         };
+        // As at startup: `file:line:col: key: …` for the keys that are
+        // legal but probably not meant, then the config-wide ones.
+        for warning in positioned {
+            tracing::warn!("{warning}");
+        }
         for warning in config.warnings() {
             tracing::warn!("{}: {warning}", self.path.display());
         }

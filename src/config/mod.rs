@@ -39,6 +39,7 @@
 //! A [`Config`] is never mutated: a reload builds a new one and swaps it in
 //! (see [`crate::core::runtime`]).
 
+pub mod backend_tls;
 mod diff;
 pub mod discovery;
 mod error;
@@ -202,6 +203,11 @@ pub enum Protocol {
     /// HTTP/2 with prior knowledge over plain TCP: one multiplexed
     /// connection per backend and worker. gRPC backends are served so.
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`), multiplexed as h2c is.
+    H2,
+    /// TLS, the backend choosing by ALPN: HTTP/2 when it offers `h2`, else
+    /// HTTP/1.1 (pooled as http1).
+    Auto,
 }
 
 impl Protocol {
@@ -209,6 +215,27 @@ impl Protocol {
         match self {
             Protocol::Http1 => "http1",
             Protocol::H2c => "h2c",
+            Protocol::H2 => "h2",
+            Protocol::Auto => "auto",
+        }
+    }
+
+    /// Every request goes as an HTTP/2 stream (h2c, h2).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::H2c | Protocol::H2)
+    }
+
+    /// A request may go as an HTTP/2 stream: HTTP/2, or ALPN may choose it.
+    pub fn may_be_http2(self) -> bool {
+        self != Protocol::Http1
+    }
+
+    /// The ALPN protocols offered to a TLS backend, in order of preference.
+    pub fn alpn(self) -> &'static [&'static [u8]] {
+        match self {
+            Protocol::Http1 | Protocol::H2c => &[b"http/1.1"],
+            Protocol::H2 => &[b"h2"],
+            Protocol::Auto => &[b"h2", b"http/1.1"],
         }
     }
 }
@@ -962,6 +989,17 @@ impl Config {
                 ConfigError::Invalid(placer.diagnostic(field, message))
             })?;
         }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for pool in &mut config.pools {
+            if pool.tls.is_none() {
+                continue;
+            }
+            let tls = Arc::make_mut(pool).tls.as_mut().expect("checked above");
+            tls.resolve_against(dir);
+            tls.check_files().map_err(|(field, message)| {
+                ConfigError::Invalid(placer.diagnostic(field, message))
+            })?;
+        }
         let mut warnings = validate::warnings(&config);
         if lookups == Lookups::Resolve {
             warnings.extend(unresolved_backends(&config));
@@ -1141,6 +1179,10 @@ impl PoolConfig {
         let protocol = match self.protocol {
             Protocol::Http1 => String::new(),
             p => format!(", protocol {p}"),
+        };
+        let protocol = match &self.tls {
+            Some(tls) => format!("{protocol}, {}", tls.describe()),
+            None => protocol,
         };
         let members = match &self.discovery {
             Some(d) => format!(

@@ -44,6 +44,11 @@ pub struct RawPool {
     pub peak_ewma: Option<RawPeakEwma>,
     pub slow_start: Option<HumanDuration>,
     pub protocol: Option<RawProtocol>,
+    /// HTTPS to the backends.
+    pub tls: Option<super::backend_tls::RawBackendTls>,
+    /// `tls` came from the top-level `backend_tls:` (its errors name that).
+    #[serde(skip)]
+    pub tls_from_top: bool,
 }
 
 /// One entry of `routes:` as written.
@@ -115,6 +120,8 @@ pub struct PoolConfig {
     pub steering: Steering,
     /// What lb speaks to the backends.
     pub protocol: Protocol,
+    /// HTTPS to the backends: always set for `protocol: h2` and `auto`.
+    pub tls: Option<super::backend_tls::BackendTls>,
 }
 
 impl PoolConfig {
@@ -176,6 +183,8 @@ pub(super) fn defaults(raw: &mut RawConfig) -> RawPool {
         peak_ewma: raw.peak_ewma.take(),
         slow_start: raw.slow_start.take(),
         protocol: raw.protocol.take(),
+        tls_from_top: raw.backend_tls.is_some(),
+        tls: raw.backend_tls.take(),
     }
 }
 
@@ -273,6 +282,8 @@ fn inherit(pool: RawPool, defaults: &RawPool) -> RawPool {
         }),
         slow_start: pool.slow_start.or(defaults.slow_start),
         protocol: pool.protocol.or(defaults.protocol),
+        tls_from_top: pool.tls.is_none() && defaults.tls.is_some(),
+        tls: pool.tls.or_else(|| defaults.tls.clone()),
         strategy,
     }
 }

@@ -49,8 +49,12 @@ pub struct RawConfig {
     pub peak_ewma: Option<super::steering::RawPeakEwma>,
     /// Ramp-up window for joining backends; off when absent.
     pub slow_start: Option<HumanDuration>,
-    /// What lb speaks to the backends (`http1`, `h2c`); http1 when absent.
+    /// What lb speaks to the backends (`http1`, `h2c`, `h2`, `auto`);
+    /// http1 when absent.
     pub protocol: Option<RawProtocol>,
+    /// HTTPS to the backends: every pool's default `tls:` (the top-level
+    /// `tls:` is the listener's).
+    pub backend_tls: Option<super::backend_tls::RawBackendTls>,
     /// Caps on client connections and request heads.
     #[serde(default)]
     pub limits: RawLimits,
@@ -118,9 +122,9 @@ impl<'de> Deserialize<'de> for RawMode {
 pub enum RawProtocol {
     Http1,
     H2c,
-    /// HTTP/2 over TLS (ALPN h2): refused by `validate` for now.
+    /// HTTP/2 over TLS (ALPN h2).
     H2,
-    /// TLS, ALPN choosing h2 or http/1.1: refused by `validate` for now.
+    /// TLS, ALPN choosing h2 or http/1.1.
     Auto,
 }
 

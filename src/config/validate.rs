@@ -201,10 +201,17 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, Invalid> {
     let mut pool_configs = Vec::new();
     for ((name, pool_raw, prefix), tcp_only) in merged.into_iter().zip(tcp_only) {
         let mode = if tcp_only { Mode::Tcp } else { Mode::Http };
-        let pool = pool(name, pool_raw, mode).map_err(|(field, message)| match &prefix {
-            Some(prefix) => (format!("{prefix}{field}"), message),
-            None => (field, message),
+        let mut pool = pool(name, pool_raw, mode).map_err(|(field, message)| match &prefix {
+            Some(prefix) if !field.starts_with("backend_tls") => {
+                (format!("{prefix}{field}"), message)
+            }
+            _ => (field, message),
         })?;
+        if let (Some(tls), Some(prefix)) = (&mut pool.tls, &prefix) {
+            if tls.written_at == "tls" {
+                tls.written_at = format!("{prefix}tls");
+            }
+        }
         pool_configs.push(Arc::new(pool));
     }
     let routes = if !listeners_named {
@@ -373,6 +380,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         RawStrategy::PeakEwma => Strategy::PeakEwma,
     };
     let protocol = protocol(raw.protocol, mode)?;
+    let tls = backend_tls(raw.tls, raw.tls_from_top, protocol, mode)?;
     let (backends, discovery) = match (raw.backends, raw.discovery) {
         (Some(_), Some(_)) => {
             return invalid(
@@ -420,6 +428,7 @@ fn pool(name: PoolName, raw: RawPool, mode: Mode) -> Result<PoolConfig, Invalid>
         retry,
         steering,
         protocol,
+        tls,
     })
 }
 
@@ -437,15 +446,41 @@ fn protocol(raw: Option<RawProtocol>, mode: Mode) -> Result<Protocol, Invalid> {
     match raw {
         RawProtocol::Http1 => Ok(Protocol::Http1),
         RawProtocol::H2c => Ok(Protocol::H2c),
-        RawProtocol::H2 => invalid(
-            "protocol",
-            "h2 (HTTP/2 over TLS to backends) is not supported yet; use h2c (HTTP/2 without TLS) or http1",
-        ),
-        RawProtocol::Auto => invalid(
-            "protocol",
-            "auto (TLS to backends, ALPN choosing h2 or http/1.1) is not supported yet; use h2c or http1",
-        ),
+        RawProtocol::H2 => Ok(Protocol::H2),
+        RawProtocol::Auto => Ok(Protocol::Auto),
     }
+}
+
+/// A pool's `tls:` against its protocol: `h2` and `auto` are TLS (with the
+/// platform's roots when `tls:` is absent), `h2c` never is.
+fn backend_tls(
+    raw: Option<super::backend_tls::RawBackendTls>,
+    from_top: bool,
+    protocol: Protocol,
+    mode: Mode,
+) -> Result<Option<super::backend_tls::BackendTls>, Invalid> {
+    // Relative to the pool, as every pool key's path is; the top level's is
+    // marked so its errors are not put under the pool.
+    let key = if from_top { "backend_tls" } else { "tls" };
+    let Some(raw) = raw else {
+        return Ok(matches!(protocol, Protocol::H2 | Protocol::Auto)
+            .then(|| super::backend_tls::BackendTls::platform_default(key.to_owned())));
+    };
+    if mode == Mode::Tcp {
+        return invalid(
+            key,
+            "TLS to backends needs mode: http (tcp mode relays the client's bytes, TLS or not, as they come)",
+        );
+    }
+    if protocol == Protocol::H2c {
+        return invalid(
+            key,
+            "protocol h2c is HTTP/2 without TLS: for HTTP/2 over TLS use protocol: h2 (or auto, to let ALPN choose)",
+        );
+    }
+    super::backend_tls::validate(raw, key.to_owned())
+        .map(Some)
+        .map_err(|(field, message)| (format!("{key}.{field}"), message))
 }
 
 /// hyper's smallest read buffer; a head limit below it could not be honoured.
@@ -572,13 +607,13 @@ fn health_check(
         (true, _) if mode == Mode::Tcp => {
             return invalid(
                 "health_check.grpc",
-                "a gRPC health check needs mode: http and protocol: h2c",
+                "a gRPC health check needs mode: http and protocol: h2c or h2",
             )
         }
-        (true, _) if protocol != Protocol::H2c => {
+        (true, _) if !protocol.is_http2() => {
             return invalid(
                 "health_check.grpc",
-                "a gRPC health check needs protocol: h2c (gRPC is HTTP/2)",
+                "a gRPC health check needs protocol: h2c or h2 (gRPC is HTTP/2)",
             )
         }
         (true, _) if raw.path.is_some() => {
@@ -760,6 +795,15 @@ fn retry(raw: Option<RawRetry>) -> Result<RetryPolicy, Invalid> {
 pub fn warnings(config: &Config) -> Vec<Invalid> {
     let mut warnings = Vec::new();
     for pool in &config.pools {
+        if let Some(tls) = pool.tls.as_ref().filter(|t| t.insecure_skip_verify) {
+            warnings.push((
+                format!("{}.insecure_skip_verify", tls.written_at),
+                format!(
+                    "pool {}: backend certificates are NOT verified: anyone on the path can impersonate these backends",
+                    pool.name
+                ),
+            ));
+        }
         let Some(per_try) = pool.retry.per_try_timeout else {
             continue;
         };

@@ -16,7 +16,10 @@ use std::time::SystemTime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigDiff, ContentHash, ListenerName, Mode, PoolConfig, PoolName};
+use crate::config::backend_tls::BackendTls;
+use crate::config::{
+    Config, ConfigDiff, ContentHash, ListenerName, Mode, PoolConfig, PoolName, Protocol,
+};
 use crate::core::affinity::AffinityCookies;
 use crate::core::budget::RetryBudget;
 use crate::core::conns::ConnectionCount;
@@ -26,6 +29,7 @@ use crate::core::selection::{self, Backend, Pick, Selector, Steer};
 use crate::core::state::{Clock, StateTable};
 use crate::obs::access_log::AccessLog;
 use crate::obs::metrics::Metrics;
+use crate::tls::client::{ClientFiles, ClientTls};
 
 /// Everything a request needs, built from one config.
 #[derive(Debug)]
@@ -129,6 +133,10 @@ pub struct Pool {
     /// What outlives snapshots with the pool's name: its retry budget and
     /// the counts of lb's own answers for it.
     pub shared: Arc<PoolShared>,
+    /// HTTPS to the backends (`tls:`, `protocol: h2`/`auto`): kept from the
+    /// previous snapshot while the settings stay, so each worker keeps its
+    /// warm connections (a client is kept per `ClientTls`).
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// Per-pool state that survives reloads (kept by pool name, as backend
@@ -571,11 +579,33 @@ fn build_pool(
         .session_affinity
         .as_ref()
         .map(|a| AffinityCookies::build(a, &backends));
+    let tls = config.tls.as_ref().map(|settings| {
+        old.filter(|o| {
+            o.config.tls.as_ref() == Some(settings) && o.config.protocol == config.protocol
+        })
+        .and_then(|o| o.tls.clone())
+        .unwrap_or_else(|| Arc::new(ClientTls::new(client_files(settings, config.protocol))))
+    });
     Pool {
         config,
         backends,
         selector,
         affinity,
         shared,
+        tls,
+    }
+}
+
+/// What a pool's TLS client is built from.
+fn client_files(settings: &BackendTls, protocol: Protocol) -> ClientFiles {
+    ClientFiles {
+        ca: settings.ca.clone(),
+        client_pair: settings
+            .client_certificate
+            .as_ref()
+            .map(|c| (c.cert.clone(), c.key.clone())),
+        insecure_skip_verify: settings.insecure_skip_verify,
+        server_name: settings.server_name.clone(),
+        alpn: protocol.alpn().iter().map(|a| a.to_vec()).collect(),
     }
 }

@@ -1,5 +1,6 @@
-//! The pooled HTTP/1.1 client lb uses to talk to backends, and the
-//! classification of its errors into what the retry policy reasons about.
+//! The clients lb talks to backends with (HTTP/1.1 pooled, HTTP/2
+//! multiplexed, each plain or over TLS), and the classification of their
+//! errors into what the retry policy reasons about.
 //!
 //! Each backend connection is watched ([`ConnUse`]) so that an error can
 //! say whether the request met a stale pooled connection: one that had
@@ -13,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use crate::core::failure::FailureKind;
 use crate::http::body::UpstreamBody;
 use crate::obs::local::Shortage;
+use crate::tls::client::ClientTls;
 
 /// Idle keep-alive connections are closed after this long: below the few
 /// seconds most backends keep an idle connection, so lb rarely reuses one
@@ -42,16 +44,19 @@ const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One worker's backend client: its keep-alive pool, a client without
-/// one for the resend after a stale pooled connection (which must go on a
-/// new connection: the pool may hold more the backend has closed), and the
-/// HTTP/2 (prior knowledge) client of `protocol: h2c` pools, which
-/// multiplexes every request to one backend on one connection.
+/// One worker's backend client for one kind of backend connection (plain,
+/// or one pool's TLS): its keep-alive pool, a client without one for the
+/// resend after a stale pooled connection (which must go on a new
+/// connection: the pool may hold more the backend has closed), and the
+/// HTTP/2 client of `protocol: h2c` and `h2` pools, which multiplexes every
+/// request to one backend on one connection. With TLS, the pooled client
+/// speaks what ALPN chose (`protocol: auto`): HTTP/2 connections are shared
+/// by the requests, HTTP/1.1 ones pooled.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    pooled: Client<WatchedConnector, UpstreamBody>,
-    fresh: Client<WatchedConnector, UpstreamBody>,
-    h2c: Client<WatchedConnector, UpstreamBody>,
+    pooled: Client<BackendConnector, UpstreamBody>,
+    fresh: Client<BackendConnector, UpstreamBody>,
+    multiplexed: Client<BackendConnector, UpstreamBody>,
 }
 
 impl UpstreamClient {
@@ -66,49 +71,79 @@ impl UpstreamClient {
     }
 
     /// Sends `req` as one more stream on the backend's HTTP/2 connection
-    /// (opened with prior knowledge if there is none).
-    pub fn request_h2c(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
-        self.h2c.request(req)
+    /// (opened if there is none: with prior knowledge, or over TLS with
+    /// ALPN `h2`).
+    pub fn request_http2(&self, req: hyper::Request<UpstreamBody>) -> ResponseFuture {
+        self.multiplexed.request(req)
     }
 }
 
+/// A worker's clients: the plain one and one per pool TLS in use, built
+/// with one connect timeout.
+struct WorkerClients {
+    connect_timeout: Duration,
+    plain: UpstreamClient,
+    /// By the pool's `ClientTls`; an entry whose `ClientTls` is gone (its
+    /// pool's TLS settings changed or the pool went) is dropped with its
+    /// connections at the next miss.
+    tls: Vec<(Weak<ClientTls>, UpstreamClient)>,
+}
+
 thread_local! {
-    /// This worker thread's backend client and the connect timeout it was
-    /// built with (each worker is one thread, so its keep-alive pool is never
-    /// shared: no lock, no cross-thread wake-up).
-    static WORKER_CLIENT: std::cell::RefCell<Option<(Duration, UpstreamClient)>> =
+    /// This worker thread's backend clients (each worker is one thread, so
+    /// its keep-alive pools are never shared: no lock, no cross-thread
+    /// wake-up).
+    static WORKER_CLIENTS: std::cell::RefCell<Option<WorkerClients>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `f` with this worker's backend client. The client is kept across
-/// reloads, so they keep the warm connection pool, and rebuilt when
-/// `timeouts.connect` changes.
-pub fn of_this_worker<R>(connect_timeout: Duration, f: impl FnOnce(&UpstreamClient) -> R) -> R {
-    WORKER_CLIENT.with_borrow_mut(|slot| match slot {
-        Some((built_for, client)) if *built_for == connect_timeout => f(client),
-        _ => {
-            let (_, client) = slot.insert((connect_timeout, client(connect_timeout)));
-            f(client)
+/// Runs `f` with this worker's client for the backends of a pool with
+/// `tls` (or none). The clients are kept across reloads, so they keep the
+/// warm connection pools, and rebuilt when `timeouts.connect` changes.
+pub fn of_this_worker<R>(
+    connect_timeout: Duration,
+    tls: Option<&Arc<ClientTls>>,
+    f: impl FnOnce(&UpstreamClient) -> R,
+) -> R {
+    WORKER_CLIENTS.with_borrow_mut(|slot| {
+        let clients = match slot {
+            Some(c) if c.connect_timeout == connect_timeout => c,
+            _ => slot.insert(WorkerClients {
+                connect_timeout,
+                plain: client(connect_timeout, None),
+                tls: Vec::new(),
+            }),
+        };
+        let Some(tls) = tls else {
+            return f(&clients.plain);
+        };
+        let wanted = Arc::as_ptr(tls);
+        if let Some((_, client)) = clients.tls.iter().find(|(t, _)| t.as_ptr() == wanted) {
+            return f(client);
         }
+        clients.tls.retain(|(t, _)| t.strong_count() > 0);
+        let built = client(connect_timeout, Some(Arc::clone(tls)));
+        clients.tls.push((Arc::downgrade(tls), built));
+        f(&clients.tls.last().expect("just pushed").1)
     })
 }
 
-/// Builds a backend client.
-fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(true);
-    let connector = WatchedConnector(connector);
+/// Builds the clients for backend connections made by
+/// [`BackendConnector`] with `tls`.
+fn client(connect_timeout: Duration, tls: Option<Arc<ClientTls>>) -> UpstreamClient {
+    let connector = BackendConnector::new(connect_timeout, tls);
     let build = |max_idle| {
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(max_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // For the HTTP/2 connections ALPN chooses (`protocol: auto`).
+            .http2_keep_alive_interval(H2_PING_INTERVAL)
+            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
             .build(connector.clone())
     };
-    let h2c = Client::builder(TokioExecutor::new())
+    let multiplexed = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .pool_idle_timeout(H2_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
@@ -120,29 +155,61 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
     UpstreamClient {
         pooled: build(POOL_MAX_IDLE_PER_HOST),
         fresh: build(0),
-        h2c,
+        multiplexed,
     }
 }
 
-/// `HttpConnector` whose connections are [`Watched`].
+/// Connects to backends: TCP (`HttpConnector`), then TLS with the pool's
+/// settings when it has some, both within the connect timeout; each
+/// connection is [`Watched`].
 #[derive(Debug, Clone)]
-pub struct WatchedConnector(HttpConnector);
+pub struct BackendConnector {
+    tcp: HttpConnector,
+    tls: Option<Arc<ClientTls>>,
+    /// Bounds the TLS handshake as `tcp`'s own bounds the TCP connect.
+    handshake_timeout: Duration,
+}
 
-impl tower_service::Service<Uri> for WatchedConnector {
+impl BackendConnector {
+    pub fn new(connect_timeout: Duration, tls: Option<Arc<ClientTls>>) -> BackendConnector {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(connect_timeout));
+        // The URI's scheme says https for TLS pools (HTTP/2's `:scheme`);
+        // TLS is this connector's to do, by the pool's settings.
+        tcp.enforce_http(false);
+        BackendConnector {
+            tcp,
+            tls,
+            handshake_timeout: connect_timeout,
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for BackendConnector {
     type Response = TokioIo<Watched>;
     type Error = Box<dyn StdError + Send + Sync>;
     type Future =
         Pin<Box<dyn Future<Output = Result<TokioIo<Watched>, Self::Error>> + Send + 'static>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx).map_err(Into::into)
+        self.tcp.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
+        let connecting = self.tcp.call(uri.clone());
+        let tls = self.tls.clone();
+        let handshake_timeout = self.handshake_timeout;
         // Boxed once per new connection, not per request.
         Box::pin(async move {
-            let stream = connecting.await?.into_inner();
+            let tcp = connecting.await?.into_inner();
+            let stream = match tls {
+                None => BackendStream::Plain(tcp),
+                Some(tls) => {
+                    let stream = handshake(&tls, &uri, tcp, handshake_timeout).await?;
+                    BackendStream::Tls(Box::new(stream))
+                }
+            };
             Ok(TokioIo::new(Watched {
                 stream,
                 usage: Arc::default(),
@@ -151,11 +218,138 @@ impl tower_service::Service<Uri> for WatchedConnector {
     }
 }
 
+/// The TLS handshake with the backend at `uri`, by `tls`'s current
+/// settings. Every failure is one line naming the backend and why (the
+/// retry loop logs it and a 502's body carries it), with no source: the
+/// classification takes the innermost message.
+async fn handshake(
+    tls: &ClientTls,
+    uri: &Uri,
+    tcp: TcpStream,
+    limit: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let (config, name) = tls
+        .for_host(uri.host().unwrap_or_default())
+        .map_err(|why| io::Error::other(format!("TLS to {authority}: {why}")))?;
+    let only_h2 = config.alpn_protocols.iter().all(|p| p == b"h2");
+    let connecting = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    let stream = match tokio::time::timeout(limit, connecting).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            // A server with no protocol in common says so with an alert.
+            let hint = if only_h2 && e.to_string().contains("NoApplicationProtocol") {
+                format!(": {authority} does not speak HTTP/2 over TLS (ALPN h2), which protocol: h2 needs; protocol: auto lets it choose HTTP/1.1")
+            } else {
+                String::new()
+            };
+            return Err(io::Error::new(
+                e.kind(),
+                format!("TLS handshake with {authority} failed: {e}{hint}"),
+            ));
+        }
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake with {authority} timed out after {limit:?}"),
+            ))
+        }
+    };
+    if only_h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(io::Error::other(format!(
+            "{authority} did not agree to HTTP/2 in the TLS handshake (ALPN h2), which protocol: h2 needs; protocol: auto lets it choose HTTP/1.1"
+        )));
+    }
+    Ok(stream)
+}
+
+/// A backend connection's bytes: plain TCP or TLS over it.
+#[derive(Debug)]
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl BackendStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// ALPN chose HTTP/2.
+    fn negotiated_h2(&self) -> bool {
+        match self {
+            BackendStream::Plain(_) => false,
+            BackendStream::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendStream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            BackendStream::Plain(s) => s.is_write_vectored(),
+            BackendStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A backend connection that notes its use in a [`ConnUse`], which hyper's
 /// client attaches to its errors (`Error::connect_info`).
 #[derive(Debug)]
 pub struct Watched {
-    stream: TcpStream,
+    stream: BackendStream,
     usage: Arc<ConnUse>,
 }
 
@@ -216,7 +410,12 @@ impl ConnUse {
 
 impl Connection for Watched {
     fn connected(&self) -> Connected {
-        self.stream.connected().extra(Arc::clone(&self.usage))
+        let connected = self.stream.tcp().connected().extra(Arc::clone(&self.usage));
+        if self.stream.negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
     }
 }
 

@@ -168,12 +168,16 @@ async fn respond(
     };
     let pool = routed.pool;
     trace.pool = Some(routed.index);
-    let h2c = pool.config.protocol == Protocol::H2c;
-    if h2c && upgrade.is_some() {
-        let refusal = Refusal::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades (WebSocket) are not supported to an h2c pool",
-        );
+    // `auto` too: ALPN may choose HTTP/2, which has no Upgrade (RFC 8441's
+    // extended CONNECT is not implemented).
+    let http2 = pool.config.protocol.may_be_http2();
+    if http2 && upgrade.is_some() {
+        let reason = match pool.config.protocol {
+            Protocol::H2 => "protocol upgrades (WebSocket) are not supported to an h2 pool",
+            Protocol::Auto => "protocol upgrades (WebSocket) are not supported to an auto pool (ALPN may choose HTTP/2)",
+            _ => "protocol upgrades (WebSocket) are not supported to an h2c pool",
+        };
+        let refusal = Refusal::new(StatusCode::NOT_IMPLEMENTED, reason);
         tracing::debug!(%client_ip, method = %parts.method, pool = %pool.name(), "refused: {}", refusal.reason);
         return refusal.response();
     }
@@ -191,7 +195,7 @@ async fn respond(
     if let Some(value) = upgrade {
         upgrade::restore_headers(&mut parts.headers, value);
     }
-    if h2c && te_trailers {
+    if http2 && te_trailers {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
@@ -199,7 +203,7 @@ async fn respond(
     let policy = &pool.config.retry;
     // An HTTP/2 backend may refuse a stream unprocessed (REFUSED_STREAM),
     // which is retried whatever the method: a small body is kept for that.
-    let replay = policy.attempts.get() > 1 && (h2c || is_idempotent(&parts.method));
+    let replay = policy.attempts.get() > 1 && (http2 || is_idempotent(&parts.method));
     let stall = snap.config.timeouts.client_body;
     let mut body = match RequestBody::prepare(body, policy.buffer_body_limit, replay, stall).await {
         Ok(body) => body,
@@ -208,7 +212,7 @@ async fn respond(
             return retry::client_fault(e.fault);
         }
     };
-    if h2c && policy.attempts.get() > 1 {
+    if http2 && policy.attempts.get() > 1 {
         // A streamed body (a gRPC call's) is kept as it goes, up to the
         // same limit, for a stream the backend refuses unprocessed.
         body.keep_for_refusals(policy.buffer_body_limit);

@@ -24,7 +24,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::{BackendAddr, Protocol, RetryPolicy, Strategy};
+use crate::config::{BackendAddr, RetryPolicy, Strategy};
 use crate::core::failure::FailureKind;
 use crate::core::passive::note_failure;
 use crate::core::runtime::{Pool, Runtime, Snapshot};
@@ -240,13 +240,13 @@ pub async fn forward(
     let backend_body = snap.config.timeouts.backend_body;
     // hyper's HTTP/1 server sends only the trailers a `Trailer` header
     // declares; an HTTP/2 backend declares none (gRPC's come unannounced).
-    let declare_trailers = call.pool.config.protocol == Protocol::H2c
+    let declare_trailers = call.pool.config.protocol.may_be_http2()
         && parts.version <= Version::HTTP_11
         && parts.headers.contains_key(hyper::header::TE);
     let grpc = crate::http::grpc::is_grpc(&parts.headers).then(|| Arc::clone(&call.pool.shared));
     let mut attempts = HyperAttempts {
         upgrade: upgrade.is_some(),
-        h2c: call.pool.config.protocol == Protocol::H2c,
+        http2: call.pool.config.protocol.is_http2(),
         parts,
         body,
         pending: None,
@@ -499,8 +499,8 @@ pub(crate) async fn run<A: Attempts>(
 struct HyperAttempts {
     /// The client asked for a protocol switch.
     upgrade: bool,
-    /// The pool speaks HTTP/2 with prior knowledge (`protocol: h2c`).
-    h2c: bool,
+    /// The pool speaks HTTP/2 only (`protocol: h2c` or `h2`).
+    http2: bool,
     /// The rewritten request head, cloned into each request.
     parts: Parts,
     body: RequestBody,
@@ -513,14 +513,30 @@ impl HyperAttempts {
     fn request(&self, pool: &Pool, index: usize, body: UpstreamBody) -> Request<UpstreamBody> {
         let mut req = Request::new(body);
         *req.method_mut() = self.parts.method.clone();
-        *req.uri_mut() = upstream_uri(&self.parts.uri, &pool.backends[index].addr);
-        *req.version_mut() = if self.h2c {
+        *req.uri_mut() = upstream_uri(
+            &self.parts.uri,
+            &pool.backends[index].addr,
+            pool.tls.is_some(),
+        );
+        *req.version_mut() = if self.http2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
         *req.headers_mut() = self.parts.headers.clone();
         req
+    }
+}
+
+impl HyperAttempts {
+    /// A stream the backend refused unprocessed: its body task gives the
+    /// body back as it ends, which it does on the reset; wait for that, so
+    /// the retry loop can send it again.
+    async fn refused_back(&mut self, failure: (FailureKind, String)) -> (FailureKind, String) {
+        if failure.0 == FailureKind::Refused {
+            self.body.reclaim(RECLAIM_WITHIN).await;
+        }
+        failure
     }
 }
 
@@ -543,26 +559,25 @@ impl Attempts for HyperAttempts {
         };
         let connect_timeout = snap.config.timeouts.connect;
         let req = self.request(pool, index, body);
-        if self.h2c {
+        let tls = pool.tls.as_ref();
+        if self.http2 {
             // One multiplexed connection: hyper's client opens a new one
             // when the backend closed it (GOAWAY) before this stream began.
-            let sent = client::of_this_worker(connect_timeout, |c| c.request_h2c(req)).await;
+            let sent = client::of_this_worker(connect_timeout, tls, |c| c.request_http2(req)).await;
             let failure = match sent {
                 Ok(resp) => return Ok(resp),
                 Err(e) => client::classify(&e),
             };
-            if failure.0 == FailureKind::Refused {
-                // The stream's body task gives the body back as it ends,
-                // which it does on the reset: wait for that, so the retry
-                // loop can send it again.
-                self.body.reclaim(RECLAIM_WITHIN).await;
-            }
-            return Err(failure);
+            return Err(self.refused_back(failure).await);
         }
-        let err = match client::of_this_worker(connect_timeout, |c| c.request(req)).await {
+        let err = match client::of_this_worker(connect_timeout, tls, |c| c.request(req)).await {
             Ok(resp) => return Ok(resp),
             Err(err) => err,
         };
+        if client::classify(&err).0 == FailureKind::Refused {
+            // `protocol: auto` and ALPN chose HTTP/2: a refused stream.
+            return Err(self.refused_back(client::classify(&err)).await);
+        }
         // A pooled connection the backend had closed (or was closing as it
         // was reused) failed before any byte of an answer: the request goes
         // once more, on a new connection, as the fast path does — whatever
@@ -580,7 +595,7 @@ impl Attempts for HyperAttempts {
         };
         tracing::debug!(backend = %pool.backends[index].addr, error = %client::root_cause(&err), "stale pooled connection: sent again on a new one");
         let req = self.request(pool, index, body);
-        client::of_this_worker(connect_timeout, |c| c.request_fresh(req))
+        client::of_this_worker(connect_timeout, tls, |c| c.request_fresh(req))
             .await
             .map_err(|e| client::classify(&e))
     }
@@ -617,9 +632,11 @@ impl Attempts for HyperAttempts {
     }
 }
 
-fn upstream_uri(original: &Uri, addr: &BackendAddr) -> Uri {
+/// The backend's URI for `original`'s target: `https` when the pool's
+/// connections are TLS (what HTTP/2's `:scheme` tells the backend).
+fn upstream_uri(original: &Uri, addr: &BackendAddr, tls: bool) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
     // validate() parsed every address as an authority.
     parts.authority = addr.as_str().parse().ok();
     parts.path_and_query = Some(

@@ -1,6 +1,7 @@
 //! TLS termination on a listener: the handshake (bounded by
 //! `timeouts.client_header`), and the certificates, which follow their
-//! files while lb runs.
+//! files while lb runs; the same follower re-reads the CA and client
+//! certificate of every pool's HTTPS to its backends.
 //!
 //! A [`Terminator`] is built from the config's `tls:` (a reload that edits
 //! it builds a new one; a reload that cannot load its files is refused and
@@ -26,10 +27,11 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::tls::{TlsSettings, TlsVersion};
-use crate::config::ListenerName;
+use crate::config::{ListenerName, PoolName};
 use crate::core::runtime::Runtime;
 use crate::net::listen::Listeners;
 use crate::obs::tls::CertStatus;
+use crate::tls::client::{ClientTls, Rechecked};
 use crate::tls::pair::{self, CertPair, PairError};
 use crate::tls::store::{CertStore, LiveResolver};
 
@@ -281,8 +283,41 @@ impl TlsSlot {
     }
 }
 
-/// Follows the certificate files of every listener's terminator, until
-/// `stop` turns true.
+/// The TLS of every pool that has some (HTTPS to its backends).
+fn backend_tls(rt: &Runtime) -> Vec<(PoolName, Arc<ClientTls>)> {
+    rt.snapshot()
+        .pools
+        .iter()
+        .filter_map(|p| Some((p.name().clone(), Arc::clone(p.tls.as_ref()?))))
+        .collect()
+}
+
+/// Reads every pool's backend TLS files again; a change applies to new
+/// backend connections, or is logged (once per state of the files) and
+/// the settings that worked go on.
+pub fn recheck_backend_tls(rt: &Runtime) {
+    for (pool, tls) in backend_tls(rt) {
+        match tls.recheck() {
+            Rechecked::Same => {}
+            Rechecked::Applied => {
+                tracing::info!(
+                    "pool {pool}: backend TLS files changed: new backend connections use them"
+                );
+                rt.tls.reloads.fetch_add(1, Relaxed);
+            }
+            Rechecked::Broken(why) => {
+                tracing::warn!(
+                    "pool {pool}: backend TLS files changed; {}: keeping the settings that worked",
+                    not_yet(&why)
+                );
+                rt.tls.reload_failures.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Follows the certificate files of every listener's terminator and every
+/// pool's backend TLS, until `stop` turns true.
 pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) {
     use notify::Watcher;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -292,7 +327,8 @@ pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch
     let mut watcher: Option<notify::RecommendedWatcher> = None;
     loop {
         let current = listeners.terminators();
-        if !current.is_empty() && watcher.is_none() {
+        let backends = backend_tls(&rt);
+        if (!current.is_empty() || !backends.is_empty()) && watcher.is_none() {
             let tx = events_tx.clone();
             watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
                 let _ = tx.send(());
@@ -305,7 +341,11 @@ pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch
             .ok();
         }
         if let Some(w) = watcher.as_mut() {
-            let dirs: BTreeSet<PathBuf> = current.iter().flat_map(|t| t.directories()).collect();
+            let dirs: BTreeSet<PathBuf> = current
+                .iter()
+                .flat_map(|t| t.directories())
+                .chain(backends.iter().flat_map(|(_, b)| b.directories()))
+                .collect();
             if dirs != watched {
                 for gone in watched.difference(&dirs) {
                     let _ = w.unwatch(gone);
@@ -318,7 +358,7 @@ pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch
                 watched = dirs;
             }
         }
-        drop(current);
+        drop((current, backends));
         tokio::select! {
             () = crate::http::server::draining(&mut stop) => return,
             Some(()) = events.recv() => {
@@ -332,5 +372,6 @@ pub async fn follow(listeners: Arc<Listeners>, rt: Arc<Runtime>, mut stop: watch
         for t in listeners.terminators() {
             t.recheck(&rt);
         }
+        recheck_backend_tls(&rt);
     }
 }

@@ -2,7 +2,9 @@
 //! key pair read from PEM files and checked against each other ([`pair`]),
 //! the certificate store a handshake picks from by SNI, swappable while
 //! lb runs ([`store`]), and the ClientHello's server name read without
-//! terminating, for SNI routing in `mode: tcp` ([`client_hello`]). `net::tls` builds a listener's TLS settings and
+//! terminating, for SNI routing in `mode: tcp` ([`client_hello`]), and the
+//! client settings of HTTPS to a pool's backends, following their files
+//! ([`client`]). `net::tls` builds a listener's TLS settings and
 //! follows the files; `config` uses [`pair`] to check a file's pairs at
 //! load, so a broken pair is an error at its `tls.certificates[i]` line.
 //!
@@ -10,6 +12,7 @@
 //! machine here has, where aws-lc-rs (rustls's default, a little faster at
 //! handshakes) can need cmake or more, and CI starts from a clean clone.
 
+pub mod client;
 pub mod client_hello;
 pub mod pair;
 pub mod store;

@@ -172,13 +172,17 @@ impl CertPair {
 /// The CA certificates of a PEM file (for client certificates), as a
 /// root store.
 pub fn read_ca(path: &Path) -> Result<rustls::RootCertStore, PairError> {
+    ca_from_pem(path, &read_pem(path)?)
+}
+
+/// [`read_ca`] of bytes already read (`path` names them in errors).
+pub fn ca_from_pem(path: &Path, pem: &[u8]) -> Result<rustls::RootCertStore, PairError> {
     let err = |kind| PairError {
         file: path.to_owned(),
         kind,
     };
-    let pem = read_pem(path)?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| err(PairErrorKind::BadCertificate(e.to_string())))?;
         roots
             .add(cert)

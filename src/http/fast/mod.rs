@@ -356,9 +356,10 @@ async fn serve_one<S: FastStream>(
             .values("content-type")
             .next()
             .is_some_and(grpc::is_grpc_content_type);
-    if pool.config.protocol != Protocol::Http1 || grpc {
-        // HTTP/2 to the backend (protocol translation), or a gRPC call
-        // whose every own answer is a gRPC one: hyper's path serves both.
+    if pool.config.protocol != Protocol::Http1 || pool.tls.is_some() || grpc {
+        // HTTP/2 or TLS to the backend (protocol translation, hyper's
+        // client), or a gRPC call whose every own answer is a gRPC one:
+        // hyper's path serves them.
         return to_hyper(buf);
     }
     if head.body_len > pool.config.retry.buffer_body_limit {
