@@ -987,8 +987,10 @@ async fn listeners_are_added_moved_and_removed_by_reload() {
             &format!("{{name: web, address: {new_port}}}"),
         ),
     );
+    // Waited for, not read once: a reload still settling from the last
+    // rename may be what `applied` counted.
     eventually!(WAIT, applied() > before);
-    assert_eq!(lb.lb.local_addr_of("web"), Some(new_port));
+    eventually!(WAIT, lb.lb.local_addr_of("web") == Some(new_port));
     assert_eq!(plain_get(new_port, "a.test", "/").await.body, "web");
     eventually!(WAIT, TcpStream::connect(web_at).await.is_err());
     // A mode change by name is refused whole; the old config serves on.
