@@ -549,7 +549,7 @@ impl Attempts for HyperAttempts {
             let sent = client::of_this_worker(connect_timeout, |c| c.request_h2c(req)).await;
             let failure = match sent {
                 Ok(resp) => return Ok(resp),
-                Err(e) => client::classify(&e),
+                Err(e) => client::classify_h2(&e),
             };
             if failure.0 == FailureKind::Refused {
                 // The stream's body task gives the body back as it ends,
