@@ -247,6 +247,10 @@ struct GrpcBackend {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     health: Health,
+    /// TCP connections the server accepted.
+    accepted: Arc<AtomicUsize>,
+    /// `nap` calls running now, and the most that ever ran at once.
+    napping: Arc<(AtomicUsize, AtomicUsize)>,
     /// Sent, tonic's graceful stop: GOAWAY on every connection, no more
     /// accepts, and the server returns once its connections have closed.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -303,6 +307,8 @@ impl GrpcBackend {
             addr,
             hits,
             health,
+            accepted,
+            napping,
             stop: Some(stop),
             task,
         }
@@ -310,6 +316,15 @@ impl GrpcBackend {
 
     fn hits(&self) -> usize {
         self.hits.load(SeqCst)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(SeqCst)
+    }
+
+    /// The most `nap` calls that ran at once.
+    fn peak_naps(&self) -> usize {
+        self.napping.1.load(SeqCst)
     }
 
     /// Tells the server to stop gracefully (tonic's `serve_with_shutdown`).
@@ -1291,4 +1306,36 @@ async fn a_backend_going_away_mid_load_fails_no_call() {
     assert!(b1_before > 0, "b1 served calls before it went away");
     assert!(b2.hits() > b2_at_stop, "b2 served calls after b1 went away");
     assert!(made >= CALLS);
+}
+
+/// A backend that takes two streams at a time, and twenty slow calls at
+/// once on a new backend connection: lb's client opens one stream until
+/// the backend's SETTINGS say how many, then queues what is over the
+/// limit, so the backend refuses none (with one backend, a refused call
+/// could go nowhere else). hyper-util's pool shares one HTTP/2 connection
+/// per backend: the calls wait on it, lb opens no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_a_backends_max_concurrent_streams_wait_and_all_succeed() {
+    const LIMIT: u32 = 2;
+    let backend = GrpcBackend::start_with(
+        "b1",
+        tonic::transport::Server::builder().max_concurrent_streams(Some(LIMIT)),
+    )
+    .await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    // One client connection: one lb worker, whose client has one backend.
+    let ch = channel(&t).await;
+    const CALLS: u32 = 20;
+    let calls = (0..CALLS).map(|_| call_unary(&ch, tonic::Request::new(msg("nap", 100))));
+    let answers = futures_util::future::join_all(calls).await;
+    for a in &answers {
+        let resp = a.as_ref().expect("every call succeeds");
+        assert_eq!(resp.get_ref(), &msg("b1: nap", 100));
+    }
+    assert!(
+        backend.peak_naps() <= LIMIT as usize,
+        "the backend's limit held: {}",
+        backend.peak_naps()
+    );
+    assert_eq!(backend.accepted(), 1, "one backend connection carried all");
 }

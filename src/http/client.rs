@@ -41,6 +41,12 @@ const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// long an answer may take before the connection is closed as dead.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams an h2c backend connection opens before the backend's SETTINGS
+/// say how many it takes: one, so a burst on a new connection waits for
+/// them (h2 then queues what is over the limit) instead of going over a
+/// low `SETTINGS_MAX_CONCURRENT_STREAMS` and being refused, which a pool
+/// of one backend could not retry anywhere. hyper's default is 100.
+const H2_INITIAL_MAX_SEND_STREAMS: usize = 1;
 
 /// One worker's backend client: its keep-alive pool, a client without
 /// one for the resend after a stale pooled connection (which must go on a
@@ -116,6 +122,7 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
         .http2_keep_alive_interval(H2_PING_INTERVAL)
         .http2_keep_alive_timeout(H2_PING_TIMEOUT)
         .http2_keep_alive_while_idle(true)
+        .http2_initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
         .build(connector.clone());
     UpstreamClient {
         pooled: build(POOL_MAX_IDLE_PER_HOST),
