@@ -72,13 +72,16 @@ where
 }
 
 /// `test.Echo`: `Unary` (echo with the backend's name; `fail` answers
-/// NOT_FOUND with metadata, `slow` never answers), `Count` (server
-/// streaming: `n` messages, then OK, or ABORTED when the text is
-/// `then-fail`), `Chat` (bidi: each message echoed as it comes).
+/// NOT_FOUND with metadata, `slow` never answers, `nap` answers after `n`
+/// ms), `Count` (server streaming: `n` messages, then OK, or ABORTED when
+/// the text is `then-fail`, or never an end when it is `forever`), `Chat`
+/// (bidi: each message echoed as it comes).
 #[derive(Clone)]
 struct Echo {
     name: Arc<str>,
     hits: Arc<AtomicUsize>,
+    /// `nap` calls running now, and the most that ever ran at once.
+    napping: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl tonic::server::NamedService for Echo {
@@ -101,6 +104,12 @@ impl Echo {
             }
             "slow" => {
                 tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            "nap" => {
+                let (now, peak) = &*self.napping;
+                peak.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(m.n.into())).await;
+                now.fetch_sub(1, SeqCst);
             }
             "busy-on-b1" if &*self.name == "b1" => {
                 return Err(Status::unavailable("b1 is busy"));
@@ -127,14 +136,13 @@ impl Echo {
 
     async fn count(self, req: tonic::Request<Msg>) -> Result<tonic::Response<MsgStream>, Status> {
         let m = req.into_inner();
-        let fail = m.text == "then-fail";
         let items = futures_util::stream::iter((0..m.n).map(|i| Ok(msg("item", i))));
-        let stream: MsgStream = if fail {
-            Box::pin(items.chain(futures_util::stream::once(async {
+        let stream: MsgStream = match m.text.as_str() {
+            "then-fail" => Box::pin(items.chain(futures_util::stream::once(async {
                 Err(Status::aborted("stopped after the items"))
-            })))
-        } else {
-            Box::pin(items)
+            }))),
+            "forever" => Box::pin(items.chain(futures_util::stream::pending())),
+            _ => Box::pin(items),
         };
         Ok(tonic::Response::new(stream))
     }
@@ -239,41 +247,91 @@ struct GrpcBackend {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     health: Health,
+    /// TCP connections the server accepted.
+    accepted: Arc<AtomicUsize>,
+    /// `nap` calls running now, and the most that ever ran at once.
+    napping: Arc<(AtomicUsize, AtomicUsize)>,
+    /// Sent, tonic's graceful stop: GOAWAY on every connection, no more
+    /// accepts, and the server returns once its connections have closed.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl GrpcBackend {
     async fn start(name: &str) -> GrpcBackend {
+        Self::start_with(name, tonic::transport::Server::builder()).await
+    }
+
+    /// Started from `builder` (its HTTP/2 settings).
+    async fn start_with(name: &str, mut builder: tonic::transport::Server) -> GrpcBackend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let napping = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
         let echo = Echo {
             name: Arc::from(name),
             hits: Arc::clone(&hits),
+            napping: Arc::clone(&napping),
         };
         let health = Health {
             status: Arc::new(std::sync::atomic::AtomicI32::new(SERVING)),
             asked: Arc::default(),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        // The listener as tonic's `TcpIncoming` would serve it (no delay),
+        // counting connections.
+        let incoming = futures_util::stream::unfold(listener, move |l| {
+            let counted = Arc::clone(&counted);
+            async move {
+                let accepted = l.accept().await.map(|(s, _)| {
+                    counted.fetch_add(1, SeqCst);
+                    let _ = s.set_nodelay(true);
+                    s
+                });
+                Some((accepted, l))
+            }
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = health.clone();
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(echo)
                 .add_service(served)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
                 .await;
         });
         GrpcBackend {
             addr,
             hits,
             health,
+            accepted,
+            napping,
+            stop: Some(stop),
             task,
         }
     }
 
     fn hits(&self) -> usize {
         self.hits.load(SeqCst)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(SeqCst)
+    }
+
+    /// The most `nap` calls that ran at once.
+    fn peak_naps(&self) -> usize {
+        self.napping.1.load(SeqCst)
+    }
+
+    /// Tells the server to stop gracefully (tonic's `serve_with_shutdown`).
+    fn begin_graceful_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -1183,4 +1241,101 @@ async fn streams_above_a_goaways_last_stream_id_go_to_another_backend() {
     assert_eq!(answered.load(SeqCst), 1, "the raw backend answered one");
     let heads = seen.heads.lock().unwrap();
     assert_eq!(heads.len(), 1, "the other went to the good backend, once");
+}
+
+/// tonic's graceful stop sends GOAWAY, stops accepting and keeps its
+/// listener open until its connections have closed: lb's connects in that
+/// window complete in the kernel's queue, lb sends streams on them, and the
+/// listener's close resets them unread. Those streams, like the ones above
+/// the GOAWAY's last stream id, go to the other backend: no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_going_away_mid_load_fails_no_call() {
+    let (mut b1, b2) = (
+        GrpcBackend::start("b1").await,
+        GrpcBackend::start("b2").await,
+    );
+    let t = TestLb::start(&h2c_yaml(&[b1.addr, b2.addr], "")).await;
+    // Two client connections, so both lb workers may carry the load.
+    let channels = [channel(&t).await, channel(&t).await];
+    const CALLERS: usize = 8;
+    const CALLS: usize = 600;
+    let ticket = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let b1_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = tokio::task::JoinSet::new();
+    for c in 0..CALLERS {
+        let ch = channels[c % channels.len()].clone();
+        let (ticket, done, b1_gone) = (ticket.clone(), done.clone(), b1_gone.clone());
+        callers.spawn(async move {
+            let mut failed = Vec::new();
+            loop {
+                // Calls go on until CALLS were made and b1's server has
+                // returned: every caller makes one after that too.
+                let gone = b1_gone.load(SeqCst);
+                let i = ticket.fetch_add(1, SeqCst);
+                if i >= CALLS && gone {
+                    return failed;
+                }
+                match call_unary(&ch, tonic::Request::new(msg("load", i as u32))).await {
+                    Ok(resp) => assert_eq!(resp.get_ref().n, i as u32),
+                    Err(status) => failed.push((i, status)),
+                }
+                done.fetch_add(1, SeqCst);
+            }
+        });
+    }
+    eventually!(WAIT, done.load(SeqCst) >= CALLS / 3);
+    let b1_before = b1.hits();
+    b1.begin_graceful_stop();
+    tokio::time::timeout(Duration::from_secs(WAIT), &mut b1.task)
+        .await
+        .expect("b1's server returns once its connections closed")
+        .unwrap();
+    b1_gone.store(true, SeqCst);
+    let b2_at_stop = b2.hits();
+    let mut failed = Vec::new();
+    while let Some(f) = callers.join_next().await {
+        failed.extend(f.unwrap());
+    }
+    let made = done.load(SeqCst);
+    assert!(
+        failed.is_empty(),
+        "{} of {made} calls failed: {failed:?}",
+        failed.len()
+    );
+    assert!(b1_before > 0, "b1 served calls before it went away");
+    assert!(b2.hits() > b2_at_stop, "b2 served calls after b1 went away");
+    assert!(made >= CALLS);
+}
+
+/// A backend that takes two streams at a time, and twenty slow calls at
+/// once on a new backend connection: lb's client opens one stream until
+/// the backend's SETTINGS say how many, then queues what is over the
+/// limit, so the backend refuses none (with one backend, a refused call
+/// could go nowhere else). hyper-util's pool shares one HTTP/2 connection
+/// per backend: the calls wait on it, lb opens no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_a_backends_max_concurrent_streams_wait_and_all_succeed() {
+    const LIMIT: u32 = 2;
+    let backend = GrpcBackend::start_with(
+        "b1",
+        tonic::transport::Server::builder().max_concurrent_streams(Some(LIMIT)),
+    )
+    .await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    // One client connection: one lb worker, whose client has one backend.
+    let ch = channel(&t).await;
+    const CALLS: u32 = 20;
+    let calls = (0..CALLS).map(|_| call_unary(&ch, tonic::Request::new(msg("nap", 100))));
+    let answers = futures_util::future::join_all(calls).await;
+    for a in &answers {
+        let resp = a.as_ref().expect("every call succeeds");
+        assert_eq!(resp.get_ref(), &msg("b1: nap", 100));
+    }
+    assert!(
+        backend.peak_naps() <= LIMIT as usize,
+        "the backend's limit held: {}",
+        backend.peak_naps()
+    );
+    assert_eq!(backend.accepted(), 1, "one backend connection carried all");
 }

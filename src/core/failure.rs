@@ -12,7 +12,9 @@ pub enum FailureKind {
     /// The connection broke after (part of) the request was sent.
     Reset,
     /// The backend refused the request before processing any of it (an
-    /// HTTP/2 `REFUSED_STREAM`): safe to send elsewhere, whatever the method.
+    /// HTTP/2 `REFUSED_STREAM`, a stream above a graceful GOAWAY's last
+    /// stream id, or an HTTP/2 connection that failed before the backend
+    /// sent a byte): safe to send elsewhere, whatever the method.
     Refused,
     /// No response head within the per-try or request timeout.
     Timeout,

@@ -43,6 +43,12 @@ const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// long an answer may take before the connection is closed as dead.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams an h2c backend connection opens before the backend's SETTINGS
+/// say how many it takes: one, so a burst on a new connection waits for
+/// them (h2 then queues what is over the limit) instead of going over a
+/// low `SETTINGS_MAX_CONCURRENT_STREAMS` and being refused, which a pool
+/// of one backend could not retry anywhere. hyper's default is 100.
+const H2_INITIAL_MAX_SEND_STREAMS: usize = 1;
 
 /// One worker's backend client for one kind of backend connection (plain,
 /// or one pool's TLS): its keep-alive pool, a client without one for the
@@ -151,6 +157,7 @@ fn client(connect_timeout: Duration, tls: Option<Arc<ClientTls>>) -> UpstreamCli
         .http2_keep_alive_interval(H2_PING_INTERVAL)
         .http2_keep_alive_timeout(H2_PING_TIMEOUT)
         .http2_keep_alive_while_idle(true)
+        .http2_initial_max_send_streams(H2_INITIAL_MAX_SEND_STREAMS)
         .build(connector.clone());
     UpstreamClient {
         pooled: build(POOL_MAX_IDLE_PER_HOST),
@@ -395,6 +402,11 @@ impl ConnUse {
         }
     }
 
+    /// True once the backend sent a byte on this connection.
+    fn heard_from(&self) -> bool {
+        self.0.load(Relaxed) & (ANSWERED_BEFORE | READ) != 0
+    }
+
     fn stale(&self) -> Option<Stale> {
         let bits = self.0.load(Relaxed);
         if bits & ANSWERED_BEFORE == 0 || bits & READ != 0 {
@@ -486,6 +498,33 @@ pub fn stale(err: &hyper_util::client::legacy::Error) -> Option<Stale> {
     extras.get::<Arc<ConnUse>>()?.stale()
 }
 
+/// Classifies an HTTP/2 (`protocol: h2c`) client error as [`classify`]
+/// does, and a stream that failed on a connection the backend never sent
+/// a byte on as refused too: an HTTP/2 server's first frame is its SETTINGS
+/// (RFC 9113 §3.4), sent as it takes the connection, so one that said
+/// nothing never took it and processed none of its streams. The kernel
+/// completes a connect to a listener nobody accepts on any more (a server
+/// draining after its graceful GOAWAY) and resets it when the listener
+/// closes: every stream lb queued on it fails "connection reset", unseen.
+pub fn classify_h2(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
+    match classify(err) {
+        (FailureKind::Reset, detail) if unheard(err) => (FailureKind::Refused, detail),
+        classified => classified,
+    }
+}
+
+/// Whether `err` came from a connection the backend never sent a byte on.
+fn unheard(err: &hyper_util::client::legacy::Error) -> bool {
+    let Some(info) = err.connect_info() else {
+        return false;
+    };
+    let mut extras = hyper::http::Extensions::new();
+    info.get_extras(&mut extras);
+    extras
+        .get::<Arc<ConnUse>>()
+        .is_some_and(|usage| !usage.heard_from())
+}
+
 /// Classifies a client error, with its innermost message for logs and bodies.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
     let kind = if err.is_connect() {
@@ -557,5 +596,21 @@ mod tests {
         // A byte of the answer: whatever happens next, the backend answered.
         usage.note(READ);
         assert_eq!(usage.stale(), None);
+    }
+
+    /// A connection is heard from with the backend's first byte, for good.
+    #[test]
+    fn a_connection_is_heard_from_once_the_backend_sent_a_byte() {
+        let usage = ConnUse::default();
+        assert!(!usage.heard_from());
+        usage.on_write_start();
+        usage.note(WROTE);
+        assert!(!usage.heard_from(), "lb's own bytes say nothing");
+        usage.note(READ);
+        assert!(usage.heard_from());
+        // The next request's first write clears READ, not what it meant.
+        usage.on_write_start();
+        usage.note(WROTE);
+        assert!(usage.heard_from());
     }
 }

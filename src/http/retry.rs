@@ -566,7 +566,7 @@ impl Attempts for HyperAttempts {
             let sent = client::of_this_worker(connect_timeout, tls, |c| c.request_http2(req)).await;
             let failure = match sent {
                 Ok(resp) => return Ok(resp),
-                Err(e) => client::classify(&e),
+                Err(e) => client::classify_h2(&e),
             };
             return Err(self.refused_back(failure).await);
         }
