@@ -749,10 +749,20 @@ async fn h2_answer(
 /// A raw HTTP/2 (h2 crate) backend: `refuse` resets every stream with
 /// REFUSED_STREAM; otherwise it answers `ok` with a trailer.
 async fn h2_backend(refuse: bool) -> (SocketAddr, Arc<H2Seen>) {
+    h2_backend_refusing(move |_| refuse).await
+}
+
+/// [`h2_backend`], refusing the streams for whose number (from 0, over
+/// all its connections) `refuse` says so.
+async fn h2_backend_refusing(
+    refuse: impl Fn(usize) -> bool + Clone + Send + Sync + 'static,
+) -> (SocketAddr, Arc<H2Seen>) {
     let seen = Arc::new(H2Seen::default());
     let s = Arc::clone(&seen);
+    let streams = Arc::new(AtomicUsize::new(0));
     let addr = raw_server(move |socket| {
         let seen = Arc::clone(&s);
+        let (streams, refuse) = (Arc::clone(&streams), refuse.clone());
         async move {
             let Ok(mut conn) = h2::server::handshake(socket).await else {
                 return;
@@ -760,7 +770,8 @@ async fn h2_backend(refuse: bool) -> (SocketAddr, Arc<H2Seen>) {
             // Each stream on a task of its own: the connection is driven
             // by `accept` alone.
             while let Some(Ok((req, respond))) = conn.accept().await {
-                tokio::spawn(h2_answer(req, respond, refuse, Arc::clone(&seen)));
+                let refused = refuse(streams.fetch_add(1, SeqCst));
+                tokio::spawn(h2_answer(req, respond, refused, Arc::clone(&seen)));
             }
         }
     })
@@ -896,6 +907,55 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
         .text();
     let line = format!("lb_retries_total{{reason=\"refused_stream\"}} {refused}");
     assert!(text.contains(&line), "{line} not in:\n{text}");
+}
+
+/// A pool of one backend: a stream it refused goes to it once more (on
+/// whichever of its connections has room), as Envoy and Go's client do;
+/// never a third time, whatever `retry.attempts` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried_once_on_the_only_backend() {
+    // Refuses every other stream: each call's first try, with calls in turn.
+    let (backend, seen) = h2_backend_refusing(|n| n % 2 == 0).await;
+    let t = TestLb::start(&format!(
+        "{}retry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\noutlier_detection:\n  consecutive_failures: 0\n",
+        h2c_yaml(&[backend], "")
+    ))
+    .await;
+    let c = h2c_client();
+    const CALLS: usize = 4;
+    for i in 0..CALLS {
+        let (parts, body, _) = read_all(
+            &c,
+            grpc_post(&t.url("/test.Echo/Unary"), &msg("r", i as u32)),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, Bytes::from_static(b"ok"), "call {i}");
+    }
+    assert_eq!(seen.refused.load(SeqCst), CALLS, "each call refused once");
+    assert_eq!(seen.heads.lock().unwrap().len(), CALLS, "and answered once");
+
+    // One that refuses everything: tried twice, then UNAVAILABLE.
+    let (refuser, seen) = h2_backend(true).await;
+    let t = TestLb::start(&format!(
+        "{}retry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\noutlier_detection:\n  consecutive_failures: 0\n",
+        h2c_yaml(&[refuser], "")
+    ))
+    .await;
+    let (parts, _, trailers) =
+        read_all(&c, grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 0))).await;
+    assert_eq!(parts.status, 200);
+    let status = parts
+        .headers
+        .get("grpc-status")
+        .cloned()
+        .or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
+    assert_eq!(status.as_ref().map(|s| s.as_bytes()), Some(&b"14"[..]));
+    assert_eq!(
+        seen.refused.load(SeqCst),
+        2,
+        "refused, tried once more, no more"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1309,13 +1369,13 @@ async fn a_backend_going_away_mid_load_fails_no_call() {
 }
 
 /// A backend that takes two streams at a time, and twenty slow calls at
-/// once on a new backend connection: lb's client opens one stream until
-/// the backend's SETTINGS say how many, then queues what is over the
-/// limit, so the backend refuses none (with one backend, a refused call
-/// could go nowhere else). hyper-util's pool shares one HTTP/2 connection
-/// per backend: the calls wait on it, lb opens no second one.
+/// once: lb's client opens one stream on a new connection until the
+/// backend's SETTINGS say how many it takes, and once they have, opens
+/// more connections to carry the calls over the limit (at most 8 per
+/// backend and worker), queueing the rest; the backend refuses none (with
+/// one backend, a refused call could go nowhere else).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_over_a_backends_max_concurrent_streams_wait_and_all_succeed() {
+async fn calls_over_a_backends_max_concurrent_streams_open_more_connections() {
     const LIMIT: u32 = 2;
     let backend = GrpcBackend::start_with(
         "b1",
@@ -1325,17 +1385,25 @@ async fn calls_over_a_backends_max_concurrent_streams_wait_and_all_succeed() {
     let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
     // One client connection: one lb worker, whose client has one backend.
     let ch = channel(&t).await;
+    // The first call's connection learns the backend's limit.
+    call_unary(&ch, tonic::Request::new(msg("hi", 1)))
+        .await
+        .expect("first call");
     const CALLS: u32 = 20;
-    let calls = (0..CALLS).map(|_| call_unary(&ch, tonic::Request::new(msg("nap", 100))));
+    let calls = (0..CALLS).map(|_| call_unary(&ch, tonic::Request::new(msg("nap", 1000))));
     let answers = futures_util::future::join_all(calls).await;
     for a in &answers {
         let resp = a.as_ref().expect("every call succeeds");
-        assert_eq!(resp.get_ref(), &msg("b1: nap", 100));
+        assert_eq!(resp.get_ref(), &msg("b1: nap", 1000));
     }
+    let conns = backend.accepted();
     assert!(
-        backend.peak_naps() <= LIMIT as usize,
-        "the backend's limit held: {}",
-        backend.peak_naps()
+        (2..=8).contains(&conns),
+        "more connections than one, at most 8: {conns}"
     );
-    assert_eq!(backend.accepted(), 1, "one backend connection carried all");
+    let peak = backend.peak_naps();
+    assert!(
+        peak > LIMIT as usize && peak <= LIMIT as usize * conns,
+        "calls ran on several connections, each within the limit: peak {peak} over {conns} connections"
+    );
 }

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::core::runtime::{PoolShared, Runtime};
 use crate::core::state::InFlight;
+use crate::http::client::multiplexed::StreamSlot;
 use crate::io::stall::Stall;
 
 /// Errors of bodies lb hands to hyper's client.
@@ -519,6 +520,9 @@ pub struct RelayedBody {
     /// A gRPC call's pool, until its `grpc-status` is counted there (from
     /// the trailers; at the drop as `none` if none came).
     grpc: Option<Arc<PoolShared>>,
+    /// The stream this body comes on, counted on its backend HTTP/2
+    /// connection until the body is done.
+    _stream: Option<StreamSlot>,
 }
 
 /// The error a response body cut for a stalled backend ends with: hyper's
@@ -546,7 +550,14 @@ impl RelayedBody {
             path,
             rt,
             grpc: None,
+            _stream: None,
         }
+    }
+
+    /// Keeps `stream` counted on its connection while this body lives.
+    pub fn holding(mut self, stream: Option<StreamSlot>) -> Self {
+        self._stream = stream;
+        self
     }
 
     /// Counts the call's `grpc-status` in `pool` when its trailers pass.

@@ -31,6 +31,7 @@ use crate::core::runtime::{Pool, Runtime, Snapshot};
 use crate::core::selection::Steer;
 use crate::core::state::InFlight;
 use crate::http::body::{ClientFault, RelayedBody, RequestBody, ResponseBody, UpstreamBody};
+use crate::http::client::multiplexed::{self, StreamSlot};
 use crate::http::client::{self, Stale};
 use crate::http::upgrade::Hold;
 use crate::obs::local::Op;
@@ -252,7 +253,7 @@ pub async fn forward(
         pending: None,
     };
     match run(rt, call, &method, &path, &mut attempts, trace).await {
-        Outcome::Relay(resp, in_flight, index) => {
+        Outcome::Relay((resp, stream), in_flight, index) => {
             // A gRPC call's status: in the head of a trailers-only answer,
             // else in the trailers at the body's end.
             let grpc = grpc.and_then(|pool| match resp.headers().get("grpc-status") {
@@ -264,7 +265,8 @@ pub async fn forward(
             });
             let relayed = |body| {
                 let body =
-                    RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt));
+                    RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
+                        .holding(stream);
                 match grpc {
                     Some(pool) => body.counting_grpc(pool),
                     None => body,
@@ -272,7 +274,7 @@ pub async fn forward(
             };
             pass_through(resp, relayed, index, declare_trailers)
         }
-        Outcome::Switched(resp, in_flight, index) => {
+        Outcome::Switched((resp, _), in_flight, index) => {
             let Some(client) = upgrade else {
                 // wants_upgrade() said so: not reached.
                 return text(StatusCode::BAD_GATEWAY, "lb: 502 Bad Gateway\n".to_owned());
@@ -318,6 +320,9 @@ pub(crate) async fn run<A: Attempts>(
         pool.shared.budget.deposit(&policy.budget);
 
         let mut tried = Tried::default();
+        // Set by the first refused stream of this request (never again).
+        let mut refused_on: Option<usize> = None;
+        let mut refused_before = false;
         let mut last: Option<Failed<A::Response>> = None;
         // Only peak_ewma reads the latency estimate: the others skip the
         // clock readings and the shared writes of recording it.
@@ -335,7 +340,15 @@ pub(crate) async fn run<A: Attempts>(
             };
             let eligible =
                 |i: usize| !tried.contains(&i) && pool.backends[i].state.is_available(now_ms);
-            let Some(index) = pool.select_for(steer, &eligible) else {
+            // A backend that refused a stream unprocessed may take it once
+            // more when no other backend may (a pool of one), as Envoy and
+            // Go's client do: the retry goes on another of its connections
+            // or a new one.
+            let refused_again = || {
+                let again = refused_on.take()?;
+                pool.backends[again].state.is_available(now_ms).then_some(again)
+            };
+            let Some(index) = pool.select_for(steer, &eligible).or_else(refused_again) else {
                 if attempt == 0 {
                     return Outcome::Own(StatusCode::SERVICE_UNAVAILABLE, no_backend(pool));
                 }
@@ -448,6 +461,10 @@ pub(crate) async fn run<A: Attempts>(
                     }
                 };
             }
+            if kind == FailureKind::Refused && !refused_before {
+                refused_before = true;
+                refused_on = Some(index);
+            }
             metrics.attempt(kind.outcome());
             trace.relayed = None;
             note_failure(rt, pool, &backend.state, &detail);
@@ -540,8 +557,12 @@ impl HyperAttempts {
     }
 }
 
+/// A backend's response on the hyper path, and the stream it counts on
+/// its HTTP/2 connection until its body ends.
+type Answer = (Response<Incoming>, Option<StreamSlot>);
+
 impl Attempts for HyperAttempts {
-    type Response = Response<Incoming>;
+    type Response = Answer;
 
     fn next_attempt(&mut self) -> bool {
         self.pending = self.body.next_attempt();
@@ -553,7 +574,7 @@ impl Attempts for HyperAttempts {
         snap: &Snapshot,
         pool: &Pool,
         index: usize,
-    ) -> Result<Response<Incoming>, (FailureKind, String)> {
+    ) -> Result<Answer, (FailureKind, String)> {
         let Some(body) = self.pending.take() else {
             return Err((FailureKind::Connect, "no body to send".to_owned()));
         };
@@ -561,17 +582,14 @@ impl Attempts for HyperAttempts {
         let req = self.request(pool, index, body);
         let tls = pool.tls.as_ref();
         if self.http2 {
-            // One multiplexed connection: hyper's client opens a new one
-            // when the backend closed it (GOAWAY) before this stream began.
-            let sent = client::of_this_worker(connect_timeout, tls, |c| c.request_http2(req)).await;
-            let failure = match sent {
-                Ok(resp) => return Ok(resp),
-                Err(e) => client::classify_h2(&e),
+            let failure = match multiplexed::send(connect_timeout, tls, req).await {
+                Ok((resp, slot)) => return Ok((resp, Some(slot))),
+                Err(failure) => failure,
             };
             return Err(self.refused_back(failure).await);
         }
         let err = match client::of_this_worker(connect_timeout, tls, |c| c.request(req)).await {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => return Ok((resp, None)),
             Err(err) => err,
         };
         if client::classify(&err).0 == FailureKind::Refused {
@@ -597,10 +615,11 @@ impl Attempts for HyperAttempts {
         let req = self.request(pool, index, body);
         client::of_this_worker(connect_timeout, tls, |c| c.request_fresh(req))
             .await
+            .map(|resp| (resp, None))
             .map_err(|e| client::classify(&e))
     }
 
-    fn status(response: &Response<Incoming>) -> StatusCode {
+    fn status((response, _): &Answer) -> StatusCode {
         response.status()
     }
 
@@ -622,7 +641,7 @@ impl Attempts for HyperAttempts {
         self.upgrade
     }
 
-    fn grpc_unavailable(response: &Response<Incoming>) -> bool {
+    fn grpc_unavailable((response, _): &Answer) -> bool {
         use hyper::body::Body as _;
         response.body().is_end_stream()
             && response

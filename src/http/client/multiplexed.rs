@@ -1,0 +1,379 @@
+//! The HTTP/2 connections of one worker to the backends of `protocol: h2c`
+//! and `h2` pools (one [`Multiplexed`] per kind of connection: plain, or
+//! one pool's TLS).
+//!
+//! A request goes as one more stream on the backend's connection carrying
+//! the fewest, among those under the backend's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`. When each is at that limit, or none
+//! is open, one more connection is opened (one at a time per backend; the
+//! requests that come meanwhile wait for it instead of opening their own),
+//! up to [`MAX_CONNECTIONS`]: beyond that, streams queue on the least
+//! loaded connection and h2 sends them as others end. A connection the
+//! backend sent GOAWAY on takes no new stream (hyper closes its sender) and
+//! ends when its streams have, while new ones go on a new connection.
+//! hyper-util's pool, used before, kept one connection per backend and
+//! queued every stream over the backend's limit behind it.
+//!
+//! The connections are the worker's own (its thread's [`Multiplexed`]):
+//! no lock, no cross-thread wake-up; a stream is counted on its connection
+//! from the pick to the end of its response body ([`StreamSlot`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, Connection, SendRequest};
+use hyper::{Request, Response, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
+use tower_service::Service as _;
+
+use super::{refused_stream, root_cause, BackendConnector, ConnUse, Watched};
+use super::{H2_PING_INTERVAL, H2_PING_TIMEOUT};
+use crate::core::failure::FailureKind;
+use crate::http::body::UpstreamBody;
+use crate::obs::local::Shortage;
+use crate::tls::client::ClientTls;
+
+/// Connections per backend and worker at most. A backend with a low
+/// stream limit gets this many times it; more would only move the queue
+/// from lb to the backend's accept loop.
+pub const MAX_CONNECTIONS: usize = 8;
+/// The stream limit assumed until the backend's SETTINGS say (RFC 9113
+/// §6.5.2 recommends no less than 100). h2 itself sends one stream before
+/// them and queues the rest, so a lower limit is never exceeded.
+const ASSUMED_MAX_STREAMS: usize = 100;
+/// Streams a new connection opens before the backend's SETTINGS say how
+/// many it takes: one, so a burst on a new connection waits for them
+/// instead of going over a low `SETTINGS_MAX_CONCURRENT_STREAMS` and being
+/// refused (hyper's default is 100).
+const INITIAL_MAX_SEND_STREAMS: usize = 1;
+/// A connection without streams is closed after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How many picks go by between sweeps of backends with no connection
+/// left (a pool's removed backends, discovered ones gone).
+const SWEEP_EVERY: u32 = 4096;
+
+/// A worker's HTTP/2 connections by backend authority, and how to open more.
+pub struct Multiplexed {
+    connector: BackendConnector,
+    builder: http2::Builder<TokioExecutor>,
+    backends: RefCell<HashMap<Box<str>, Backend>>,
+    picks: Cell<u32>,
+}
+
+impl fmt::Debug for Multiplexed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Multiplexed")
+            .field("backends", &self.backends.borrow().len())
+            .finish()
+    }
+}
+
+/// One backend's connections, and the one being opened.
+#[derive(Default)]
+struct Backend {
+    conns: Vec<Conn>,
+    opening: Option<watch::Receiver<Opening>>,
+}
+
+/// A connection as the pool sees it: its sender, and what it shares with
+/// its driver task and its streams.
+struct Conn {
+    send: SendRequest<UpstreamBody>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Streams counted on this connection ([`StreamSlot`]s alive).
+    streams: AtomicUsize,
+    /// The backend's `SETTINGS_MAX_CONCURRENT_STREAMS`, as the driver last
+    /// read it ([`ASSUMED_MAX_STREAMS`] before the backend said).
+    max_streams: AtomicUsize,
+    /// Streams started since the driver last looked, for the idle close.
+    started: AtomicUsize,
+    usage: Arc<ConnUse>,
+}
+
+impl Conn {
+    fn has_room(&self) -> bool {
+        self.shared.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
+    }
+}
+
+/// How the opening of a connection went, for the requests waiting on it.
+#[derive(Debug, Clone)]
+enum Opening {
+    Pending,
+    Opened,
+    Failed(FailureKind, Arc<str>),
+}
+
+/// What a request does next.
+enum Pick {
+    /// Send on this connection; the slot counts the stream there.
+    Send(SendRequest<UpstreamBody>, StreamSlot),
+    /// Wait for the connection being opened, then pick again.
+    Wait(watch::Receiver<Opening>),
+    /// Open a connection, tell the waiters how it went, pick again.
+    Open(
+        watch::Sender<Opening>,
+        BackendConnector,
+        http2::Builder<TokioExecutor>,
+    ),
+}
+
+/// One stream counted on its connection until dropped: held by the
+/// response body relayed to the client, so a stream counts until its
+/// last byte.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<Shared>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Relaxed);
+    }
+}
+
+impl StreamSlot {
+    fn take(shared: &Arc<Shared>) -> StreamSlot {
+        shared.streams.fetch_add(1, Relaxed);
+        shared.started.fetch_add(1, Relaxed);
+        StreamSlot(Arc::clone(shared))
+    }
+}
+
+impl Multiplexed {
+    pub fn new(connector: BackendConnector) -> Multiplexed {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS);
+        Multiplexed {
+            connector,
+            builder,
+            backends: RefCell::default(),
+            picks: Cell::new(0),
+        }
+    }
+
+    /// Where a request to `authority` goes; `may_open` false takes any open
+    /// connection, at its limit or not (the last round of [`send`]).
+    fn pick(&self, authority: &str, may_open: bool) -> Pick {
+        let mut backends = self.backends.borrow_mut();
+        self.sweep(&mut backends);
+        let backend = match backends.get_mut(authority) {
+            Some(b) => b,
+            None => backends.entry(authority.into()).or_default(),
+        };
+        backend.conns.retain(|c| !c.send.is_closed());
+        let least = backend
+            .conns
+            .iter()
+            .filter(|c| c.send.is_ready())
+            .min_by_key(|c| c.shared.streams.load(Relaxed));
+        if let Some(conn) = least {
+            if conn.has_room() || !may_open || backend.conns.len() >= MAX_CONNECTIONS {
+                return Pick::Send(conn.send.clone(), StreamSlot::take(&conn.shared));
+            }
+        }
+        if let Some(opening) = &backend.opening {
+            // One that failed or whose opener went away is not waited on.
+            if matches!(*opening.borrow(), Opening::Pending) && opening.has_changed().is_ok() {
+                return Pick::Wait(opening.clone());
+            }
+        }
+        let (tell, opening) = watch::channel(Opening::Pending);
+        backend.opening = Some(opening);
+        Pick::Open(tell, self.connector.clone(), self.builder.clone())
+    }
+
+    /// Now and then, forgets backends with no connection left.
+    fn sweep(&self, backends: &mut HashMap<Box<str>, Backend>) {
+        let picks = self.picks.get().wrapping_add(1);
+        self.picks.set(picks);
+        if picks % SWEEP_EVERY == 0 {
+            backends.retain(|_, b| {
+                b.conns.retain(|c| !c.send.is_closed());
+                !b.conns.is_empty() || b.opening.is_some()
+            });
+        }
+    }
+
+    /// A connection just opened to `authority`. Until its backend's
+    /// SETTINGS come, its stream limit is the one the backend gave the
+    /// others, if it did.
+    fn add(&self, authority: &str, conn: Conn) {
+        let mut backends = self.backends.borrow_mut();
+        let backend = backends.entry(authority.into()).or_default();
+        let known = backend.conns.iter().find(|c| c.shared.usage.heard_from());
+        if let Some(sibling) = known {
+            let max = sibling.shared.max_streams.load(Relaxed);
+            conn.shared.max_streams.store(max, Relaxed);
+        }
+        backend.conns.push(conn);
+        backend.opening = None;
+    }
+}
+
+/// Sends `req` (its URI absolute: the backend's authority) as a stream on
+/// one of this worker's HTTP/2 connections to that backend (see the module
+/// doc), over a pool's `tls` or plain. The slot counts the stream on its
+/// connection until dropped with the response body.
+pub async fn send(
+    connect_timeout: Duration,
+    tls: Option<&Arc<ClientTls>>,
+    req: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, StreamSlot), (FailureKind, String)> {
+    let authority = req.uri().authority().map_or("", |a| a.as_str()).to_owned();
+    let multiplexed = |f: &dyn Fn(&Multiplexed) -> Pick| {
+        super::of_this_worker(connect_timeout, tls, |c| f(&c.multiplexed))
+    };
+    // Each round either sends, or waits for / opens a connection; the last
+    // takes any open connection, so a burst bigger than the connections
+    // can hold queues instead of going round again.
+    for round in 0..3 {
+        match multiplexed(&|m| m.pick(&authority, round < 2)) {
+            Pick::Send(mut send, slot) => {
+                let sent = send.send_request(req).await;
+                return match sent {
+                    Ok(resp) => Ok((resp, slot)),
+                    Err(e) => Err(classify(&e, &slot.0.usage)),
+                };
+            }
+            Pick::Wait(mut opening) => {
+                let outcome = opening
+                    .wait_for(|o| !matches!(o, Opening::Pending))
+                    .await
+                    .map(|o| o.clone());
+                if let Ok(Opening::Failed(kind, detail)) = outcome {
+                    return Err((kind, detail.to_string()));
+                }
+            }
+            Pick::Open(tell, connector, builder) => {
+                match open(connector, builder, req.uri().clone()).await {
+                    Ok(conn) => {
+                        super::of_this_worker(connect_timeout, tls, |c| {
+                            c.multiplexed.add(&authority, conn);
+                        });
+                        tell.send_replace(Opening::Opened);
+                    }
+                    Err((kind, detail)) => {
+                        tell.send_replace(Opening::Failed(kind, detail.as_str().into()));
+                        return Err((kind, detail));
+                    }
+                }
+            }
+        }
+    }
+    // The last round always sends, waits or opens; it sent unless no
+    // connection was open: opened one just now, which others filled.
+    Err((
+        FailureKind::Refused,
+        "no HTTP/2 connection to the backend took the stream".to_owned(),
+    ))
+}
+
+/// Opens an HTTP/2 connection to `uri`'s backend and starts its driver.
+async fn open(
+    mut connector: BackendConnector,
+    builder: http2::Builder<TokioExecutor>,
+    uri: Uri,
+) -> Result<Conn, (FailureKind, String)> {
+    let io = connector.call(uri).await.map_err(|e| {
+        let kind = Shortage::in_chain(&*e).map_or(FailureKind::Connect, FailureKind::Local);
+        (kind, root_cause(&*e))
+    })?;
+    let usage = Arc::clone(io.inner().usage());
+    let (send, conn) = builder
+        .handshake::<_, UpstreamBody>(io)
+        .await
+        .map_err(|e| (FailureKind::Connect, root_cause(&e)))?;
+    let shared = Arc::new(Shared {
+        streams: AtomicUsize::new(0),
+        max_streams: AtomicUsize::new(ASSUMED_MAX_STREAMS),
+        started: AtomicUsize::new(0),
+        usage,
+    });
+    tokio::spawn(drive(conn, Arc::clone(&shared)));
+    Ok(Conn { send, shared })
+}
+
+type H2Connection = Connection<TokioIo<Watched>, UpstreamBody, TokioExecutor>;
+
+/// Runs a connection (hyper's dispatch of new streams; the h2 connection
+/// itself runs in a task hyper spawned) until it closes, or until it has
+/// carried no stream for [`IDLE_TIMEOUT`]. After each turn it notes the
+/// backend's stream limit for [`Multiplexed::pick`].
+async fn drive(conn: H2Connection, shared: Arc<Shared>) {
+    let mut driven = Driven {
+        conn: Box::pin(conn),
+        shared: Arc::clone(&shared),
+    };
+    loop {
+        tokio::select! {
+            ended = &mut driven => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %root_cause(&e), "backend HTTP/2 connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep(IDLE_TIMEOUT) => {
+                let idle = shared.started.swap(0, Relaxed) == 0 && shared.streams.load(Relaxed) == 0;
+                if idle {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A connection polled, its stream limit read after each poll.
+struct Driven {
+    conn: Pin<Box<H2Connection>>,
+    shared: Arc<Shared>,
+}
+
+impl Future for Driven {
+    type Output = hyper::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        let polled = self.conn.as_mut().poll(cx);
+        // Until the backend sent a byte (its SETTINGS come first), h2's
+        // figure is lb's own initial one, not the backend's.
+        if self.shared.usage.heard_from() {
+            let max = self.conn.current_max_send_streams();
+            self.shared.max_streams.store(max, Relaxed);
+        }
+        polled
+    }
+}
+
+/// Classifies the error of a stream sent on a connection with `usage`:
+/// refused when the backend refused it (`REFUSED_STREAM`, above a GOAWAY's
+/// last stream id), when it never reached the connection (closed meanwhile),
+/// or when the connection failed before the backend sent a byte (an HTTP/2
+/// server's first frame is its SETTINGS, RFC 9113 §3.4: one that said
+/// nothing never took the connection, as when the kernel completed a
+/// connect to a listener nobody accepts on any more and reset it when the
+/// listener closed). Anything else is a reset: the backend may have
+/// processed the request.
+fn classify(err: &hyper::Error, usage: &ConnUse) -> (FailureKind, String) {
+    let kind = if refused_stream(err) || err.is_canceled() || !usage.heard_from() {
+        FailureKind::Refused
+    } else {
+        FailureKind::Reset
+    };
+    (kind, root_cause(err))
+}
