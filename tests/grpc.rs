@@ -1339,3 +1339,46 @@ async fn calls_over_a_backends_max_concurrent_streams_wait_and_all_succeed() {
     );
     assert_eq!(backend.accepted(), 1, "one backend connection carried all");
 }
+
+/// A server stream still open when shutdown's grace runs out (its backend
+/// streams on, forever) ends with lb's UNAVAILABLE in trailers, not a cut
+/// connection: the client reads a clean end it may retry elsewhere, not
+/// a transport error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stream_is_ended_when_shutdowns_grace_runs_out() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let mut g = tonic::client::Grpc::new(channel(&t).await);
+    g.ready().await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let started = g.server_streaming(
+        tonic::Request::new(msg("forever", 3)),
+        path("/test.Echo/Count"),
+        codec,
+    );
+    let mut stream = tokio::time::timeout(Duration::from_secs(WAIT), started)
+        .await
+        .expect("the stream starts in time")
+        .expect("the stream starts")
+        .into_inner();
+    for i in 0..3 {
+        let got = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+            .await
+            .expect("a message in time");
+        assert_eq!(got.unwrap(), Some(msg("item", i)));
+    }
+    // The stream is open and its backend silent: only the grace's end can
+    // end it.
+    let TestLb { lb, dir: _dir, .. } = t;
+    let shutdown = tokio::spawn(lb.shutdown(Duration::from_secs(1)));
+    let end = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+        .await
+        .expect("the stream ends once the grace ran out")
+        .expect_err("the stream ends with a status, not as if complete");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(end.message(), "lb: shutting down", "{end:?}");
+    tokio::time::timeout(Duration::from_secs(WAIT), shutdown)
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown did not panic");
+}
