@@ -1382,3 +1382,64 @@ async fn a_server_stream_is_ended_when_shutdowns_grace_runs_out() {
         .expect("shutdown returns")
         .expect("shutdown did not panic");
 }
+
+/// An h2c backend that accepts connections and closes each without a byte
+/// back, once lb's first request (a HEADERS frame) arrived on it; counts
+/// those requests.
+async fn silent_closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let addr = raw_server(move |mut s| {
+        let requests = Arc::clone(&counted);
+        async move {
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                return;
+            }
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                if head[3] == 1 {
+                    // HEADERS: a request came; the socket closes as it drops.
+                    requests.fetch_add(1, SeqCst);
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, requests)
+}
+
+/// A connection the backend closed without sending a byte (not even its
+/// SETTINGS) was never taken: the unary call on it (a POST) goes to the
+/// other backend instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_closes_a_connection_before_a_byte_back_is_retried_elsewhere() {
+    let (silent, requests) = silent_closing_backend().await;
+    let good = GrpcBackend::start("good").await;
+    let t = TestLb::start(&h2c_yaml(&[silent, good.addr], "")).await;
+    let ch = channel(&t).await;
+    const CALLS: usize = 6;
+    for i in 0..CALLS as u32 {
+        let resp = call_unary(&ch, tonic::Request::new(msg("hi", i)))
+            .await
+            .expect("every call succeeds");
+        assert_eq!(resp.into_inner(), msg("good: hi", i));
+    }
+    assert_eq!(good.hits(), CALLS, "the good backend answered every call");
+    // Round robin sent some calls to the silent backend first.
+    let refused = requests.load(SeqCst);
+    assert!(
+        (1..=CALLS).contains(&refused),
+        "calls the silent backend saw: {refused}"
+    );
+}
