@@ -115,6 +115,13 @@ const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(250);
 /// outside any await) takes more than microseconds.
 const TASKS_STOP: Duration = Duration::from_secs(1);
 
+/// At shutdown, once the grace ran out and what was still open was told to
+/// end (a gRPC response its `grpc-status: 14` trailers, an upgraded
+/// connection its close), how long their connections may take to send
+/// those last frames and close before the workers' runtimes are dropped
+/// and every connection left is cut.
+const LAST_FRAMES: Duration = Duration::from_secs(1);
+
 /// How a running lb finds and follows its config file.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -335,9 +342,12 @@ impl Lb {
 
     /// Stops accepting, lets open connections finish their requests (tcp
     /// mode: run) for up to `grace` (upgraded ones included; they are closed
-    /// then), then stops everything; open tcp connections are closed when
-    /// this returns. `/readyz` says 503 throughout; the admin listener
-    /// answers until the end. Health checks, the reloader and the admin
+    /// then, and response bodies still waiting on their backend are ended:
+    /// a gRPC call with `grpc-status: 14`, any other body with a reset or
+    /// a closed connection, given up to `LAST_FRAMES` to go out), then
+    /// stops everything; open tcp connections are closed when this
+    /// returns. `/readyz` says 503 throughout; the admin listener answers
+    /// until the end. Health checks, the reloader and the admin
     /// follower are told to stop at once and have ended when this returns
     /// (one still running a second later is named in a warning and left
     /// behind, never aborted).
@@ -347,11 +357,14 @@ impl Lb {
         let _ = self.stop.send(true);
         let _ = self.drain.send(true);
         let tasks_deadline = tokio::time::Instant::now() + TASKS_STOP;
-        let (drain, upgrades) = (&self.drain, &self.runtime.upgrades);
+        let (drain, grace_period) = (&self.drain, &self.runtime.grace);
         let connections = async {
             if tokio::time::timeout(grace, drain.closed()).await.is_err() {
                 tracing::warn!("connections still open after {grace:?}; closing them");
-                upgrades.close_all();
+                grace_period.run_out();
+                // Bounded: a connection that cannot send its last frames (a
+                // client not reading) is cut with the runtimes.
+                let _ = tokio::time::timeout(LAST_FRAMES, drain.closed()).await;
             }
         };
         let tasks = self.tasks;

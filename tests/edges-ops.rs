@@ -380,8 +380,8 @@ async fn an_access_log_nobody_reads_does_not_hold_shutdown() {
     }
     let served = counts[2].load(SeqCst);
     assert_eq!(counts[0].load(SeqCst), 0, "requests went unanswered");
-    // grace 2 s + 0.5 s promised; generous for a loaded machine, far below
-    // "never".
+    // grace 2 s + 0.5 s (+ 1 s for last frames) promised; generous for a
+    // loaded machine, far below "never".
     let took = lb.terminate_within(Duration::from_secs(12)).await;
     eprintln!("stdout unread: {served} requests served; SIGTERM took {took:?}");
     eventually!(

@@ -1407,3 +1407,107 @@ async fn calls_over_a_backends_max_concurrent_streams_open_more_connections() {
         "calls ran on several connections, each within the limit: peak {peak} over {conns} connections"
     );
 }
+
+/// A server stream still open when shutdown's grace runs out (its backend
+/// streams on, forever) ends with lb's UNAVAILABLE in trailers, not a cut
+/// connection: the client reads a clean end it may retry elsewhere, not
+/// a transport error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stream_is_ended_when_shutdowns_grace_runs_out() {
+    let backend = GrpcBackend::start("b1").await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let mut g = tonic::client::Grpc::new(channel(&t).await);
+    g.ready().await.unwrap();
+    let codec = ProstCodec::<Msg, Msg>::default();
+    let started = g.server_streaming(
+        tonic::Request::new(msg("forever", 3)),
+        path("/test.Echo/Count"),
+        codec,
+    );
+    let mut stream = tokio::time::timeout(Duration::from_secs(WAIT), started)
+        .await
+        .expect("the stream starts in time")
+        .expect("the stream starts")
+        .into_inner();
+    for i in 0..3 {
+        let got = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+            .await
+            .expect("a message in time");
+        assert_eq!(got.unwrap(), Some(msg("item", i)));
+    }
+    // The stream is open and its backend silent: only the grace's end can
+    // end it.
+    let TestLb { lb, dir: _dir, .. } = t;
+    let shutdown = tokio::spawn(lb.shutdown(Duration::from_secs(1)));
+    let end = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+        .await
+        .expect("the stream ends once the grace ran out")
+        .expect_err("the stream ends with a status, not as if complete");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(end.message(), "lb: shutting down", "{end:?}");
+    tokio::time::timeout(Duration::from_secs(WAIT), shutdown)
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown did not panic");
+}
+
+/// An h2c backend that accepts connections and closes each without a byte
+/// back, once lb's first request (a HEADERS frame) arrived on it; counts
+/// those requests.
+async fn silent_closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let addr = raw_server(move |mut s| {
+        let requests = Arc::clone(&counted);
+        async move {
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                return;
+            }
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                if head[3] == 1 {
+                    // HEADERS: a request came; the socket closes as it drops.
+                    requests.fetch_add(1, SeqCst);
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, requests)
+}
+
+/// A connection the backend closed without sending a byte (not even its
+/// SETTINGS) was never taken: the unary call on it (a POST) goes to the
+/// other backend instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_closes_a_connection_before_a_byte_back_is_retried_elsewhere() {
+    let (silent, requests) = silent_closing_backend().await;
+    let good = GrpcBackend::start("good").await;
+    let t = TestLb::start(&h2c_yaml(&[silent, good.addr], "")).await;
+    let ch = channel(&t).await;
+    const CALLS: usize = 6;
+    for i in 0..CALLS as u32 {
+        let resp = call_unary(&ch, tonic::Request::new(msg("hi", i)))
+            .await
+            .expect("every call succeeds");
+        assert_eq!(resp.into_inner(), msg("good: hi", i));
+    }
+    assert_eq!(good.hits(), CALLS, "the good backend answered every call");
+    // Round robin sent some calls to the silent backend first.
+    let refused = requests.load(SeqCst);
+    assert!(
+        (1..=CALLS).contains(&refused),
+        "calls the silent backend saw: {refused}"
+    );
+}

@@ -1,12 +1,18 @@
 //! Counts of what is open, kept by the runtime across reloads: client
 //! connections against `limits.max_connections`, and relayed upgraded
-//! connections (closed together at the end of shutdown's grace).
+//! connections; and [`Grace`], the end of shutdown's grace period, which
+//! ends what would otherwise run on past it (upgraded connections,
+//! response bodies still waiting on their backend).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 /// Open client connections, against `limits.max_connections`. Lives in the
 /// runtime, so a listener moved by a reload counts the same connections.
@@ -72,30 +78,91 @@ impl Drop for ConnectionGuard {
 }
 
 /// Relayed upgraded connections, process-wide.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Upgrades {
     /// Relays open now.
     pub open: Arc<AtomicUsize>,
-    /// `true` ends every relay (end of the shutdown grace period).
-    pub closing: watch::Sender<bool>,
-}
-
-impl Default for Upgrades {
-    fn default() -> Self {
-        Upgrades {
-            open: Arc::default(),
-            closing: watch::channel(false).0,
-        }
-    }
 }
 
 impl Upgrades {
     pub fn open(&self) -> usize {
         self.open.load(Relaxed)
     }
+}
 
-    /// Ends every relay now.
-    pub fn close_all(&self) {
-        self.closing.send_replace(true);
+/// Shutdown's grace period, and its end: what is still open then is ended
+/// as cleanly as lb can (an upgraded connection closed, a gRPC response
+/// ended with lb's own `grpc-status`, any other response body cut).
+///
+/// Costs nothing until something waits: a response body makes a
+/// [`GraceWaiter`] only once its backend keeps it waiting, and asking
+/// whether the grace ran out is one atomic load, never a lock.
+#[derive(Debug, Default)]
+pub struct Grace {
+    /// Set once, when the grace runs out; a waiter reads it after it
+    /// registered, so one made after the notification still hears it.
+    ran_out: Arc<AtomicBool>,
+    /// Wakes every waiter when the grace runs out.
+    ended: Arc<Notify>,
+}
+
+impl Grace {
+    /// Ends the grace period: every waiter is woken, and every one made
+    /// from now on is ready at once.
+    pub fn run_out(&self) {
+        // Before the notification: a waiter made after it (which that
+        // notification does not wake) sees the flag instead.
+        self.ran_out.store(true, SeqCst);
+        self.ended.notify_waiters();
+    }
+
+    /// True once the grace period has run out.
+    pub fn has_run_out(&self) -> bool {
+        self.ran_out.load(SeqCst)
+    }
+
+    /// A future ready once the grace period has run out; heap-allocated,
+    /// so made only by what actually waits.
+    pub fn waiter(&self) -> GraceWaiter {
+        GraceWaiter {
+            notified: Box::pin(Arc::clone(&self.ended).notified_owned()),
+            ran_out: Arc::clone(&self.ran_out),
+            registered: None,
+        }
+    }
+}
+
+/// One wait for the end of the grace period, from [`Grace::waiter`].
+#[derive(Debug)]
+pub struct GraceWaiter {
+    /// Made before the flag is first read: a notification after that makes
+    /// it ready, one before it had set the flag.
+    notified: Pin<Box<OwnedNotified>>,
+    ran_out: Arc<AtomicBool>,
+    /// The waker the notification will wake: polled again with the same
+    /// one, only the flag is read, so a body polled many times while it
+    /// waits takes the `Notify`'s lock (shared by every worker) once.
+    registered: Option<Waker>,
+}
+
+impl Future for GraceWaiter {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ran_out.load(SeqCst) {
+            return Poll::Ready(());
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let polled = self.notified.as_mut().poll(cx);
+        if polled.is_pending() {
+            self.registered = Some(cx.waker().clone());
+        }
+        polled
     }
 }

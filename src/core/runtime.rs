@@ -23,7 +23,7 @@ use crate::config::{
 use crate::core::affinity::AffinityCookies;
 use crate::core::budget::RetryBudget;
 use crate::core::conns::ConnectionCount;
-use crate::core::conns::Upgrades;
+use crate::core::conns::{Grace, Upgrades};
 use crate::core::route::{Route, Router};
 use crate::core::selection::{self, Backend, Pick, Selector, Steer};
 use crate::core::state::{Clock, StateTable};
@@ -346,6 +346,9 @@ pub struct Runtime {
     pub log_lines_dropped: std::sync::OnceLock<crate::obs::logging::DroppedLines>,
     /// Upgraded connections being relayed; closed at the end of shutdown.
     pub upgrades: Upgrades,
+    /// Shutdown's grace period: when it runs out, upgraded connections
+    /// close and response bodies still waiting on their backend end.
+    pub grace: Grace,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub shutting_down: AtomicBool,
     /// Bumped on every applied config; the health checker waits on it.
@@ -378,6 +381,7 @@ impl Runtime {
             access_log: AccessLog::default(),
             log_lines_dropped: std::sync::OnceLock::new(),
             upgrades: Upgrades::default(),
+            grace: Grace::default(),
             shutting_down: AtomicBool::new(false),
             generation: watch::channel(0).0,
             discovered: Default::default(),

@@ -13,11 +13,13 @@
 //!   backend refused unprocessed can go to another backend whole.
 //! * [`ResponseBody`]: what the client gets: the backend's body streamed
 //!   through ([`RelayedBody`]: holding the backend's in-flight slot until it
-//!   ends, each wait for it bounded by `timeouts.backend_body`), or a short
-//!   text from lb itself.
+//!   ends, each wait for it bounded by `timeouts.backend_body`, and ended
+//!   by lb when shutdown's grace period runs out while it waits), or a
+//!   short text from lb itself.
 
 use std::collections::VecDeque;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
@@ -27,9 +29,11 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Method};
 use tokio::sync::oneshot;
 
+use crate::core::conns::GraceWaiter;
 use crate::core::runtime::{PoolShared, Runtime};
 use crate::core::state::InFlight;
 use crate::http::client::multiplexed::StreamSlot;
@@ -501,6 +505,13 @@ impl Body for UpstreamBody {
 
 /// A backend's response body on its way to the client, each wait for its
 /// next bytes bounded by `timeouts.backend_body`.
+///
+/// When shutdown's grace period runs out while it waits for the backend,
+/// it ends at once: a gRPC call with trailers `grpc-status: 14`
+/// (UNAVAILABLE) and `grpc-message: lb: shutting down`, which the client
+/// reads as a clean end it may retry; any other body with an error, so
+/// hyper resets the HTTP/2 stream or closes the HTTP/1 connection and the
+/// client sees the body is incomplete.
 #[derive(Debug)]
 pub struct RelayedBody {
     body: Incoming,
@@ -520,9 +531,43 @@ pub struct RelayedBody {
     /// A gRPC call's pool, until its `grpc-status` is counted there (from
     /// the trailers; at the drop as `none` if none came).
     grpc: Option<Arc<PoolShared>>,
+    /// Whether trailers lb adds reach the client (an HTTP/1.1 client gets
+    /// only those its response declared): a gRPC call lb ends itself ends
+    /// with its own status only then, else it is cut like any body.
+    grpc_trailers_reach_client: bool,
+    /// Woken when shutdown's grace runs out; made the first time the
+    /// backend keeps this body waiting, so a body that never waits costs
+    /// no allocation and no registration.
+    grace_over: Option<GraceWaiter>,
+    /// Set once lb ended the body itself (the grace ran out): nothing more
+    /// is read from the backend.
+    ended_by_lb: bool,
     /// The stream this body comes on, counted on its backend HTTP/2
     /// connection until the body is done.
     _stream: Option<StreamSlot>,
+}
+
+/// The error a non-gRPC response body still waiting on its backend ends
+/// with when shutdown's grace runs out: hyper resets its HTTP/2 stream or
+/// closes its HTTP/1 connection, so the client sees it incomplete.
+#[derive(Debug, thiserror::Error)]
+#[error("lb is shutting down: its grace period ran out")]
+pub struct GraceRanOut;
+
+/// The trailers a gRPC response body still waiting on its backend ends with
+/// when shutdown's grace runs out: UNAVAILABLE, which clients may retry on
+/// another lb.
+fn shutting_down_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert(
+        "grpc-status",
+        HeaderValue::from(crate::http::grpc::UNAVAILABLE),
+    );
+    trailers.insert(
+        "grpc-message",
+        HeaderValue::from_static("lb: shutting down"),
+    );
+    trailers
 }
 
 /// The error a response body cut for a stalled backend ends with: hyper's
@@ -550,6 +595,9 @@ impl RelayedBody {
             path,
             rt,
             grpc: None,
+            grpc_trailers_reach_client: false,
+            grace_over: None,
+            ended_by_lb: false,
             _stream: None,
         }
     }
@@ -560,10 +608,37 @@ impl RelayedBody {
         self
     }
 
-    /// Counts the call's `grpc-status` in `pool` when its trailers pass.
-    pub fn counting_grpc(mut self, pool: Arc<PoolShared>) -> Self {
+    /// Counts the call's `grpc-status` in `pool` when its trailers pass;
+    /// `trailers_reach_client`: whether trailers lb adds reach the client.
+    pub fn counting_grpc(mut self, pool: Arc<PoolShared>, trailers_reach_client: bool) -> Self {
         self.grpc = Some(pool);
+        self.grpc_trailers_reach_client = trailers_reach_client;
         self
+    }
+
+    /// True once shutdown's grace has run out; while it has not, makes sure
+    /// `cx` is woken when it does. Called only while the backend keeps the
+    /// body waiting.
+    fn grace_ran_out(&mut self, cx: &mut Context<'_>) -> bool {
+        let rt = &self.rt;
+        let waiter = self.grace_over.get_or_insert_with(|| rt.grace.waiter());
+        Pin::new(waiter).poll(cx).is_ready()
+    }
+
+    /// Ends the body for the end of shutdown's grace: a gRPC call still
+    /// waiting for its status gets lb's when the client can read it
+    /// (counted as the status its client got), anything else an error.
+    fn end_for_shutdown(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended_by_lb = true;
+        if self.grpc_trailers_reach_client {
+            if let Some(pool) = self.grpc.take() {
+                let trailers = shutting_down_trailers();
+                pool.grpc
+                    .count(trailers.get("grpc-status").map(HeaderValue::as_bytes));
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
+        Poll::Ready(Some(Err(Box::new(GraceRanOut))))
     }
 }
 
@@ -584,9 +659,13 @@ impl Body for RelayedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if this.ended_by_lb {
+            return Poll::Ready(None);
+        }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         let limit = this.limit;
         match this.stall.poll(cx, polled, || limit) {
+            Poll::Pending if this.grace_ran_out(cx) => this.end_for_shutdown(),
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 let state = this.in_flight.state();
@@ -628,10 +707,13 @@ impl Body for RelayedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended_by_lb || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.ended_by_lb {
+            return SizeHint::with_exact(0);
+        }
         self.body.size_hint()
     }
 }

@@ -244,6 +244,9 @@ pub async fn forward(
     let declare_trailers = call.pool.config.protocol.may_be_http2()
         && parts.version <= Version::HTTP_11
         && parts.headers.contains_key(hyper::header::TE);
+    // An HTTP/2 client gets every trailer; an HTTP/1.1 one only those the
+    // `Trailer` header declared.
+    let client_speaks_h2 = parts.version >= Version::HTTP_2;
     let grpc = crate::http::grpc::is_grpc(&parts.headers).then(|| Arc::clone(&call.pool.shared));
     let mut attempts = HyperAttempts {
         upgrade: upgrade.is_some(),
@@ -263,12 +266,14 @@ pub async fn forward(
                 }
                 None => Some(pool),
             });
-            let relayed = |body| {
+            let relayed = |body, grpc_trailers_declared: bool| {
                 let body =
                     RelayedBody::new(body, in_flight, backend_body, method, path, Arc::clone(rt))
                         .holding(stream);
                 match grpc {
-                    Some(pool) => body.counting_grpc(pool),
+                    Some(pool) => {
+                        body.counting_grpc(pool, client_speaks_h2 || grpc_trailers_declared)
+                    }
                     None => body,
                 }
             };
@@ -676,7 +681,7 @@ const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin"
 /// backend declared, and gRPC's own trailers for a gRPC answer.
 fn pass_through(
     resp: Response<Incoming>,
-    relayed: impl FnOnce(Incoming) -> RelayedBody,
+    relayed: impl FnOnce(Incoming, bool) -> RelayedBody,
     index: usize,
     declare_trailers: bool,
 ) -> Response<ResponseBody> {
@@ -687,6 +692,8 @@ fn pass_through(
     if parts.headers.contains_key(hyper::header::TRANSFER_ENCODING) {
         parts.headers.remove(hyper::header::CONTENT_LENGTH);
     }
+    // Whether gRPC's trailers are among those declared.
+    let mut grpc_declared = false;
     let declared = if declare_trailers && !hyper::body::Body::is_end_stream(&body) {
         let mut names: Vec<String> = parts
             .headers
@@ -700,6 +707,7 @@ fn pass_through(
             .is_some_and(|v| crate::http::grpc::is_grpc_content_type(v.as_bytes()));
         if grpc {
             names.push(GRPC_TRAILERS.to_owned());
+            grpc_declared = true;
         }
         HeaderValue::from_str(&names.join(", "))
             .ok()
@@ -714,7 +722,7 @@ fn pass_through(
     parts
         .extensions
         .insert(crate::http::affinity::ServedBy(index));
-    Response::from_parts(parts, ResponseBody::Upstream(relayed(body)))
+    Response::from_parts(parts, ResponseBody::Upstream(relayed(body, grpc_declared)))
 }
 
 /// The answer to a request whose body failed on the client's side.

@@ -15,7 +15,7 @@
 //! the backend's `InFlight` (least_connections sees it). It holds no
 //! snapshot, so reloads, even ones removing the backend, leave it alone.
 //! Shutdown waits for relays like for any connection and, at the end of the
-//! grace period, [`Upgrades::close_all`] ends them.
+//! grace period, [`crate::core::conns::Grace::run_out`] ends them.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -103,7 +103,7 @@ pub fn relay(
         restore_headers(&mut parts.headers, upgrade);
     }
     let open = Counted::new(&rt.upgrades.open);
-    let mut closing = rt.upgrades.closing.subscribe();
+    let grace_over = rt.grace.waiter();
     let clock = rt.clock;
     tokio::spawn(async move {
         // Dropped with the task, however it ends: the runtime dropping it at
@@ -133,7 +133,7 @@ pub fn relay(
         };
         tokio::select! {
             () = bridge => {}
-            _ = closing.wait_for(|c| *c) => {
+            () = grace_over => {
                 tracing::debug!("closing an upgraded connection: shutdown grace period over");
             }
         }

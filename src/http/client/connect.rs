@@ -229,6 +229,9 @@ impl Watched {
 pub struct ConnUse {
     progress: AtomicU8,
     http2: AtomicBool,
+    /// Notified when the backend's first bytes are read (an HTTP/2
+    /// server's SETTINGS, which [`super::multiplexed`] waits for).
+    pub(super) first_bytes: tokio::sync::Notify,
 }
 
 /// [`ConnUse`] bits.
@@ -311,6 +314,9 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
+            if !self.usage.heard_from() {
+                self.usage.first_bytes.notify_one();
+            }
             self.usage.note(READ);
         }
         polled

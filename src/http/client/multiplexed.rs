@@ -314,13 +314,16 @@ type H2Connection = Connection<TokioIo<Watched>, UpstreamBody, TokioExecutor>;
 
 /// Runs a connection (hyper's dispatch of new streams; the h2 connection
 /// itself runs in a task hyper spawned) until it closes, or until it has
-/// carried no stream for [`IDLE_TIMEOUT`]. After each turn it notes the
-/// backend's stream limit for [`Multiplexed::pick`].
+/// carried no stream for [`IDLE_TIMEOUT`]. It notes the backend's stream
+/// limit for [`Multiplexed::pick`] when the backend's first bytes (its
+/// SETTINGS) are in, and after each of its own turns (a new stream) for a
+/// limit the backend changed later.
 async fn drive(conn: H2Connection, shared: Arc<Shared>) {
     let mut driven = Driven {
         conn: Box::pin(conn),
         shared: Arc::clone(&shared),
     };
+    let mut settings_in = false;
     loop {
         tokio::select! {
             ended = &mut driven => {
@@ -328,6 +331,12 @@ async fn drive(conn: H2Connection, shared: Arc<Shared>) {
                     tracing::debug!(error = %root_cause(&e), "backend HTTP/2 connection ended");
                 }
                 return;
+            }
+            // h2 applies the SETTINGS in the turn that read them: done by
+            // the time this task runs.
+            () = shared.usage.first_bytes.notified(), if !settings_in => {
+                settings_in = true;
+                driven.note_limit();
             }
             () = tokio::time::sleep(IDLE_TIMEOUT) => {
                 let idle = shared.started.swap(0, Relaxed) == 0 && shared.streams.load(Relaxed) == 0;
@@ -339,10 +348,21 @@ async fn drive(conn: H2Connection, shared: Arc<Shared>) {
     }
 }
 
-/// A connection polled, its stream limit read after each poll.
+/// A connection polled, its stream limit noted after each poll.
 struct Driven {
     conn: Pin<Box<H2Connection>>,
     shared: Arc<Shared>,
+}
+
+impl Driven {
+    /// Until the backend sent a byte (its SETTINGS come first), h2's
+    /// figure is lb's own initial one, not the backend's.
+    fn note_limit(&self) {
+        if self.shared.usage.heard_from() {
+            let max = self.conn.current_max_send_streams();
+            self.shared.max_streams.store(max, Relaxed);
+        }
+    }
 }
 
 impl Future for Driven {
@@ -350,12 +370,7 @@ impl Future for Driven {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
         let polled = self.conn.as_mut().poll(cx);
-        // Until the backend sent a byte (its SETTINGS come first), h2's
-        // figure is lb's own initial one, not the backend's.
-        if self.shared.usage.heard_from() {
-            let max = self.conn.current_max_send_streams();
-            self.shared.max_streams.store(max, Relaxed);
-        }
+        self.note_limit();
         polled
     }
 }
