@@ -562,19 +562,9 @@ impl HyperAttempts {
     }
 }
 
-/// A backend's response on the hyper path, and the stream it counts on
-/// its HTTP/2 connection until its body ends.
-type Answer = (Response<Incoming>, Option<StreamSlot>);
-
-impl Attempts for HyperAttempts {
-    type Response = Answer;
-
-    fn next_attempt(&mut self) -> bool {
-        self.pending = self.body.next_attempt();
-        self.pending.is_some()
-    }
-
-    async fn send(
+impl HyperAttempts {
+    /// [`Attempts::send`], unboxed.
+    async fn attempt(
         &mut self,
         snap: &Snapshot,
         pool: &Pool,
@@ -622,6 +612,31 @@ impl Attempts for HyperAttempts {
             .await
             .map(|resp| (resp, None))
             .map_err(|e| client::classify(&e))
+    }
+}
+
+/// A backend's response on the hyper path, and the stream it counts on
+/// its HTTP/2 connection until its body ends.
+type Answer = (Response<Incoming>, Option<StreamSlot>);
+
+impl Attempts for HyperAttempts {
+    type Response = Answer;
+
+    fn next_attempt(&mut self) -> bool {
+        self.pending = self.body.next_attempt();
+        self.pending.is_some()
+    }
+
+    async fn send(
+        &mut self,
+        snap: &Snapshot,
+        pool: &Pool,
+        index: usize,
+    ) -> Result<Answer, (FailureKind, String)> {
+        // Boxed: an attempt's future is large (hyper's clients, the resend
+        // after a stale connection), and each future holding it, up to the
+        // request's, would be that much larger, moved whole at every level.
+        Box::pin(self.attempt(snap, pool, index)).await
     }
 
     fn status((response, _): &Answer) -> StatusCode {

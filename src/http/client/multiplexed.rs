@@ -124,11 +124,7 @@ enum Pick {
     /// Wait for the connection being opened, then pick again.
     Wait(watch::Receiver<Opening>),
     /// Open a connection, tell the waiters how it went, pick again.
-    Open(
-        watch::Sender<Opening>,
-        BackendConnector,
-        http2::Builder<TokioExecutor>,
-    ),
+    Open(watch::Sender<Opening>),
 }
 
 /// One stream counted on its connection until dropped: held by the
@@ -196,7 +192,7 @@ impl Multiplexed {
         }
         let (tell, opening) = watch::channel(Opening::Pending);
         backend.opening = Some(opening);
-        Pick::Open(tell, self.connector.clone(), self.builder.clone())
+        Pick::Open(tell)
     }
 
     /// Now and then, forgets backends with no connection left.
@@ -236,15 +232,15 @@ pub async fn send(
     tls: Option<&Arc<ClientTls>>,
     req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, StreamSlot), (FailureKind, String)> {
-    let authority = req.uri().authority().map_or("", |a| a.as_str()).to_owned();
-    let multiplexed = |f: &dyn Fn(&Multiplexed) -> Pick| {
-        super::of_this_worker(connect_timeout, tls, |c| f(&c.multiplexed))
-    };
     // Each round either sends, or waits for / opens a connection; the last
     // takes any open connection, so a burst bigger than the connections
     // can hold queues instead of going round again.
     for round in 0..3 {
-        match multiplexed(&|m| m.pick(&authority, round < 2)) {
+        let authority = req.uri().authority().map_or("", |a| a.as_str());
+        let pick = super::of_this_worker(connect_timeout, tls, |c| {
+            c.multiplexed.pick(authority, round < 2)
+        });
+        match pick {
             Pick::Send(mut send, slot) => {
                 let sent = send.send_request(req).await;
                 return match sent {
@@ -252,28 +248,11 @@ pub async fn send(
                     Err(e) => Err(classify(&e, &slot.0.usage)),
                 };
             }
-            Pick::Wait(mut opening) => {
-                let outcome = opening
-                    .wait_for(|o| !matches!(o, Opening::Pending))
-                    .await
-                    .map(|o| o.clone());
-                if let Ok(Opening::Failed(kind, detail)) = outcome {
-                    return Err((kind, detail.to_string()));
-                }
-            }
-            Pick::Open(tell, connector, builder) => {
-                match open(connector, builder, req.uri().clone()).await {
-                    Ok(conn) => {
-                        super::of_this_worker(connect_timeout, tls, |c| {
-                            c.multiplexed.add(&authority, conn);
-                        });
-                        tell.send_replace(Opening::Opened);
-                    }
-                    Err((kind, detail)) => {
-                        tell.send_replace(Opening::Failed(kind, detail.as_str().into()));
-                        return Err((kind, detail));
-                    }
-                }
+            Pick::Wait(opening) => wait(opening).await?,
+            // Once per connection: boxed, so that every request's future
+            // (and each one holding it) is not the size of a connect.
+            Pick::Open(tell) => {
+                Box::pin(open_for(connect_timeout, tls, req.uri().clone(), tell)).await?;
             }
         }
     }
@@ -283,6 +262,47 @@ pub async fn send(
         FailureKind::Refused,
         "no HTTP/2 connection to the backend took the stream".to_owned(),
     ))
+}
+
+/// Waits for the connection being opened; its failure is the waiter's.
+async fn wait(mut opening: watch::Receiver<Opening>) -> Result<(), (FailureKind, String)> {
+    let outcome = opening
+        .wait_for(|o| !matches!(o, Opening::Pending))
+        .await
+        .map(|o| o.clone());
+    match outcome {
+        Ok(Opening::Failed(kind, detail)) => Err((kind, detail.to_string())),
+        // Opened, or its opener went away: pick again.
+        _ => Ok(()),
+    }
+}
+
+/// Opens a connection to `uri`'s backend for this worker's connections
+/// over `tls` (or plain), and tells the requests waiting how it went.
+async fn open_for(
+    connect_timeout: Duration,
+    tls: Option<&Arc<ClientTls>>,
+    uri: Uri,
+    tell: watch::Sender<Opening>,
+) -> Result<(), (FailureKind, String)> {
+    let (connector, builder) = super::of_this_worker(connect_timeout, tls, |c| {
+        (
+            c.multiplexed.connector.clone(),
+            c.multiplexed.builder.clone(),
+        )
+    });
+    match open(connector, builder, uri.clone()).await {
+        Ok(conn) => {
+            let authority = uri.authority().map_or("", |a| a.as_str());
+            super::of_this_worker(connect_timeout, tls, |c| c.multiplexed.add(authority, conn));
+            tell.send_replace(Opening::Opened);
+            Ok(())
+        }
+        Err((kind, detail)) => {
+            tell.send_replace(Opening::Failed(kind, detail.as_str().into()));
+            Err((kind, detail))
+        }
+    }
 }
 
 /// Opens an HTTP/2 connection to `uri`'s backend and starts its driver.
