@@ -105,6 +105,7 @@ impl ProbeClients {
                         probe_client(true, Some(Arc::clone(tls))),
                     ));
                 }
+                // Cannot fail: `self.tls` was either current or set just above.
                 let (_, any, http2_only) = self.tls.as_ref().expect("set above");
                 (any, http2_only)
             }

@@ -994,6 +994,7 @@ impl Config {
             if pool.tls.is_none() {
                 continue;
             }
+            // `pool.tls` is Some: the loop skipped the pools without one.
             let tls = Arc::make_mut(pool).tls.as_mut().expect("checked above");
             tls.resolve_against(dir);
             tls.check_files().map_err(|(field, message)| {
