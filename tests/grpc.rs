@@ -832,12 +832,17 @@ async fn an_upgrade_to_an_h2c_pool_is_refused() {
     assert!(seen.heads.lock().unwrap().is_empty());
 }
 
+/// Retries for every refusal (no budget runs out), and a refusing backend
+/// never ejected: it is charged for each refusal, and kept in so that it
+/// is tried first.
+const RETRY_EVERY_REFUSAL: &str = "retry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\noutlier_detection:\n  consecutive_failures: 0\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_stream_is_retried_once_on_another_backend() {
     let (refuser, seen) = h2_backend(true).await;
     let good = GrpcBackend::start("good").await;
     let t = TestLb::start(&format!(
-        "{}admin: 127.0.0.1:0\nretry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\n# The refuser is charged for each refusal: kept in, to be tried first.\noutlier_detection:\n  consecutive_failures: 0\n",
+        "{}admin: 127.0.0.1:0\n{RETRY_EVERY_REFUSAL}",
         h2c_yaml(&[refuser, good.addr], "")
     ))
     .await;
@@ -917,7 +922,7 @@ async fn a_refused_stream_is_retried_once_on_the_only_backend() {
     // Refuses every other stream: each call's first try, with calls in turn.
     let (backend, seen) = h2_backend_refusing(|n| n % 2 == 0).await;
     let t = TestLb::start(&format!(
-        "{}retry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\noutlier_detection:\n  consecutive_failures: 0\n",
+        "{}{RETRY_EVERY_REFUSAL}",
         h2c_yaml(&[backend], "")
     ))
     .await;
@@ -938,7 +943,7 @@ async fn a_refused_stream_is_retried_once_on_the_only_backend() {
     // One that refuses everything: tried twice, then UNAVAILABLE.
     let (refuser, seen) = h2_backend(true).await;
     let t = TestLb::start(&format!(
-        "{}retry:\n  attempts: 3\n  budget:\n    min_retries_per_second: 1000\noutlier_detection:\n  consecutive_failures: 0\n",
+        "{}{RETRY_EVERY_REFUSAL}",
         h2c_yaml(&[refuser], "")
     ))
     .await;

@@ -30,8 +30,9 @@ fn text(b: &[u8]) -> String {
 }
 
 /// A backend answering `GET /big/N` with N bytes (written as the socket
-/// takes them), `POST /count` with the number of body bytes it read, and
-/// `GET /cut` with half of a declared body before it closes.
+/// takes them), `POST /count` with the number of body bytes it read,
+/// `GET /cut` with half of a declared body before it closes, and
+/// `GET /endless` with the first piece of a body that never ends.
 async fn streaming_backend() -> SocketAddr {
     raw_server(|mut s| async move {
         let mut head = Vec::new();
@@ -81,6 +82,15 @@ async fn streaming_backend() -> SocketAddr {
                 if s.write_all(resp.as_bytes()).await.is_err() {
                     return;
                 }
+            } else if path == "/endless" {
+                // A head promising more than ever comes, a first piece,
+                // then silence with the connection open: only lb ends it.
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nfirst";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = s.read(&mut buf).await; // until lb closes it
+                return;
             } else if path == "/cut" {
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly half")
@@ -435,4 +445,75 @@ async fn a_100_continue_upload_leaves_the_connection_on_the_fast_path() {
         lb::http::server::Http1::Hyper => ["x-a: 1", "x-a: 3", "x-b: 2"],
     };
     assert_eq!(order, want, "{}", heads[1]);
+}
+
+/// A response still streaming when shutdown's grace runs out (its backend
+/// holds it open, silent) is cut where it stands, visibly incomplete: an
+/// HTTP/1.1 client sees its connection close short of the Content-Length,
+/// an HTTP/2 client its stream end in an error, never a clean end. And
+/// shutdown returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_still_streaming_when_shutdowns_grace_runs_out_is_cut() {
+    use http_body_util::{BodyExt, Full};
+    const WAIT: Duration = Duration::from_secs(30);
+    let t = lb_for(streaming_backend().await).await;
+    let mut s = TcpStream::connect(t.lb.local_addr()).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut h1 = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !h1.ends_with(b"first") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("the first piece in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", text(&h1));
+        h1.extend_from_slice(&buf[..n]);
+    }
+    let h2 = h2c_client();
+    let req = hyper::Request::get(t.url("/endless"))
+        .body(Full::default())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, h2.request(req))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the first piece in time")
+        .expect("a frame")
+        .expect("not an error");
+    assert_eq!(first.into_data().unwrap(), &b"first"[..]);
+
+    let TestLb { lb, dir: _dir, .. } = t;
+    let shutdown = tokio::spawn(lb.shutdown(Duration::from_secs(1)));
+    let rest = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => h1.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the HTTP/1.1 connection was closed");
+    assert!(
+        text(&h1).ends_with("\r\n\r\nfirst"),
+        "nothing more came: {}",
+        text(&h1)
+    );
+    let end = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the HTTP/2 stream ends once the grace ran out");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the HTTP/2 stream ends in an error, not as if complete: {end:?}"
+    );
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown returns")
+        .expect("shutdown did not panic");
 }

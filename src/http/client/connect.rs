@@ -219,6 +219,14 @@ impl Watched {
     pub fn usage(&self) -> &Arc<ConnUse> {
         &self.usage
     }
+
+    /// A write's outcome, noted in the connection's use when it took bytes.
+    fn noted_write(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.usage.note(WROTE);
+        }
+        polled
+    }
 }
 
 /// How far the latest request on one connection got: written by the
@@ -331,10 +339,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         self.usage.on_write_start();
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.usage.note(WROTE);
-        }
-        polled
+        self.noted_write(polled)
     }
 
     fn poll_write_vectored(
@@ -344,10 +349,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         self.usage.on_write_start();
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.usage.note(WROTE);
-        }
-        polled
+        self.noted_write(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
