@@ -25,7 +25,8 @@
 # and prints "-"); failed (h2load: every request not answered 2xx, errors
 # included) and errored (transport errors, timeouts) summed over the rounds;
 # the proxy's CPU µs per request (utime+stime of its processes over the
-# measured run, divided by the requests done); box busy; other CPU (busy
+# measured run, divided by the requests done; for direct, the backend's: one
+# hyper HTTP/2 server, the floor of each of lb's two hops); box busy; other CPU (busy
 # time none of h2load, the backends or the proxy used: other work on the
 # box, roughly, interrupts included).
 # Then lb/haproxy ratios against issue 18's target: lb at least 1.2× HAProxy's
@@ -86,7 +87,7 @@ wait_port "$LB_H2_PORT" "$LB_PID" lb
 wait_port "$HAPROXY_H2_PORT" "$HAPROXY_PID" haproxy
 sleep 2.5 # the first health checks (every 2 s) mark the backends up
 
-TARGETS=("direct:${BACKEND_PORTS[0]}:" "lb:$LB_H2_PORT:$LB_PID" "haproxy:$HAPROXY_H2_PORT:$HAPROXY_PID")
+TARGETS=("direct:${BACKEND_PORTS[0]}:$BACKEND_PID" "lb:$LB_H2_PORT:$LB_PID" "haproxy:$HAPROXY_H2_PORT:$HAPROXY_PID")
 for t in "${TARGETS[@]}"; do
     IFS=: read -r name port _ <<<"$t"
     got=$(curl -sS -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge "http://127.0.0.1:$port/") ||
@@ -150,7 +151,9 @@ measure_h2() {
         log "$name: the warm-up h2load exited $?"
     if [[ -n $pid ]]; then mapfile -t pids < <(family "$pid"); fi
     cpu0=$(cpu_ticks "${pids[@]}")
+    # direct's measured process is the backends' own: not counted twice.
     own0=$(($(cpu_ticks "$BACKEND_PID") + $(child_ticks)))
+    [[ $pid == "$BACKEND_PID" ]] && own0=$(child_ticks)
     task0=$(cpu_task_stat)
     box0=$(cpu_stat)
     out=$(h2load -t"$THREADS" -c"$conns" -m"$STREAMS" -D"$DURATION" "${logarg[@]}" "$url" 2>&1) ||
@@ -159,6 +162,7 @@ measure_h2() {
     task1=$(cpu_task_stat)
     cpu1=$(cpu_ticks "${pids[@]}")
     own1=$(($(cpu_ticks "$BACKEND_PID") + $(child_ticks)))
+    [[ $pid == "$BACKEND_PID" ]] && own1=$(child_ticks)
     other=$(awk -v a="$task0" -v b="$task1" -v own=$((own1 - own0 + cpu1 - cpu0)) 'BEGIN {
         split(a, x, " "); split(b, y, " "); t = y[2] - x[2]
         printf "%.0f", (t > 0 ? 100 * (y[1] - x[1] - own) / t : 0) }')
@@ -197,7 +201,7 @@ for conns in $CONNECTIONS; do
             $1 == n && $2 == c { k++; r[k] = $3; mean[k] = $4; mx[k] = $5; p50[k] = $6; p99[k] = $7
                 failed += $8; errored += $9; ticks += $10; box[k] = $11; reqs += $12; other[k] = $13 }
             END {
-                us = (n == "direct" || reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)
+                us = (reqs == 0) ? "-" : sprintf("%.1f", ticks / hz * 1e6 / reqs)
                 print n, c, median(r, k), median(mean, k), median(mx, k), med(p50, k), med(p99, k), failed, errored, us, median(box, k), median(other, k)
             }' "$RUNS" >>"$RESULTS"
     done
@@ -233,7 +237,8 @@ echo "errored: summed). mean/max ms: h2load's \"time for request\"; p50/p99: fro
 echo "(\"-\" with LATENCY_LOG=0). failed: requests not answered 2xx (errored ones included);"
 echo "errored: transport errors and timeouts."
 echo "$NCPU CPUs: h2load, the backends and the proxy share them, so req/s measures the whole box,"
-echo "not the proxy alone; CPU µs/req is the proxy's own CPU time (user+sys) per request done."
+echo "not the proxy alone; CPU µs/req is the proxy's own CPU time (user+sys) per request done"
+echo "(direct: the backend's, one hyper HTTP/2 server: what each of lb's two HTTP/2 hops is built on)."
 echo "Proxies: lb (--workers $PROXY_THREADS; its listener serves h2c by hyper; pool protocol: h2c),"
 echo "HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }') (nbthread $PROXY_THREADS, bind proto h2, server proto h2, http-reuse always, checks every 2s)."
 echo "direct: h2load to the first backend alone (examples/backend, hyper-util auto: h2c), no proxy."
