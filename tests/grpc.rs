@@ -647,25 +647,30 @@ async fn read_all(
     (parts, collected.to_bytes(), trailers)
 }
 
+/// A unary call to `/test.Echo/Unary` through `t` by a plain HTTP client
+/// (no gRPC library: what lb sends back is seen as it is), read whole.
+async fn call_raw_unary(
+    client: &TestClient,
+    t: &TestLb,
+    m: &Msg,
+) -> (http::response::Parts, Bytes, Option<http::HeaderMap>) {
+    read_all(client, grpc_post(&t.url("/test.Echo/Unary"), m)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_reaches_an_h2c_pool() {
     let backend = GrpcBackend::start("b1").await;
     let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
     let c = client();
     // A gRPC call over HTTP/1.1: the answer's status comes in chunked trailers.
-    let (parts, body, trailers) = read_all(
-        &c,
-        grpc_post(&t.url("/test.Echo/Unary"), &msg("over h1", 3)),
-    )
-    .await;
+    let (parts, body, trailers) = call_raw_unary(&c, &t, &msg("over h1", 3)).await;
     assert_eq!(parts.status, 200);
     assert_eq!(parts.headers["x-backend"], "b1");
     assert_eq!(unframe(&body), msg("b1: over h1", 3));
     let trailers = trailers.expect("trailers relayed to the HTTP/1.1 client");
     assert_eq!(trailers["grpc-status"], "0");
     // And again on the same connection, then a trailers-only error.
-    let (parts, body, _) =
-        read_all(&c, grpc_post(&t.url("/test.Echo/Unary"), &msg("fail", 0))).await;
+    let (parts, body, _) = call_raw_unary(&c, &t, &msg("fail", 0)).await;
     assert_eq!(parts.status, 200);
     assert_eq!(parts.headers["grpc-status"], "5");
     assert_eq!(parts.headers["grpc-message"], "no%20such%20thing:%20%C3%BC");
@@ -676,11 +681,7 @@ async fn an_http1_client_reaches_an_h2c_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_answers_to_http1_grpc_calls_are_grpc_answers_too() {
     let t = TestLb::start(&h2c_yaml(&[closed_port().await], "")).await;
-    let (parts, body, _) = read_all(
-        &client(),
-        grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 1)),
-    )
-    .await;
+    let (parts, body, _) = call_raw_unary(&client(), &t, &msg("x", 1)).await;
     assert_eq!(parts.status, 200);
     assert_eq!(parts.headers["content-type"], "application/grpc");
     assert_eq!(parts.headers["grpc-status"], "14");
@@ -692,11 +693,7 @@ async fn own_answers_to_http1_grpc_calls_are_grpc_answers_too() {
         closed_port().await
     ))
     .await;
-    let (parts, _, _) = read_all(
-        &client(),
-        grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 1)),
-    )
-    .await;
+    let (parts, _, _) = call_raw_unary(&client(), &t, &msg("x", 1)).await;
     assert_eq!(parts.status, 200);
     assert_eq!(parts.headers["grpc-status"], "14");
 }
@@ -850,11 +847,7 @@ async fn a_refused_stream_is_retried_once_on_another_backend() {
     let c = h2c_client();
     const CALLS: usize = 6;
     for i in 0..CALLS {
-        let (parts, body, trailers) = read_all(
-            &c,
-            grpc_post(&t.url("/test.Echo/Unary"), &msg("r", i as u32)),
-        )
-        .await;
+        let (parts, body, trailers) = call_raw_unary(&c, &t, &msg("r", i as u32)).await;
         assert_eq!(parts.status, 200);
         assert_eq!(unframe(&body), msg("good: r", i as u32));
         assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
@@ -929,11 +922,7 @@ async fn a_refused_stream_is_retried_once_on_the_only_backend() {
     let c = h2c_client();
     const CALLS: usize = 4;
     for i in 0..CALLS {
-        let (parts, body, _) = read_all(
-            &c,
-            grpc_post(&t.url("/test.Echo/Unary"), &msg("r", i as u32)),
-        )
-        .await;
+        let (parts, body, _) = call_raw_unary(&c, &t, &msg("r", i as u32)).await;
         assert_eq!(parts.status, 200);
         assert_eq!(body, Bytes::from_static(b"ok"), "call {i}");
     }
@@ -947,8 +936,7 @@ async fn a_refused_stream_is_retried_once_on_the_only_backend() {
         h2c_yaml(&[refuser], "")
     ))
     .await;
-    let (parts, _, trailers) =
-        read_all(&c, grpc_post(&t.url("/test.Echo/Unary"), &msg("x", 0))).await;
+    let (parts, _, trailers) = call_raw_unary(&c, &t, &msg("x", 0)).await;
     assert_eq!(parts.status, 200);
     let status = parts
         .headers
