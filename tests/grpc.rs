@@ -1445,47 +1445,33 @@ async fn a_server_stream_is_ended_when_shutdowns_grace_runs_out() {
 }
 
 /// An h2c backend that accepts connections and closes each without a byte
-/// back, once lb's first request (a HEADERS frame) arrived on it; counts
-/// those requests.
+/// back once lb's preface arrived on it (as a connection the kernel
+/// completed to a listener nobody accepts on any more is reset); counts
+/// those connections.
 async fn silent_closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::AsyncReadExt;
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&requests);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&closed);
     let addr = raw_server(move |mut s| {
-        let requests = Arc::clone(&counted);
+        let closed = Arc::clone(&counted);
         async move {
             let mut preface = [0u8; 24];
-            if s.read_exact(&mut preface).await.is_err() {
-                return;
-            }
-            loop {
-                let mut head = [0u8; 9];
-                if s.read_exact(&mut head).await.is_err() {
-                    return;
-                }
-                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                let mut payload = vec![0u8; len];
-                if s.read_exact(&mut payload).await.is_err() {
-                    return;
-                }
-                if head[3] == 1 {
-                    // HEADERS: a request came; the socket closes as it drops.
-                    requests.fetch_add(1, SeqCst);
-                    return;
-                }
+            if s.read_exact(&mut preface).await.is_ok() {
+                // The socket closes as it drops.
+                closed.fetch_add(1, SeqCst);
             }
         }
     })
     .await;
-    (addr, requests)
+    (addr, closed)
 }
 
 /// A connection the backend closed without sending a byte (not even its
-/// SETTINGS) was never taken: the unary call on it (a POST) goes to the
-/// other backend instead of failing.
+/// SETTINGS) was never taken: lb sends no request on it, and the unary
+/// call (a POST) goes to the other backend instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_closes_a_connection_before_a_byte_back_is_retried_elsewhere() {
-    let (silent, requests) = silent_closing_backend().await;
+    let (silent, closed) = silent_closing_backend().await;
     let good = GrpcBackend::start("good").await;
     let t = TestLb::start(&h2c_yaml(&[silent, good.addr], "")).await;
     let ch = channel(&t).await;
@@ -1498,9 +1484,64 @@ async fn a_backend_that_closes_a_connection_before_a_byte_back_is_retried_elsewh
     }
     assert_eq!(good.hits(), CALLS, "the good backend answered every call");
     // Round robin sent some calls to the silent backend first.
-    let refused = requests.load(SeqCst);
+    let closed = closed.load(SeqCst);
     assert!(
-        (1..=CALLS).contains(&refused),
-        "calls the silent backend saw: {refused}"
+        closed >= 1,
+        "connections the silent backend closed: {closed}"
     );
+}
+
+/// An h2c backend whose SETTINGS allow no stream at all
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS` 0: h2 refuses each one); counts its
+/// connections.
+async fn backend_taking_no_streams() -> (SocketAddr, Arc<AtomicUsize>) {
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&conns);
+    let addr = raw_server(move |socket| {
+        counted.fetch_add(1, SeqCst);
+        async move {
+            let Ok(mut conn) = h2::server::Builder::new()
+                .max_concurrent_streams(0)
+                .handshake::<_, Bytes>(socket)
+                .await
+            else {
+                return;
+            };
+            while let Some(Ok(_)) = conn.accept().await {}
+        }
+    })
+    .await;
+    (addr, conns)
+}
+
+/// A backend that takes no streams is not waited on: a call there is
+/// refused at once (UNAVAILABLE on its own; served by another backend when
+/// there is one), not queued until `timeouts.request`, and lb opens a
+/// bounded number of connections to it, not one per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_settings_allow_no_stream_is_not_waited_on() {
+    let (zero, conns) = backend_taking_no_streams().await;
+    let long = "timeouts:\n  request: 120s\n";
+    let t = TestLb::start(&h2c_yaml(&[zero], long)).await;
+    let c = h2c_client();
+    for i in 0..5 {
+        let (parts, _, _) = call_raw_unary(&c, &t, &msg("z", i)).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["grpc-status"], "14", "{parts:?}");
+    }
+    let opened = conns.load(SeqCst);
+    assert!(opened <= 2 * 8, "connections per worker bounded: {opened}");
+
+    let good = GrpcBackend::start("good").await;
+    let t = TestLb::start(&format!(
+        "{}{RETRY_EVERY_REFUSAL}",
+        h2c_yaml(&[zero, good.addr], long)
+    ))
+    .await;
+    for i in 0..6 {
+        let (parts, body, trailers) = call_raw_unary(&c, &t, &msg("y", i)).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(unframe(&body), msg("good: y", i));
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    }
 }

@@ -8,7 +8,10 @@
 //! is open, one more connection is opened (one at a time per backend; the
 //! requests that come meanwhile wait for it instead of opening their own),
 //! up to [`MAX_CONNECTIONS`]: beyond that, streams queue on the least
-//! loaded connection and h2 sends them as others end. A connection the
+//! loaded connection and h2 sends them as others end. A new connection
+//! takes streams once the backend's SETTINGS are in (its limit known; a
+//! backend that never sends them is a connect failure), and a backend
+//! allowing none on any connection is refused at once. A connection the
 //! backend sent GOAWAY on takes no new stream (hyper closes its sender) and
 //! ends when its streams have, while new ones go on a new connection.
 //! hyper-util's pool, used before, kept one connection per backend and
@@ -32,7 +35,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, Connection, SendRequest};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tower_service::Service as _;
 
 use super::{refused_stream, root_cause, BackendConnector, ConnUse, Watched};
@@ -46,15 +49,6 @@ use crate::tls::client::ClientTls;
 /// stream limit gets this many times it; more would only move the queue
 /// from lb to the backend's accept loop.
 pub const MAX_CONNECTIONS: usize = 8;
-/// The stream limit assumed until the backend's SETTINGS say (RFC 9113
-/// §6.5.2 recommends no less than 100). h2 itself sends one stream before
-/// them and queues the rest, so a lower limit is never exceeded.
-const ASSUMED_MAX_STREAMS: usize = 100;
-/// Streams a new connection opens before the backend's SETTINGS say how
-/// many it takes: one, so a burst on a new connection waits for them
-/// instead of going over a low `SETTINGS_MAX_CONCURRENT_STREAMS` and being
-/// refused (hyper's default is 100).
-const INITIAL_MAX_SEND_STREAMS: usize = 1;
 /// A connection without streams is closed after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How many picks go by between sweeps of backends with no connection
@@ -96,7 +90,7 @@ struct Shared {
     /// Streams counted on this connection ([`StreamSlot`]s alive).
     streams: AtomicUsize,
     /// The backend's `SETTINGS_MAX_CONCURRENT_STREAMS`, as the driver last
-    /// read it ([`ASSUMED_MAX_STREAMS`] before the backend said).
+    /// read it (set before the connection is used: [`open`] waits for it).
     max_streams: AtomicUsize,
     /// Streams started since the driver last looked, for the idle close.
     started: AtomicUsize,
@@ -106,6 +100,11 @@ struct Shared {
 impl Conn {
     fn has_room(&self) -> bool {
         self.shared.streams.load(Relaxed) < self.shared.max_streams.load(Relaxed)
+    }
+
+    /// False once the backend said this connection takes no stream.
+    fn takes_streams(&self) -> bool {
+        self.shared.max_streams.load(Relaxed) > 0
     }
 }
 
@@ -125,6 +124,8 @@ enum Pick {
     Wait(watch::Receiver<Opening>),
     /// Open a connection, tell the waiters how it went, pick again.
     Open(watch::Sender<Opening>),
+    /// The backend allows no stream on any of its connections.
+    Refused,
 }
 
 /// One stream counted on its connection until dropped: held by the
@@ -154,8 +155,7 @@ impl Multiplexed {
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_PING_INTERVAL)
             .keep_alive_timeout(H2_PING_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS);
+            .keep_alive_while_idle(true);
         Multiplexed {
             connector,
             builder,
@@ -174,14 +174,24 @@ impl Multiplexed {
             None => backends.entry(authority.into()).or_default(),
         };
         backend.conns.retain(|c| !c.send.is_closed());
-        let least = backend
-            .conns
-            .iter()
-            .filter(|c| c.send.is_ready())
-            .min_by_key(|c| c.shared.streams.load(Relaxed));
-        if let Some(conn) = least {
-            if conn.has_room() || !may_open || backend.conns.len() >= MAX_CONNECTIONS {
-                return Pick::Send(conn.send.clone(), StreamSlot::take(&conn.shared));
+        let ready = || backend.conns.iter().filter(|c| c.send.is_ready());
+        let least = |of: &mut dyn Iterator<Item = &Conn>| {
+            of.min_by_key(|c| c.shared.streams.load(Relaxed))
+                .map(|c| Pick::Send(c.send.clone(), StreamSlot::take(&c.shared)))
+        };
+        if let Some(send) = least(&mut ready().filter(|c| c.has_room())) {
+            return send;
+        }
+        // A backend allowing no stream on any connection
+        // (SETTINGS_MAX_CONCURRENT_STREAMS 0) would hold a queued stream
+        // for as long as it pleases, and a new connection would say the same.
+        if ready().next().is_some() && ready().all(|c| !c.takes_streams()) {
+            return Pick::Refused;
+        }
+        if !may_open || backend.conns.len() >= MAX_CONNECTIONS {
+            // Every connection is at its limit: the stream queues in h2.
+            if let Some(send) = least(&mut ready().filter(|c| c.takes_streams())) {
+                return send;
             }
         }
         if let Some(opening) = &backend.opening {
@@ -207,17 +217,10 @@ impl Multiplexed {
         }
     }
 
-    /// A connection just opened to `authority`. Until its backend's
-    /// SETTINGS come, its stream limit is the one the backend gave the
-    /// others, if it did.
+    /// A connection just opened to `authority`, its backend's SETTINGS in.
     fn add(&self, authority: &str, conn: Conn) {
         let mut backends = self.backends.borrow_mut();
         let backend = backends.entry(authority.into()).or_default();
-        let known = backend.conns.iter().find(|c| c.shared.usage.heard_from());
-        if let Some(sibling) = known {
-            let max = sibling.shared.max_streams.load(Relaxed);
-            conn.shared.max_streams.store(max, Relaxed);
-        }
         backend.conns.push(conn);
         backend.opening = None;
     }
@@ -249,6 +252,12 @@ pub async fn send(
                 };
             }
             Pick::Wait(opening) => wait(opening).await?,
+            Pick::Refused => {
+                return Err((
+                    FailureKind::Refused,
+                    "the backend allows no stream (SETTINGS_MAX_CONCURRENT_STREAMS 0)".to_owned(),
+                ))
+            }
             // Once per connection: boxed, so that every request's future
             // (and each one holding it) is not the size of a connect.
             Pick::Open(tell) => {
@@ -291,7 +300,7 @@ async fn open_for(
             c.multiplexed.builder.clone(),
         )
     });
-    match open(connector, builder, uri.clone()).await {
+    match open(connector, builder, connect_timeout, uri.clone()).await {
         Ok(conn) => {
             let authority = uri.authority().map_or("", |a| a.as_str());
             super::of_this_worker(connect_timeout, tls, |c| c.multiplexed.add(authority, conn));
@@ -305,10 +314,17 @@ async fn open_for(
     }
 }
 
-/// Opens an HTTP/2 connection to `uri`'s backend and starts its driver.
+/// Opens an HTTP/2 connection to `uri`'s backend, starts its driver, and
+/// waits (up to `settings_timeout`) for the backend's SETTINGS, the first
+/// frame an HTTP/2 server sends (RFC 9113 §3.4): until then neither its
+/// stream limit is known (a stream sent over it, or one sent when it is 0,
+/// waits in h2 for as long as the backend pleases) nor whether anything
+/// took the connection (the kernel completes a connect to a listener that
+/// nobody accepts on any more, and resets it later).
 async fn open(
     mut connector: BackendConnector,
     builder: http2::Builder<TokioExecutor>,
+    settings_timeout: Duration,
     uri: Uri,
 ) -> Result<Conn, (FailureKind, String)> {
     let io = connector.call(uri).await.map_err(|e| {
@@ -322,12 +338,23 @@ async fn open(
         .map_err(|e| (FailureKind::Connect, root_cause(&e)))?;
     let shared = Arc::new(Shared {
         streams: AtomicUsize::new(0),
-        max_streams: AtomicUsize::new(ASSUMED_MAX_STREAMS),
+        max_streams: AtomicUsize::new(0),
         started: AtomicUsize::new(0),
         usage,
     });
-    tokio::spawn(drive(conn, Arc::clone(&shared)));
-    Ok(Conn { send, shared })
+    let (settings_in, settings) = oneshot::channel();
+    tokio::spawn(drive(conn, Arc::clone(&shared), settings_in));
+    match tokio::time::timeout(settings_timeout, settings).await {
+        Ok(Ok(())) => Ok(Conn { send, shared }),
+        Ok(Err(_)) => Err((
+            FailureKind::Connect,
+            "the backend closed the connection before its HTTP/2 SETTINGS".to_owned(),
+        )),
+        Err(_) => Err((
+            FailureKind::Connect,
+            format!("no HTTP/2 SETTINGS from the backend within {settings_timeout:?}"),
+        )),
+    }
 }
 
 type H2Connection = Connection<TokioIo<Watched>, UpstreamBody, TokioExecutor>;
@@ -336,14 +363,14 @@ type H2Connection = Connection<TokioIo<Watched>, UpstreamBody, TokioExecutor>;
 /// itself runs in a task hyper spawned) until it closes, or until it has
 /// carried no stream for [`IDLE_TIMEOUT`]. It notes the backend's stream
 /// limit for [`Multiplexed::pick`] when the backend's first bytes (its
-/// SETTINGS) are in, and after each of its own turns (a new stream) for a
-/// limit the backend changed later.
-async fn drive(conn: H2Connection, shared: Arc<Shared>) {
+/// SETTINGS) are in, then tells `settings_in`, and after each of its own
+/// turns (a new stream) for a limit the backend changed later.
+async fn drive(conn: H2Connection, shared: Arc<Shared>, settings_in: oneshot::Sender<()>) {
     let mut driven = Driven {
         conn: Box::pin(conn),
         shared: Arc::clone(&shared),
     };
-    let mut settings_in = false;
+    let mut settings_in = Some(settings_in);
     loop {
         tokio::select! {
             ended = &mut driven => {
@@ -354,9 +381,11 @@ async fn drive(conn: H2Connection, shared: Arc<Shared>) {
             }
             // h2 applies the SETTINGS in the turn that read them: done by
             // the time this task runs.
-            () = shared.usage.first_bytes.notified(), if !settings_in => {
-                settings_in = true;
+            () = shared.usage.first_bytes.notified(), if settings_in.is_some() => {
                 driven.note_limit();
+                if let Some(tell) = settings_in.take() {
+                    let _ = tell.send(()); // gone: open gave up waiting
+                }
             }
             () = tokio::time::sleep(IDLE_TIMEOUT) => {
                 let idle = shared.started.swap(0, Relaxed) == 0 && shared.streams.load(Relaxed) == 0;
