@@ -1545,3 +1545,60 @@ async fn a_backend_whose_settings_allow_no_stream_is_not_waited_on() {
         assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
     }
 }
+
+/// A client that cancels its server stream (RST_STREAM from tonic as the
+/// call drops) mid-way: lb resets the backend's stream, frees its place on
+/// the backend connection and its in-flight count, and blames nobody.
+/// With the backend allowing 2 streams per connection, a leak of either
+/// would stall the calls after the 16th (8 connections of 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancelling_its_stream_frees_the_backends_stream_and_blames_nobody() {
+    let backend = GrpcBackend::start_with(
+        "b1",
+        tonic::transport::Server::builder().max_concurrent_streams(Some(2)),
+    )
+    .await;
+    let t = TestLb::start(&h2c_yaml(&[backend.addr], "")).await;
+    let ch = channel(&t).await;
+    for round in 0..24 {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let started = g.server_streaming(
+            tonic::Request::new(msg("forever", 1)),
+            path("/test.Echo/Count"),
+            ProstCodec::<Msg, Msg>::default(),
+        );
+        let mut stream = tokio::time::timeout(Duration::from_secs(WAIT), started)
+            .await
+            .unwrap_or_else(|_| panic!("stream {round} starts in time"))
+            .expect("the stream starts")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(WAIT), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("stream {round}'s first message in time"));
+        assert_eq!(first.unwrap(), Some(msg("item", 0)));
+        drop(stream); // the client goes away mid-stream
+    }
+    let resp = call_unary(&ch, tonic::Request::new(msg("after", 0)))
+        .await
+        .expect("a call after the cancelled ones succeeds");
+    assert_eq!(resp.into_inner(), msg("b1: after", 0));
+    let snap = t.lb.runtime().snapshot();
+    let state = snap.first_pool().backends[0].state.clone();
+    eventually!(
+        WAIT,
+        state.in_flight() == 0,
+        "in flight: {}",
+        state.in_flight()
+    );
+    assert_eq!(
+        state.failures(),
+        0,
+        "the backend was blamed for the client's going"
+    );
+    assert!(state.is_available(t.lb.runtime().clock.now_ms()));
+    // Each stream's place was given back: one connection per worker at
+    // most carried them all, none opened for places still counted taken.
+    let accepted = backend.accepted.load(SeqCst);
+    assert!(accepted <= 2, "connections opened to the backend: {accepted}");
+}
