@@ -1600,5 +1600,8 @@ async fn a_client_cancelling_its_stream_frees_the_backends_stream_and_blames_nob
     // Each stream's place was given back: one connection per worker at
     // most carried them all, none opened for places still counted taken.
     let accepted = backend.accepted.load(SeqCst);
-    assert!(accepted <= 2, "connections opened to the backend: {accepted}");
+    assert!(
+        accepted <= 2,
+        "connections opened to the backend: {accepted}"
+    );
 }
