@@ -156,7 +156,10 @@ pub fn stale(err: &hyper_util::client::legacy::Error) -> Option<Stale> {
 /// Classifies a client error, with its innermost message for logs and
 /// bodies. On an HTTP/2 connection (ALPN chose it, `protocol: auto`) a
 /// stream that failed before the backend sent a byte on the connection is
-/// refused too, as on [`multiplexed`]'s ([`ConnUse::unheard_h2`]).
+/// refused too ([`ConnUse::unheard_h2`]): an HTTP/2 server's first frame is
+/// its SETTINGS (RFC 9113 §3.4), so one that said nothing never took the
+/// connection, as when the kernel completed a connect to a listener nobody
+/// accepts on any more and reset it when the listener closed.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> (FailureKind, String) {
     let kind = if err.is_connect() {
         Shortage::in_chain(err).map_or(FailureKind::Connect, FailureKind::Local)

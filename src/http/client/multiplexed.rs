@@ -248,7 +248,7 @@ pub async fn send(
                 let sent = send.send_request(req).await;
                 return match sent {
                     Ok(resp) => Ok((resp, slot)),
-                    Err(e) => Err(classify(&e, &slot.0.usage)),
+                    Err(e) => Err(classify(&e)),
                 };
             }
             Pick::Wait(opening) => wait(opening).await?,
@@ -424,17 +424,14 @@ impl Future for Driven {
     }
 }
 
-/// Classifies the error of a stream sent on a connection with `usage`:
-/// refused when the backend refused it (`REFUSED_STREAM`, above a GOAWAY's
-/// last stream id), when it never reached the connection (closed meanwhile),
-/// or when the connection failed before the backend sent a byte (an HTTP/2
-/// server's first frame is its SETTINGS, RFC 9113 §3.4: one that said
-/// nothing never took the connection, as when the kernel completed a
-/// connect to a listener nobody accepts on any more and reset it when the
-/// listener closed). Anything else is a reset: the backend may have
-/// processed the request.
-fn classify(err: &hyper::Error, usage: &ConnUse) -> (FailureKind, String) {
-    let kind = if refused_stream(err) || err.is_canceled() || !usage.heard_from() {
+/// Classifies the error of a stream: refused when the backend refused it
+/// (`REFUSED_STREAM`, above a GOAWAY's last stream id) or when it never
+/// reached the connection (closed meanwhile). Anything else is a reset: the
+/// backend may have processed the request. (A connection the backend
+/// closed before a byte back never carries a stream: [`open`] waits for
+/// its SETTINGS.)
+fn classify(err: &hyper::Error) -> (FailureKind, String) {
+    let kind = if refused_stream(err) || err.is_canceled() {
         FailureKind::Refused
     } else {
         FailureKind::Reset
