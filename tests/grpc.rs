@@ -1605,3 +1605,88 @@ async fn a_client_cancelling_its_stream_frees_the_backends_stream_and_blames_nob
         "connections opened to the backend: {accepted}"
     );
 }
+
+/// A client that vanishes mid-request-body (an HTTP/1.1 client closing its
+/// socket, an HTTP/2 client resetting its stream) on an h2c pool: lb
+/// cancels the backend's stream, and the backend is not blamed for the
+/// client's going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_mid_body_is_not_blamed_on_an_h2c_backend() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, seen) = h2_backend(false).await;
+    let t = TestLb::start(&h2c_yaml(&[addr], "admin: 127.0.0.1:0\n")).await;
+    let state = t.lb.runtime().snapshot().first_pool().backends[0]
+        .state
+        .clone();
+
+    let mut s = tokio::net::TcpStream::connect(t.lb.local_addr())
+        .await
+        .unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    eventually!(WAIT, seen.heads.lock().unwrap().len() == 1);
+    drop(s);
+    // The request ends (counted once answered, after any blame) as the
+    // client's fault: a 400 that no client is left to read.
+    let admin = t.lb.admin_addr().expect("admin bound");
+    client_faults_reach(admin, 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(t.lb.local_addr())
+        .await
+        .unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(t.url("/up")).body(()).unwrap();
+    let (_resp, mut body) = h2.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"0123456789"), false)
+        .unwrap();
+    eventually!(WAIT, seen.heads.lock().unwrap().len() == 2);
+    body.send_reset(h2::Reason::CANCEL);
+    // hyper drops the stream's request future: nothing of it runs on to
+    // blame anyone once its in-flight count is given back.
+    eventually!(
+        WAIT,
+        state.in_flight() == 0,
+        "in flight: {}",
+        state.in_flight()
+    );
+    assert_eq!(
+        state.failures(),
+        0,
+        "the backend was blamed for the clients' going"
+    );
+    assert!(state.is_available(t.lb.runtime().clock.now_ms()));
+    // And it serves on.
+    let (parts, body, _) = read_all(
+        &h2c_client(),
+        Request::get(t.url("/after")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(&body[..], b"ok");
+}
+
+/// Waits until `n` requests were answered 400 (a client's fault), by lb's
+/// metrics at `admin`.
+async fn client_faults_reach(admin: SocketAddr, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
+    loop {
+        let text = get(&client(), &format!("http://{admin}/metrics"))
+            .await
+            .text();
+        let ended: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("lb_requests_total{") && l.contains("code=\"400\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if ended >= n as f64 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {n} requests answered 400:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
