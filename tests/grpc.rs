@@ -1690,3 +1690,34 @@ async fn client_faults_reach(admin: SocketAddr, n: usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A backend that takes the connection and never says a word (no
+/// SETTINGS) is a connect failure once `timeouts.connect` ran out, charged
+/// to it: the call goes to the other backend instead of waiting on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_sends_its_settings_is_a_connect_failure() {
+    use tokio::io::AsyncReadExt;
+    let mute = raw_server(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        // Reads what lb sends, answers nothing, until lb closes.
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let good = GrpcBackend::start("good").await;
+    let t = TestLb::start(&h2c_yaml(
+        &[mute, good.addr],
+        "timeouts:\n  connect: 300ms\n  request: 120s\n",
+    ))
+    .await;
+    let ch = channel(&t).await;
+    for i in 0..4 {
+        let resp = call_unary(&ch, tonic::Request::new(msg("hi", i)))
+            .await
+            .expect("every call succeeds");
+        assert_eq!(resp.into_inner(), msg("good: hi", i));
+    }
+    assert_eq!(good.hits(), 4);
+    let snap = t.lb.runtime().snapshot();
+    let mute_state = &snap.first_pool().backends[0].state;
+    assert!(mute_state.failures() >= 1, "the mute backend was charged");
+}
