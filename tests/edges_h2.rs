@@ -72,15 +72,6 @@ async fn serve_big(s: &mut TcpStream, len: usize) {
     while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
-fn nobody_blamed(lb: &TestLb) {
-    let snap = lb.lb.runtime().snapshot();
-    let now = lb.lb.runtime().clock.now_ms();
-    for b in &snap.first_pool().backends {
-        assert_eq!(b.state.failures(), 0, "{} was blamed", b.addr);
-        assert!(b.state.is_available(now), "{} was ejected", b.addr);
-    }
-}
-
 /// An h2c (prior knowledge) client connection whose streams start with
 /// `window` bytes of receive window; its frames (PING answers included)
 /// are driven on a task of their own.

@@ -1583,20 +1583,7 @@ async fn a_client_cancelling_its_stream_frees_the_backends_stream_and_blames_nob
         .await
         .expect("a call after the cancelled ones succeeds");
     assert_eq!(resp.into_inner(), msg("b1: after", 0));
-    let snap = t.lb.runtime().snapshot();
-    let state = snap.first_pool().backends[0].state.clone();
-    eventually!(
-        WAIT,
-        state.in_flight() == 0,
-        "in flight: {}",
-        state.in_flight()
-    );
-    assert_eq!(
-        state.failures(),
-        0,
-        "the backend was blamed for the client's going"
-    );
-    assert!(state.is_available(t.lb.runtime().clock.now_ms()));
+    settled_and_nobody_blamed(&t).await;
     // Each stream's place was given back: one connection per worker at
     // most carried them all, none opened for places still counted taken.
     let accepted = backend.accepted.load(SeqCst);
@@ -1615,9 +1602,6 @@ async fn a_client_vanishing_mid_body_is_not_blamed_on_an_h2c_backend() {
     use tokio::io::AsyncWriteExt;
     let (addr, seen) = h2_backend(false).await;
     let t = TestLb::start(&h2c_yaml(&[addr], "admin: 127.0.0.1:0\n")).await;
-    let state = t.lb.runtime().snapshot().first_pool().backends[0]
-        .state
-        .clone();
 
     let mut s = tokio::net::TcpStream::connect(t.lb.local_addr())
         .await
@@ -1645,18 +1629,7 @@ async fn a_client_vanishing_mid_body_is_not_blamed_on_an_h2c_backend() {
     body.send_reset(h2::Reason::CANCEL);
     // hyper drops the stream's request future: nothing of it runs on to
     // blame anyone once its in-flight count is given back.
-    eventually!(
-        WAIT,
-        state.in_flight() == 0,
-        "in flight: {}",
-        state.in_flight()
-    );
-    assert_eq!(
-        state.failures(),
-        0,
-        "the backend was blamed for the clients' going"
-    );
-    assert!(state.is_available(t.lb.runtime().clock.now_ms()));
+    settled_and_nobody_blamed(&t).await;
     // And it serves on.
     let (parts, body, _) = read_all(
         &h2c_client(),
@@ -1720,4 +1693,20 @@ async fn a_backend_that_never_sends_its_settings_is_a_connect_failure() {
     let snap = t.lb.runtime().snapshot();
     let mute_state = &snap.first_pool().backends[0].state;
     assert!(mute_state.failures() >= 1, "the mute backend was charged");
+}
+
+/// Waits until no request is in flight on any backend of `t`'s first pool
+/// (every one has given its place back), then checks that nothing was
+/// blamed on them.
+async fn settled_and_nobody_blamed(t: &TestLb) {
+    let snap = t.lb.runtime().snapshot();
+    let in_flight = || -> u32 {
+        snap.first_pool()
+            .backends
+            .iter()
+            .map(|b| b.state.in_flight())
+            .sum()
+    };
+    eventually!(WAIT, in_flight() == 0, "in flight: {}", in_flight());
+    nobody_blamed(t);
 }

@@ -55,16 +55,6 @@ fn status(resp: &str) -> &str {
     resp.get(9..12).unwrap_or(resp)
 }
 
-/// No backend of `lb` has a failure on record or is held out.
-fn nobody_blamed(lb: &TestLb) {
-    let snap = lb.lb.runtime().snapshot();
-    let now = lb.lb.runtime().clock.now_ms();
-    for b in &snap.first_pool().backends {
-        assert_eq!(b.state.failures(), 0, "{} was blamed", b.addr);
-        assert!(b.state.is_available(now), "{} was ejected", b.addr);
-    }
-}
-
 /// A backend that answers every connection with `response`, verbatim, then closes.
 async fn raw_backend(response: &'static [u8]) -> SocketAddr {
     raw_server(move |mut s| async move {

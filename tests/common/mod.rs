@@ -410,6 +410,17 @@ impl TestLb {
     }
 }
 
+/// No backend of `lb`'s first pool has a failure on record or is held
+/// out: nothing was blamed on them.
+pub fn nobody_blamed(lb: &TestLb) {
+    let snap = lb.lb.runtime().snapshot();
+    let now = lb.lb.runtime().clock.now_ms();
+    for b in &snap.first_pool().backends {
+        assert_eq!(b.state.failures(), 0, "{} was blamed", b.addr);
+        assert!(b.state.is_available(now), "{} was ejected", b.addr);
+    }
+}
+
 /// Settings for an in-process lb: two workers (so state shared between
 /// workers is exercised), and the HTTP/1 path named by `TEST_LB_HTTP1`
 /// (`fast`, the default, or `hyper`): CI runs the suite once with each.
